@@ -1,0 +1,273 @@
+//! Reducing a `[B,T]` per-token loss to a scalar (verl's `agg_loss` semantics), with global
+//! normalizers for data parallelism and gradient accumulation.
+//!
+//! | mode | scalar |
+//! |---|---|
+//! | [`TokenMean`](Aggregation::TokenMean) | `Σ m·L / N_tok` |
+//! | [`TokenSum`](Aggregation::TokenSum) | `Σ m·L` |
+//! | [`SeqMeanTokenMean`](Aggregation::SeqMeanTokenMean) | `(1/B') Σ_{i: n_i>0} (Σ_t m·L)/n_i` |
+//! | [`SeqMeanTokenSum`](Aggregation::SeqMeanTokenSum) | `(1/B') Σ_i Σ_t m·L` |
+//! | [`SeqMeanTokenSumNorm`](Aggregation::SeqMeanTokenSumNorm) | `(1/B') Σ_i Σ_t m·L / H` |
+//!
+//! `N_tok` is the number of unmasked tokens and `B'` the number of non-empty rows, unless a
+//! [`Normalizer`] gives the global ones; every mode is then multiplied by the world size `W`.
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
+
+/// How per-token losses become one scalar. The names are verl's `loss_agg_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Aggregation {
+    /// `Σ m·L / N_tok` — verl `token-mean`, TRL `bnpo`/`dapo`.
+    #[default]
+    TokenMean,
+    /// `Σ m·L` — verl `token-sum`.
+    TokenSum,
+    /// Mean over non-empty rows of each row's token mean — verl `seq-mean-token-mean`, TRL
+    /// `grpo`/`sapo`.
+    SeqMeanTokenMean,
+    /// Mean over non-empty rows of each row's token sum — verl `seq-mean-token-sum`.
+    SeqMeanTokenSum,
+    /// `seq-mean-token-sum / H` — verl `seq-mean-token-sum-norm`, TRL `dr_grpo` with `H` the
+    /// maximum completion length. `horizon: None` takes `H = T`.
+    SeqMeanTokenSumNorm {
+        /// The constant `H`; `Some(0)` is rejected.
+        horizon: Option<usize>,
+    },
+}
+
+impl Aggregation {
+    /// verl's name for the mode (`"token-mean"`, ...).
+    ///
+    /// ```
+    /// assert_eq!(sapo::Aggregation::SeqMeanTokenMean.name(), "seq-mean-token-mean");
+    /// ```
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::TokenMean => "token-mean",
+            Self::TokenSum => "token-sum",
+            Self::SeqMeanTokenMean => "seq-mean-token-mean",
+            Self::SeqMeanTokenSum => "seq-mean-token-sum",
+            Self::SeqMeanTokenSumNorm { .. } => "seq-mean-token-sum-norm",
+        }
+    }
+
+    /// Parses verl's name; `horizon` is used by `seq-mean-token-sum-norm` only.
+    ///
+    /// ```
+    /// use sapo::Aggregation;
+    /// assert_eq!(Aggregation::from_name("token-sum", None)?, Aggregation::TokenSum);
+    /// assert!(Aggregation::from_name("mean", None).is_err());
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn from_name(name: &str, horizon: Option<usize>) -> Result<Self> {
+        let agg = match name {
+            "token-mean" => Self::TokenMean,
+            "token-sum" => Self::TokenSum,
+            "seq-mean-token-mean" => Self::SeqMeanTokenMean,
+            "seq-mean-token-sum" => Self::SeqMeanTokenSum,
+            "seq-mean-token-sum-norm" => Self::SeqMeanTokenSumNorm { horizon },
+            other => {
+                return Err(Error::InvalidConfig {
+                    name: "aggregation",
+                    expected: "one of token-mean, token-sum, seq-mean-token-mean, \
+                               seq-mean-token-sum, seq-mean-token-sum-norm",
+                    actual: format!("{other:?}"),
+                })
+            }
+        };
+        agg.validate()?;
+        Ok(agg)
+    }
+
+    /// Rejects a horizon of 0.
+    pub fn validate(&self) -> Result<()> {
+        if let Self::SeqMeanTokenSumNorm { horizon } = self {
+            check_config(horizon != &Some(0), "horizon", ">= 1", horizon)?;
+        }
+        Ok(())
+    }
+}
+
+/// Global counts for data parallelism and gradient accumulation.
+///
+/// When a global batch is split over `W` ranks or micro-batches, pass the global number of
+/// unmasked tokens (`global_tokens`, for `token-mean`), the global number of non-empty rows
+/// (`global_sequences`, for the `seq-mean-*` modes) and `world_size = W`: each shard then returns
+/// `W · (its sum / global count)`, and the mean of the shards' losses and gradients equals the
+/// global batch's. `Normalizer::default()` is the local batch alone.
+///
+/// ```
+/// let n = sapo::Normalizer::default().with_global_tokens(4096.0).with_world_size(8);
+/// assert_eq!(n.world_size, 8);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalizer {
+    /// Global unmasked-token count `N_tok` (`None`: this batch's).
+    pub global_tokens: Option<f64>,
+    /// Global non-empty-row count `B'` (`None`: this batch's).
+    pub global_sequences: Option<f64>,
+    /// Number of shards `W` whose losses are averaged (≥ 1).
+    pub world_size: usize,
+}
+
+impl Default for Normalizer {
+    fn default() -> Self {
+        Self {
+            global_tokens: None,
+            global_sequences: None,
+            world_size: 1,
+        }
+    }
+}
+
+impl Normalizer {
+    /// Sets the global unmasked-token count.
+    pub fn with_global_tokens(mut self, tokens: f64) -> Self {
+        self.global_tokens = Some(tokens);
+        self
+    }
+    /// Sets the global non-empty-row count.
+    pub fn with_global_sequences(mut self, sequences: f64) -> Self {
+        self.global_sequences = Some(sequences);
+        self
+    }
+    /// Sets the number of shards.
+    pub fn with_world_size(mut self, world_size: usize) -> Self {
+        self.world_size = world_size;
+        self
+    }
+    /// Rejects negative or non-finite counts and a world size of 0.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("normalizer.global_tokens", self.global_tokens),
+            ("normalizer.global_sequences", self.global_sequences),
+        ] {
+            if let Some(v) = v {
+                check_config(v.is_finite() && v >= 0.0, name, "finite and >= 0", v)?;
+            }
+        }
+        check_config(
+            self.world_size >= 1,
+            "normalizer.world_size",
+            ">= 1",
+            self.world_size,
+        )
+    }
+}
+
+/// Per-row and per-batch counts of a `[B,T]` 0/1 mask, kept on the mask's device.
+#[derive(Debug, Clone)]
+pub(crate) struct MaskCounts {
+    /// `n_i`, `[B]`.
+    pub row_tokens: Tensor,
+    /// `N_tok`, scalar.
+    pub tokens: Tensor,
+    /// `B'`, scalar.
+    pub sequences: Tensor,
+}
+
+impl MaskCounts {
+    /// `mask` is a `[B,T]` float 0/1 tensor.
+    pub fn new(mask: &Tensor) -> Result<Self> {
+        let row_tokens = mask.sum(D::Minus1)?;
+        let tokens = row_tokens.sum_all()?;
+        let sequences = row_tokens.gt(0.0)?.to_dtype(mask.dtype())?.sum_all()?;
+        Ok(Self {
+            row_tokens,
+            tokens,
+            sequences,
+        })
+    }
+}
+
+/// `count` (a scalar tensor) clamped to ≥ 1, or the global count when given.
+fn denominator(local: &Tensor, global: Option<f64>) -> Result<Tensor> {
+    Ok(match global {
+        Some(g) => Tensor::new(g.max(1.0), local.device())?.to_dtype(local.dtype())?,
+        None => local.maximum(1.0)?,
+    })
+}
+
+/// Aggregates a masked per-token loss (zeros at masked positions, finite everywhere).
+pub(crate) fn aggregate_masked(
+    masked: &Tensor,
+    counts: &MaskCounts,
+    aggregation: Aggregation,
+    normalizer: &Normalizer,
+) -> Result<Tensor> {
+    let world = normalizer.world_size as f64;
+    let seq_denominator = || denominator(&counts.sequences, normalizer.global_sequences);
+    let scalar = match aggregation {
+        Aggregation::TokenMean => masked
+            .sum_all()?
+            .div(&denominator(&counts.tokens, normalizer.global_tokens)?)?,
+        Aggregation::TokenSum => masked.sum_all()?,
+        Aggregation::SeqMeanTokenMean => masked
+            .sum(D::Minus1)?
+            .div(&counts.row_tokens.maximum(1.0)?)?
+            .sum_all()?
+            .div(&seq_denominator()?)?,
+        Aggregation::SeqMeanTokenSum => masked.sum_all()?.div(&seq_denominator()?)?,
+        Aggregation::SeqMeanTokenSumNorm { horizon } => {
+            let horizon = horizon.unwrap_or(masked.dim(D::Minus1)?) as f64;
+            masked
+                .sum_all()?
+                .div(&seq_denominator()?)?
+                .affine(1.0 / horizon, 0.0)?
+        }
+    };
+    Ok(if world == 1.0 {
+        scalar
+    } else {
+        scalar.affine(world, 0.0)?
+    })
+}
+
+/// Aggregates a `[B,T]` per-token loss `loss_mat` under a `[B,T]` 0/1 `mask` into a scalar.
+///
+/// Masked positions never reach the result (they may hold NaN or ±inf); a mask with no unmasked
+/// token gives 0. The result is differentiable with respect to `loss_mat`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sapo::{aggregate, Aggregation, Normalizer};
+/// let loss = Tensor::new(&[[1f32, 2., 3.], [4., f32::NAN, 0.]], &Device::Cpu)?;
+/// let mask = Tensor::new(&[[1f32, 1., 1.], [1., 0., 0.]], &Device::Cpu)?;
+/// let v = aggregate(&loss, &mask, Aggregation::SeqMeanTokenMean, &Normalizer::default())?;
+/// assert_eq!(v.to_scalar::<f32>()?, 3.0); // (2 + 4) / 2
+/// let v = aggregate(&loss, &mask, Aggregation::TokenMean, &Normalizer::default())?;
+/// assert_eq!(v.to_scalar::<f32>()?, 2.5);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+pub fn aggregate(
+    loss_mat: &Tensor,
+    mask: &Tensor,
+    aggregation: Aggregation,
+    normalizer: &Normalizer,
+) -> Result<Tensor> {
+    aggregation.validate()?;
+    normalizer.validate()?;
+    check_float("loss_mat", loss_mat)?;
+    let dims = loss_mat.dims();
+    if dims.len() != 2 {
+        return Err(Error::Shape {
+            arg: "loss_mat",
+            expected: "[B, T]".into(),
+            actual: dims.to_vec(),
+        });
+    }
+    check_shape("mask", mask, dims)?;
+    check_device("mask", mask, loss_mat)?;
+    let dtype = if loss_mat.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mask = crate::inputs::checked_mask(mask, dtype)?;
+    let keep = mask.ne(0.0)?;
+    let loss_mat = loss_mat.to_dtype(dtype)?;
+    let masked = keep.where_cond(&loss_mat, &loss_mat.zeros_like()?)?;
+    aggregate_masked(&masked, &MaskCounts::new(&mask)?, aggregation, normalizer)
+}

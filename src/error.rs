@@ -1,0 +1,143 @@
+//! The crate's one error type.
+//!
+//! Every bad input is reported with the name of the argument, what was expected and what was
+//! found. Errors raised by candle itself are wrapped in [`Error::Candle`].
+
+use candle_core::{DType, Tensor};
+
+/// Errors returned by `sapo`.
+///
+/// ```
+/// use sapo::{Error, Sapo};
+/// let err = Sapo { tau_pos: 0.0, ..Sapo::default() }.build().unwrap_err();
+/// assert!(matches!(err, Error::InvalidConfig { name: "tau_pos", .. }));
+/// assert!(err.to_string().contains("tau_pos"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor argument has the wrong shape or rank.
+    #[error("`{arg}`: expected shape {expected}, got {actual:?}")]
+    Shape {
+        /// The argument's name.
+        arg: &'static str,
+        /// The expected shape, e.g. `[B, T] = [4, 16]`.
+        expected: String,
+        /// The shape that was passed.
+        actual: Vec<usize>,
+    },
+    /// A tensor argument has a dtype that is not accepted.
+    #[error("`{arg}`: expected dtype {expected}, got {actual:?}")]
+    DType {
+        /// The argument's name.
+        arg: &'static str,
+        /// The accepted dtypes.
+        expected: &'static str,
+        /// The dtype that was passed.
+        actual: DType,
+    },
+    /// A tensor argument lives on another device than `log_probs`.
+    #[error("`{arg}`: expected device {expected}, got {actual}")]
+    Device {
+        /// The argument's name.
+        arg: &'static str,
+        /// The device of the reference argument.
+        expected: String,
+        /// The device of this argument.
+        actual: String,
+    },
+    /// A tensor argument holds a value outside its domain (a mask value other than 0/1, a target
+    /// id ≥ V, a non-finite log-prob at an unmasked position, ...).
+    #[error("`{arg}`: expected {expected}, got {actual}")]
+    InvalidValue {
+        /// The argument's name.
+        arg: &'static str,
+        /// What the values must satisfy.
+        expected: String,
+        /// What was found.
+        actual: String,
+    },
+    /// A configuration parameter is out of range; raised when the configuration is built.
+    #[error("invalid config `{name}`: expected {expected}, got {actual}")]
+    InvalidConfig {
+        /// The parameter's name.
+        name: &'static str,
+        /// The valid range.
+        expected: &'static str,
+        /// The value that was given.
+        actual: String,
+    },
+    /// Two metric accumulators of different objectives were merged.
+    #[error("cannot merge metrics: {0}")]
+    MetricsMismatch(String),
+    /// An error from candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for candle_core::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Candle(inner) => inner,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
+/// Checks that `value` is in range, or returns [`Error::InvalidConfig`].
+pub(crate) fn check_config(
+    ok: bool,
+    name: &'static str,
+    expected: &'static str,
+    value: impl std::fmt::Debug,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            name,
+            expected,
+            actual: format!("{value:?}"),
+        })
+    }
+}
+
+/// Checks that `tensor` has exactly `expected` dims.
+pub(crate) fn check_shape(arg: &'static str, tensor: &Tensor, expected: &[usize]) -> Result<()> {
+    if tensor.dims() == expected {
+        Ok(())
+    } else {
+        Err(Error::Shape {
+            arg,
+            expected: format!("{expected:?}"),
+            actual: tensor.dims().to_vec(),
+        })
+    }
+}
+
+/// Checks that `tensor` is on the same device as `reference`.
+pub(crate) fn check_device(arg: &'static str, tensor: &Tensor, reference: &Tensor) -> Result<()> {
+    if tensor.device().same_device(reference.device()) {
+        Ok(())
+    } else {
+        Err(Error::Device {
+            arg,
+            expected: format!("{:?}", reference.device().location()),
+            actual: format!("{:?}", tensor.device().location()),
+        })
+    }
+}
+
+/// Checks that `tensor` is a floating-point tensor (f16, bf16, f32, f64).
+pub(crate) fn check_float(arg: &'static str, tensor: &Tensor) -> Result<()> {
+    match tensor.dtype() {
+        DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
+        actual => Err(Error::DType {
+            arg,
+            expected: "a float dtype (f16, bf16, f32, f64)",
+            actual,
+        }),
+    }
+}

@@ -1,0 +1,268 @@
+//! The tensors a policy loss reads, their checks, and their preparation (dtype, broadcasting,
+//! scrubbing of padded positions).
+
+use candle_core::{DType, Tensor};
+
+use crate::aggregation::{MaskCounts, Normalizer};
+use crate::error::{check_device, check_float, check_shape, Error, Result};
+
+/// The inputs of [`crate::PolicyLoss::forward`].
+///
+/// | field | shape | notes |
+/// |---|---|---|
+/// | `log_probs` | `[B,T]` | `ℓ`, current policy; the only input that gets a gradient |
+/// | `old_log_probs` | `[B,T]` | `ℓold`, the sampling policy (constant) |
+/// | `advantages` | `[B]` or `[B,T]` | `A`; `[B]` is broadcast over the row's tokens |
+/// | `mask` | `[B,T]` | 0/1 in any dtype; masked positions may hold anything (NaN, ±inf) |
+/// | `ref_log_probs` | `[B,T]` | `ℓref`, required exactly when the config has a KL penalty |
+/// | `is_weights` | `[B,T]` | rollout-correction weights `w` multiplying the per-token policy loss |
+///
+/// Floats may be f16, bf16, f32 or f64; the loss is computed in f32 (f64 stays f64). Every tensor
+/// lives on `log_probs`' device.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let lp = Tensor::zeros((2, 3), candle_core::DType::F32, &dev)?;
+/// let adv = Tensor::new(&[1f32, -1.], &dev)?;
+/// let mask = Tensor::ones((2, 3), candle_core::DType::U8, &dev)?;
+/// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &mask);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyInputs<'a> {
+    /// `ℓ`, `[B,T]`.
+    pub log_probs: &'a Tensor,
+    /// `ℓold`, `[B,T]`.
+    pub old_log_probs: &'a Tensor,
+    /// `A`, `[B]` or `[B,T]`.
+    pub advantages: &'a Tensor,
+    /// `m`, `[B,T]`, 0/1.
+    pub mask: &'a Tensor,
+    /// `ℓref`, `[B,T]`, for the KL penalty.
+    pub ref_log_probs: Option<&'a Tensor>,
+    /// `w`, `[B,T]`, rollout-correction weights.
+    pub is_weights: Option<&'a Tensor>,
+    /// Global counts for data parallelism / gradient accumulation.
+    pub normalizer: Normalizer,
+}
+
+impl<'a> PolicyInputs<'a> {
+    /// The four required inputs, no KL reference, no weights, local normalization.
+    pub fn new(
+        log_probs: &'a Tensor,
+        old_log_probs: &'a Tensor,
+        advantages: &'a Tensor,
+        mask: &'a Tensor,
+    ) -> Self {
+        Self {
+            log_probs,
+            old_log_probs,
+            advantages,
+            mask,
+            ref_log_probs: None,
+            is_weights: None,
+            normalizer: Normalizer::default(),
+        }
+    }
+    /// Adds the reference policy's log-probs (for the KL penalty).
+    pub fn with_ref_log_probs(mut self, ref_log_probs: &'a Tensor) -> Self {
+        self.ref_log_probs = Some(ref_log_probs);
+        self
+    }
+    /// Adds rollout-correction weights.
+    pub fn with_is_weights(mut self, is_weights: &'a Tensor) -> Self {
+        self.is_weights = Some(is_weights);
+        self
+    }
+    /// Sets the global normalizer.
+    pub fn with_normalizer(mut self, normalizer: Normalizer) -> Self {
+        self.normalizer = normalizer;
+        self
+    }
+}
+
+/// Inputs checked, converted to the compute dtype, broadcast to `[B,T]`, and zeroed at masked
+/// positions (so no garbage can reach a value or a gradient).
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub log_probs: Tensor,
+    pub old_log_probs: Tensor,
+    pub advantages: Tensor,
+    /// Float 0/1.
+    pub mask: Tensor,
+    /// `u8` 0/1, for `where_cond`.
+    pub keep: Tensor,
+    pub ref_log_probs: Option<Tensor>,
+    pub is_weights: Option<Tensor>,
+    pub counts: MaskCounts,
+    pub normalizer: Normalizer,
+}
+
+/// f64 stays f64, everything else is computed in f32.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Number of elements of `mask` that are neither 0 nor 1, as a scalar tensor.
+fn bad_mask_count(mask: &Tensor) -> Result<Tensor> {
+    let dtype = mask.dtype();
+    Ok(mask
+        .ne(0.0)?
+        .to_dtype(dtype)?
+        .mul(&mask.ne(1.0)?.to_dtype(dtype)?)?
+        .sum_all()?)
+}
+
+/// Converts a mask to `dtype` and checks that it holds only 0 and 1 (one host read).
+pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let mask = mask.to_dtype(dtype)?;
+    let bad = bad_mask_count(&mask)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if bad > 0.0 {
+        return Err(mask_error(bad));
+    }
+    Ok(mask)
+}
+
+fn mask_error(bad: f64) -> Error {
+    Error::InvalidValue {
+        arg: "mask",
+        expected: "only 0 and 1".into(),
+        actual: format!("{bad} other values"),
+    }
+}
+
+/// Number of unmasked non-finite values of `x`, as a scalar tensor.
+fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    // NaN fails `< inf` as well.
+    let finite = x.abs()?.lt(f64::INFINITY)?.to_dtype(mask.dtype())?;
+    Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
+}
+
+fn check_matrix(arg: &'static str, x: &Tensor, log_probs: &Tensor) -> Result<()> {
+    check_device(arg, x, log_probs)?;
+    check_shape(arg, x, log_probs.dims())?;
+    check_float(arg, x)
+}
+
+impl PolicyInputs<'_> {
+    /// Checks every input and prepares the tensors. `needs_ref` says whether the config has a KL
+    /// penalty.
+    pub(crate) fn prepare(&self, needs_ref: bool) -> Result<Prepared> {
+        self.normalizer.validate()?;
+        let log_probs = self.log_probs;
+        check_float("log_probs", log_probs)?;
+        let (b, _t) = match log_probs.dims() {
+            &[b, t] => (b, t),
+            other => {
+                return Err(Error::Shape {
+                    arg: "log_probs",
+                    expected: "[B, T]".into(),
+                    actual: other.to_vec(),
+                })
+            }
+        };
+        let shape = log_probs.dims().to_vec();
+        check_matrix("old_log_probs", self.old_log_probs, log_probs)?;
+        check_device("advantages", self.advantages, log_probs)?;
+        check_float("advantages", self.advantages)?;
+        if self.advantages.dims() != [b] && self.advantages.dims() != shape.as_slice() {
+            return Err(Error::Shape {
+                arg: "advantages",
+                expected: format!("[B] = [{b}] or [B, T] = {shape:?}"),
+                actual: self.advantages.dims().to_vec(),
+            });
+        }
+        check_device("mask", self.mask, log_probs)?;
+        check_shape("mask", self.mask, &shape)?;
+        match (needs_ref, self.ref_log_probs) {
+            (true, None) => {
+                return Err(Error::InvalidValue {
+                    arg: "ref_log_probs",
+                    expected: "a [B, T] tensor (the config has a KL penalty)".into(),
+                    actual: "None".into(),
+                })
+            }
+            (false, Some(_)) => {
+                return Err(Error::InvalidValue {
+                    arg: "ref_log_probs",
+                    expected: "None (the config has no KL penalty)".into(),
+                    actual: "a tensor".into(),
+                })
+            }
+            (_, Some(r)) => check_matrix("ref_log_probs", r, log_probs)?,
+            _ => {}
+        }
+        if let Some(w) = self.is_weights {
+            check_matrix("is_weights", w, log_probs)?;
+        }
+
+        let dtype = compute_dtype(log_probs.dtype());
+        let mask = self.mask.to_dtype(dtype)?;
+        let keep = mask.ne(0.0)?;
+        let advantages = self.advantages.to_dtype(dtype)?;
+        let advantages = if advantages.rank() == 1 {
+            advantages.unsqueeze(1)?.broadcast_as(shape.as_slice())?
+        } else {
+            advantages
+        };
+        let convert = |x: &Tensor| x.to_dtype(dtype);
+        let log_probs_c = convert(log_probs)?;
+        let old_log_probs = convert(self.old_log_probs)?;
+        let ref_log_probs = self.ref_log_probs.map(convert).transpose()?;
+        let is_weights = self.is_weights.map(convert).transpose()?;
+        let mut checked: Vec<(&'static str, &Tensor)> = vec![
+            ("log_probs", &log_probs_c),
+            ("old_log_probs", &old_log_probs),
+            ("advantages", &advantages),
+        ];
+        if let Some(r) = &ref_log_probs {
+            checked.push(("ref_log_probs", r));
+        }
+        if let Some(w) = &is_weights {
+            checked.push(("is_weights", w));
+        }
+
+        // One host read for every value check.
+        let keep_f = keep.to_dtype(dtype)?;
+        let mut counts = vec![bad_mask_count(&mask)?];
+        for (_, x) in &checked {
+            counts.push(unmasked_non_finite(x, &keep_f)?);
+        }
+        let counts = Tensor::stack(&counts, 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        if counts[0] > 0.0 {
+            return Err(mask_error(counts[0]));
+        }
+        for ((arg, _), &bad) in checked.iter().zip(&counts[1..]) {
+            if bad > 0.0 {
+                return Err(Error::InvalidValue {
+                    arg,
+                    expected: "finite values at unmasked positions".into(),
+                    actual: format!("{bad} non-finite"),
+                });
+            }
+        }
+
+        let zeros = Tensor::zeros(shape.as_slice(), dtype, log_probs.device())?;
+        let scrub = |x: &Tensor| keep.where_cond(x, &zeros);
+        Ok(Prepared {
+            log_probs: scrub(&log_probs_c)?,
+            old_log_probs: scrub(&old_log_probs)?,
+            advantages: scrub(&advantages)?,
+            ref_log_probs: ref_log_probs.as_ref().map(scrub).transpose()?,
+            is_weights: is_weights.as_ref().map(scrub).transpose()?,
+            counts: MaskCounts::new(&mask)?,
+            mask,
+            keep,
+            normalizer: self.normalizer,
+        })
+    }
+}

@@ -1,0 +1,423 @@
+//! Runs every golden case (computed by verl, TRL/Liger-Kernel and PyTorch themselves) through the
+//! crate: `tests/golden/*.json`, or every `*.json` in `$SAPO_GOLDEN_DIR` when it is set.
+//!
+//! Prints each failure (case, field, max error) and ends with `golden: N passed, M failed`.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, Var};
+use sapo::{
+    AdvantageEstimator, Aggregation, Groups, HardClip, KlEstimator, KlPenalty, PolicyInputs,
+    PolicyLossConfig, RatioLevel, TrustRegion,
+};
+use serde_json::{Map, Value};
+
+type Res<T> = Result<T, String>;
+
+struct Tolerance {
+    abs: f64,
+    rel: f64,
+}
+
+/// Collects the failures of one case.
+struct Check<'a> {
+    tol: &'a Tolerance,
+    failures: Vec<String>,
+}
+
+impl Check<'_> {
+    fn values(&mut self, field: &str, got: &[f64], want: &[f64]) {
+        if got.len() != want.len() {
+            self.failures.push(format!(
+                "{field}: length {} != expected {}",
+                got.len(),
+                want.len()
+            ));
+            return;
+        }
+        let mut max_err = 0f64;
+        let mut bad = 0;
+        for (g, w) in got.iter().zip(want) {
+            let err = (g - w).abs();
+            if !(err <= self.tol.abs + self.tol.rel * w.abs()) {
+                bad += 1;
+            }
+            max_err = max_err.max(if err.is_nan() { f64::INFINITY } else { err });
+        }
+        if bad > 0 {
+            self.failures.push(format!(
+                "{field}: {bad} of {} values out of tolerance, max error {max_err:.3e}",
+                got.len()
+            ));
+        }
+    }
+}
+
+fn flatten(v: &Value, out: &mut Vec<f64>) -> Res<()> {
+    match v {
+        Value::Array(items) => items.iter().try_for_each(|x| flatten(x, out)),
+        Value::Number(n) => {
+            out.push(n.as_f64().ok_or("bad number")?);
+            Ok(())
+        }
+        other => Err(format!("expected a number, got {other}")),
+    }
+}
+
+fn shape_of(v: &Value) -> Vec<usize> {
+    let mut shape = vec![];
+    let mut cur = v;
+    while let Value::Array(items) = cur {
+        shape.push(items.len());
+        match items.first() {
+            Some(x) => cur = x,
+            None => break,
+        }
+    }
+    shape
+}
+
+fn numbers(v: &Value) -> Res<Vec<f64>> {
+    let mut out = vec![];
+    flatten(v, &mut out)?;
+    Ok(out)
+}
+
+fn field<'a>(obj: &'a Value, key: &str) -> Res<&'a Value> {
+    obj.get(key).ok_or_else(|| format!("missing field `{key}`"))
+}
+
+/// A tensor from a JSON nested list, in f32 (the cases' inputs are f32-exact).
+fn tensor(obj: &Value, key: &str) -> Res<Tensor> {
+    let v = field(obj, key)?;
+    Tensor::from_vec(numbers(v)?, shape_of(v), &Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
+        .map_err(|e| e.to_string())
+}
+
+fn to_f64(t: &Tensor) -> Res<Vec<f64>> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(|e| e.to_string())
+}
+
+fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+fn check_keys(obj: &Map<String, Value>, allowed: &[&str], what: &str) -> Res<()> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(format!("unknown {what} key `{k}`")),
+        None => Ok(()),
+    }
+}
+
+fn opt_f64(cfg: &Map<String, Value>, key: &str) -> Res<Option<f64>> {
+    match cfg.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` must be a number or null")),
+    }
+}
+
+fn req_f64(cfg: &Map<String, Value>, key: &str) -> Res<f64> {
+    opt_f64(cfg, key)?.ok_or_else(|| format!("missing `{key}`"))
+}
+
+fn aggregation(v: &Value) -> Res<Aggregation> {
+    let obj = v.as_object().ok_or("aggregation must be an object")?;
+    check_keys(obj, &["mode", "horizon"], "aggregation")?;
+    let mode = obj
+        .get("mode")
+        .and_then(Value::as_str)
+        .ok_or("aggregation.mode")?;
+    let horizon = obj
+        .get("horizon")
+        .and_then(Value::as_u64)
+        .map(|h| h as usize);
+    Aggregation::from_name(mode, horizon).map_err(err)
+}
+
+fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
+    check_keys(
+        cfg,
+        &[
+            "objective",
+            "ratio_level",
+            "tau_pos",
+            "tau_neg",
+            "clip_low",
+            "clip_high",
+            "dual_clip",
+            "delta",
+            "log_ratio_clamp",
+            "seq_log_ratio_max",
+            "aggregation",
+            "kl",
+        ],
+        "config",
+    )?;
+    let objective = cfg
+        .get("objective")
+        .and_then(Value::as_str)
+        .ok_or("objective")?;
+    let trust_region = match objective {
+        "sapo" => TrustRegion::SoftGate {
+            tau_pos: req_f64(cfg, "tau_pos")?,
+            tau_neg: req_f64(cfg, "tau_neg")?,
+        },
+        "gspo" | "grpo" => TrustRegion::HardClip(HardClip {
+            eps_low: req_f64(cfg, "clip_low")?,
+            eps_high: req_f64(cfg, "clip_high")?,
+            dual_clip: opt_f64(cfg, "dual_clip")?,
+            delta: opt_f64(cfg, "delta")?,
+        }),
+        other => return Err(format!("unknown objective `{other}`")),
+    };
+    let ratio_level = match cfg.get("ratio_level").and_then(Value::as_str) {
+        Some("token") | None => RatioLevel::Token,
+        Some("sequence") => RatioLevel::Sequence,
+        Some("sequence_token") => RatioLevel::SequenceToken,
+        Some(other) => return Err(format!("unknown ratio_level `{other}`")),
+    };
+    let log_ratio_clamp = match cfg.get("log_ratio_clamp") {
+        None => Some(20.0),
+        Some(_) => opt_f64(cfg, "log_ratio_clamp")?,
+    };
+    let kl = match cfg.get("kl") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let obj = v.as_object().ok_or("kl must be an object")?;
+            check_keys(obj, &["coef", "estimator", "aggregation", "clamp"], "kl")?;
+            let estimator = obj
+                .get("estimator")
+                .and_then(Value::as_str)
+                .ok_or("kl.estimator")?;
+            let mut penalty = KlPenalty::new(
+                req_f64(obj, "coef")?,
+                KlEstimator::from_name(estimator).map_err(err)?,
+            );
+            if let Some(a) = obj.get("aggregation") {
+                penalty.aggregation = aggregation(a)?;
+            }
+            if let Some(c) = obj.get("clamp") {
+                penalty.clamp = c.as_bool().ok_or("kl.clamp must be a bool")?;
+            }
+            Some(penalty)
+        }
+    };
+    let agg = match cfg.get("aggregation") {
+        Some(a) => aggregation(a)?,
+        None => Aggregation::TokenMean,
+    };
+    Ok(PolicyLossConfig::new(ratio_level, trust_region)
+        .with_log_ratio_clamp(log_ratio_clamp)
+        .with_seq_log_ratio_max(opt_f64(cfg, "seq_log_ratio_max")?)
+        .with_aggregation(agg)
+        .with_kl(kl))
+}
+
+fn run_policy_loss(case: &Value, check: &mut Check) -> Res<()> {
+    let cfg = field(case, "config")?.as_object().ok_or("config")?;
+    let loss_fn = policy_config(cfg)?.build().map_err(err)?;
+    let inputs = field(case, "inputs")?;
+    check_keys(
+        inputs.as_object().ok_or("inputs")?,
+        &[
+            "log_probs",
+            "old_log_probs",
+            "advantages",
+            "mask",
+            "ref_log_probs",
+        ],
+        "inputs",
+    )?;
+    let log_probs = Var::from_tensor(&tensor(inputs, "log_probs")?).map_err(err)?;
+    let old = tensor(inputs, "old_log_probs")?;
+    let adv = tensor(inputs, "advantages")?;
+    let mask = tensor(inputs, "mask")?;
+    let reference = inputs
+        .get("ref_log_probs")
+        .map(|_| tensor(inputs, "ref_log_probs"))
+        .transpose()?;
+    let mut pi = PolicyInputs::new(log_probs.as_tensor(), &old, &adv, &mask);
+    if let Some(r) = &reference {
+        pi = pi.with_ref_log_probs(r);
+    }
+    let out = loss_fn.forward(&pi).map_err(err)?;
+    let grads = out.loss.backward().map_err(err)?;
+    let grad = grads
+        .get(log_probs.as_tensor())
+        .ok_or("no gradient reached log_probs")?;
+    let expected = field(case, "expected")?;
+    check.values(
+        "loss",
+        &to_f64(&out.loss)?,
+        &numbers(field(expected, "loss")?)?,
+    );
+    check.values(
+        "grad_log_probs",
+        &to_f64(grad)?,
+        &numbers(field(expected, "grad_log_probs")?)?,
+    );
+    let sums = out.metrics.read().map_err(err)?;
+    if let Some(metrics) = expected.get("metrics").and_then(Value::as_object) {
+        for (name, want) in metrics {
+            let got = match name.as_str() {
+                "approx_kl" => sums.approx_kl(),
+                "clip_fraction" => sums.clip_fraction(),
+                "dual_clip_fraction" => sums.dual_clip_fraction(),
+                "clip_ratio" => sums.clip_ratio(),
+                "clip_ratio_low" => sums.clip_ratio_low(),
+                "clip_ratio_high" => sums.clip_ratio_high(),
+                "kl" => sums.kl(),
+                "gate_weight_mean" => sums.gate_weight_mean(),
+                "gate_value_mean" => sums.gate_value_mean(),
+                other => return Err(format!("unknown metric `{other}`")),
+            };
+            let got =
+                got.ok_or_else(|| format!("metric `{name}` is not defined for this objective"))?;
+            check.values(&format!("metrics.{name}"), &[got], &numbers(want)?);
+        }
+    }
+    Ok(())
+}
+
+fn run_token_logprobs(case: &Value, check: &mut Check) -> Res<()> {
+    let cfg = field(case, "config")?.as_object().ok_or("config")?;
+    check_keys(cfg, &["temperature"], "config")?;
+    let temperature = req_f64(cfg, "temperature")?;
+    let inputs = field(case, "inputs")?;
+    let logits = Var::from_tensor(&tensor(inputs, "logits")?).map_err(err)?;
+    let targets = tensor(inputs, "targets")?
+        .to_dtype(DType::I64)
+        .map_err(err)?;
+    let w_lp = tensor(inputs, "weights_log_probs")?;
+    let w_h = tensor(inputs, "weights_entropy")?;
+    let (lp, h) = sapo::token_log_probs_and_entropy(logits.as_tensor(), &targets, temperature)
+        .map_err(err)?;
+    let objective = (lp.mul(&w_lp).and_then(|x| x.sum_all()))
+        .and_then(|a| h.mul(&w_h).and_then(|x| x.sum_all()).map(|b| (a, b)))
+        .and_then(|(a, b)| a + b)
+        .map_err(err)?;
+    let grads = objective.backward().map_err(err)?;
+    let grad = grads
+        .get(logits.as_tensor())
+        .ok_or("no gradient reached logits")?;
+    let expected = field(case, "expected")?;
+    check.values(
+        "log_probs",
+        &to_f64(&lp)?,
+        &numbers(field(expected, "log_probs")?)?,
+    );
+    check.values(
+        "entropy",
+        &to_f64(&h)?,
+        &numbers(field(expected, "entropy")?)?,
+    );
+    check.values(
+        "grad_logits_of_weighted_sum",
+        &to_f64(grad)?,
+        &numbers(field(expected, "grad_logits_of_weighted_sum")?)?,
+    );
+    Ok(())
+}
+
+fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
+    let cfg = field(case, "config")?.as_object().ok_or("config")?;
+    check_keys(cfg, &["estimator", "epsilon"], "config")?;
+    let epsilon = opt_f64(cfg, "epsilon")?.unwrap_or(1e-6);
+    let estimator = match cfg.get("estimator").and_then(Value::as_str) {
+        Some("grpo") => AdvantageEstimator::Grpo { epsilon },
+        Some("dr_grpo") => AdvantageEstimator::DrGrpo,
+        Some("rloo") => AdvantageEstimator::Rloo,
+        Some("batch_std") => AdvantageEstimator::BatchStd { epsilon },
+        other => return Err(format!("unknown estimator {other:?}")),
+    };
+    let inputs = field(case, "inputs")?;
+    let rewards = numbers(field(inputs, "rewards")?)?;
+    let ids: Vec<i64> = numbers(field(inputs, "group_ids")?)?
+        .iter()
+        .map(|&x| x as i64)
+        .collect();
+    let got = sapo::group_advantages_vec(&rewards, Groups::Ids(&ids), estimator).map_err(err)?;
+    check.values(
+        "advantages",
+        &got,
+        &numbers(field(field(case, "expected")?, "advantages")?)?,
+    );
+    Ok(())
+}
+
+fn run_case(case: &Value) -> Res<Vec<String>> {
+    if case.get("schema").and_then(Value::as_u64) != Some(1) {
+        return Err("unsupported schema".into());
+    }
+    let tol = field(case, "tolerance")?;
+    let tol = Tolerance {
+        abs: tol
+            .get("abs")
+            .and_then(Value::as_f64)
+            .ok_or("tolerance.abs")?,
+        rel: tol
+            .get("rel")
+            .and_then(Value::as_f64)
+            .ok_or("tolerance.rel")?,
+    };
+    let mut check = Check {
+        tol: &tol,
+        failures: vec![],
+    };
+    match field(case, "kind")?.as_str() {
+        Some("policy_loss") => run_policy_loss(case, &mut check)?,
+        Some("token_logprobs") => run_token_logprobs(case, &mut check)?,
+        Some("advantages") => run_advantages(case, &mut check)?,
+        other => return Err(format!("unknown kind {other:?}")),
+    }
+    Ok(check.failures)
+}
+
+fn main() {
+    let dir = match std::env::var_os("SAPO_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot read golden directory {}: {e}", dir.display()))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    let (mut passed, mut failed) = (0, 0);
+    for path in &paths {
+        let name = path
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let outcome = std::fs::read_to_string(path)
+            .map_err(err)
+            .and_then(|text| serde_json::from_str::<Value>(&text).map_err(err))
+            .and_then(|case| run_case(&case));
+        match outcome {
+            Ok(failures) if failures.is_empty() => passed += 1,
+            Ok(failures) => {
+                failed += 1;
+                for f in failures {
+                    println!("FAIL {name}: {f}");
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAIL {name}: {e}");
+            }
+        }
+    }
+    println!("golden: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        std::process::exit(1);
+    }
+}
