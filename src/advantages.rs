@@ -107,7 +107,7 @@ pub fn group_advantages_vec(
                 .collect()
         }
         Groups::Size(size) => {
-            if size == 0 || n % size != 0 {
+            if size == 0 || !n.is_multiple_of(size) {
                 return Err(Error::InvalidValue {
                     arg: "group_size",
                     expected: format!("a divisor of the number of rewards ({n}), >= 1"),

@@ -39,7 +39,8 @@ impl Check<'_> {
         let mut bad = 0;
         for (g, w) in got.iter().zip(want) {
             let err = (g - w).abs();
-            if !(err <= self.tol.abs + self.tol.rel * w.abs()) {
+            let within = err <= self.tol.abs + self.tol.rel * w.abs();
+            if !within {
                 bad += 1;
             }
             max_err = max_err.max(if err.is_nan() { f64::INFINITY } else { err });
