@@ -190,6 +190,32 @@ fn denominator(local: &Tensor, global: Option<f64>) -> Result<Tensor> {
     })
 }
 
+/// Coefficient of `m·L[i,t]` in the aggregated scalar for a row of `row_tokens` unmasked tokens,
+/// given the batch's `tokens` and non-empty `sequences` and the row length `t` — the scalar
+/// form of [`aggregate_masked`], used by the fused kernels.
+pub(crate) fn row_coefficient(
+    aggregation: Aggregation,
+    row_tokens: f64,
+    tokens: f64,
+    sequences: f64,
+    t: usize,
+    normalizer: &Normalizer,
+) -> f64 {
+    let world = normalizer.world_size as f64;
+    let token_count = normalizer.global_tokens.unwrap_or(tokens).max(1.0);
+    let sequence_count = normalizer.global_sequences.unwrap_or(sequences).max(1.0);
+    world
+        * match aggregation {
+            Aggregation::TokenMean => 1.0 / token_count,
+            Aggregation::TokenSum => 1.0,
+            Aggregation::SeqMeanTokenMean => 1.0 / (sequence_count * row_tokens.max(1.0)),
+            Aggregation::SeqMeanTokenSum => 1.0 / sequence_count,
+            Aggregation::SeqMeanTokenSumNorm { horizon } => {
+                1.0 / (sequence_count * horizon.unwrap_or(t) as f64)
+            }
+        }
+}
+
 /// Aggregates a masked per-token loss (zeros at masked positions, finite everywhere).
 pub(crate) fn aggregate_masked(
     masked: &Tensor,

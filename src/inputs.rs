@@ -130,7 +130,7 @@ pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(mask)
 }
 
-fn mask_error(bad: f64) -> Error {
+pub(crate) fn mask_error(bad: f64) -> Error {
     Error::InvalidValue {
         arg: "mask",
         expected: "only 0 and 1".into(),
@@ -152,13 +152,12 @@ fn check_matrix(arg: &'static str, x: &Tensor, log_probs: &Tensor) -> Result<()>
 }
 
 impl PolicyInputs<'_> {
-    /// Checks every input and prepares the tensors. `needs_ref` says whether the config has a KL
-    /// penalty.
-    pub(crate) fn prepare(&self, needs_ref: bool) -> Result<Prepared> {
+    /// Checks shapes, dtypes, devices and the normalizer (no data is read). Returns `(B, T)`.
+    pub(crate) fn check(&self, needs_ref: bool) -> Result<(usize, usize)> {
         self.normalizer.validate()?;
         let log_probs = self.log_probs;
         check_float("log_probs", log_probs)?;
-        let (b, _t) = match log_probs.dims() {
+        let (b, t) = match log_probs.dims() {
             &[b, t] => (b, t),
             other => {
                 return Err(Error::Shape {
@@ -168,11 +167,11 @@ impl PolicyInputs<'_> {
                 })
             }
         };
-        let shape = log_probs.dims().to_vec();
+        let shape = log_probs.dims();
         check_matrix("old_log_probs", self.old_log_probs, log_probs)?;
         check_device("advantages", self.advantages, log_probs)?;
         check_float("advantages", self.advantages)?;
-        if self.advantages.dims() != [b] && self.advantages.dims() != shape.as_slice() {
+        if self.advantages.dims() != [b] && self.advantages.dims() != shape {
             return Err(Error::Shape {
                 arg: "advantages",
                 expected: format!("[B] = [{b}] or [B, T] = {shape:?}"),
@@ -180,7 +179,7 @@ impl PolicyInputs<'_> {
             });
         }
         check_device("mask", self.mask, log_probs)?;
-        check_shape("mask", self.mask, &shape)?;
+        check_shape("mask", self.mask, shape)?;
         match (needs_ref, self.ref_log_probs) {
             (true, None) => {
                 return Err(Error::InvalidValue {
@@ -202,7 +201,15 @@ impl PolicyInputs<'_> {
         if let Some(w) = self.is_weights {
             check_matrix("is_weights", w, log_probs)?;
         }
+        Ok((b, t))
+    }
 
+    /// Checks every input (one host read for the values) and prepares the tensors of the
+    /// composed path. `needs_ref` says whether the config has a KL penalty.
+    pub(crate) fn prepare(&self, needs_ref: bool) -> Result<Prepared> {
+        self.check(needs_ref)?;
+        let log_probs = self.log_probs;
+        let shape = log_probs.dims().to_vec();
         let dtype = compute_dtype(log_probs.dtype());
         let mask = self.mask.to_dtype(dtype)?;
         let keep = mask.ne(0.0)?;

@@ -14,6 +14,8 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::{check_config, check_device, check_float, Error, Result};
 use crate::inputs::compute_dtype;
+use crate::kernels::cpu_logprobs::FusedLogProbs;
+use crate::kernels::{from_kernel, Backend};
 
 fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<()> {
     check_config(
@@ -86,7 +88,8 @@ fn gather_target(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// respect to `logits`.
 ///
 /// `logits` is `[B,T,V]` or `[N,V]` (f16/bf16/f32 computed in f32, f64 in f64), `targets` the
-/// leading dims in u8/u32/i64 with ids in `[0, V)`. Returns `[B,T]` or `[N]`.
+/// leading dims in u8/u32/i64 with ids in `[0, V)`. Returns `[B,T]` or `[N]`. Runs the fused
+/// kernel on the CPU (see [`token_log_probs_and_entropy_with`] to choose).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -97,9 +100,7 @@ fn gather_target(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// # Ok::<(), sapo::Error>(())
 /// ```
 pub fn token_log_probs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    check_inputs(logits, targets, temperature)?;
-    let (z, lse, _, _) = log_sum_exp(logits, temperature)?;
-    Ok((gather_target(&z, targets)? - lse)?.squeeze(D::Minus1)?)
+    Ok(token_log_probs_and_entropy_with(logits, targets, temperature, Backend::Auto)?.0)
 }
 
 /// Log-probs (as [`token_log_probs`]) and entropies `H = lse − Σ p·z`, both differentiable with
@@ -119,7 +120,55 @@ pub fn token_log_probs_and_entropy(
     targets: &Tensor,
     temperature: f64,
 ) -> Result<(Tensor, Tensor)> {
+    token_log_probs_and_entropy_with(logits, targets, temperature, Backend::Auto)
+}
+
+/// [`token_log_probs_and_entropy`] on a chosen [`Backend`]: the fused kernel (one streaming pass
+/// over the logits forward, the softmax recomputed on the fly backward, no `[B,T,V]` temporary
+/// besides the logits' gradient) or composed candle ops.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sapo::{token_log_probs_and_entropy_with, Backend};
+/// let logits = Tensor::new(&[[1f32, 2.0, 3.0]], &Device::Cpu)?;
+/// let targets = Tensor::new(&[2u32], &Device::Cpu)?;
+/// let (fused, _) = token_log_probs_and_entropy_with(&logits, &targets, 0.7, Backend::Auto)?;
+/// let (composed, _) = token_log_probs_and_entropy_with(&logits, &targets, 0.7, Backend::Composed)?;
+/// let (a, b) = (fused.to_vec1::<f32>()?[0], composed.to_vec1::<f32>()?[0]);
+/// assert!((a - b).abs() < 1e-6);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+pub fn token_log_probs_and_entropy_with(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    backend: Backend,
+) -> Result<(Tensor, Tensor)> {
     check_inputs(logits, targets, temperature)?;
+    if backend.is_fused_on(logits.device()) {
+        fused(logits, targets, temperature)
+    } else {
+        composed(logits, targets, temperature)
+    }
+}
+
+fn fused(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
+    let dims = logits.dims();
+    let (lead, vocab) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
+    let rows: usize = lead.iter().product();
+    let flat = logits.reshape((rows, vocab))?.contiguous()?;
+    let op = FusedLogProbs {
+        targets: targets.flatten_all()?.contiguous()?,
+        temperature,
+    };
+    let out = flat.apply_op1(op).map_err(from_kernel)?;
+    Ok((
+        out.narrow(1, 0, 1)?.reshape(lead)?,
+        out.narrow(1, 1, 1)?.reshape(lead)?,
+    ))
+}
+
+fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
     let (z, lse, shifted, sum) = log_sum_exp(logits, temperature)?;
     let log_probs = (gather_target(&z, targets)? - &lse)?.squeeze(D::Minus1)?;
     let probs = shifted.broadcast_div(&sum)?;

@@ -1,19 +1,24 @@
 //! The unified surrogate: `loss = agg(−f(ρ)·A·w) + β·agg(k(ℓ, ℓref))`.
 //!
 //! One core computes every objective: [`RatioLevel`] picks `ρ` (token ratio, sequence ratio or
-//! GSPO-token), [`TrustRegion`] picks `f` (soft gate, hard clip, none). This file holds the
-//! composed-candle-ops path, which runs on every device and whose gradient comes from candle's
-//! autograd.
+//! GSPO-token), [`TrustRegion`] picks `f` (soft gate, hard clip, none). [`PolicyLoss::forward`]
+//! is the one dispatch point: the fused kernel where one exists for the device
+//! (`src/kernels/`), else the composed-candle-ops path below, whose gradient comes from candle's
+//! autograd. Both give the same results.
 
-use candle_core::{Tensor, D};
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor, D};
 
 use crate::aggregation::aggregate_masked;
 use crate::config::{HardClip, PolicyLossConfig, RatioLevel, TrustRegion};
 use crate::error::Result;
 use crate::gate;
 use crate::inputs::{PolicyInputs, Prepared};
+use crate::kernels::cpu_policy::FusedPolicyLoss;
+use crate::kernels::{from_kernel, Backend};
 use crate::kl::kl_penalty;
-use crate::metrics::{self, MetricKind, PolicyMetrics};
+use crate::metrics::{self, MetricKind, PolicyMetrics, NUM_SLOTS};
 
 /// A validated policy-optimization objective. Build one from a preset ([`crate::Sapo`],
 /// [`crate::Gspo`], [`crate::Grpo`]) or a [`PolicyLossConfig`].
@@ -35,6 +40,7 @@ use crate::metrics::{self, MetricKind, PolicyMetrics};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PolicyLoss {
     config: PolicyLossConfig,
+    backend: Backend,
 }
 
 /// What [`PolicyLoss::forward`] returns.
@@ -48,7 +54,21 @@ pub struct PolicyLossOutput {
 
 impl PolicyLoss {
     pub(crate) fn from_validated(config: PolicyLossConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            backend: Backend::Auto,
+        }
+    }
+
+    /// Chooses the implementation ([`Backend::Auto`] by default: fused on the CPU).
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The implementation this loss runs.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The configuration this loss was built from.
@@ -63,8 +83,12 @@ impl PolicyLoss {
     /// Values at masked positions never reach the loss, its gradient or the metrics; a batch with
     /// no unmasked token gives a loss of 0 and a zero gradient.
     pub fn forward(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
-        let prepared = inputs.prepare(self.config.kl.is_some())?;
-        composed(&self.config, &prepared)
+        if self.backend.is_fused_on(inputs.log_probs.device()) {
+            fused(&self.config, inputs)
+        } else {
+            let prepared = inputs.prepare(self.config.kl.is_some())?;
+            composed(&self.config, &prepared)
+        }
     }
 }
 
@@ -210,17 +234,53 @@ fn composed(config: &PolicyLossConfig, p: &Prepared) -> Result<PolicyLossOutput>
         .keep
         .where_cond(&r, &fill(f64::NEG_INFINITY)?)?
         .max_all()?;
-    let kind = MetricKind {
-        clip: matches!(config.trust_region, TrustRegion::HardClip(_)),
-        gate: matches!(config.trust_region, TrustRegion::SoftGate { .. }),
-        kl: config.kl.is_some(),
-    };
     Ok(PolicyLossOutput {
         loss,
         metrics: PolicyMetrics::new(
             Tensor::stack(&sums, 0)?,
             Tensor::stack(&[min, max], 0)?,
-            kind,
+            metric_kind(config),
+        ),
+    })
+}
+
+fn metric_kind(config: &PolicyLossConfig) -> MetricKind {
+    MetricKind {
+        clip: matches!(config.trust_region, TrustRegion::HardClip(_)),
+        gate: matches!(config.trust_region, TrustRegion::SoftGate { .. }),
+        kl: config.kl.is_some(),
+    }
+}
+
+/// The fused path: one kernel computes the loss, the metric sums and the gradient, reading the
+/// inputs in place (f16/bf16 included); values are checked inside the kernel.
+fn fused(config: &PolicyLossConfig, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
+    inputs.check(config.kl.is_some())?;
+    let log_probs = inputs.log_probs.contiguous()?;
+    let dtype = log_probs.dtype();
+    let same = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.contiguous()?) };
+    let mask = if inputs.mask.dtype() == DType::U8 {
+        inputs.mask.contiguous()?
+    } else {
+        same(inputs.mask)?
+    };
+    let op = FusedPolicyLoss {
+        config: *config,
+        old_log_probs: same(inputs.old_log_probs)?,
+        advantages: same(inputs.advantages)?,
+        mask,
+        ref_log_probs: inputs.ref_log_probs.map(same).transpose()?,
+        is_weights: inputs.is_weights.map(same).transpose()?,
+        normalizer: inputs.normalizer,
+        grad: Mutex::new(None),
+    };
+    let out = log_probs.apply_op1(op).map_err(from_kernel)?;
+    Ok(PolicyLossOutput {
+        loss: out.narrow(0, 0, 1)?.squeeze(0)?,
+        metrics: PolicyMetrics::new(
+            out.narrow(0, 1, NUM_SLOTS)?.detach(),
+            out.narrow(0, 1 + NUM_SLOTS, 2)?.detach(),
+            metric_kind(config),
         ),
     })
 }

@@ -1,14 +1,17 @@
 //! Runs every golden case (computed by verl, TRL/Liger-Kernel and PyTorch themselves) through the
 //! crate: `tests/golden/*.json`, or every `*.json` in `$SAPO_GOLDEN_DIR` when it is set.
 //!
-//! Prints each failure (case, field, max error) and ends with `golden: N passed, M failed`.
+//! Policy losses and token log-probs run through both paths — the fused kernels
+//! (`Backend::Auto` on the CPU) and the composed candle ops (`Backend::Composed`) — and a case
+//! passes when both reproduce it. Prints each failure (case, path and field, max error) and ends
+//! with `golden: N passed, M failed`.
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
-    AdvantageEstimator, Aggregation, Groups, HardClip, KlEstimator, KlPenalty, PolicyInputs,
-    PolicyLossConfig, RatioLevel, TrustRegion,
+    AdvantageEstimator, Aggregation, Backend, Groups, HardClip, KlEstimator, KlPenalty,
+    PolicyInputs, PolicyLossConfig, RatioLevel, TrustRegion,
 };
 use serde_json::{Map, Value};
 
@@ -22,11 +25,14 @@ struct Tolerance {
 /// Collects the failures of one case.
 struct Check<'a> {
     tol: &'a Tolerance,
+    /// Prefix of every field name: the path being checked.
+    path: &'static str,
     failures: Vec<String>,
 }
 
 impl Check<'_> {
     fn values(&mut self, field: &str, got: &[f64], want: &[f64]) {
+        let field = format!("[{}] {field}", self.path);
         if got.len() != want.len() {
             self.failures.push(format!(
                 "{field}: length {} != expected {}",
@@ -221,9 +227,12 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         .with_kl(kl))
 }
 
-fn run_policy_loss(case: &Value, check: &mut Check) -> Res<()> {
+fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()> {
     let cfg = field(case, "config")?.as_object().ok_or("config")?;
-    let loss_fn = policy_config(cfg)?.build().map_err(err)?;
+    let loss_fn = policy_config(cfg)?
+        .build()
+        .map_err(err)?
+        .with_backend(backend);
     let inputs = field(case, "inputs")?;
     check_keys(
         inputs.as_object().ok_or("inputs")?,
@@ -287,7 +296,7 @@ fn run_policy_loss(case: &Value, check: &mut Check) -> Res<()> {
     Ok(())
 }
 
-fn run_token_logprobs(case: &Value, check: &mut Check) -> Res<()> {
+fn run_token_logprobs(case: &Value, check: &mut Check, backend: Backend) -> Res<()> {
     let cfg = field(case, "config")?.as_object().ok_or("config")?;
     check_keys(cfg, &["temperature"], "config")?;
     let temperature = req_f64(cfg, "temperature")?;
@@ -298,8 +307,9 @@ fn run_token_logprobs(case: &Value, check: &mut Check) -> Res<()> {
         .map_err(err)?;
     let w_lp = tensor(inputs, "weights_log_probs")?;
     let w_h = tensor(inputs, "weights_entropy")?;
-    let (lp, h) = sapo::token_log_probs_and_entropy(logits.as_tensor(), &targets, temperature)
-        .map_err(err)?;
+    let (lp, h) =
+        sapo::token_log_probs_and_entropy_with(logits.as_tensor(), &targets, temperature, backend)
+            .map_err(err)?;
     let objective = (lp.mul(&w_lp).and_then(|x| x.sum_all()))
         .and_then(|a| h.mul(&w_h).and_then(|x| x.sum_all()).map(|b| (a, b)))
         .and_then(|(a, b)| a + b)
@@ -368,17 +378,28 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             .and_then(Value::as_f64)
             .ok_or("tolerance.rel")?,
     };
-    let mut check = Check {
-        tol: &tol,
-        failures: vec![],
-    };
-    match field(case, "kind")?.as_str() {
-        Some("policy_loss") => run_policy_loss(case, &mut check)?,
-        Some("token_logprobs") => run_token_logprobs(case, &mut check)?,
-        Some("advantages") => run_advantages(case, &mut check)?,
-        other => return Err(format!("unknown kind {other:?}")),
+    let paths = [("fused", Backend::Auto), ("composed", Backend::Composed)];
+    let mut failures = vec![];
+    for (path, backend) in paths {
+        let mut check = Check {
+            tol: &tol,
+            path,
+            failures: vec![],
+        };
+        let tagged = |e: String| format!("[{path}] {e}");
+        match field(case, "kind")?.as_str() {
+            Some("policy_loss") => run_policy_loss(case, &mut check, backend).map_err(tagged)?,
+            Some("token_logprobs") => {
+                run_token_logprobs(case, &mut check, backend).map_err(tagged)?
+            }
+            // One implementation: advantages are computed on the host.
+            Some("advantages") if path == "fused" => run_advantages(case, &mut check)?,
+            Some("advantages") => {}
+            other => return Err(format!("unknown kind {other:?}")),
+        }
+        failures.extend(check.failures);
     }
-    Ok(check.failures)
+    Ok(failures)
 }
 
 fn main() {

@@ -1,11 +1,12 @@
-//! Property tests: autograd gradients equal the closed-form gradients for every objective and
-//! ratio level; outputs stay finite on extreme inputs; micro-batches with global normalizers
-//! reproduce the full batch; masked positions never matter.
+//! Property tests, on both implementations (fused kernel and composed ops): gradients equal the
+//! closed-form gradients for every objective and ratio level; outputs stay finite on extreme
+//! inputs; micro-batches with global normalizers reproduce the full batch; masked positions never
+//! matter.
 
 mod common;
 
 use candle_core::DType;
-use common::{assert_close, reference, run_crate, Batch};
+use common::{assert_close, reference, run_crate, Batch, BACKENDS};
 use proptest::prelude::*;
 use sapo::{
     Aggregation, HardClip, KlEstimator, KlPenalty, Normalizer, PolicyLossConfig, RatioLevel,
@@ -143,26 +144,30 @@ proptest! {
     #[test]
     fn autograd_gradient_equals_closed_form((cfg, batch) in config_and_batch(8.0)) {
         let norm = Normalizer::default();
-        let got = run_crate(&cfg, &batch, norm, DType::F64).unwrap();
         let (loss, grad) = reference(&cfg, &batch, &norm);
-        assert_close("loss", &[got.loss], &[loss], 1e-9, 1e-9);
-        assert_close("grad", &got.grad, &grad, 1e-9, 1e-8);
-        for (j, m) in batch.mask.iter().enumerate() {
-            if *m == 0.0 {
-                prop_assert_eq!(got.grad[j], 0.0);
+        for backend in BACKENDS {
+            let got = run_crate(&cfg, &batch, norm, DType::F64, backend).unwrap();
+            assert_close(&format!("{backend:?} loss"), &[got.loss], &[loss], 1e-9, 1e-9);
+            assert_close(&format!("{backend:?} grad"), &got.grad, &grad, 1e-9, 1e-8);
+            for (j, m) in batch.mask.iter().enumerate() {
+                if *m == 0.0 {
+                    prop_assert_eq!(got.grad[j], 0.0);
+                }
             }
         }
     }
 
     #[test]
     fn outputs_stay_finite_in_f32((cfg, batch) in config_and_batch(1000.0)) {
-        let got = run_crate(&cfg, &batch, Normalizer::default(), DType::F32).unwrap();
-        prop_assert!(got.loss.is_finite(), "loss {}", got.loss);
-        prop_assert!(got.grad.iter().all(|g| g.is_finite()));
-        let m = got.metrics;
-        for v in [m.approx_kl(), m.ratio_mean(), m.clip_fraction(), m.gate_weight_mean(),
-                  m.gate_value_mean(), m.kl(), m.clip_ratio()].into_iter().flatten() {
-            prop_assert!(v.is_finite());
+        for backend in BACKENDS {
+            let got = run_crate(&cfg, &batch, Normalizer::default(), DType::F32, backend).unwrap();
+            prop_assert!(got.loss.is_finite(), "{:?} loss {}", backend, got.loss);
+            prop_assert!(got.grad.iter().all(|g| g.is_finite()));
+            let m = got.metrics;
+            for v in [m.approx_kl(), m.ratio_mean(), m.clip_fraction(), m.gate_weight_mean(),
+                      m.gate_value_mean(), m.kl(), m.clip_ratio()].into_iter().flatten() {
+                prop_assert!(v.is_finite());
+            }
         }
     }
 
@@ -171,34 +176,36 @@ proptest! {
         (cfg, batch) in config_and_batch(8.0),
         pieces in 1usize..=4,
     ) {
-        let full = run_crate(&cfg, &batch, Normalizer::default(), DType::F64).unwrap();
-        let n: Vec<f64> = batch.mask.chunks(batch.t).map(|r| r.iter().sum()).collect();
-        let pieces = pieces.min(batch.b);
-        let norm = Normalizer::default()
-            .with_global_tokens(n.iter().sum())
-            .with_global_sequences(n.iter().filter(|&&x| x > 0.0).count() as f64)
-            .with_world_size(pieces);
-        let mut loss = 0.0;
-        let mut grad = vec![];
-        let mut metrics: Option<sapo::MetricSums> = None;
-        for k in 0..pieces {
-            let (lo, hi) = (k * batch.b / pieces, (k + 1) * batch.b / pieces);
-            let part = run_crate(&cfg, &batch.rows(lo, hi), norm, DType::F64).unwrap();
-            loss += part.loss / pieces as f64;
-            grad.extend(part.grad.iter().map(|g| g / pieces as f64));
-            metrics = Some(match metrics {
-                None => part.metrics,
-                Some(m) => m.merge(&part.metrics).unwrap(),
-            });
+        for backend in BACKENDS {
+            let full = run_crate(&cfg, &batch, Normalizer::default(), DType::F64, backend).unwrap();
+            let n: Vec<f64> = batch.mask.chunks(batch.t).map(|r| r.iter().sum()).collect();
+            let pieces = pieces.min(batch.b);
+            let norm = Normalizer::default()
+                .with_global_tokens(n.iter().sum())
+                .with_global_sequences(n.iter().filter(|&&x| x > 0.0).count() as f64)
+                .with_world_size(pieces);
+            let mut loss = 0.0;
+            let mut grad = vec![];
+            let mut metrics: Option<sapo::MetricSums> = None;
+            for k in 0..pieces {
+                let (lo, hi) = (k * batch.b / pieces, (k + 1) * batch.b / pieces);
+                let part = run_crate(&cfg, &batch.rows(lo, hi), norm, DType::F64, backend).unwrap();
+                loss += part.loss / pieces as f64;
+                grad.extend(part.grad.iter().map(|g| g / pieces as f64));
+                metrics = Some(match metrics {
+                    None => part.metrics,
+                    Some(m) => m.merge(&part.metrics).unwrap(),
+                });
+            }
+            assert_close("loss", &[loss], &[full.loss], 1e-9, 1e-9);
+            assert_close("grad", &grad, &full.grad, 1e-9, 1e-8);
+            let merged = metrics.unwrap();
+            prop_assert_eq!(merged.tokens, full.metrics.tokens);
+            assert_close("approx_kl", &[merged.approx_kl().unwrap_or(0.0)],
+                         &[full.metrics.approx_kl().unwrap_or(0.0)], 1e-9, 1e-9);
+            prop_assert_eq!(merged.clipped, full.metrics.clipped);
+            prop_assert_eq!(merged.ratio_max, full.metrics.ratio_max);
         }
-        assert_close("loss", &[loss], &[full.loss], 1e-9, 1e-9);
-        assert_close("grad", &grad, &full.grad, 1e-9, 1e-8);
-        let merged = metrics.unwrap();
-        prop_assert_eq!(merged.tokens, full.metrics.tokens);
-        assert_close("approx_kl", &[merged.approx_kl().unwrap_or(0.0)],
-                     &[full.metrics.approx_kl().unwrap_or(0.0)], 1e-9, 1e-9);
-        prop_assert_eq!(merged.clipped, full.metrics.clipped);
-        prop_assert_eq!(merged.ratio_max, full.metrics.ratio_max);
     }
 
     #[test]
@@ -207,33 +214,35 @@ proptest! {
         garbage in prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY),
                                Just(1e30), -50.0..50.0f64],
     ) {
-        let clean = run_crate(&cfg, &batch, Normalizer::default(), DType::F32).unwrap();
-        let mut dirty = batch.clone();
-        let spoil = |v: &mut Vec<f64>| {
-            for (x, m) in v.iter_mut().zip(&batch.mask) {
-                if *m == 0.0 {
-                    *x = garbage;
+        for backend in BACKENDS {
+            let clean = run_crate(&cfg, &batch, Normalizer::default(), DType::F32, backend).unwrap();
+            let mut dirty = batch.clone();
+            let spoil = |v: &mut Vec<f64>| {
+                for (x, m) in v.iter_mut().zip(&batch.mask) {
+                    if *m == 0.0 {
+                        *x = garbage;
+                    }
                 }
+            };
+            spoil(&mut dirty.log_probs);
+            spoil(&mut dirty.old_log_probs);
+            if dirty.per_token_advantages {
+                spoil(&mut dirty.advantages);
             }
-        };
-        spoil(&mut dirty.log_probs);
-        spoil(&mut dirty.old_log_probs);
-        if dirty.per_token_advantages {
-            spoil(&mut dirty.advantages);
+            if let Some(r) = dirty.ref_log_probs.as_mut() {
+                spoil(r);
+            }
+            if let Some(w) = dirty.is_weights.as_mut() {
+                spoil(w);
+            }
+            let got = run_crate(&cfg, &dirty, Normalizer::default(), DType::F32, backend).unwrap();
+            prop_assert_eq!(got.loss.to_bits(), clean.loss.to_bits());
+            prop_assert_eq!(
+                got.grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
+                clean.grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
+            );
+            prop_assert_eq!(format!("{:?}", got.metrics), format!("{:?}", clean.metrics));
         }
-        if let Some(r) = dirty.ref_log_probs.as_mut() {
-            spoil(r);
-        }
-        if let Some(w) = dirty.is_weights.as_mut() {
-            spoil(w);
-        }
-        let got = run_crate(&cfg, &dirty, Normalizer::default(), DType::F32).unwrap();
-        prop_assert_eq!(got.loss.to_bits(), clean.loss.to_bits());
-        prop_assert_eq!(
-            got.grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>(),
-            clean.grad.iter().map(|g| g.to_bits()).collect::<Vec<_>>()
-        );
-        prop_assert_eq!(format!("{:?}", got.metrics), format!("{:?}", clean.metrics));
     }
 }
 
@@ -271,7 +280,8 @@ proptest! {
         let dev = candle_core::Device::Cpu;
         let x = candle_core::Var::from_vec(logits.clone(), (n, v), &dev).unwrap();
         let y = candle_core::Tensor::from_vec(targets.iter().map(|&t| t as u32).collect::<Vec<_>>(), n, &dev).unwrap();
-        let (lp, h) = sapo::token_log_probs_and_entropy(x.as_tensor(), &y, tau).unwrap();
+        for backend in BACKENDS {
+        let (lp, h) = sapo::token_log_probs_and_entropy_with(x.as_tensor(), &y, tau, backend).unwrap();
         let wl_t = candle_core::Tensor::from_vec(wl.clone(), n, &dev).unwrap();
         let wh_t = candle_core::Tensor::from_vec(wh.clone(), n, &dev).unwrap();
         let obj = (lp.mul(&wl_t).unwrap().sum_all().unwrap() + h.mul(&wh_t).unwrap().sum_all().unwrap()).unwrap();
@@ -283,6 +293,7 @@ proptest! {
             assert_close("log_prob", &[lp[i]], &[rl], 1e-10, 1e-10);
             assert_close("entropy", &[h[i]], &[rh], 1e-10, 1e-10);
             assert_close("grad", &g[i * v..(i + 1) * v], &rg, 1e-10, 1e-9);
+        }
         }
     }
 }

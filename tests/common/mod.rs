@@ -4,7 +4,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
-    Aggregation, KlEstimator, Normalizer, PolicyInputs, PolicyLossConfig, RatioLevel, TrustRegion,
+    Aggregation, Backend, KlEstimator, Normalizer, PolicyInputs, PolicyLossConfig, RatioLevel,
+    TrustRegion,
 };
 
 /// One batch, row-major `[B,T]` vectors.
@@ -52,6 +53,9 @@ impl Batch {
     }
 }
 
+/// Both implementations: the fused kernel and the composed ops.
+pub const BACKENDS: [Backend; 2] = [Backend::Auto, Backend::Composed];
+
 /// The crate's loss, gradient and metric sums on `batch`, in `dtype`.
 pub struct CrateResult {
     pub loss: f64,
@@ -64,6 +68,7 @@ pub fn run_crate(
     batch: &Batch,
     normalizer: Normalizer,
     dtype: DType,
+    backend: Backend,
 ) -> sapo::Result<CrateResult> {
     let dev = Device::Cpu;
     let mat = |v: &Vec<f64>| -> candle_core::Result<Tensor> {
@@ -87,7 +92,7 @@ pub fn run_crate(
     if let Some(w) = &weights {
         inputs = inputs.with_is_weights(w);
     }
-    let out = config.build()?.forward(&inputs)?;
+    let out = config.build()?.with_backend(backend).forward(&inputs)?;
     let grads = out.loss.backward()?;
     let grad = match grads.get(lp.as_tensor()) {
         Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,

@@ -1,0 +1,381 @@
+//! The fused CPU kernels: same bits whatever the thread count, the same results as the composed
+//! ops in every dtype, and the same typed errors.
+
+use candle_core::{DType, Device, Tensor, Var};
+use sapo::{
+    Aggregation, Backend, Error, Grpo, Gspo, KlEstimator, KlPenalty, PolicyInputs, PolicyLoss,
+    RatioLevel, Sapo,
+};
+
+fn dev() -> Device {
+    Device::Cpu
+}
+
+/// A deterministic pseudo-random vector.
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+struct Batch {
+    log_probs: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    reference: Tensor,
+    weights: Tensor,
+}
+
+fn batch(b: usize, t: usize, dtype: DType) -> Batch {
+    let m = |v: Vec<f32>| {
+        Tensor::from_vec(v, (b, t), &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let old: Vec<f32> = noise(b * t, 1).iter().map(|x| -1.5 + 2.0 * x).collect();
+    let lp: Vec<f32> = old
+        .iter()
+        .zip(noise(b * t, 2))
+        .map(|(o, d)| o + 0.6 * d)
+        .collect();
+    let mask: Vec<f32> = (0..b * t)
+        .map(|j| {
+            if j % t < t * (1 + j / t % 4) / 4 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Batch {
+        log_probs: m(lp.clone()),
+        old: m(old),
+        adv: Tensor::from_vec(noise(b, 3).iter().map(|x| 4.0 * x).collect(), b, &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+        mask: Tensor::from_vec(mask, (b, t), &dev()).unwrap(),
+        reference: m(lp.iter().zip(noise(b * t, 4)).map(|(l, d)| l + d).collect()),
+        weights: m(noise(b * t, 5).iter().map(|x| 1.0 + x).collect()),
+    }
+}
+
+fn losses() -> Vec<PolicyLoss> {
+    let kl =
+        Some(KlPenalty::new(0.05, KlEstimator::K3).with_aggregation(Aggregation::SeqMeanTokenSum));
+    vec![
+        Sapo::default().build().unwrap(),
+        Sapo::default().config().with_kl(kl).build().unwrap(),
+        Gspo::default().build().unwrap(),
+        Gspo {
+            eps_low: 0.2,
+            eps_high: 0.2,
+        }
+        .config()
+        .with_ratio_level(RatioLevel::SequenceToken)
+        .build()
+        .unwrap(),
+        Grpo {
+            dual_clip: Some(3.0),
+            eps_high: 0.28,
+            ..Grpo::default()
+        }
+        .config()
+        .with_aggregation(Aggregation::TokenMean)
+        .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K3Plus)))
+        .build()
+        .unwrap(),
+    ]
+}
+
+/// Loss, gradient and metrics as raw bits.
+fn run_bits(loss: &PolicyLoss, x: &Batch, mask: &Tensor, dtype: DType) -> Vec<u64> {
+    let lp = Var::from_tensor(&x.log_probs).unwrap();
+    let mut inputs =
+        PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask).with_is_weights(&x.weights);
+    if loss.config().kl.is_some() {
+        inputs = inputs.with_ref_log_probs(&x.reference);
+    }
+    let out = loss.forward(&inputs).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let grad = grads.get(lp.as_tensor()).unwrap();
+    assert_eq!(grad.dtype(), dtype);
+    let mut bits: Vec<u64> = vec![out
+        .loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .to_bits()];
+    bits.extend(
+        grad.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits()),
+    );
+    let m = out.metrics.read().unwrap();
+    bits.extend(
+        [m.tokens, m.neg_log_ratio, m.ratio, m.ratio_min, m.ratio_max]
+            .iter()
+            .map(|v| v.to_bits()),
+    );
+    bits
+}
+
+fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn policy_kernel_is_deterministic_across_thread_counts() {
+    for dtype in [DType::F32, DType::BF16] {
+        let x = batch(24, 333, dtype);
+        for loss in losses() {
+            let one = in_pool(1, || run_bits(&loss, &x, &x.mask, dtype));
+            let two = in_pool(2, || run_bits(&loss, &x, &x.mask, dtype));
+            let three = in_pool(3, || run_bits(&loss, &x, &x.mask, dtype));
+            assert_eq!(one, two, "{:?}", loss.config());
+            assert_eq!(one, three, "{:?}", loss.config());
+        }
+    }
+}
+
+fn logprob_bits(logits: &Tensor, targets: &Tensor) -> Vec<u32> {
+    let x = Var::from_tensor(logits).unwrap();
+    let (lp, h) = sapo::token_log_probs_and_entropy(x.as_tensor(), targets, 0.9).unwrap();
+    let obj = (lp.sum_all().unwrap() + (h * 0.3).unwrap().sum_all().unwrap()).unwrap();
+    let grads = obj.backward().unwrap();
+    let mut bits: Vec<u32> = lp
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    bits.extend(
+        grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits()),
+    );
+    bits
+}
+
+#[test]
+fn logprob_kernel_is_deterministic_across_thread_counts() {
+    let (n, v) = (37, 2051);
+    let logits = Tensor::from_vec(
+        noise(n * v, 9).iter().map(|x| 12.0 * x).collect(),
+        (n, v),
+        &dev(),
+    )
+    .unwrap();
+    let targets = Tensor::from_vec(
+        (0..n as u32).map(|i| i * 53 % v as u32).collect(),
+        n,
+        &dev(),
+    )
+    .unwrap();
+    let one = in_pool(1, || logprob_bits(&logits, &targets));
+    let two = in_pool(2, || logprob_bits(&logits, &targets));
+    let four = in_pool(4, || logprob_bits(&logits, &targets));
+    assert_eq!(one, two);
+    assert_eq!(one, four);
+}
+
+fn values(
+    loss: &PolicyLoss,
+    x: &Batch,
+    mask: &Tensor,
+    backend: Backend,
+) -> (f64, Vec<f64>, sapo::MetricSums) {
+    let lp = Var::from_tensor(&x.log_probs).unwrap();
+    let mut inputs =
+        PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask).with_is_weights(&x.weights);
+    if loss.config().kl.is_some() {
+        inputs = inputs.with_ref_log_probs(&x.reference);
+    }
+    let out = loss.with_backend(backend).forward(&inputs).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let grad = grads
+        .get(lp.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    (
+        out.loss
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        grad.to_vec1::<f64>().unwrap(),
+        out.metrics.read().unwrap(),
+    )
+}
+
+#[test]
+fn fused_matches_composed_in_every_dtype_and_mask_dtype() {
+    for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+        let x = batch(9, 70, dtype);
+        let masks = [
+            x.mask.clone(),
+            x.mask.to_dtype(DType::U8).unwrap(),
+            x.mask.to_dtype(DType::I64).unwrap(),
+            x.mask.to_dtype(dtype).unwrap(),
+        ];
+        // Half precision rounds the inputs once; both paths see the same rounded values.
+        let tol = if matches!(dtype, DType::F16 | DType::BF16) {
+            2e-2
+        } else {
+            2e-5
+        };
+        for loss in losses() {
+            for mask in &masks {
+                let (lf, gf, mf) = values(&loss, &x, mask, Backend::Auto);
+                let (lc, gc, mc) = values(&loss, &x, mask, Backend::Composed);
+                assert!(
+                    (lf - lc).abs() <= tol * (1.0 + lc.abs()),
+                    "{dtype:?} loss {lf} vs {lc}"
+                );
+                for (a, b) in gf.iter().zip(&gc) {
+                    assert!(
+                        (a - b).abs() <= tol * (1e-3 + b.abs()) + 1e-6,
+                        "{dtype:?} grad {a} vs {b}"
+                    );
+                }
+                assert_eq!(mf.tokens, mc.tokens);
+                assert_eq!(mf.clipped, mc.clipped);
+                assert!(
+                    (mf.neg_log_ratio - mc.neg_log_ratio).abs()
+                        <= tol * (1.0 + mc.neg_log_ratio.abs())
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_logprobs_match_composed_for_3d_and_half_logits() {
+    let (b, t, v) = (3, 5, 301);
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let logits = Tensor::from_vec(
+            noise(b * t * v, 11).iter().map(|x| 10.0 * x).collect(),
+            (b, t, v),
+            &dev(),
+        )
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+        let targets = Tensor::from_vec(
+            (0..(b * t) as i64).map(|i| i * 37 % v as i64).collect(),
+            (b, t),
+            &dev(),
+        )
+        .unwrap();
+        let mut results = vec![];
+        for backend in [Backend::Auto, Backend::Composed] {
+            let x = Var::from_tensor(&logits).unwrap();
+            let (lp, h) =
+                sapo::token_log_probs_and_entropy_with(x.as_tensor(), &targets, 1.3, backend)
+                    .unwrap();
+            assert_eq!(lp.dims(), &[b, t]);
+            let obj = (lp.sum_all().unwrap() - h.sum_all().unwrap()).unwrap();
+            let grads = obj.backward().unwrap();
+            let g = grads.get(x.as_tensor()).unwrap();
+            assert_eq!(g.dtype(), dtype);
+            let f = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            results.push((f(&lp), f(&h), f(g)));
+        }
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        for (a, b) in [
+            (&results[0].0, &results[1].0),
+            (&results[0].1, &results[1].1),
+            (&results[0].2, &results[1].2),
+        ] {
+            for (x, y) in a.iter().zip(b.iter()) {
+                assert!(
+                    (x - y).abs() <= tol * (1.0 + y.abs()),
+                    "{dtype:?}: {x} vs {y}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_kernel_reports_typed_errors() {
+    let x = batch(4, 8, DType::F32);
+    let bad_mask = (&x.mask * 0.5).unwrap();
+    let loss = Sapo::default().build().unwrap();
+    let err = loss
+        .forward(&PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &bad_mask))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidValue { arg: "mask", .. }),
+        "{err}"
+    );
+    let nan = Tensor::full(f32::NAN, (4, 8), &dev()).unwrap();
+    let ones = Tensor::ones((4, 8), DType::F32, &dev()).unwrap();
+    let err = loss
+        .forward(&PolicyInputs::new(&x.log_probs, &nan, &x.adv, &ones))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                arg: "old_log_probs",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let kl = Sapo::default()
+        .config()
+        .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K1)))
+        .build()
+        .unwrap();
+    let err = kl
+        .forward(&PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &ones).with_ref_log_probs(&nan))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidValue {
+                arg: "ref_log_probs",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
