@@ -18,7 +18,7 @@ fn main() -> sapo::Result<()> {
     let path = std::env::args().nth(1).unwrap_or_else(|| "fused".into());
     let (n, v) = (1024usize, 32768usize);
     let dev = Device::Cpu;
-    let logits = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (n, v), &dev)? * 3.0)?)?;
+    let logits = Var::randn(0f32, 3.0, (n, v), &dev)?;
     let targets = Tensor::from_vec(
         (0..n as u32).map(|i| i * 7919 % v as u32).collect(),
         n,

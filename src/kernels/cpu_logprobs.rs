@@ -44,48 +44,79 @@ fn target_ids(targets: &Tensor) -> candle_core::Result<Vec<usize>> {
     })
 }
 
+/// Adds `e^{z−max}` and `e^{z−max}·z` of one lane block to the lane sums.
+#[inline(always)]
+fn accumulate<F: Load<R>, R: Real>(
+    block: &[F; LANES],
+    inv_t: R,
+    max: R,
+    sum: &mut [R; LANES],
+    weighted: &mut [R; LANES],
+) {
+    for l in 0..LANES {
+        let z = block[l].load() * inv_t;
+        let e = (z - max).exp();
+        sum[l] = sum[l] + e;
+        // e = 0 for z = −inf: keep 0·(−inf) out of the sum.
+        weighted[l] = weighted[l] + R::select(e > R::ZERO, e * z, R::ZERO);
+    }
+}
+
+/// Moves the running maximum up to `block_max`, rescaling the sums accumulated against the old
+/// one (`e^{−inf} = 0` at the start).
+#[inline(always)]
+fn rescale<R: Real>(block_max: R, max: &mut R, sum: &mut R, weighted: &mut R) {
+    if block_max > *max {
+        let scale = (*max - block_max).exp();
+        *sum = *sum * scale;
+        *weighted = *weighted * scale;
+        *max = block_max;
+    }
+}
+
 #[inline(always)]
 fn forward_row<F: Load<R>, R: Real>(row: &[F], target: usize, inv_t: R) -> (R, R) {
     let neg_inf = -R::INFINITY;
+    let (chunks, tail) = row.as_chunks::<LANES>();
+    // The tail, padded with −inf (which contributes nothing), is one more lane block.
+    let mut padded_tail = [neg_inf; LANES];
+    for (p, v) in padded_tail.iter_mut().zip(tail) {
+        *p = v.load() * inv_t;
+    }
     let mut max = neg_inf;
     let mut sum = R::ZERO;
     let mut weighted = R::ZERO;
-    for block in row.chunks(BLOCK) {
+    for group in chunks.chunks(BLOCK / LANES) {
         let mut lane_max = [neg_inf; LANES];
-        for (j, v) in block.iter().enumerate() {
-            lane_max[j % LANES] = lane_max[j % LANES].max_of(v.load() * inv_t);
+        for block in group {
+            for l in 0..LANES {
+                lane_max[l] = lane_max[l].max_of(block[l].load() * inv_t);
+            }
         }
         let block_max = lane_max.iter().fold(neg_inf, |m, &v| m.max_of(v));
-        if block_max > max {
-            // Rescale what was accumulated against the old maximum (e^{−inf} = 0 at the start).
-            let scale = (max - block_max).exp();
-            sum = sum * scale;
-            weighted = weighted * scale;
-            max = block_max;
-        }
+        rescale(block_max, &mut max, &mut sum, &mut weighted);
         if max == neg_inf {
             continue;
         }
         let mut lane_sum = [R::ZERO; LANES];
         let mut lane_weighted = [R::ZERO; LANES];
-        let full = block.len() / LANES * LANES;
-        for b in (0..full).step_by(LANES) {
-            for l in 0..LANES {
-                let z = block[b + l].load() * inv_t;
-                let e = (z - max).exp();
-                lane_sum[l] = lane_sum[l] + e;
-                lane_weighted[l] = lane_weighted[l] + R::select(e > R::ZERO, e * z, R::ZERO);
-            }
-        }
-        for (l, v) in block[full..].iter().enumerate() {
-            let z = v.load() * inv_t;
-            let e = (z - max).exp();
-            lane_sum[l] = lane_sum[l] + e;
-            lane_weighted[l] = lane_weighted[l] + R::select(e > R::ZERO, e * z, R::ZERO);
+        for block in group {
+            accumulate(block, inv_t, max, &mut lane_sum, &mut lane_weighted);
         }
         for l in 0..LANES {
             sum = sum + lane_sum[l];
             weighted = weighted + lane_weighted[l];
+        }
+    }
+    if !tail.is_empty() {
+        let block_max = padded_tail.iter().fold(neg_inf, |m, &v| m.max_of(v));
+        rescale(block_max, &mut max, &mut sum, &mut weighted);
+        if max > neg_inf {
+            for z in padded_tail {
+                let e = (z - max).exp();
+                sum = sum + e;
+                weighted = weighted + R::select(e > R::ZERO, e * z, R::ZERO);
+            }
         }
     }
     let lse = max + sum.ln();
@@ -120,16 +151,34 @@ fn backward_row<F: Load<R> + Store<R>, R: Real>(row: &[F], out: &mut [F], r: Row
     } = r;
     let lse = row[target].load() * inv_t - log_prob;
     let shift = entropy - lse;
-    let grad_one = |x: F| {
-        let z = x.load() * inv_t;
-        let p = (z - lse).exp();
-        let term = R::select(p > R::ZERO, p * (z + shift), R::ZERO);
-        -(inv_t * (grad_log_prob * p + grad_entropy * term))
-    };
     for (dst, x) in out.iter_mut().zip(row) {
-        *dst = F::store(grad_one(*x));
+        *dst = F::store(softmax_grad(
+            x.load(),
+            inv_t,
+            lse,
+            shift,
+            grad_log_prob,
+            grad_entropy,
+        ));
     }
-    out[target] = F::store(grad_one(row[target]) + inv_t * grad_log_prob);
+    let at_target = softmax_grad(
+        row[target].load(),
+        inv_t,
+        lse,
+        shift,
+        grad_log_prob,
+        grad_entropy,
+    );
+    out[target] = F::store(at_target + inv_t * grad_log_prob);
+}
+
+/// `−(g_ℓ·p + g_H·p·(z − lse + H))/τ` for one logit, with `p = e^{z−lse}` recomputed.
+#[inline(always)]
+fn softmax_grad<R: Real>(x: R, inv_t: R, lse: R, shift: R, grad_log_prob: R, grad_entropy: R) -> R {
+    let z = x * inv_t;
+    let p = (z - lse).exp();
+    let term = R::select(p > R::ZERO, p * (z + shift), R::ZERO);
+    -(inv_t * (grad_log_prob * p + grad_entropy * term))
 }
 
 multiversion!(fn backward_row_best<F: Load<R> | Store<R>, R: Real>(row: &[F], out: &mut [F], r: RowGrad<R>) -> () = backward_row);

@@ -2,11 +2,14 @@
 //! level × trust region × aggregation × KL estimator × rollout weights, in one parallel pass over
 //! the rows. The gradient is produced in the forward pass and handed to the backward.
 //!
-//! Per row (rows run in parallel, each on its own gradient slice): a sweep that validates the
-//! inputs (and sums the log-ratio for the sequence levels), a sweep that evaluates `−f(ρ)·A`, its
-//! derivative and the metrics, a sweep for the KL penalty when there is one, and the store of the
-//! row's gradient. Row results are reduced in row order, so the bits do not depend on the number
-//! of threads.
+//! Rows run in parallel (rayon), each writing its own gradient slice. A row is processed in
+//! tiles that stay in L1: each tile is loaded once from the storage dtype (f16/bf16 read in
+//! place) with the masked positions zeroed and the inputs validated; one vectorized sweep
+//! evaluates `−f(ρ)·A`, its derivative and the per-token metric streams; the streams are summed
+//! in fixed lanes; the KL penalty is added; the tile's gradient is stored. The sequence levels
+//! first sum the row's log-ratios (and `Sequence` stores its gradient after the row, once
+//! `∂l/∂s` is known). Row results are reduced in row order, so the bits do not depend on the
+//! number of threads.
 
 use std::sync::Mutex;
 
@@ -57,6 +60,10 @@ struct Eval<R> {
 }
 
 trait TrustShape<R: Real>: Sync {
+    /// Whether the shape defines the hard-clip metrics.
+    const CLIP: bool;
+    /// Whether the shape defines the gate metrics.
+    const GATE: bool;
     fn eval(&self, r: R, a: R) -> Eval<R>;
 }
 
@@ -68,6 +75,8 @@ struct Soft<R> {
 }
 
 impl<R: Real> TrustShape<R> for Soft<R> {
+    const CLIP: bool = false;
+    const GATE: bool = true;
     #[inline(always)]
     fn eval(&self, r: R, a: R) -> Eval<R> {
         let positive = a > R::ZERO;
@@ -105,6 +114,8 @@ struct Clip<R> {
 }
 
 impl<R: Real> TrustShape<R> for Clip<R> {
+    const CLIP: bool = true;
+    const GATE: bool = false;
     #[inline(always)]
     fn eval(&self, r: R, a: R) -> Eval<R> {
         let half = R::from_f64(0.5);
@@ -154,6 +165,8 @@ impl<R: Real> TrustShape<R> for Clip<R> {
 struct Plain;
 
 impl<R: Real> TrustShape<R> for Plain {
+    const CLIP: bool = false;
+    const GATE: bool = false;
     #[inline(always)]
     fn eval(&self, r: R, a: R) -> Eval<R> {
         Eval {
@@ -205,7 +218,7 @@ struct RowOut {
 }
 
 /// One row's computation: row index, scratch buffer, the row's gradient.
-type RowFn<'a, R, F> = dyn Fn(usize, &mut Vec<R>, &mut [F]) -> RowOut + Sync + 'a;
+type RowFn<'a, R, F> = dyn Fn(usize, &mut RowBuffers<R>, &mut [F]) -> RowOut + Sync + 'a;
 
 /// Per-row coefficients: the policy aggregation's and `β` times the KL aggregation's.
 struct RowCoefficients<R> {
@@ -234,6 +247,106 @@ fn log_ratio<R: Real>(raw: R, clamp: Option<R>) -> (R, R) {
     }
 }
 
+/// Tokens per tile: a tile's buffers (`BUFFERS × TILE` values) stay in L1.
+const TILE: usize = 256;
+
+/// Buffers of one tile: the inputs (keep, log_probs, old, advantages, weights, reference), the
+/// gradient, and the per-token streams (value, slope, −δ, ratio, ratio for the minimum, clipped,
+/// dual, low, high, gate weight, gate value, KL).
+const BUFFERS: usize = 19;
+
+/// Per-thread tile buffers in the compute type. The main sweep writes per-token streams (no
+/// loop-carried dependency, so LLVM vectorizes it) and the streams are then summed into `LANES`
+/// independent lanes (vectorized, and in a fixed order: the bits do not depend on the thread
+/// that ran the row).
+struct RowBuffers<R> {
+    data: Vec<R>,
+}
+
+impl<R: Real> RowBuffers<R> {
+    fn new() -> Self {
+        Self {
+            data: vec![R::ZERO; BUFFERS * TILE],
+        }
+    }
+
+    /// The `BUFFERS` slices of `TILE` values. Their contents are stale: every sweep writes what
+    /// it reads.
+    fn split(&mut self) -> Vec<&mut [R]> {
+        self.data.chunks_exact_mut(TILE).collect()
+    }
+}
+
+#[inline(always)]
+fn lanes<R>(v: &[R]) -> &[[R; LANES]] {
+    v.as_chunks::<LANES>().0
+}
+
+/// Adds a padded stream into `LANES` lane sums.
+#[inline(always)]
+fn lane_sum<R: Real>(v: &[R], acc: &mut [R; LANES]) {
+    for block in lanes(v) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + block[l];
+        }
+    }
+}
+
+#[inline(always)]
+fn lane_min<R: Real>(v: &[R], acc: &mut [R; LANES]) {
+    for block in lanes(v) {
+        for l in 0..LANES {
+            acc[l] = acc[l].min_of(block[l]);
+        }
+    }
+}
+
+#[inline(always)]
+fn lane_max<R: Real>(v: &[R], acc: &mut [R; LANES]) {
+    for block in lanes(v) {
+        for l in 0..LANES {
+            acc[l] = acc[l].max_of(block[l]);
+        }
+    }
+}
+
+/// Loads a tile of one input into a padded buffer (zero where masked and in the padding) and
+/// counts its unmasked non-finite values.
+#[inline(always)]
+fn load_tile<F: Load<R>, R: Real>(src: &[F], keep: &[R], dst: &mut [R]) -> u32 {
+    let mut bad = 0u32;
+    for ((d, v), k) in dst.iter_mut().zip(src).zip(keep) {
+        let (v, keep) = (v.load(), *k != R::ZERO);
+        bad += u32::from(keep && !v.is_finite_value());
+        *d = R::select(keep, v, R::ZERO);
+    }
+    dst[src.len()..].fill(R::ZERO);
+    bad
+}
+
+/// As [`load_tile`] for one value broadcast over `len` tokens.
+#[inline(always)]
+fn load_broadcast<F: Load<R>, R: Real>(src: F, len: usize, keep: &[R], dst: &mut [R]) -> u32 {
+    let v = src.load();
+    let mut bad = 0u32;
+    for (d, k) in dst[..len].iter_mut().zip(keep) {
+        let keep = *k != R::ZERO;
+        bad += u32::from(keep && !v.is_finite_value());
+        *d = R::select(keep, v, R::ZERO);
+    }
+    dst[len..].fill(R::ZERO);
+    bad
+}
+
+/// Loads the mask of tokens `range` into `keep` (0/1, padding 0).
+#[inline(always)]
+fn load_keep<M: Load<R>, R: Real>(mask: &[M], keep: &mut [R]) {
+    for (k, m) in keep.iter_mut().zip(mask) {
+        *k = R::indicator(m.load() != R::ZERO);
+    }
+    keep[mask.len()..].fill(R::ZERO);
+}
+
 #[inline(always)]
 fn policy_row<F, M, R, S>(
     x: &Inputs<'_, F, M>,
@@ -241,7 +354,7 @@ fn policy_row<F, M, R, S>(
     p: &Params<R>,
     shape: &S,
     coef: &RowCoefficients<R>,
-    scratch: &mut Vec<R>,
+    buf: &mut RowBuffers<R>,
     grad: &mut [F],
 ) -> RowOut
 where
@@ -251,167 +364,210 @@ where
     S: TrustShape<R>,
 {
     let t = x.t;
-    let base = row * t;
-    let mask = |j: usize| x.mask[base + j].load() != R::ZERO;
-    let get = |s: &[F], j: usize, keep: bool| R::select(keep, s[base + j].load(), R::ZERO);
-    let adv = |j: usize, keep: bool| {
-        let k = if x.per_token_advantages {
-            base + j
-        } else {
-            row
-        };
-        R::select(keep, x.advantages[k].load(), R::ZERO)
+    let row_start = row * t;
+    let mut b = buf.split();
+    let [keep, lp, old, adv, w, rf, g, value, slope, neg_delta, ratio, ratio_min, clipped, dual, low, high, gate_w, gate_v, kl] =
+        &mut b[..]
+    else {
+        unreachable!("BUFFERS slices")
     };
-    let finite_flag = |keep: bool, v: R| R::indicator(keep && !v.is_finite_value());
-
-    // Sweep 1: validation, and Σ m·δ for the sequence ratio.
-    let mut bad = [[R::ZERO; LANES]; 4];
-    let mut sum_delta = [R::ZERO; LANES];
-    let sweep1 = |j: usize, l: usize, bad: &mut [[R; LANES]; 4], sum_delta: &mut [R; LANES]| {
-        let keep = mask(j);
-        let raw_lp = R::select(keep, x.log_probs[base + j].load(), R::ZERO);
-        let raw_old = R::select(keep, x.old[base + j].load(), R::ZERO);
-        let a = adv(j, keep);
-        let w = x.weights.map_or(R::ONE, |w| get(w, j, keep));
-        bad[0][l] = bad[0][l] + finite_flag(keep, raw_lp);
-        bad[1][l] = bad[1][l] + finite_flag(keep, raw_old);
-        bad[2][l] = bad[2][l] + finite_flag(keep, a);
-        bad[3][l] = bad[3][l] + finite_flag(keep, w);
-        let (delta, _) = log_ratio(raw_lp - raw_old, p.clamp);
-        sum_delta[l] = sum_delta[l] + R::select(keep, delta, R::ZERO);
+    let tiles = || {
+        (0..t)
+            .step_by(TILE)
+            .map(move |start| (start, TILE.min(t - start)))
     };
-    let full = t / LANES * LANES;
-    for b in (0..full).step_by(LANES) {
-        for l in 0..LANES {
-            sweep1(b + l, l, &mut bad, &mut sum_delta);
-        }
-    }
-    for j in full..t {
-        sweep1(j, j - full, &mut bad, &mut sum_delta);
-    }
-    let bad_counts = [
-        sum_lanes(&bad[0]),
-        sum_lanes(&bad[1]),
-        sum_lanes(&bad[2]),
-        sum_lanes(&bad[3]),
-    ];
-
-    // The sequence ratio s_i (value for both sequence levels).
     let n = coef.tokens;
-    let seq = R::from_f64(sum_lanes(&sum_delta)) / n.max_of(R::ONE);
-    let (log_s, dseq) = match p.seq_max {
-        Some(m) => (R::select(seq > m, m, seq), R::indicator(seq <= m)),
-        None => (seq, R::ONE),
+
+    // Sequence levels: the row's Σ m·δ first, then s_i.
+    let (s, dseq) = if p.level == RatioLevel::Token {
+        (R::ONE, R::ONE)
+    } else {
+        let mut sum = [R::ZERO; LANES];
+        for (start, len) in tiles() {
+            let span = row_start + start..row_start + start + len;
+            let padded = len.div_ceil(LANES) * LANES;
+            load_keep(&x.mask[span.clone()], &mut keep[..padded]);
+            load_tile(&x.log_probs[span.clone()], keep, &mut lp[..padded]);
+            load_tile(&x.old[span], keep, &mut old[..padded]);
+            for j in 0..padded {
+                neg_delta[j] = keep[j] * log_ratio(lp[j] - old[j], p.clamp).0;
+            }
+            lane_sum(&neg_delta[..padded], &mut sum);
+        }
+        let seq = R::from_f64(sum_lanes(&sum)) / n.max_of(R::ONE);
+        let (log_s, dseq) = match p.seq_max {
+            Some(m) => (R::select(seq > m, m, seq), R::indicator(seq <= m)),
+            None => (seq, R::ONE),
+        };
+        (log_s.exp(), dseq)
     };
-    let s = log_s.exp();
     let token_level = p.level == RatioLevel::Token;
     let seq_token = p.level == RatioLevel::SequenceToken;
+    let sequence = p.level == RatioLevel::Sequence;
 
-    // Sweep 2: the surrogate, its gradient and the metrics.
-    scratch.clear();
-    scratch.resize(t, R::ZERO);
-    const POLICY: usize = 0;
-    const SEQ_SLOPE: usize = 1;
-    let mut acc = [[R::ZERO; LANES]; 12];
+    let mut bad = [0u32; 5];
+    let zero = [R::ZERO; LANES];
+    let (mut policy, mut seq_slope, mut kl_lanes) = (zero, zero, zero);
+    let mut sums = [zero; NUM_SLOTS];
     let mut lo = [R::INFINITY; LANES];
     let mut hi = [-R::INFINITY; LANES];
-    let sweep2 = |j: usize,
-                  l: usize,
-                  acc: &mut [[R; LANES]; 12],
-                  lo: &mut [R; LANES],
-                  hi: &mut [R; LANES],
-                  g: &mut R| {
-        let keep = mask(j);
-        let m = R::indicator(keep);
-        let raw = get(x.log_probs, j, keep) - get(x.old, j, keep);
-        let (delta, ddelta) = log_ratio(raw, p.clamp);
-        let r = R::select(token_level, delta.exp(), s);
-        let a = adv(j, keep);
-        let w = x.weights.map_or(R::ONE, |w| get(w, j, keep));
-        let e = shape.eval(r, a);
-        let dratio = R::select(
-            token_level,
-            r * ddelta,
-            R::select(seq_token, s * dseq, R::ZERO),
-        );
-        *g = R::select(keep, coef.policy * w * e.slope * dratio, R::ZERO);
-        let mw = m * w;
-        acc[POLICY][l] = acc[POLICY][l] + mw * e.value;
-        acc[SEQ_SLOPE][l] = acc[SEQ_SLOPE][l] + mw * e.slope;
-        acc[2 + metrics::NEG_LOG_RATIO][l] = acc[2 + metrics::NEG_LOG_RATIO][l] - m * delta;
-        acc[2 + metrics::RATIO][l] = acc[2 + metrics::RATIO][l] + m * r;
-        acc[2 + metrics::CLIPPED][l] = acc[2 + metrics::CLIPPED][l] + m * e.clipped;
-        acc[2 + metrics::DUAL_CLIPPED][l] = acc[2 + metrics::DUAL_CLIPPED][l] + m * e.dual;
-        acc[2 + metrics::CLIP_LOW][l] = acc[2 + metrics::CLIP_LOW][l] + m * e.low;
-        acc[2 + metrics::CLIP_HIGH][l] = acc[2 + metrics::CLIP_HIGH][l] + m * e.high;
-        acc[2 + metrics::GATE_WEIGHT][l] = acc[2 + metrics::GATE_WEIGHT][l] + m * e.gate_weight;
-        acc[2 + metrics::GATE_VALUE][l] = acc[2 + metrics::GATE_VALUE][l] + m * e.gate_value;
-        lo[l] = R::select(keep, lo[l].min_of(r), lo[l]);
-        hi[l] = R::select(keep, hi[l].max_of(r), hi[l]);
+
+    // Adds the KL penalty of a loaded tile to its gradient and the KL lanes.
+    let add_kl = |padded: usize,
+                  keep: &[R],
+                  lp: &[R],
+                  rf: &[R],
+                  g: &mut [R],
+                  kl: &mut [R],
+                  lanes: &mut [R; LANES]| {
+        if let Some((estimator, clamp)) = p.kl {
+            for j in 0..padded {
+                let (k, dk) = kl_value(estimator, clamp, lp[j] - rf[j]);
+                kl[j] = keep[j] * k;
+                g[j] = g[j] + keep[j] * coef.kl * dk;
+            }
+            lane_sum(&kl[..padded], lanes);
+        }
     };
-    for b in (0..full).step_by(LANES) {
-        for (l, g) in scratch[b..b + LANES].iter_mut().enumerate() {
-            sweep2(b + l, l, &mut acc, &mut lo, &mut hi, g);
+
+    for (start, len) in tiles() {
+        let span = row_start + start..row_start + start + len;
+        let padded = len.div_ceil(LANES) * LANES;
+
+        // Load the tile once (storage dtype → compute type), zero the masked positions, count
+        // the unmasked non-finite values.
+        load_keep(&x.mask[span.clone()], &mut keep[..padded]);
+        bad[0] += load_tile(&x.log_probs[span.clone()], keep, &mut lp[..padded]);
+        bad[1] += load_tile(&x.old[span.clone()], keep, &mut old[..padded]);
+        bad[2] += if x.per_token_advantages {
+            load_tile(&x.advantages[span.clone()], keep, &mut adv[..padded])
+        } else {
+            load_broadcast(x.advantages[row], len, keep, &mut adv[..padded])
+        };
+        match x.weights {
+            Some(weights) => bad[3] += load_tile(&weights[span.clone()], keep, &mut w[..padded]),
+            None => w[..padded].copy_from_slice(&keep[..padded]),
+        }
+        if let Some(reference) = x.reference {
+            bad[4] += load_tile(&reference[span.clone()], keep, &mut rf[..padded]);
+        }
+
+        // The surrogate, its gradient and the per-token metric streams.
+        let (keep, lp, old, adv, w) = (
+            &keep[..padded],
+            &lp[..padded],
+            &old[..padded],
+            &adv[..padded],
+            &w[..padded],
+        );
+        let (g, value, slope, neg_delta, ratio, ratio_min) = (
+            &mut g[..padded],
+            &mut value[..padded],
+            &mut slope[..padded],
+            &mut neg_delta[..padded],
+            &mut ratio[..padded],
+            &mut ratio_min[..padded],
+        );
+        let (clipped, dual, low, high, gate_w, gate_v) = (
+            &mut clipped[..padded],
+            &mut dual[..padded],
+            &mut low[..padded],
+            &mut high[..padded],
+            &mut gate_w[..padded],
+            &mut gate_v[..padded],
+        );
+        for j in 0..padded {
+            let m = keep[j];
+            let (delta, ddelta) = log_ratio(lp[j] - old[j], p.clamp);
+            let r = R::select(token_level, delta.exp(), s);
+            let e = shape.eval(r, adv[j]);
+            let dratio = R::select(
+                token_level,
+                r * ddelta,
+                R::select(seq_token, s * dseq, R::ZERO),
+            );
+            let mw = w[j];
+            g[j] = coef.policy * mw * e.slope * dratio;
+            value[j] = mw * e.value;
+            slope[j] = mw * e.slope;
+            neg_delta[j] = -(m * delta);
+            ratio[j] = m * r;
+            ratio_min[j] = R::select(m != R::ZERO, r, R::INFINITY);
+            if S::CLIP {
+                clipped[j] = m * e.clipped;
+                dual[j] = m * e.dual;
+                low[j] = m * e.low;
+                high[j] = m * e.high;
+            }
+            if S::GATE {
+                gate_w[j] = m * e.gate_weight;
+                gate_v[j] = m * e.gate_value;
+            }
+        }
+        lane_sum(value, &mut policy);
+        lane_sum(slope, &mut seq_slope);
+        lane_sum(neg_delta, &mut sums[metrics::NEG_LOG_RATIO]);
+        lane_sum(ratio, &mut sums[metrics::RATIO]);
+        lane_min(ratio_min, &mut lo);
+        lane_max(ratio, &mut hi);
+        if S::CLIP {
+            lane_sum(clipped, &mut sums[metrics::CLIPPED]);
+            lane_sum(dual, &mut sums[metrics::DUAL_CLIPPED]);
+            lane_sum(low, &mut sums[metrics::CLIP_LOW]);
+            lane_sum(high, &mut sums[metrics::CLIP_HIGH]);
+        }
+        if S::GATE {
+            lane_sum(gate_w, &mut sums[metrics::GATE_WEIGHT]);
+            lane_sum(gate_v, &mut sums[metrics::GATE_VALUE]);
+        }
+        if !sequence {
+            add_kl(padded, keep, lp, rf, g, kl, &mut kl_lanes);
+            for (dst, v) in grad[start..start + len].iter_mut().zip(g.iter()) {
+                *dst = F::store(*v);
+            }
         }
     }
-    for (l, g) in scratch[full..].iter_mut().enumerate() {
-        sweep2(full + l, l, &mut acc, &mut lo, &mut hi, g);
-    }
 
-    // Sweep 3 (sequence ratio): every token of the row shares ∂l/∂s.
-    if p.level == RatioLevel::Sequence {
-        let shared =
-            coef.policy * R::from_f64(sum_lanes(&acc[SEQ_SLOPE])) * s * dseq / n.max_of(R::ONE);
-        for (j, g) in scratch.iter_mut().enumerate() {
-            let keep = mask(j);
-            let raw = get(x.log_probs, j, keep) - get(x.old, j, keep);
-            let (_, ddelta) = log_ratio(raw, p.clamp);
-            *g = R::select(keep, shared * ddelta, R::ZERO);
+    // Sequence ratio: every token of the row shares ∂l/∂s, known only now.
+    if sequence {
+        let shared = coef.policy * R::from_f64(sum_lanes(&seq_slope)) * s * dseq / n.max_of(R::ONE);
+        for (start, len) in tiles() {
+            let span = row_start + start..row_start + start + len;
+            let padded = len.div_ceil(LANES) * LANES;
+            load_keep(&x.mask[span.clone()], &mut keep[..padded]);
+            load_tile(&x.log_probs[span.clone()], keep, &mut lp[..padded]);
+            load_tile(&x.old[span.clone()], keep, &mut old[..padded]);
+            if let Some(reference) = x.reference {
+                load_tile(&reference[span], keep, &mut rf[..padded]);
+            }
+            for j in 0..padded {
+                g[j] = keep[j] * shared * log_ratio(lp[j] - old[j], p.clamp).1;
+            }
+            add_kl(padded, keep, lp, rf, g, kl, &mut kl_lanes);
+            for (dst, v) in grad[start..start + len].iter_mut().zip(g.iter()) {
+                *dst = F::store(*v);
+            }
         }
     }
 
-    // Sweep 4: the KL penalty.
-    let mut kl_sum = 0.0;
-    let mut bad_ref = 0.0;
-    if let (Some((estimator, clamp)), Some(reference)) = (p.kl, x.reference) {
-        let mut kl_lanes = [R::ZERO; LANES];
-        let mut bad_lanes = [R::ZERO; LANES];
-        for (j, g) in scratch.iter_mut().enumerate() {
-            let keep = mask(j);
-            let rf = R::select(keep, reference[base + j].load(), R::ZERO);
-            let d = get(x.log_probs, j, keep) - rf;
-            let (k, dk) = kl_value(estimator, clamp, d);
-            kl_lanes[j % LANES] = kl_lanes[j % LANES] + R::indicator(keep) * k;
-            bad_lanes[j % LANES] = bad_lanes[j % LANES] + finite_flag(keep, rf);
-            *g = *g + R::select(keep, coef.kl * dk, R::ZERO);
-        }
-        kl_sum = sum_lanes(&kl_lanes);
-        bad_ref = sum_lanes(&bad_lanes);
+    let kl_sum = sum_lanes(&kl_lanes);
+    let mut out = [0.0; NUM_SLOTS];
+    for (o, lanes) in out.iter_mut().zip(&sums) {
+        *o = sum_lanes(lanes);
     }
-
-    for (dst, g) in grad.iter_mut().zip(scratch.iter()) {
-        *dst = F::store(*g);
-    }
-
-    let mut sums = [0.0; NUM_SLOTS];
-    for (slot, lanes) in acc[2..].iter().enumerate() {
-        sums[slot] = sum_lanes(lanes);
-    }
-    sums[metrics::TOKENS] = n.to_f64();
-    sums[metrics::KL] = kl_sum;
+    out[metrics::TOKENS] = n.to_f64();
+    out[metrics::KL] = kl_sum;
     RowOut {
-        policy: sum_lanes(&acc[POLICY]),
+        policy: sum_lanes(&policy),
         kl: kl_sum,
-        sums,
+        sums: out,
         min: lo.iter().fold(f64::INFINITY, |m, v| m.min(v.to_f64())),
-        max: hi.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64())),
-        bad: [
-            bad_counts[0],
-            bad_counts[1],
-            bad_counts[2],
-            bad_counts[3],
-            bad_ref,
-        ],
+        max: if n > R::ZERO {
+            hi.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()))
+        } else {
+            f64::NEG_INFINITY
+        },
+        bad: bad.map(f64::from),
     }
 }
 
@@ -421,7 +577,7 @@ multiversion!(fn policy_row_best<F: Load<R> | Store<R>, M: Load<R>, R: Real, S: 
     p: &Params<R>,
     shape: &S,
     coef: &RowCoefficients<R>,
-    scratch: &mut Vec<R>,
+    buf: &mut RowBuffers<R>,
     grad: &mut [F],
 ) -> RowOut = policy_row);
 
@@ -476,14 +632,13 @@ fn row_tokens<M: Load<R>, R: Real>(mask: &[M], t: usize) -> (Vec<f64>, f64) {
     let per_row: Vec<(f64, f64)> = mask
         .par_chunks(t.max(1))
         .map(|row| {
-            let mut n = [R::ZERO; LANES];
-            let mut bad = [R::ZERO; LANES];
-            for (j, v) in row.iter().enumerate() {
+            let (mut n, mut bad) = (0u32, 0u32);
+            for v in row {
                 let v = v.load();
-                n[j % LANES] = n[j % LANES] + v;
-                bad[j % LANES] = bad[j % LANES] + R::indicator(v != R::ZERO && v != R::ONE);
+                n += u32::from(v == R::ONE);
+                bad += u32::from(v != R::ZERO && v != R::ONE);
             }
-            (sum_lanes(&n), sum_lanes(&bad))
+            (f64::from(n), f64::from(bad))
         })
         .collect();
     let bad = per_row.iter().map(|(_, b)| b).sum();
@@ -563,7 +718,7 @@ impl FusedPolicyLoss {
             let mut run_rows = |shape: &RowFn<'_, R, F>| {
                 grad.par_chunks_mut(t.max(1))
                     .enumerate()
-                    .map_init(Vec::new, |scratch, (row, g)| shape(row, scratch, g))
+                    .map_init(RowBuffers::new, |buf, (row, g)| shape(row, buf, g))
                     .collect::<Vec<_>>()
             };
             match config.trust_region {

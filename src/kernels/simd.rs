@@ -20,7 +20,10 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // 1.5·2^23: adding and subtracting it rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-104.0, 88.8);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // The integer n sits in the low mantissa bits of `biased`: reading them avoids a float-to-int
+    // conversion (Rust's saturating `as` cast does not vectorize).
+    let biased = x * LOG2E + ROUND;
+    let n = biased - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -30,7 +33,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n as two factors, so that n in [−150, 128] neither overflows nor underflows the exponent.
-    let n = n as i32;
+    let n = biased.to_bits() as i32 - ROUND.to_bits() as i32;
     let half = n >> 1;
     let s1 = f32::from_bits(((half + 127) as u32) << 23);
     let s2 = f32::from_bits(((n - half + 127) as u32) << 23);
@@ -175,9 +178,27 @@ impl Load<f64> for u8 {
     }
 }
 
-/// Whether the kernels' AVX2 + FMA builds can run here. Both builds perform the same
-/// operations in the same order (nothing is contracted into FMA without fast-math), so their
-/// results are identical; the AVX2 build only uses wider registers.
+/// Whether the kernels' AVX-512 builds can run here (see [`has_avx2`]).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            has_avx2()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the kernels' AVX2 + FMA builds can run here. Every build performs the same
+/// operations in the same order (nothing is contracted into FMA without fast-math, and the
+/// reductions run in fixed lanes), so their results are identical; the wider builds only use
+/// wider and more registers.
 pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -193,16 +214,24 @@ pub(crate) fn has_avx2() -> bool {
     }
 }
 
-/// Defines `$name`, which runs the `#[inline(always)]` function `$generic` compiled with AVX2 and
-/// FMA when the CPU has them, and the portable build otherwise.
+/// Defines `$name`, which runs the `#[inline(always)]` function `$generic` compiled for AVX-512,
+/// or AVX2 and FMA, when the CPU has them, and the portable build otherwise.
 macro_rules! multiversion {
     ($vis:vis fn $name:ident<$($g:ident: $($b:path)|+),*>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $generic:ident) => {
         $vis fn $name<$($g: $($b+)+),*>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                unsafe fn avx512<$($g: $($b+)+),*>($($arg: $ty),*) -> $ret {
+                    $generic::<$($g),*>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2<$($g: $($b+)+),*>($($arg: $ty),*) -> $ret {
                     $generic::<$($g),*>($($arg),*)
+                }
+                if $crate::kernels::simd::has_avx512() {
+                    // SAFETY: the CPU supports the features `avx512` is compiled for.
+                    return unsafe { avx512::<$($g),*>($($arg),*) };
                 }
                 if $crate::kernels::simd::has_avx2() {
                     // SAFETY: the CPU supports the features `avx2` is compiled for.
