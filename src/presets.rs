@@ -14,6 +14,22 @@ use crate::config::{HardClip, PolicyLossConfig, RatioLevel, TrustRegion};
 use crate::error::Result;
 use crate::surrogate::PolicyLoss;
 
+/// `config()` and `build()` of a preset that converts into a [`PolicyLossConfig`].
+macro_rules! preset_methods {
+    ($preset:ident) => {
+        impl $preset {
+            /// The full configuration, to adjust further.
+            pub fn config(self) -> PolicyLossConfig {
+                self.into()
+            }
+            /// Validates and builds the loss.
+            pub fn build(self) -> Result<PolicyLoss> {
+                self.config().build()
+            }
+        }
+    };
+}
+
 /// SAPO (Gao et al. 2025): token ratio, soft gate `σ(τ(ρ−1))·4/τ`, `seq-mean-token-mean`.
 ///
 /// ```
@@ -38,16 +54,7 @@ impl Default for Sapo {
     }
 }
 
-impl Sapo {
-    /// The full configuration, to adjust further.
-    pub fn config(self) -> PolicyLossConfig {
-        self.into()
-    }
-    /// Validates and builds the loss.
-    pub fn build(self) -> Result<PolicyLoss> {
-        self.config().build()
-    }
-}
+preset_methods!(Sapo);
 
 impl From<Sapo> for PolicyLossConfig {
     fn from(s: Sapo) -> Self {
@@ -88,16 +95,7 @@ impl Default for Gspo {
     }
 }
 
-impl Gspo {
-    /// The full configuration, to adjust further.
-    pub fn config(self) -> PolicyLossConfig {
-        self.into()
-    }
-    /// Validates and builds the loss.
-    pub fn build(self) -> Result<PolicyLoss> {
-        self.config().build()
-    }
-}
+preset_methods!(Gspo);
 
 impl From<Gspo> for PolicyLossConfig {
     fn from(g: Gspo) -> Self {
@@ -145,16 +143,7 @@ impl Default for Grpo {
     }
 }
 
-impl Grpo {
-    /// The full configuration, to adjust further.
-    pub fn config(self) -> PolicyLossConfig {
-        self.into()
-    }
-    /// Validates and builds the loss.
-    pub fn build(self) -> Result<PolicyLoss> {
-        self.config().build()
-    }
-}
+preset_methods!(Grpo);
 
 impl From<Grpo> for PolicyLossConfig {
     fn from(g: Grpo) -> Self {

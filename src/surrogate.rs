@@ -229,11 +229,17 @@ fn composed(config: &PolicyLossConfig, p: &Prepared) -> Result<PolicyLossOutput>
         sums[slot] = value;
     }
     let fill = |v: f64| -> Result<Tensor> { Ok((r.ones_like()? * v)?) };
-    let min = p.keep.where_cond(&r, &fill(f64::INFINITY)?)?.min_all()?;
-    let max = p
-        .keep
-        .where_cond(&r, &fill(f64::NEG_INFINITY)?)?
-        .max_all()?;
+    let (min, max) = if r.elem_count() == 0 {
+        let none = |v: f64| p.counts.tokens.ones_like()?.affine(v, 0.0);
+        (none(f64::INFINITY)?, none(f64::NEG_INFINITY)?)
+    } else {
+        (
+            p.keep.where_cond(&r, &fill(f64::INFINITY)?)?.min_all()?,
+            p.keep
+                .where_cond(&r, &fill(f64::NEG_INFINITY)?)?
+                .max_all()?,
+        )
+    };
     Ok(PolicyLossOutput {
         loss,
         metrics: PolicyMetrics::new(

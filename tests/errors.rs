@@ -510,3 +510,22 @@ fn errors_convert_into_candle_errors() {
     let e = inner().unwrap_err();
     assert!(e.to_string().contains("tau_pos"), "{e}");
 }
+
+#[test]
+fn empty_shapes_give_zero_loss() {
+    for (b, t) in [(0usize, 4usize), (3, 0), (0, 0)] {
+        let lp = Tensor::zeros((b, t), DType::F32, &dev()).unwrap();
+        let adv = Tensor::zeros(b, DType::F32, &dev()).unwrap();
+        for backend in [sapo::Backend::Auto, sapo::Backend::Composed] {
+            let loss = Sapo::default().build().unwrap().with_backend(backend);
+            let out = loss.forward(&PolicyInputs::new(&lp, &lp, &adv, &lp));
+            let out = out.unwrap_or_else(|e| panic!("{b}x{t} {backend:?}: {e}"));
+            assert_eq!(
+                out.loss.to_scalar::<f32>().unwrap(),
+                0.0,
+                "{b}x{t} {backend:?}"
+            );
+            assert_eq!(out.metrics.read().unwrap().tokens, 0.0);
+        }
+    }
+}

@@ -37,7 +37,7 @@ enum ObjectiveArg {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Preset {
-    /// 600 steps, 4 minibatch updates per rollout batch, learning rate 1e-3.
+    /// 800 steps, 4 minibatch updates per rollout batch, learning rate 1e-3.
     Default,
     /// Off-policy stress: 16 minibatch updates per rollout batch (so 15 of every 16 are
     /// off-policy), learning rate 1e-3.
@@ -107,7 +107,7 @@ impl Args {
             Preset::Stress => (16, 1e-3),
         };
         Settings {
-            steps: self.steps.unwrap_or(600),
+            steps: self.steps.unwrap_or(800),
             group_size: self.group_size.unwrap_or(8),
             prompts: self.prompts.unwrap_or(16),
             updates_per_batch: self.updates_per_batch.unwrap_or(updates),

@@ -1,4 +1,5 @@
-//! `curves.png`: mean reward per step, and approx KL per step, one line per objective.
+//! `curves.png`: mean reward per step (faint) with its 25-step moving average (bold), and the
+//! moving average of approx KL, one color per objective.
 
 use std::path::Path;
 
@@ -14,14 +15,41 @@ const COLORS: [RGBColor; 3] = [
 
 type Series<'a> = (&'a str, &'a [Row]);
 
+/// Trailing moving average over `window` steps.
+fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
+    let mut sum = 0.0;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            sum += v;
+            if i >= window {
+                sum -= values[i - window];
+            }
+            sum / (i + 1).min(window) as f64
+        })
+        .collect()
+}
+
+const WINDOW: usize = 25;
+
 fn panel(
     area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
     runs: &[Series],
     title: &str,
     value: fn(&Row) -> f64,
+    raw: bool,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let steps = runs.iter().map(|(_, r)| r.len()).max().unwrap_or(1).max(2);
-    let values = runs.iter().flat_map(|(_, r)| r.iter().map(value));
+    let smoothed: Vec<Vec<f64>> = runs
+        .iter()
+        .map(|(_, rows)| moving_average(&rows.iter().map(value).collect::<Vec<_>>(), WINDOW))
+        .collect();
+    let raw_values = runs
+        .iter()
+        .filter(|_| raw)
+        .flat_map(|(_, r)| r.iter().map(value));
+    let values = raw_values.chain(smoothed.iter().flatten().copied());
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
         (a.min(v), b.max(v))
     });
@@ -43,17 +71,21 @@ fn panel(
         .x_desc("step")
         .draw()
         .map_err(|e| e.to_string())?;
-    for (i, (name, rows)) in runs.iter().enumerate() {
+    for (i, ((name, rows), smooth)) in runs.iter().zip(&smoothed).enumerate() {
         let color = COLORS[i % COLORS.len()];
+        if raw {
+            let points = rows.iter().map(|r| (r.step as f64, value(r)));
+            chart
+                .draw_series(LineSeries::new(points, color.mix(0.25)))
+                .map_err(|e| e.to_string())?;
+        }
+        let points = rows.iter().zip(smooth).map(|(r, v)| (r.step as f64, *v));
         chart
-            .draw_series(LineSeries::new(
-                rows.iter().map(|r| (r.step as f64, value(r))),
-                color.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(points, color.stroke_width(3)))
             .map_err(|e| e.to_string())?
             .label(*name)
             .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
             });
     }
     chart
@@ -72,10 +104,10 @@ pub fn curves(
     let root = BitMapBackend::new(path, (1400, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(700);
-    panel(&left, runs, "mean reward", |r| r.reward_mean)?;
-    panel(&right, runs, "approx KL (old → current policy)", |r| {
-        r.approx_kl
-    })?;
+    let reward_title = "mean reward (25-step average in bold)";
+    panel(&left, runs, reward_title, |r| r.reward_mean, true)?;
+    let kl_title = "approx KL, old → current policy (25-step average)";
+    panel(&right, runs, kl_title, |r| r.approx_kl, false)?;
     root.present().map_err(|e| e.to_string())?;
     Ok(())
 }
