@@ -118,16 +118,21 @@ fn bad_mask_count(mask: &Tensor) -> Result<Tensor> {
         .sum_all()?)
 }
 
-/// Converts a mask to `dtype` and checks that it holds only 0 and 1 (one host read).
-pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    let mask = mask.to_dtype(dtype)?;
-    let bad = bad_mask_count(&mask)?
+/// Checks, in the mask's own dtype, that it holds only 0 and 1 (one host read).
+pub(crate) fn check_mask_values(mask: &Tensor) -> Result<()> {
+    let bad = bad_mask_count(mask)?
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     if bad > 0.0 {
         return Err(mask_error(bad));
     }
-    Ok(mask)
+    Ok(())
+}
+
+/// Converts a mask to `dtype` and checks that it holds only 0 and 1 (one host read).
+pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    check_mask_values(mask)?;
+    Ok(mask.to_dtype(dtype)?)
 }
 
 pub(crate) fn mask_error(bad: f64) -> Error {
@@ -238,7 +243,7 @@ impl PolicyInputs<'_> {
 
         // One host read for every value check.
         let keep_f = keep.to_dtype(dtype)?;
-        let mut counts = vec![bad_mask_count(&mask)?];
+        let mut counts = vec![bad_mask_count(self.mask)?.to_dtype(dtype)?];
         for (_, x) in &checked {
             counts.push(unmasked_non_finite(x, &keep_f)?);
         }

@@ -14,7 +14,7 @@ use crate::aggregation::aggregate_masked;
 use crate::config::{HardClip, PolicyLossConfig, RatioLevel, TrustRegion};
 use crate::error::Result;
 use crate::gate;
-use crate::inputs::{PolicyInputs, Prepared};
+use crate::inputs::{check_mask_values, compute_dtype, PolicyInputs, Prepared};
 use crate::kernels::cpu_policy::FusedPolicyLoss;
 use crate::kernels::{from_kernel, Backend};
 use crate::kl::kl_penalty;
@@ -262,13 +262,28 @@ fn metric_kind(config: &PolicyLossConfig) -> MetricKind {
 /// inputs in place (f16/bf16 included); values are checked inside the kernel.
 fn fused(config: &PolicyLossConfig, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
     inputs.check(config.kl.is_some())?;
-    let log_probs = inputs.log_probs.contiguous()?;
-    let dtype = log_probs.dtype();
+    // Inputs that share log_probs' dtype are read in place; mixed dtypes are all computed in
+    // the compute dtype (f32, or f64), so no input loses precision.
+    let floats = [
+        Some(inputs.old_log_probs),
+        Some(inputs.advantages),
+        inputs.ref_log_probs,
+        inputs.is_weights,
+    ];
+    let lp_dtype = inputs.log_probs.dtype();
+    let dtype = if floats.iter().flatten().all(|x| x.dtype() == lp_dtype) {
+        lp_dtype
+    } else {
+        compute_dtype(lp_dtype)
+    };
+    let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
     let same = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.contiguous()?) };
-    let mask = if inputs.mask.dtype() == DType::U8 {
+    let mask = if inputs.mask.dtype() == DType::U8 || inputs.mask.dtype() == dtype {
         inputs.mask.contiguous()?
     } else {
-        same(inputs.mask)?
+        // Other mask dtypes: checked in their own dtype (one host read), then read as u8.
+        check_mask_values(inputs.mask)?;
+        inputs.mask.ne(0.0)?.contiguous()?
     };
     let op = FusedPolicyLoss {
         config: *config,

@@ -379,3 +379,35 @@ fn fused_kernel_reports_typed_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn mixed_dtypes_lose_no_precision_and_masks_are_checked_in_their_own_dtype() {
+    let x = batch(5, 40, DType::F32);
+    let lp = x.log_probs.to_dtype(DType::BF16).unwrap();
+    // f32 old log-probs with a bf16 log_probs: both paths compute in f32.
+    let loss = Sapo::default().build().unwrap();
+    let run = |backend: Backend| {
+        let out = loss
+            .with_backend(backend)
+            .forward(&PolicyInputs::new(&lp, &x.old, &x.adv, &x.mask))
+            .unwrap();
+        out.loss.to_scalar::<f32>().unwrap()
+    };
+    let (fused, composed) = (run(Backend::Auto), run(Backend::Composed));
+    assert!(
+        (fused - composed).abs() <= 1e-5 * (1.0 + composed.abs()),
+        "{fused} vs {composed}"
+    );
+    // An f64 mask value that would round to 1 in bf16 is still rejected.
+    let almost_one = (x.mask.to_dtype(DType::F64).unwrap() * (1.0 + 1e-6)).unwrap();
+    for backend in [Backend::Auto, Backend::Composed] {
+        let err = loss
+            .with_backend(backend)
+            .forward(&PolicyInputs::new(&lp, &lp, &x.adv, &almost_one))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidValue { arg: "mask", .. }),
+            "{backend:?}: {err}"
+        );
+    }
+}
