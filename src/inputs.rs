@@ -110,12 +110,9 @@ pub(crate) fn compute_dtype(dtype: DType) -> DType {
 
 /// Number of elements of `mask` that are neither 0 nor 1, as a scalar tensor.
 fn bad_mask_count(mask: &Tensor) -> Result<Tensor> {
-    let dtype = mask.dtype();
-    Ok(mask
-        .ne(0.0)?
-        .to_dtype(dtype)?
-        .mul(&mask.ne(1.0)?.to_dtype(dtype)?)?
-        .sum_all()?)
+    // Compared in the mask's own dtype, counted in f32 (a u8 count would wrap at 256).
+    let not = |v: f64| -> Result<Tensor> { Ok(mask.ne(v)?.to_dtype(DType::F32)?) };
+    Ok(not(0.0)?.mul(&not(1.0)?)?.sum_all()?)
 }
 
 /// Checks, in the mask's own dtype, that it holds only 0 and 1 (one host read).

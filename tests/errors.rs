@@ -529,3 +529,23 @@ fn empty_shapes_give_zero_loss() {
         }
     }
 }
+
+#[test]
+fn many_bad_values_in_a_u8_mask_are_counted_without_wrapping() {
+    // 256 twos: a count kept in u8 would wrap to 0.
+    let (lp, adv) = (ones(&[2, 128]), ones(&[2]));
+    let mask = Tensor::full(2u8, (2, 128), &dev()).unwrap();
+    for backend in [sapo::Backend::Auto, sapo::Backend::Composed] {
+        let loss = Sapo::default().build().unwrap().with_backend(backend);
+        match loss
+            .forward(&PolicyInputs::new(&lp, &lp, &adv, &mask))
+            .unwrap_err()
+        {
+            Error::InvalidValue { arg, actual, .. } => {
+                assert_eq!(arg, "mask");
+                assert!(actual.starts_with("256"), "{actual}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+}

@@ -78,6 +78,11 @@ struct Args {
     /// KL coefficient β to the frozen initial policy (k3); 0 disables it.
     #[arg(long, default_value_t = 0.0)]
     kl_coef: f64,
+    /// Mixture-of-experts feed-forward (4 SwiGLU experts, top-2 routing) instead of the dense one:
+    /// routing shifts between the sampling and the training policy, the instability the SAPO
+    /// paper targets.
+    #[arg(long)]
+    moe: bool,
     /// Seed of the initial weights, the prompts and the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -187,13 +192,14 @@ fn write_csv(path: &Path, rows: &[Row]) -> std::io::Result<()> {
     std::fs::write(path, text)
 }
 
-fn model_config(digits: usize) -> ModelConfig {
+fn model_config(digits: usize, moe: bool) -> ModelConfig {
     ModelConfig {
+        moe: moe.then_some((4, 2)),
         vocab: task::VOCAB,
         hidden: 64,
         layers: 2,
         heads: 4,
-        intermediate: 128,
+        intermediate: if moe { 64 } else { 128 },
         max_len: 2 * digits + 2,
         rope_theta: 10_000.0,
     }
@@ -466,7 +472,7 @@ fn main() -> anyhow_free::Result<()> {
         ObjectiveArg::Grpo => vec![Objective::Grpo],
         ObjectiveArg::All => vec![Objective::Sapo, Objective::Gspo, Objective::Grpo],
     };
-    let cfg = model_config(s.digits);
+    let cfg = model_config(s.digits, args.moe);
     let dev = Device::Cpu;
     let init = initial_weights(&cfg, s.seed, &dev)?;
     println!(

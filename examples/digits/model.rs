@@ -19,6 +19,8 @@ pub struct ModelConfig {
     pub intermediate: usize,
     pub max_len: usize,
     pub rope_theta: f64,
+    /// `Some((experts, top_k))`: a mixture-of-experts feed-forward with top-k routing.
+    pub moe: Option<(usize, usize)>,
 }
 
 /// `x / sqrt(mean(x²) + ε) · w`.
@@ -135,6 +137,16 @@ struct Mlp {
     down: Linear,
 }
 
+impl Mlp {
+    fn new(hidden: usize, intermediate: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            gate: linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
+            up: linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
+            down: linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
+        })
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gated = (self.gate.forward(x)?.silu()? * self.up.forward(x)?)?;
@@ -142,11 +154,58 @@ impl Module for Mlp {
     }
 }
 
+/// Mixture of SwiGLU experts with top-k routing (Qwen3-MoE style): each token's router
+/// probabilities are kept for its `top_k` best experts and renormalised. The routing choice is
+/// discrete (no gradient), the kept probabilities are differentiable; experts run densely, which
+/// is cheap at this size.
+struct Moe {
+    router: Linear,
+    experts: Vec<Mlp>,
+    top_k: usize,
+}
+
+impl Module for Moe {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let probs = candle_nn::ops::softmax(&self.router.forward(x)?, D::Minus1)?;
+        let (sorted, _) = probs.detach().sort_last_dim(false)?;
+        let kth = sorted.narrow(D::Minus1, self.top_k - 1, 1)?;
+        let chosen = probs.broadcast_ge(&kth)?.to_dtype(probs.dtype())?;
+        let kept = (probs * chosen)?;
+        let gates = kept.broadcast_div(&kept.sum_keepdim(D::Minus1)?)?;
+        let mut out: Option<Tensor> = None;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let y = expert
+                .forward(x)?
+                .broadcast_mul(&gates.narrow(D::Minus1, e, 1)?)?;
+            out = Some(match out {
+                None => y,
+                Some(acc) => (acc + y)?,
+            });
+        }
+        out.ok_or_else(|| candle_core::Error::Msg("a mixture needs at least one expert".into()))
+    }
+}
+
+/// The feed-forward of a block: dense SwiGLU or a mixture of experts.
+enum FeedForward {
+    Dense(Mlp),
+    Experts(Moe),
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Experts(moe) => moe.forward(x),
+        }
+    }
+}
+
 struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
 }
 
 /// The decoder: embeddings, pre-norm blocks, final norm, untied LM head.
@@ -167,10 +226,25 @@ impl Decoder {
                     attn_norm: RmsNorm::new(cfg.hidden, vb.pp("input_layernorm"))?,
                     attn: Attention::new(cfg, vb.pp("self_attn"))?,
                     mlp_norm: RmsNorm::new(cfg.hidden, vb.pp("post_attention_layernorm"))?,
-                    mlp: Mlp {
-                        gate: linear_no_bias(cfg.hidden, cfg.intermediate, vb.pp("mlp.gate_proj"))?,
-                        up: linear_no_bias(cfg.hidden, cfg.intermediate, vb.pp("mlp.up_proj"))?,
-                        down: linear_no_bias(cfg.intermediate, cfg.hidden, vb.pp("mlp.down_proj"))?,
+                    mlp: match cfg.moe {
+                        None => FeedForward::Dense(Mlp::new(
+                            cfg.hidden,
+                            cfg.intermediate,
+                            vb.pp("mlp"),
+                        )?),
+                        Some((experts, top_k)) => FeedForward::Experts(Moe {
+                            router: linear_no_bias(cfg.hidden, experts, vb.pp("mlp.gate"))?,
+                            experts: (0..experts)
+                                .map(|e| {
+                                    Mlp::new(
+                                        cfg.hidden,
+                                        cfg.intermediate,
+                                        vb.pp(format!("mlp.experts.{e}")),
+                                    )
+                                })
+                                .collect::<Result<Vec<_>>>()?,
+                            top_k,
+                        }),
                     },
                 })
             })

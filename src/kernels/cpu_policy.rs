@@ -803,7 +803,8 @@ impl FusedPolicyLoss {
 
     fn keep_grad<F: WithDType>(&self, grad: Vec<F>, dims: &[usize]) -> candle_core::Result<()> {
         let grad = Tensor::from_vec(grad, dims, &candle_core::Device::Cpu)?;
-        *self.grad.lock().expect("gradient lock") = Some(grad);
+        // A poisoned lock only means an earlier call panicked; the slot is overwritten anyway.
+        *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(grad);
         Ok(())
     }
 }
@@ -857,7 +858,7 @@ impl CustomOp1 for FusedPolicyLoss {
         let grad = self
             .grad
             .lock()
-            .expect("gradient lock")
+            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("backward before forward".into()))?;
         // Only the loss (slot 0) carries gradient; the metrics are detached.
