@@ -210,7 +210,7 @@ fn initial_weights(
     cfg: &ModelConfig,
     seed: u64,
     dev: &Device,
-) -> anyhow_free::Result<HashMap<String, Tensor>> {
+) -> AnyResult<HashMap<String, Tensor>> {
     let varmap = VarMap::new();
     Decoder::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
     let mut rng = Rng::new(seed);
@@ -246,7 +246,7 @@ fn load_model(
     cfg: &ModelConfig,
     weights: &HashMap<String, Tensor>,
     dev: &Device,
-) -> anyhow_free::Result<(Decoder, VarMap)> {
+) -> AnyResult<(Decoder, VarMap)> {
     let varmap = VarMap::new();
     let model = Decoder::new(cfg, VarBuilder::from_varmap(&varmap, DType::F32, dev))?;
     for (name, var) in varmap.data().lock().expect("var map lock").iter() {
@@ -255,10 +255,8 @@ fn load_model(
     Ok((model, varmap))
 }
 
-/// Mini error plumbing for the example: any error, boxed.
-mod anyhow_free {
-    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
-}
+/// Any error, boxed: the example's error plumbing.
+type AnyResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A sampled rollout batch.
 struct Rollout {
@@ -269,12 +267,7 @@ struct Rollout {
     rewards: Vec<f64>,
 }
 
-fn sample(
-    model: &Decoder,
-    s: &Settings,
-    rng: &mut Rng,
-    dev: &Device,
-) -> anyhow_free::Result<Rollout> {
+fn sample(model: &Decoder, s: &Settings, rng: &mut Rng, dev: &Device) -> AnyResult<Rollout> {
     let k = s.digits;
     let mut digits = Vec::new();
     let mut seqs = Vec::new();
@@ -337,7 +330,7 @@ fn train(
     init: &HashMap<String, Tensor>,
     out: &Path,
     bar: &ProgressBar,
-) -> anyhow_free::Result<Vec<Row>> {
+) -> AnyResult<Vec<Row>> {
     let dev = Device::Cpu;
     let (model, varmap) = load_model(cfg, init, &dev)?;
     let reference = if s.kl_coef > 0.0 {
@@ -451,7 +444,7 @@ fn window_mean(rows: &[Row], from: usize, to: usize) -> f64 {
     w.iter().map(|r| r.reward_mean).sum::<f64>() / w.len() as f64
 }
 
-fn main() -> anyhow_free::Result<()> {
+fn main() -> AnyResult<()> {
     let args = Args::parse();
     let s = args.settings();
     if s.steps == 0
