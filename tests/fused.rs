@@ -96,42 +96,46 @@ fn losses() -> Vec<PolicyLoss> {
     ]
 }
 
-/// Loss, gradient and metrics as raw bits.
-fn run_bits(loss: &PolicyLoss, x: &Batch, mask: &Tensor, dtype: DType) -> Vec<u64> {
+/// All of a tensor's values as f64.
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Loss, gradient and metrics of one forward + backward on `backend`; the gradient must come
+/// back in `log_probs`' dtype.
+fn values(
+    loss: &PolicyLoss,
+    x: &Batch,
+    mask: &Tensor,
+    backend: Backend,
+) -> (f64, Vec<f64>, sapo::MetricSums) {
     let lp = Var::from_tensor(&x.log_probs).unwrap();
     let mut inputs =
         PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask).with_is_weights(&x.weights);
     if loss.config().kl.is_some() {
         inputs = inputs.with_ref_log_probs(&x.reference);
     }
-    let out = loss.forward(&inputs).unwrap();
+    let out = loss.with_backend(backend).forward(&inputs).unwrap();
     let grads = out.loss.backward().unwrap();
     let grad = grads.get(lp.as_tensor()).unwrap();
-    assert_eq!(grad.dtype(), dtype);
-    let mut bits: Vec<u64> = vec![out
-        .loss
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .to_bits()];
-    bits.extend(
-        grad.flatten_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits()),
-    );
-    let m = out.metrics.read().unwrap();
-    bits.extend(
-        [m.tokens, m.neg_log_ratio, m.ratio, m.ratio_min, m.ratio_max]
-            .iter()
-            .map(|v| v.to_bits()),
-    );
-    bits
+    assert_eq!(grad.dtype(), x.log_probs.dtype());
+    (f64s(&out.loss)[0], f64s(grad), out.metrics.read().unwrap())
+}
+
+/// Loss, gradient and metrics of the default (fused) path as raw bits.
+fn run_bits(loss: &PolicyLoss, x: &Batch, mask: &Tensor) -> Vec<u64> {
+    let (loss, grad, m) = values(loss, x, mask, Backend::Auto);
+    let metrics = [m.tokens, m.neg_log_ratio, m.ratio, m.ratio_min, m.ratio_max];
+    std::iter::once(loss)
+        .chain(grad)
+        .chain(metrics)
+        .map(f64::to_bits)
+        .collect()
 }
 
 fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
@@ -147,40 +151,27 @@ fn policy_kernel_is_deterministic_across_thread_counts() {
     for dtype in [DType::F32, DType::BF16] {
         let x = batch(24, 333, dtype);
         for loss in losses() {
-            let one = in_pool(1, || run_bits(&loss, &x, &x.mask, dtype));
-            let two = in_pool(2, || run_bits(&loss, &x, &x.mask, dtype));
-            let three = in_pool(3, || run_bits(&loss, &x, &x.mask, dtype));
+            let one = in_pool(1, || run_bits(&loss, &x, &x.mask));
+            let two = in_pool(2, || run_bits(&loss, &x, &x.mask));
+            let three = in_pool(3, || run_bits(&loss, &x, &x.mask));
             assert_eq!(one, two, "{:?}", loss.config());
             assert_eq!(one, three, "{:?}", loss.config());
         }
     }
 }
 
-fn logprob_bits(logits: &Tensor, targets: &Tensor) -> Vec<u32> {
+fn logprob_bits(logits: &Tensor, targets: &Tensor) -> Vec<u64> {
     let x = Var::from_tensor(logits).unwrap();
     let (lp, h) = sapo::token_log_probs_and_entropy(x.as_tensor(), targets, 0.9).unwrap();
     let obj = (lp.sum_all().unwrap() + (h * 0.3).unwrap().sum_all().unwrap()).unwrap();
     let grads = obj.backward().unwrap();
-    let mut bits: Vec<u32> = lp
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect();
-    bits.extend(
-        grads
-            .get(x.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits()),
-    );
-    bits
+    // f32 → f64 is exact, so the f64 bits identify the f32 values.
+    let grad = grads.get(x.as_tensor()).unwrap();
+    f64s(&lp)
+        .into_iter()
+        .chain(f64s(grad))
+        .map(f64::to_bits)
+        .collect()
 }
 
 #[test]
@@ -203,38 +194,6 @@ fn logprob_kernel_is_deterministic_across_thread_counts() {
     let four = in_pool(4, || logprob_bits(&logits, &targets));
     assert_eq!(one, two);
     assert_eq!(one, four);
-}
-
-fn values(
-    loss: &PolicyLoss,
-    x: &Batch,
-    mask: &Tensor,
-    backend: Backend,
-) -> (f64, Vec<f64>, sapo::MetricSums) {
-    let lp = Var::from_tensor(&x.log_probs).unwrap();
-    let mut inputs =
-        PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask).with_is_weights(&x.weights);
-    if loss.config().kl.is_some() {
-        inputs = inputs.with_ref_log_probs(&x.reference);
-    }
-    let out = loss.with_backend(backend).forward(&inputs).unwrap();
-    let grads = out.loss.backward().unwrap();
-    let grad = grads
-        .get(lp.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    (
-        out.loss
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap(),
-        grad.to_vec1::<f64>().unwrap(),
-        out.metrics.read().unwrap(),
-    )
 }
 
 #[test]
@@ -307,15 +266,7 @@ fn fused_logprobs_match_composed_for_3d_and_half_logits() {
             let grads = obj.backward().unwrap();
             let g = grads.get(x.as_tensor()).unwrap();
             assert_eq!(g.dtype(), dtype);
-            let f = |t: &Tensor| {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap()
-            };
-            results.push((f(&lp), f(&h), f(g)));
+            results.push((f64s(&lp), f64s(&h), f64s(g)));
         }
         let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
         for (a, b) in [
