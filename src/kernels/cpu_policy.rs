@@ -698,21 +698,30 @@ impl FusedPolicyLoss {
             weights,
         };
         let norm = &self.normalizer;
-        let coefficient = |row: usize| RowCoefficients {
-            policy: R::from_f64(row_coefficient(
-                config.aggregation,
-                tokens[row],
-                total_tokens,
-                sequences,
-                t,
-                norm,
-            )),
-            kl: R::from_f64(config.kl.map_or(0.0, |k| {
-                k.coef
-                    * row_coefficient(k.aggregation, tokens[row], total_tokens, sequences, t, norm)
-            })),
-            tokens: R::from_f64(tokens[row]),
-        };
+        let coefficients: Vec<RowCoefficients<R>> = (0..tokens.len())
+            .map(|row| RowCoefficients {
+                policy: R::from_f64(row_coefficient(
+                    config.aggregation,
+                    tokens[row],
+                    total_tokens,
+                    sequences,
+                    t,
+                    norm,
+                )),
+                kl: R::from_f64(config.kl.map_or(0.0, |k| {
+                    k.coef
+                        * row_coefficient(
+                            k.aggregation,
+                            tokens[row],
+                            total_tokens,
+                            sequences,
+                            t,
+                            norm,
+                        )
+                })),
+                tokens: R::from_f64(tokens[row]),
+            })
+            .collect();
         let mut grad = vec![F::store(R::ZERO); b * t];
         let rows: Vec<RowOut> = {
             let mut run_rows = |shape: &RowFn<'_, R, F>| {
@@ -730,7 +739,7 @@ impl FusedPolicyLoss {
                         four_over_neg: R::from_f64(4.0 / tau_neg),
                     };
                     run_rows(&|row, scratch, g| {
-                        policy_row_best(&x, row, &params, &s, &coefficient(row), scratch, g)
+                        policy_row_best(&x, row, &params, &s, &coefficients[row], scratch, g)
                     })
                 }
                 TrustRegion::HardClip(c) => {
@@ -741,11 +750,11 @@ impl FusedPolicyLoss {
                         dual: c.dual_clip.map(R::from_f64),
                     };
                     run_rows(&|row, scratch, g| {
-                        policy_row_best(&x, row, &params, &s, &coefficient(row), scratch, g)
+                        policy_row_best(&x, row, &params, &s, &coefficients[row], scratch, g)
                     })
                 }
                 TrustRegion::Unclipped => run_rows(&|row, scratch, g| {
-                    policy_row_best(&x, row, &params, &Plain, &coefficient(row), scratch, g)
+                    policy_row_best(&x, row, &params, &Plain, &coefficients[row], scratch, g)
                 }),
             }
         };
@@ -772,7 +781,7 @@ impl FusedPolicyLoss {
         let mut sums = [0.0; NUM_SLOTS];
         let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
         for (row, out) in rows.iter().enumerate() {
-            let c = coefficient(row);
+            let c = &coefficients[row];
             loss += c.policy.to_f64() * out.policy + c.kl.to_f64() * out.kl;
             for (s, v) in sums.iter_mut().zip(&out.sums) {
                 *s += v;
@@ -788,17 +797,21 @@ impl FusedPolicyLoss {
         Ok((output, grad))
     }
 
-    fn run_dtype<F>(&self, lp: &[F], dims: &[usize]) -> candle_core::Result<CpuStorage>
+    /// Runs the kernel for log-probs of storage type `F` computed in `R`, with a `u8` mask or
+    /// one of `F`, and keeps the gradient for the backward.
+    fn run_dtype<F, R>(&self, lp: &[F], dims: &[usize]) -> candle_core::Result<CpuStorage>
     where
-        F: Load<f32> + Store<f32> + WithDType,
+        F: Load<R> + Store<R> + WithDType,
+        u8: Load<R>,
+        R: Real + WithDType,
     {
         let (guard, layout) = self.mask.storage_and_layout();
         let (output, grad) = match self.mask.dtype() {
-            DType::U8 => self.run::<F, u8, f32>(lp, cpu_slice::<u8>(&guard, layout)?, dims)?,
-            _ => self.run::<F, F, f32>(lp, cpu_slice::<F>(&guard, layout)?, dims)?,
+            DType::U8 => self.run::<F, u8, R>(lp, cpu_slice::<u8>(&guard, layout)?, dims)?,
+            _ => self.run::<F, F, R>(lp, cpu_slice::<F>(&guard, layout)?, dims)?,
         };
         self.keep_grad(grad, dims)?;
-        Ok(CpuStorage::F32(output))
+        Ok(R::to_cpu_storage_owned(output))
     }
 
     fn keep_grad<F: WithDType>(&self, grad: Vec<F>, dims: &[usize]) -> candle_core::Result<()> {
@@ -824,26 +837,10 @@ impl CustomOp1 for FusedPolicyLoss {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("log_probs must be contiguous".into()))?;
         let out = match storage {
-            CpuStorage::F32(v) => self.run_dtype::<f32>(&v[start..end], &dims)?,
-            CpuStorage::F16(v) => self.run_dtype::<f16>(&v[start..end], &dims)?,
-            CpuStorage::BF16(v) => self.run_dtype::<bf16>(&v[start..end], &dims)?,
-            CpuStorage::F64(v) => {
-                let (guard, mlayout) = self.mask.storage_and_layout();
-                let (output, grad) = match self.mask.dtype() {
-                    DType::U8 => self.run::<f64, u8, f64>(
-                        &v[start..end],
-                        cpu_slice::<u8>(&guard, mlayout)?,
-                        &dims,
-                    )?,
-                    _ => self.run::<f64, f64, f64>(
-                        &v[start..end],
-                        cpu_slice::<f64>(&guard, mlayout)?,
-                        &dims,
-                    )?,
-                };
-                self.keep_grad(grad, &dims)?;
-                CpuStorage::F64(output)
-            }
+            CpuStorage::F32(v) => self.run_dtype::<f32, f32>(&v[start..end], &dims)?,
+            CpuStorage::F16(v) => self.run_dtype::<f16, f32>(&v[start..end], &dims)?,
+            CpuStorage::BF16(v) => self.run_dtype::<bf16, f32>(&v[start..end], &dims)?,
+            CpuStorage::F64(v) => self.run_dtype::<f64, f64>(&v[start..end], &dims)?,
             other => candle_core::bail!("log_probs: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from(OUT_LEN)))
