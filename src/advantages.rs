@@ -19,7 +19,16 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{check_config, Error, Result};
 
-/// Which group-relative estimator.
+/// Which group-relative estimator. verl and TRL use `epsilon = 1e-6`:
+/// `AdvantageEstimator::Grpo { epsilon: 1e-6 }`.
+///
+/// ```
+/// use sapo::{group_advantages_vec, AdvantageEstimator, Groups};
+/// let grpo = AdvantageEstimator::Grpo { epsilon: 1e-6 };
+/// let adv = group_advantages_vec(&[1.0, 0.0], Groups::Size(2), grpo)?;
+/// assert!(adv[0] > 0.0 && adv[1] < 0.0);
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AdvantageEstimator {
     /// GRPO: standardised within the group; `epsilon` = 1e-6 in verl and TRL.
@@ -36,11 +45,6 @@ pub enum AdvantageEstimator {
         /// Added to the standard deviation.
         epsilon: f64,
     },
-}
-
-impl AdvantageEstimator {
-    /// GRPO with ε = 1e-6.
-    pub const GRPO: Self = Self::Grpo { epsilon: 1e-6 };
 }
 
 /// How responses are grouped.
@@ -167,7 +171,7 @@ pub fn group_advantages_vec(
 /// use candle_core::{Device, Tensor};
 /// use sapo::{group_advantages, AdvantageEstimator, Groups};
 /// let rewards = Tensor::new(&[1f32, 0., 0., 1.], &Device::Cpu)?;
-/// let adv = group_advantages(&rewards, Groups::Ids(&[7, 7, 3, 3]), AdvantageEstimator::GRPO)?;
+/// let adv = group_advantages(&rewards, Groups::Ids(&[7, 7, 3, 3]), AdvantageEstimator::Grpo { epsilon: 1e-6 })?;
 /// let adv = adv.to_vec1::<f32>()?;
 /// assert!(adv[0] > 0.0 && adv[1] < 0.0 && adv[3] > 0.0);
 /// # Ok::<(), sapo::Error>(())
@@ -202,8 +206,12 @@ mod tests {
     #[test]
     fn grpo_matches_hand_computation() {
         // group {1, 2, 6}: mean 3, sample std sqrt((4 + 1 + 9)/2) = sqrt(7)
-        let adv = group_advantages_vec(&[1.0, 2.0, 6.0], Groups::Size(3), AdvantageEstimator::GRPO)
-            .unwrap();
+        let adv = group_advantages_vec(
+            &[1.0, 2.0, 6.0],
+            Groups::Size(3),
+            AdvantageEstimator::Grpo { epsilon: 1e-6 },
+        )
+        .unwrap();
         let s = 7f64.sqrt() + 1e-6;
         for (a, want) in adv.iter().zip([-2.0 / s, -1.0 / s, 3.0 / s]) {
             assert_relative_eq!(*a, want, max_relative = 1e-12);
@@ -224,14 +232,19 @@ mod tests {
         let ids = [9, 4, 9, 8];
         let adv = group_advantages_vec(&r, Groups::Ids(&ids), AdvantageEstimator::DrGrpo).unwrap();
         assert_eq!(adv, vec![-1.0, 5.0, 1.0, 2.0]);
-        let adv = group_advantages_vec(&r, Groups::Ids(&ids), AdvantageEstimator::GRPO).unwrap();
+        let adv = group_advantages_vec(
+            &r,
+            Groups::Ids(&ids),
+            AdvantageEstimator::Grpo { epsilon: 1e-6 },
+        )
+        .unwrap();
         assert_relative_eq!(adv[1], 5.0 / (1.0 + 1e-6), max_relative = 1e-12);
     }
 
     #[test]
     fn equal_rewards_give_zero() {
         for est in [
-            AdvantageEstimator::GRPO,
+            AdvantageEstimator::Grpo { epsilon: 1e-6 },
             AdvantageEstimator::Grpo { epsilon: 0.0 },
             AdvantageEstimator::DrGrpo,
             AdvantageEstimator::Rloo,

@@ -15,6 +15,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
+use crate::real::accumulation_dtype;
 
 /// How per-token losses become one scalar. The names are verl's `loss_agg_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -169,6 +170,15 @@ pub(crate) struct MaskCounts {
 }
 
 impl MaskCounts {
+    /// The counts in another dtype.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            row_tokens: self.row_tokens.to_dtype(dtype)?,
+            tokens: self.tokens.to_dtype(dtype)?,
+            sequences: self.sequences.to_dtype(dtype)?,
+        })
+    }
+
     /// `mask` is a `[B,T]` float 0/1 tensor.
     pub fn new(mask: &Tensor) -> Result<Self> {
         let row_tokens = mask.sum(D::Minus1)?;
@@ -216,14 +226,20 @@ pub(crate) fn row_coefficient(
         }
 }
 
-/// Aggregates a masked per-token loss (zeros at masked positions, finite everywhere).
+/// Aggregates a masked per-token loss (zeros at masked positions, finite everywhere) — the
+/// tensor form of [`row_coefficient`]. Sums accumulate in f64 (f32 on Metal, which has none);
+/// the result has `masked`'s dtype.
 pub(crate) fn aggregate_masked(
     masked: &Tensor,
     counts: &MaskCounts,
     aggregation: Aggregation,
     normalizer: &Normalizer,
 ) -> Result<Tensor> {
+    let dtype = masked.dtype();
+    let acc = accumulation_dtype(masked.device());
     let world = normalizer.world_size as f64;
+    let counts = counts.to_dtype(acc)?;
+    let masked = masked.to_dtype(acc)?;
     let seq_denominator = || denominator(&counts.sequences, normalizer.global_sequences);
     let scalar = match aggregation {
         Aggregation::TokenMean => masked
@@ -244,11 +260,12 @@ pub(crate) fn aggregate_masked(
                 .affine(1.0 / horizon, 0.0)?
         }
     };
-    Ok(if world == 1.0 {
+    let scalar = if world == 1.0 {
         scalar
     } else {
         scalar.affine(world, 0.0)?
-    })
+    };
+    Ok(scalar.to_dtype(dtype)?)
 }
 
 /// Aggregates a `[B,T]` per-token loss `loss_mat` under a `[B,T]` 0/1 `mask` into a scalar.
@@ -291,7 +308,7 @@ pub fn aggregate(
     } else {
         DType::F32
     };
-    let mask = crate::inputs::checked_mask(mask, dtype)?;
+    let mask = crate::losses::inputs::checked_mask(mask, dtype)?;
     let keep = mask.ne(0.0)?;
     let loss_mat = loss_mat.to_dtype(dtype)?;
     let masked = keep.where_cond(&loss_mat, &loss_mat.zeros_like()?)?;

@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 /// assert!(err.to_string().contains("tau_pos"));
 /// ```
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A tensor argument has the wrong shape or rank.
     #[error("`{arg}`: expected shape {expected}, got {actual:?}")]
@@ -102,6 +103,18 @@ pub(crate) fn check_config(
             actual: format!("{value:?}"),
         })
     }
+}
+
+/// Checks that a positive scale parameter (a temperature `τ`, the sampling temperature) is usable in
+/// f32, the type the kernels compute in: `x` and `numerator / x` are finite and > 0 there.
+pub(crate) fn check_positive_scale(
+    name: &'static str,
+    x: f64,
+    numerator: f64,
+    expected: &'static str,
+) -> Result<()> {
+    let usable = |v: f64| v.is_finite() && v > 0.0 && (v as f32).is_finite() && (v as f32) > 0.0;
+    check_config(usable(x) && usable(numerator / x), name, expected, x)
 }
 
 /// Checks that `tensor` has exactly `expected` dims.

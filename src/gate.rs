@@ -1,61 +1,42 @@
-//! SAPO's soft trust-region gate.
+//! SAPO's soft trust-region gate: the one source of its formula, for every path.
 //!
 //! ```text
 //! f(ρ; τ) = σ(τ·(ρ − 1)) · 4/τ          the gate value (replaces PPO's clip(ρ))
 //! f'(ρ; τ) = 4·p·(1 − p),  p = σ(τ(ρ−1)) the gradient weight: 1 at ρ = 1, → 0 far off-policy
 //! ```
 //!
-//! The scalar functions ([`value_scalar`], [`weight_scalar`]) work on `f32` and `f64` and use a
-//! sign-split sigmoid, so they are finite and accurate for every ρ in `[0, e^20]` and τ in
-//! `(0, 1000]`. The tensor functions ([`value`], [`weight`]) are composed of differentiable candle
-//! ops, so the gate can sit inside any autograd graph.
+//! Two forms side by side: the tensor form ([`value`], [`weight`]) is composed of differentiable
+//! candle ops, so the gate sits inside any autograd graph on any device; the scalar form
+//! ([`value_scalar`], [`weight_scalar`], generic over [`Real`]) is what the fused kernels run, token
+//! by token. Both use a sign-split sigmoid, so they are finite and accurate for every ρ in
+//! `[0, e^20]` and τ in `(0, 1000]`.
 
 use candle_core::Tensor;
 
-use crate::error::{check_config, Result};
+use crate::error::{check_float, check_positive_scale, Result};
+use crate::real::Real;
 
-/// Floats the scalar gate is defined on: `f32` and `f64`.
-pub trait GateFloat: Copy + sealed::Sealed {
-    /// Numerically stable logistic sigmoid.
-    fn sigmoid(self) -> Self;
-    /// `f(ρ; τ) = σ(τ(ρ−1))·4/τ`.
-    fn gate_value(self, tau: Self) -> Self;
-    /// `4·σ(x)·σ(−x)` with `x = τ(ρ−1)`.
-    fn gate_weight(self, tau: Self) -> Self;
+/// Checks that a temperature `τ` is finite and > 0, and that `4/τ` is finite, in f32.
+pub(crate) fn check_tau(name: &'static str, tau: f64) -> Result<()> {
+    check_positive_scale(name, tau, 4.0, "finite and > 0, with 4/tau finite in f32")
 }
 
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for f32 {}
-    impl Sealed for f64 {}
-}
+// ---------------------------------------------------------------------------------------------
+// Scalar form (the kernels').
 
-macro_rules! impl_gate_float {
-    ($t:ty) => {
-        impl GateFloat for $t {
-            #[inline]
-            fn sigmoid(self) -> Self {
-                if self >= 0.0 {
-                    1.0 / (1.0 + (-self).exp())
-                } else {
-                    let e = self.exp();
-                    e / (1.0 + e)
-                }
-            }
-            #[inline]
-            fn gate_value(self, tau: Self) -> Self {
-                (tau * (self - 1.0)).sigmoid() * (4.0 / tau)
-            }
-            #[inline]
-            fn gate_weight(self, tau: Self) -> Self {
-                let x = tau * (self - 1.0);
-                4.0 * x.sigmoid() * (-x).sigmoid()
-            }
-        }
-    };
+/// `(f(ρ; τ), f'(ρ; τ))` in one evaluation of the sigmoid, branch-free.
+#[inline(always)]
+pub(crate) fn value_and_weight<R: Real>(rho: R, tau: R) -> (R, R) {
+    let x = tau * (rho - R::ONE);
+    // σ(x) and σ(−x) from e^{−|x|}: no overflow for any x.
+    let e = (-R::select(x < R::ZERO, -x, x)).exp();
+    let big = R::ONE / (R::ONE + e);
+    let small = e * big;
+    let up = x >= R::ZERO;
+    let (p, q) = (R::select(up, big, small), R::select(up, small, big));
+    let four = R::from_f64(4.0);
+    (p * (four / tau), four * p * q)
 }
-impl_gate_float!(f32);
-impl_gate_float!(f64);
 
 /// The gate value `f(ρ; τ) = σ(τ(ρ−1))·4/τ` on a scalar.
 ///
@@ -64,8 +45,8 @@ impl_gate_float!(f64);
 /// assert!((f - 2.0).abs() < 1e-12); // σ(0)·4/1
 /// assert!(sapo::gate::value_scalar(20f32.exp(), 1000.0).is_finite());
 /// ```
-pub fn value_scalar<F: GateFloat>(rho: F, tau: F) -> F {
-    rho.gate_value(tau)
+pub fn value_scalar<R: Real>(rho: R, tau: R) -> R {
+    value_and_weight(rho, tau).0
 }
 
 /// The gradient weight `f'(ρ; τ) = 4·p·(1−p)`, `p = σ(τ(ρ−1))`, on a scalar.
@@ -74,17 +55,17 @@ pub fn value_scalar<F: GateFloat>(rho: F, tau: F) -> F {
 /// assert_eq!(sapo::gate::weight_scalar(1.0f32, 1.05), 1.0);
 /// assert!(sapo::gate::weight_scalar(2.0f64, 1.0) < 1.0);
 /// ```
-pub fn weight_scalar<F: GateFloat>(rho: F, tau: F) -> F {
-    rho.gate_weight(tau)
+pub fn weight_scalar<R: Real>(rho: R, tau: R) -> R {
+    value_and_weight(rho, tau).1
 }
 
-fn check_tau(tau: f64) -> Result<()> {
-    check_config(tau.is_finite() && tau > 0.0, "tau", "finite and > 0", tau)
-}
+// ---------------------------------------------------------------------------------------------
+// Tensor form (the composed path's).
 
 /// The gate value `f(ρ; τ) = σ(τ(ρ−1))·4/τ` elementwise, differentiable with respect to `rho`.
 ///
-/// `tau` must be finite and > 0, else [`crate::Error::InvalidConfig`].
+/// `rho` must be a float tensor; `tau` must be finite and > 0 with `4/τ` finite in f32, else
+/// [`crate::Error::InvalidConfig`].
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -94,9 +75,9 @@ fn check_tau(tau: f64) -> Result<()> {
 /// # Ok::<(), sapo::Error>(())
 /// ```
 pub fn value(rho: &Tensor, tau: f64) -> Result<Tensor> {
-    check_tau(tau)?;
-    let x = rho.affine(tau, -tau)?;
-    Ok(candle_nn::ops::sigmoid(&x)?.affine(4.0 / tau, 0.0)?)
+    check_float("rho", rho)?;
+    check_tau("tau", tau)?;
+    value_per_element(rho, &rho.ones_like()?.affine(tau, 0.0)?)
 }
 
 /// The gradient weight `f'(ρ; τ) = 4·σ(x)·σ(−x)`, `x = τ(ρ−1)`, elementwise.
@@ -110,9 +91,9 @@ pub fn value(rho: &Tensor, tau: f64) -> Result<Tensor> {
 /// # Ok::<(), sapo::Error>(())
 /// ```
 pub fn weight(rho: &Tensor, tau: f64) -> Result<Tensor> {
-    check_tau(tau)?;
-    let x = rho.affine(tau, -tau)?;
-    weight_of_logit(&x)
+    check_float("rho", rho)?;
+    check_tau("tau", tau)?;
+    weight_per_element(rho, &rho.ones_like()?.affine(tau, 0.0)?)
 }
 
 /// `f(ρ; τ)` with a per-element temperature tensor `tau` (same shape as `rho`).
@@ -124,11 +105,7 @@ pub(crate) fn value_per_element(rho: &Tensor, tau: &Tensor) -> Result<Tensor> {
 /// `f'(ρ; τ)` with a per-element temperature tensor `tau`.
 pub(crate) fn weight_per_element(rho: &Tensor, tau: &Tensor) -> Result<Tensor> {
     let x = (rho - 1.0)?.mul(tau)?;
-    weight_of_logit(&x)
-}
-
-fn weight_of_logit(x: &Tensor) -> Result<Tensor> {
-    let p = candle_nn::ops::sigmoid(x)?;
+    let p = candle_nn::ops::sigmoid(&x)?;
     let q = candle_nn::ops::sigmoid(&x.neg()?)?;
     Ok((p.mul(&q)? * 4.0)?)
 }
@@ -167,7 +144,7 @@ mod tests {
 
     #[test]
     fn scalar_gate_is_finite_on_extremes() {
-        for &rho in &[0.0f32, 1e-30, 1.0, 20f32.exp()] {
+        for &rho in &[0.0f32, 1e-30, 1.0, 20f32.exp(), f32::MAX_EXP_ARG.exp()] {
             for &tau in &[1e-6f32, 0.5, 1.0, 1000.0] {
                 let v = value_scalar(rho, tau);
                 let w = weight_scalar(rho, tau);
@@ -220,7 +197,8 @@ mod tests {
     #[test]
     fn bad_tau_is_rejected() {
         let rho = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
-        for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        // 1e-40: 4/τ overflows f32; 1e39: τ itself does.
+        for tau in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-40, 1e39] {
             let err = value(&rho, tau).unwrap_err();
             assert!(matches!(
                 err,
@@ -228,5 +206,19 @@ mod tests {
             ));
             assert!(weight(&rho, tau).is_err());
         }
+    }
+
+    #[test]
+    fn integer_rho_is_a_typed_error() {
+        let rho = Tensor::new(&[1i64], &Device::Cpu).unwrap();
+        let err = value(&rho, 1.0).unwrap_err();
+        assert!(
+            matches!(err, crate::Error::DType { arg: "rho", .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            weight(&rho, 1.0).unwrap_err(),
+            crate::Error::DType { arg: "rho", .. }
+        ));
     }
 }

@@ -11,12 +11,16 @@
 //! | [`K3Plus`](KlEstimator::K3Plus) | value of k3 | gradient of k2 (straight-through) |
 //!
 //! verl clamps k3's `−d` to ±20 and its value to ±10 ([`KlPenalty::clamp`] = `true`); TRL does
-//! not.
+//! not. Both forms live here side by side: [`kl_penalty`] on tensors (composed, differentiable)
+//! and the scalar form the kernels run; their kinks follow [`crate::piecewise`] (`|d|` has
+//! gradient 0 at `d = 0`, a clamp has gradient 0 at its bounds).
 
 use candle_core::Tensor;
 
 use crate::aggregation::Aggregation;
-use crate::error::{check_config, Error, Result};
+use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
+use crate::piecewise::{self, abs_scalar, clamp_scalar};
+use crate::real::Real;
 
 /// Which KL estimator the penalty uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,7 +114,43 @@ impl KlPenalty {
     }
 }
 
-/// Per-token KL estimate `k(ℓ, ℓref)`, differentiable with respect to `log_probs`.
+/// verl's bound on k3's log-ratio `ℓref − ℓ` (when [`KlPenalty::clamp`] is set).
+pub const K3_LOG_RATIO_BOUND: f64 = 20.0;
+/// verl's bound on k3's value (when [`KlPenalty::clamp`] is set).
+pub const K3_VALUE_BOUND: f64 = 10.0;
+
+// ---------------------------------------------------------------------------------------------
+// Scalar form (the kernels').
+
+/// `(k, ∂k/∂ℓ)` of an estimator at `d = ℓ − ℓref`, with the subgradients of [`crate::piecewise`].
+#[inline(always)]
+pub(crate) fn value_and_slope<R: Real>(estimator: KlEstimator, clamp: bool, d: R) -> (R, R) {
+    let half = R::from_f64(0.5);
+    let bound = |c: f64| if clamp { R::from_f64(c) } else { R::INFINITY };
+    let k3 = || {
+        let (c1, c2) = (bound(K3_LOG_RATIO_BOUND), bound(K3_VALUE_BOUND));
+        let (neg, dneg) = clamp_scalar(-d, -c1, c1);
+        let e = neg.exp();
+        let (value, dvalue) = clamp_scalar(e - neg - R::ONE, -c2, c2);
+        // ∂/∂ℓ of e^{−d} + d − 1 through both clamps.
+        (value, (R::ONE - e) * dneg * dvalue)
+    };
+    match estimator {
+        KlEstimator::K1 => (d, R::ONE),
+        KlEstimator::Abs => abs_scalar(d),
+        KlEstimator::K2 => (half * d * d, d),
+        KlEstimator::K3 => k3(),
+        KlEstimator::K3Plus => (k3().0, d),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor form (the composed path's).
+
+/// Per-token KL estimate `k(ℓ, ℓref)`, differentiable with respect to `log_probs` (`ref_log_probs`
+/// is a constant: it is detached and converted to `log_probs`' dtype).
+///
+/// Errors: a non-float tensor, or `ref_log_probs` of another shape or device than `log_probs`.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -128,21 +168,23 @@ pub fn kl_penalty(
     estimator: KlEstimator,
     clamp: bool,
 ) -> Result<Tensor> {
-    let diff = log_probs.sub(ref_log_probs)?;
+    check_float("log_probs", log_probs)?;
+    check_float("ref_log_probs", ref_log_probs)?;
+    check_device("ref_log_probs", ref_log_probs, log_probs)?;
+    check_shape("ref_log_probs", ref_log_probs, log_probs.dims())?;
+    let reference = ref_log_probs.detach().to_dtype(log_probs.dtype())?;
+    let diff = log_probs.sub(&reference)?;
+    let bound = |c: f64| clamp.then_some(c);
     let k3 = || -> Result<Tensor> {
-        let neg = diff.neg()?;
-        let neg = if clamp { neg.clamp(-20.0, 20.0)? } else { neg };
+        let (lo, hi) = (bound(-K3_LOG_RATIO_BOUND), bound(K3_LOG_RATIO_BOUND));
+        let neg = piecewise::clamp(&diff.neg()?, lo, hi)?;
         let value = ((neg.exp()? - &neg)? - 1.0)?;
-        Ok(if clamp {
-            value.clamp(-10.0, 10.0)?
-        } else {
-            value
-        })
+        piecewise::clamp(&value, bound(-K3_VALUE_BOUND), bound(K3_VALUE_BOUND))
     };
     let k2 = || -> Result<Tensor> { Ok((diff.sqr()? * 0.5)?) };
     Ok(match estimator {
         KlEstimator::K1 => diff.clone(),
-        KlEstimator::Abs => diff.abs()?,
+        KlEstimator::Abs => piecewise::abs(&diff)?,
         KlEstimator::K2 => k2()?,
         KlEstimator::K3 => k3()?,
         KlEstimator::K3Plus => {
@@ -150,4 +192,91 @@ pub fn kl_penalty(
             ((&k2 - k2.detach())? + k3()?.detach())?
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    const ESTIMATORS: [KlEstimator; 5] = [
+        KlEstimator::K1,
+        KlEstimator::Abs,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::K3Plus,
+    ];
+
+    #[test]
+    fn tensor_and_scalar_forms_agree_at_ties_and_bounds() -> Result<()> {
+        // d = 0 (the tie ℓ = ℓref), beyond both k3 clamps, and ordinary values.
+        let ds = [0.0f64, -25.0, 25.0, -2.5, 0.7, 3.0];
+        let dev = Device::Cpu;
+        let lp = Var::new(&ds, &dev)?;
+        let reference = Tensor::zeros(ds.len(), DType::F64, &dev)?;
+        for estimator in ESTIMATORS {
+            for clamp in [true, false] {
+                let k = kl_penalty(lp.as_tensor(), &reference, estimator, clamp)?;
+                let grads = k.sum_all()?.backward()?;
+                let slope = grads.get(lp.as_tensor()).unwrap().to_vec1::<f64>()?;
+                let value = k.to_vec1::<f64>()?;
+                for (j, &d) in ds.iter().enumerate() {
+                    let (v, s) = value_and_slope(estimator, clamp, d);
+                    let what = format!("{estimator:?} clamp={clamp} d={d}");
+                    assert!((v - value[j]).abs() <= 1e-12 * (1.0 + v.abs()), "{what}");
+                    assert!((s - slope[j]).abs() <= 1e-12 * (1.0 + s.abs()), "{what}");
+                }
+            }
+        }
+        // PyTorch's subgradients at the tie: |x|' = 0, k1' = 1, k2' = k3' = 0.
+        assert_eq!(value_and_slope(KlEstimator::Abs, true, 0.0f32), (0.0, 0.0));
+        assert_eq!(value_and_slope(KlEstimator::K1, true, 0.0f32), (0.0, 1.0));
+        assert_eq!(value_and_slope(KlEstimator::K3, true, 0.0f32), (0.0, 0.0));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let dev = Device::Cpu;
+        let ints = Tensor::new(&[1i64, 2], &dev).unwrap();
+        let floats = Tensor::new(&[1f32, 2.0], &dev).unwrap();
+        let longer = Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap();
+        let err = kl_penalty(&ints, &ints, KlEstimator::K3, true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::DType {
+                    arg: "log_probs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = kl_penalty(&floats, &ints, KlEstimator::K3, true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::DType {
+                    arg: "ref_log_probs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = kl_penalty(&floats, &longer, KlEstimator::K1, true).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Shape {
+                    arg: "ref_log_probs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Another float dtype is converted, not an error.
+        let f64s = floats.to_dtype(DType::F64).unwrap();
+        let k = kl_penalty(&floats, &f64s, KlEstimator::K2, true).unwrap();
+        assert_eq!(k.dtype(), DType::F32);
+    }
 }

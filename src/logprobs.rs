@@ -4,25 +4,30 @@
 //!
 //! ```text
 //! ℓ = z_y − lse                         log-prob of the target y
-//! H = lse − Σ_v p_v z_v,  p = e^{z−lse}  entropy
+//! H = lse − Σ_v p_v z_v,  p = e^{z−lse}  entropy (p_v·z_v = 0 where p_v = 0, e.g. z_v = −∞)
 //! ∂ℓ/∂logits_v = (1[v=y] − p_v)/τ,   ∂H/∂logits_v = −p_v (z_v − lse + H)/τ
 //! ```
 //!
-//! Callers shift: `logits[.., t, :]` must already be aligned with `targets[.., t]`.
+//! Callers shift: `logits[.., t, :]` must already be aligned with `targets[.., t]`. A row whose
+//! `lse` is not finite (every logit −∞, a NaN, a +∞: garbage at a padded position) gives NaN
+//! log-prob and entropy and **no gradient**, on every path, so padding never reaches the logits'
+//! gradient. Both forms live here: the tensor form (composed ops) and the scalar forms the
+//! kernels run per row and per logit.
 
 use candle_core::{DType, Tensor, D};
 
-use crate::error::{check_config, check_device, check_float, Error, Result};
-use crate::inputs::compute_dtype;
-use crate::kernels::cpu_logprobs::FusedLogProbs;
+use crate::error::{check_device, check_float, check_positive_scale, Error, Result};
+use crate::kernels::log_probs::FusedLogProbs;
 use crate::kernels::{from_kernel, Backend};
+use crate::losses::inputs::compute_dtype;
+use crate::real::Real;
 
 fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<()> {
-    check_config(
-        temperature.is_finite() && temperature > 0.0,
+    check_positive_scale(
         "temperature",
-        "finite and > 0",
         temperature,
+        1.0,
+        "finite and > 0, with 1/temperature finite in f32",
     )?;
     check_float("logits", logits)?;
     let dims = logits.dims();
@@ -67,22 +72,46 @@ fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(
     Ok(())
 }
 
-/// `(z, lse, e)` with `z = logits/τ` in the compute dtype, `lse` keeping the last dim, and
-/// `e = exp(z − max)`.
-fn log_sum_exp(logits: &Tensor, temperature: f64) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-    let z = logits
-        .to_dtype(compute_dtype(logits.dtype()))?
-        .affine(1.0 / temperature, 0.0)?;
-    let max = z.max_keepdim(D::Minus1)?.detach();
-    let shifted = z.broadcast_sub(&max)?.exp()?;
-    let sum = shifted.sum_keepdim(D::Minus1)?;
-    let lse = (sum.log()? + max)?;
-    Ok((z, lse, shifted, sum))
+// ---------------------------------------------------------------------------------------------
+// Scalar forms (the kernels').
+
+/// `p_v·z_v` from `e = e^{z−max}` (proportional to `p_v`): 0 where `e = 0`, so that `z = −∞`
+/// contributes nothing.
+#[inline(always)]
+pub(crate) fn weighted_logit<R: Real>(e: R, z: R) -> R {
+    R::select(e > R::ZERO, e * z, R::ZERO)
 }
 
-fn gather_target(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    Ok(z.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?)
+/// `(ℓ, H, lse)` of a row from its running maximum, `Σ e^{z−max}`, `Σ e^{z−max}·z` and the
+/// target's `z_y`; NaN log-prob and entropy when `lse` is not finite.
+#[inline(always)]
+pub(crate) fn finish_row<R: Real>(max: R, sum: R, weighted: R, z_target: R) -> (R, R, R) {
+    let lse = max + sum.ln();
+    if lse.is_finite_value() {
+        (z_target - lse, lse - weighted / sum, lse)
+    } else {
+        (R::NAN, R::NAN, lse)
+    }
 }
+
+/// `∂(g_ℓ·ℓ + g_H·H)/∂x_v` of one logit `x` (`z = x/τ`), without the target's own `g_ℓ/τ`.
+#[inline(always)]
+pub(crate) fn logit_gradient<R: Real>(
+    x: R,
+    inv_t: R,
+    lse: R,
+    entropy: R,
+    grad_log_prob: R,
+    grad_entropy: R,
+) -> R {
+    let z = x * inv_t;
+    let p = (z - lse).exp();
+    let term = R::select(p > R::ZERO, p * (z - lse + entropy), R::ZERO);
+    -(inv_t * (grad_log_prob * p + grad_entropy * term))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public functions and the tensor form.
 
 /// Log-probs `ℓ = z_y − lse` of the `targets` under `softmax(logits/τ)`, differentiable with
 /// respect to `logits`.
@@ -145,34 +174,53 @@ pub fn token_log_probs_and_entropy_with(
     backend: Backend,
 ) -> Result<(Tensor, Tensor)> {
     check_inputs(logits, targets, temperature)?;
-    if backend.is_fused_on(logits.device()) {
-        fused(logits, targets, temperature)
-    } else {
-        composed(logits, targets, temperature)
-    }
-}
-
-fn fused(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
     let dims = logits.dims();
     let (lead, vocab) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
     let rows: usize = lead.iter().product();
-    let flat = logits.reshape((rows, vocab))?.contiguous()?;
-    let op = FusedLogProbs {
-        targets: targets.flatten_all()?.contiguous()?,
-        temperature,
+    let flat = logits.reshape((rows, vocab))?;
+    let targets = targets.flatten_all()?.contiguous()?;
+    let (log_probs, entropy) = if backend.is_fused_on(logits.device()) {
+        FusedLogProbs::forward(&flat, &targets, temperature).map_err(from_kernel)?
+    } else {
+        composed(&flat, &targets, temperature)?
     };
-    let out = flat.apply_op1(op).map_err(from_kernel)?;
-    Ok((
-        out.narrow(1, 0, 1)?.reshape(lead)?,
-        out.narrow(1, 1, 1)?.reshape(lead)?,
-    ))
+    Ok((log_probs.reshape(lead)?, entropy.reshape(lead)?))
 }
 
+/// The composed path on `[N,V]` logits: `([N], [N])`.
 fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tensor, Tensor)> {
-    let (z, lse, shifted, sum) = log_sum_exp(logits, temperature)?;
-    let log_probs = (gather_target(&z, targets)? - &lse)?.squeeze(D::Minus1)?;
-    let probs = shifted.broadcast_div(&sum)?;
-    let mean_z = probs.mul(&z)?.sum_keepdim(D::Minus1)?;
-    let entropy = (lse - mean_z)?.squeeze(D::Minus1)?;
-    Ok((log_probs, entropy))
+    let z = logits
+        .to_dtype(compute_dtype(logits.dtype()))?
+        .affine(1.0 / temperature, 0.0)?;
+    if z.dim(0)? == 0 {
+        // Empty batch: empty results, still connected to the logits.
+        let empty = z.sum(D::Minus1)?;
+        return Ok((empty.clone(), empty));
+    }
+    // Rows with a non-finite lse (garbage): computed on zeros (no gradient), reported as NaN.
+    let log_sum_exp = |z: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+        let max = z.max_keepdim(D::Minus1)?.detach();
+        let shifted = z.broadcast_sub(&max)?.exp()?;
+        let sum = shifted.sum_keepdim(D::Minus1)?;
+        Ok(((sum.log()? + max)?, shifted, sum))
+    };
+    let valid = log_sum_exp(&z.detach())?.0.abs()?.lt(f64::INFINITY)?;
+    let z = valid
+        .broadcast_as(z.shape())?
+        .where_cond(&z, &z.zeros_like()?)?;
+    let (lse, shifted, sum) = log_sum_exp(&z)?;
+    let target = z.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
+    let log_probs = (target - &lse)?;
+    // p·z with p = 0 where z = −∞: the −∞ never enters a product (nor its gradient).
+    let finite = z.abs()?.lt(f64::INFINITY)?;
+    let z_finite = finite.where_cond(&z, &z.zeros_like()?)?;
+    let mean_z = shifted
+        .broadcast_div(&sum)?
+        .mul(&z_finite)?
+        .sum_keepdim(D::Minus1)?;
+    let entropy = (&lse - mean_z)?;
+    let nan = lse.ones_like()?.affine(f64::NAN, 0.0)?.detach();
+    let report =
+        |x: Tensor| -> Result<Tensor> { Ok(valid.where_cond(&x, &nan)?.squeeze(D::Minus1)?) };
+    Ok((report(log_probs)?, report(entropy)?))
 }

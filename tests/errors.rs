@@ -409,8 +409,12 @@ fn bad_normalizer() {
 #[test]
 fn group_ids_length_differs_from_rewards() {
     let rewards = Tensor::new(&[1f32, 0., 1.], &dev()).unwrap();
-    let err = sapo::group_advantages(&rewards, Groups::Ids(&[0, 0]), AdvantageEstimator::GRPO)
-        .unwrap_err();
+    let err = sapo::group_advantages(
+        &rewards,
+        Groups::Ids(&[0, 0]),
+        AdvantageEstimator::Grpo { epsilon: 1e-6 },
+    )
+    .unwrap_err();
     match err {
         Error::Shape { arg, actual, .. } => {
             assert_eq!(arg, "group_ids");
@@ -470,7 +474,7 @@ fn empty_batch_gives_zero_loss_and_zero_gradient() {
         let g = grads.get(lp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(g, vec![vec![0.0, 0.0], vec![0.0, 0.0]]);
         let m = out.metrics.read().unwrap();
-        assert_eq!(m.tokens, 0.0);
+        assert_eq!(m.token_count, 0.0);
         assert_eq!(m.approx_kl(), None);
         assert_eq!(m.ratio_min(), None);
     }
@@ -525,7 +529,7 @@ fn empty_shapes_give_zero_loss() {
                 0.0,
                 "{b}x{t} {backend:?}"
             );
-            assert_eq!(out.metrics.read().unwrap().tokens, 0.0);
+            assert_eq!(out.metrics.read().unwrap().token_count, 0.0);
         }
     }
 }

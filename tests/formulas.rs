@@ -217,7 +217,7 @@ fn kl_penalty_is_added_with_its_own_aggregation() {
         max_relative = 1e-12
     );
     assert_relative_eq!(
-        out.metrics.read().unwrap().kl().unwrap(),
+        out.metrics.read().unwrap().kl_mean().unwrap(),
         2.5 / 4.0,
         max_relative = 1e-12
     );

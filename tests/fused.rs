@@ -130,7 +130,13 @@ fn values(
 /// Loss, gradient and metrics of the default (fused) path as raw bits.
 fn run_bits(loss: &PolicyLoss, x: &Batch, mask: &Tensor) -> Vec<u64> {
     let (loss, grad, m) = values(loss, x, mask, Backend::Auto);
-    let metrics = [m.tokens, m.neg_log_ratio, m.ratio, m.ratio_min, m.ratio_max];
+    let metrics = [
+        m.token_count,
+        m.neg_log_ratio_sum,
+        m.ratio_excess_sum,
+        m.lowest_ratio,
+        m.highest_ratio,
+    ];
     std::iter::once(loss)
         .chain(grad)
         .chain(metrics)
@@ -226,11 +232,11 @@ fn fused_matches_composed_in_every_dtype_and_mask_dtype() {
                         "{dtype:?} grad {a} vs {b}"
                     );
                 }
-                assert_eq!(mf.tokens, mc.tokens);
-                assert_eq!(mf.clipped, mc.clipped);
+                assert_eq!(mf.token_count, mc.token_count);
+                assert_eq!(mf.clipped_count, mc.clipped_count);
                 assert!(
-                    (mf.neg_log_ratio - mc.neg_log_ratio).abs()
-                        <= tol * (1.0 + mc.neg_log_ratio.abs())
+                    (mf.neg_log_ratio_sum - mc.neg_log_ratio_sum).abs()
+                        <= tol * (1.0 + mc.neg_log_ratio_sum.abs())
                 );
             }
         }

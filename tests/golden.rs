@@ -283,7 +283,7 @@ fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()>
                 "clip_ratio" => sums.clip_ratio(),
                 "clip_ratio_low" => sums.clip_ratio_low(),
                 "clip_ratio_high" => sums.clip_ratio_high(),
-                "kl" => sums.kl(),
+                "kl" => sums.kl_mean(),
                 "gate_weight_mean" => sums.gate_weight_mean(),
                 "gate_value_mean" => sums.gate_value_mean(),
                 other => return Err(format!("unknown metric `{other}`")),

@@ -165,7 +165,7 @@ proptest! {
             prop_assert!(got.grad.iter().all(|g| g.is_finite()));
             let m = got.metrics;
             for v in [m.approx_kl(), m.ratio_mean(), m.clip_fraction(), m.gate_weight_mean(),
-                      m.gate_value_mean(), m.kl(), m.clip_ratio()].into_iter().flatten() {
+                      m.gate_value_mean(), m.kl_mean(), m.clip_ratio()].into_iter().flatten() {
                 prop_assert!(v.is_finite());
             }
         }
@@ -200,11 +200,11 @@ proptest! {
             assert_close("loss", &[loss], &[full.loss], 1e-9, 1e-9);
             assert_close("grad", &grad, &full.grad, 1e-9, 1e-8);
             let merged = metrics.unwrap();
-            prop_assert_eq!(merged.tokens, full.metrics.tokens);
+            prop_assert_eq!(merged.token_count, full.metrics.token_count);
             assert_close("approx_kl", &[merged.approx_kl().unwrap_or(0.0)],
                          &[full.metrics.approx_kl().unwrap_or(0.0)], 1e-9, 1e-9);
-            prop_assert_eq!(merged.clipped, full.metrics.clipped);
-            prop_assert_eq!(merged.ratio_max, full.metrics.ratio_max);
+            prop_assert_eq!(merged.clipped_count, full.metrics.clipped_count);
+            prop_assert_eq!(merged.highest_ratio, full.metrics.highest_ratio);
         }
     }
 

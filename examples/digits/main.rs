@@ -358,7 +358,7 @@ fn train(
         let advantages = sapo::group_advantages(
             &rewards,
             Groups::Size(s.group_size),
-            AdvantageEstimator::GRPO,
+            AdvantageEstimator::Grpo { epsilon: 1e-6 },
         )?;
         let (old_log_probs, entropy) =
             completion_log_probs(&model, &rollout.inputs, &rollout.targets, k, s.temperature)?;

@@ -1,4 +1,5 @@
-//! Kernels and their one dispatch point.
+//! Kernels and their one dispatch point, organised by op: one folder per op (`policy_loss/`,
+//! `log_probs/`) holding the candle `CustomOp` and its device files side by side.
 //!
 //! Every objective and the token log-probs have two implementations with the same results:
 //!
@@ -16,8 +17,8 @@ use candle_core::{Layout, Storage, WithDType};
 
 use crate::error::Error;
 
-pub(crate) mod cpu_logprobs;
-pub(crate) mod cpu_policy;
+pub(crate) mod log_probs;
+pub(crate) mod policy_loss;
 pub(crate) mod simd;
 
 /// Which implementation runs.
@@ -38,6 +39,12 @@ pub enum Backend {
 
 impl Backend {
     /// Whether this backend runs the fused kernel on `device`.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// assert!(sapo::Backend::Auto.is_fused_on(&Device::Cpu));
+    /// assert!(!sapo::Backend::Composed.is_fused_on(&Device::Cpu));
+    /// ```
     pub fn is_fused_on(self, device: &candle_core::Device) -> bool {
         self == Backend::Auto && device.is_cpu()
     }

@@ -113,11 +113,12 @@ fn sigmoid(x: f64) -> f64 {
     }
 }
 
-/// `(value, derivative)` of `clamp(x, lo, hi)`.
+/// `(value, derivative)` of `clamp(x, lo, hi)`: derivative 1 strictly inside, 0 at the bounds
+/// (PyTorch's convention with scalar bounds, as the formulas page states).
 fn clamp_d(x: f64, lo: f64, hi: f64) -> (f64, f64) {
-    if x < lo {
+    if x <= lo {
         (lo, 0.0)
-    } else if x > hi {
+    } else if x >= hi {
         (hi, 0.0)
     } else {
         (x, 1.0)

@@ -12,13 +12,14 @@ use crate::error::{check_device, check_float, check_shape, Error, Result};
 /// |---|---|---|
 /// | `log_probs` | `[B,T]` | `ℓ`, current policy; the only input that gets a gradient |
 /// | `old_log_probs` | `[B,T]` | `ℓold`, the sampling policy (constant) |
-/// | `advantages` | `[B]` or `[B,T]` | `A`; `[B]` is broadcast over the row's tokens |
+/// | `advantages` | `[B]`, `[B,1]` or `[B,T]` | `A`; `[B]` and `[B,1]` (TRL's) are broadcast over the row's tokens |
 /// | `mask` | `[B,T]` | 0/1 in any dtype; masked positions may hold anything (NaN, ±inf) |
 /// | `ref_log_probs` | `[B,T]` | `ℓref`, required exactly when the config has a KL penalty |
 /// | `is_weights` | `[B,T]` | rollout-correction weights `w` multiplying the per-token policy loss |
 ///
 /// Floats may be f16, bf16, f32 or f64; the loss is computed in f32 (f64 stays f64). Every tensor
-/// lives on `log_probs`' device.
+/// lives on `log_probs`' device. Only `log_probs` is differentiated: the crate detaches every other
+/// input, as every peer treats them as constants.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -35,7 +36,7 @@ pub struct PolicyInputs<'a> {
     pub log_probs: &'a Tensor,
     /// `ℓold`, `[B,T]`.
     pub old_log_probs: &'a Tensor,
-    /// `A`, `[B]` or `[B,T]`.
+    /// `A`, `[B]`, `[B,1]` or `[B,T]`.
     pub advantages: &'a Tensor,
     /// `m`, `[B,T]`, 0/1.
     pub mask: &'a Tensor,
@@ -49,6 +50,15 @@ pub struct PolicyInputs<'a> {
 
 impl<'a> PolicyInputs<'a> {
     /// The four required inputs, no KL reference, no weights, local normalization.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((2, 3), DType::F32, &Device::Cpu)?;
+    /// # let mask = Tensor::ones((2, 3), DType::U8, &Device::Cpu)?;
+    /// let adv = Tensor::new(&[[1f32], [-1.]], &Device::Cpu)?; // TRL's [B, 1]
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &mask);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn new(
         log_probs: &'a Tensor,
         old_log_probs: &'a Tensor,
@@ -66,16 +76,43 @@ impl<'a> PolicyInputs<'a> {
         }
     }
     /// Adds the reference policy's log-probs (for the KL penalty).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((1, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_ref_log_probs(&lp);
+    /// assert!(inputs.ref_log_probs.is_some());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn with_ref_log_probs(mut self, ref_log_probs: &'a Tensor) -> Self {
         self.ref_log_probs = Some(ref_log_probs);
         self
     }
-    /// Adds rollout-correction weights.
+    /// Adds rollout-correction weights `w` (constants): the per-token policy loss becomes `w·l`.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((1, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    /// let w = Tensor::new(&[[0.5f32, 2.0]], &Device::Cpu)?;
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_is_weights(&w);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn with_is_weights(mut self, is_weights: &'a Tensor) -> Self {
         self.is_weights = Some(is_weights);
         self
     }
-    /// Sets the global normalizer.
+    /// Sets the global normalizer (data parallelism, gradient accumulation).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((1, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    /// let norm = sapo::Normalizer::default().with_global_tokens(64.0).with_world_size(4);
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_normalizer(norm);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn with_normalizer(mut self, normalizer: Normalizer) -> Self {
         self.normalizer = normalizer;
         self
@@ -173,11 +210,12 @@ impl PolicyInputs<'_> {
         check_matrix("old_log_probs", self.old_log_probs, log_probs)?;
         check_device("advantages", self.advantages, log_probs)?;
         check_float("advantages", self.advantages)?;
-        if self.advantages.dims() != [b] && self.advantages.dims() != shape {
+        let adv_dims = self.advantages.dims();
+        if adv_dims != [b] && adv_dims != [b, 1] && adv_dims != shape {
             return Err(Error::Shape {
                 arg: "advantages",
-                expected: format!("[B] = [{b}] or [B, T] = {shape:?}"),
-                actual: self.advantages.dims().to_vec(),
+                expected: format!("[B] = [{b}], [B, 1] = [{b}, 1] or [B, T] = {shape:?}"),
+                actual: adv_dims.to_vec(),
             });
         }
         check_device("mask", self.mask, log_probs)?;
@@ -206,6 +244,18 @@ impl PolicyInputs<'_> {
         Ok((b, t))
     }
 
+    /// The advantages as `[B]` (one per row; from `[B]` or `[B,1]`) or `[B,T]`, detached.
+    pub(crate) fn advantages(&self) -> Result<Tensor> {
+        let adv = self.advantages.detach();
+        Ok(
+            if adv.dims() == [adv.dim(0)?, 1] && self.log_probs.dim(1)? != 1 {
+                adv.squeeze(1)?
+            } else {
+                adv
+            },
+        )
+    }
+
     /// Checks every input (one host read for the values) and prepares the tensors of the
     /// composed path. `needs_ref` says whether the config has a KL penalty.
     pub(crate) fn prepare(&self, needs_ref: bool) -> Result<Prepared> {
@@ -215,14 +265,15 @@ impl PolicyInputs<'_> {
         let dtype = compute_dtype(log_probs.dtype());
         let mask = self.mask.to_dtype(dtype)?;
         let keep = mask.ne(0.0)?;
-        let advantages = self.advantages.to_dtype(dtype)?;
+        let advantages = self.advantages()?.to_dtype(dtype)?;
         let advantages = if advantages.rank() == 1 {
             advantages.unsqueeze(1)?.broadcast_as(shape.as_slice())?
         } else {
             advantages
         };
-        let convert = |x: &Tensor| x.to_dtype(dtype);
-        let log_probs_c = convert(log_probs)?;
+        // Only log_probs carries gradient: every other input is a constant.
+        let convert = |x: &Tensor| x.detach().to_dtype(dtype);
+        let log_probs_c = log_probs.to_dtype(dtype)?;
         let old_log_probs = convert(self.old_log_probs)?;
         let ref_log_probs = self.ref_log_probs.map(convert).transpose()?;
         let is_weights = self.is_weights.map(convert).transpose()?;

@@ -10,19 +10,32 @@
 //! or builds a [`PolicyLoss`] directly.
 
 use crate::aggregation::Aggregation;
-use crate::config::{HardClip, PolicyLossConfig, RatioLevel, TrustRegion};
 use crate::error::Result;
-use crate::surrogate::PolicyLoss;
+use crate::losses::clip::HardClip;
+use crate::losses::config::PolicyLossConfig;
+use crate::losses::policy_loss::PolicyLoss;
+use crate::losses::ratio::{RatioLevel, GSPO_SEQ_LOG_RATIO_MAX};
+use crate::losses::trust_region::TrustRegion;
 
 /// `config()` and `build()` of a preset that converts into a [`PolicyLossConfig`].
 macro_rules! preset_methods {
     ($preset:ident) => {
         impl $preset {
             /// The full configuration, to adjust further.
+            ///
+            /// ```
+            #[doc = concat!("let cfg = sapo::", stringify!($preset), "::default().config();")]
+            /// assert!(cfg.validate().is_ok());
+            /// ```
             pub fn config(self) -> PolicyLossConfig {
                 self.into()
             }
             /// Validates and builds the loss.
+            ///
+            /// ```
+            #[doc = concat!("let loss = sapo::", stringify!($preset), "::default().build()?;")]
+            /// # Ok::<(), sapo::Error>(())
+            /// ```
             pub fn build(self) -> Result<PolicyLoss> {
                 self.config().build()
             }
@@ -104,7 +117,7 @@ impl From<Gspo> for PolicyLossConfig {
             TrustRegion::HardClip(HardClip::new(g.eps_low, g.eps_high)),
         )
         .with_log_ratio_clamp(None)
-        .with_seq_log_ratio_max(Some(10.0))
+        .with_seq_log_ratio_max(Some(GSPO_SEQ_LOG_RATIO_MAX))
         .with_aggregation(Aggregation::SeqMeanTokenMean)
     }
 }

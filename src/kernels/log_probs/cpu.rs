@@ -1,0 +1,264 @@
+//! Token log-probs and entropy on the CPU: traversal and memory only — the formulas are the
+//! scalar forms of `logprobs.rs`.
+//!
+//! Forward: one streaming pass per row — blocks of the row give a block maximum, the running
+//! sums are rescaled once per block (online max), and `Σ e^{z−max}` and `Σ e^{z−max}·z` are
+//! accumulated in lanes. Backward: the softmax is recomputed on the fly and the logits' gradient
+//! written once. No `[N,V]` temporary exists besides that gradient; f16/bf16 logits are read in
+//! place and accumulated in f32. Rows run in parallel; each row's arithmetic is fixed, so the
+//! bits do not depend on the number of threads.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Tensor};
+use rayon::prelude::*;
+
+use crate::kernels::cpu_slice;
+use crate::kernels::simd::{dispatch, Load, Store, Vectorized, LANES};
+use crate::logprobs::{finish_row, logit_gradient, weighted_logit};
+use crate::real::Real;
+
+/// Block of the online maximum: fits L1 comfortably.
+const BLOCK: usize = 512;
+
+/// The target ids of a contiguous u8/u32/i64 tensor, read from its storage.
+pub(super) fn target_ids(targets: &Tensor) -> candle_core::Result<Vec<usize>> {
+    let (guard, layout) = targets.storage_and_layout();
+    Ok(match targets.dtype() {
+        DType::U8 => cpu_slice::<u8>(&guard, layout)?
+            .iter()
+            .map(|&v| usize::from(v))
+            .collect(),
+        DType::U32 => cpu_slice::<u32>(&guard, layout)?
+            .iter()
+            .map(|&v| v as usize)
+            .collect(),
+        _ => cpu_slice::<i64>(&guard, layout)?
+            .iter()
+            .map(|&v| v as usize)
+            .collect(),
+    })
+}
+
+/// Adds `e^{z−max}` and `e^{z−max}·z` of one lane block to the lane sums.
+#[inline(always)]
+fn accumulate<F: Load<R>, R: Real>(
+    block: &[F; LANES],
+    inv_t: R,
+    max: R,
+    sum: &mut [R; LANES],
+    weighted: &mut [R; LANES],
+) {
+    for l in 0..LANES {
+        let z = block[l].load() * inv_t;
+        let e = (z - max).exp();
+        sum[l] = sum[l] + e;
+        weighted[l] = weighted[l] + weighted_logit(e, z);
+    }
+}
+
+/// The running maximum and sums of a row.
+struct Online<R> {
+    max: R,
+    sum: R,
+    weighted: R,
+}
+
+impl<R: Real> Online<R> {
+    /// Moves the running maximum up to `block_max`, rescaling the sums accumulated against the
+    /// old one (`e^{−inf} = 0` at the start).
+    #[inline(always)]
+    fn rescale(&mut self, block_max: R) {
+        if block_max > self.max {
+            let scale = (self.max - block_max).exp();
+            self.sum = self.sum * scale;
+            self.weighted = self.weighted * scale;
+            self.max = block_max;
+        }
+    }
+}
+
+/// `(ℓ, H, lse)` of one row.
+#[inline(always)]
+fn forward_row<F: Load<R>, R: Real>(row: &[F], target: usize, inv_t: R) -> (R, R, R) {
+    let neg_inf = -R::INFINITY;
+    let (chunks, tail) = row.as_chunks::<LANES>();
+    let mut online = Online {
+        max: neg_inf,
+        sum: R::ZERO,
+        weighted: R::ZERO,
+    };
+    for group in chunks.chunks(BLOCK / LANES) {
+        let mut lane_max = [neg_inf; LANES];
+        for block in group {
+            for l in 0..LANES {
+                lane_max[l] = lane_max[l].max_of(block[l].load() * inv_t);
+            }
+        }
+        online.rescale(lane_max.iter().fold(neg_inf, |m, &v| m.max_of(v)));
+        if online.max == neg_inf {
+            continue;
+        }
+        let mut lane_sum = [R::ZERO; LANES];
+        let mut lane_weighted = [R::ZERO; LANES];
+        for block in group {
+            accumulate(block, inv_t, online.max, &mut lane_sum, &mut lane_weighted);
+        }
+        for l in 0..LANES {
+            online.sum = online.sum + lane_sum[l];
+            online.weighted = online.weighted + lane_weighted[l];
+        }
+    }
+    // The tail is one more (short) block.
+    let tail: Vec<R> = tail.iter().map(|v| v.load() * inv_t).collect();
+    online.rescale(tail.iter().fold(neg_inf, |m, &v| m.max_of(v)));
+    if online.max > neg_inf {
+        for &z in &tail {
+            let e = (z - online.max).exp();
+            online.sum = online.sum + e;
+            online.weighted = online.weighted + weighted_logit(e, z);
+        }
+    }
+    finish_row(
+        online.max,
+        online.sum,
+        online.weighted,
+        row[target].load() * inv_t,
+    )
+}
+
+/// [`forward_row`] as a body for [`dispatch`].
+struct ForwardRow<'a, F, R> {
+    row: &'a [F],
+    target: usize,
+    inv_t: R,
+}
+
+impl<F: Load<R>, R: Real> Vectorized for ForwardRow<'_, F, R> {
+    type Output = (R, R, R);
+    #[inline(always)]
+    fn run(self) -> (R, R, R) {
+        forward_row(self.row, self.target, self.inv_t)
+    }
+}
+
+/// `[N·V]` logits → `[3·N]`: the log-probs, then the entropies, then the log-sum-exps.
+pub(super) fn forward<F: Load<R>, R: Real>(
+    logits: &[F],
+    vocab: usize,
+    targets: &[usize],
+    inv_t: R,
+) -> Vec<R> {
+    let rows: Vec<(R, R, R)> = logits
+        .par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| dispatch(ForwardRow { row, target, inv_t }))
+        .collect();
+    let mut out = Vec::with_capacity(3 * rows.len());
+    out.extend(rows.iter().map(|r| r.0));
+    out.extend(rows.iter().map(|r| r.1));
+    out.extend(rows.iter().map(|r| r.2));
+    out
+}
+
+/// A `[3, N]` tensor's values (`ℓ`, `H`, `lse` or their upstream gradients), read on the CPU.
+pub(super) struct RowStats {
+    values: Vec<f64>,
+    n: usize,
+}
+
+impl RowStats {
+    pub(super) fn new(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
+        let n = layout.shape().dims2()?.1;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("row statistics must be contiguous".into()))?;
+        let values = match storage {
+            CpuStorage::F32(v) => v[start..end].iter().map(|&x| f64::from(x)).collect(),
+            CpuStorage::F64(v) => v[start..end].to_vec(),
+            other => candle_core::bail!("row statistics: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok(Self { values, n })
+    }
+    fn get(&self, k: usize, row: usize) -> f64 {
+        self.values[k * self.n + row]
+    }
+}
+
+/// What the backward of one row needs besides its logits.
+#[derive(Clone, Copy)]
+struct RowGrad<R> {
+    target: usize,
+    inv_t: R,
+    lse: R,
+    entropy: R,
+    grad_log_prob: R,
+    grad_entropy: R,
+}
+
+/// Writes `∂(g_ℓ·ℓ + g_H·H)/∂logits` of one row; zeros where the upstream gradient is 0 or the
+/// row's `lse` is not finite (garbage never reaches the gradient).
+#[inline(always)]
+fn backward_row<F: Load<R> + Store<R>, R: Real>(row: &[F], out: &mut [F], r: RowGrad<R>) {
+    let silent = r.grad_log_prob == R::ZERO && r.grad_entropy == R::ZERO;
+    if silent || !r.lse.is_finite_value() {
+        out.fill(F::store(R::ZERO));
+        return;
+    }
+    let grad = |x: R| {
+        logit_gradient(
+            x,
+            r.inv_t,
+            r.lse,
+            r.entropy,
+            r.grad_log_prob,
+            r.grad_entropy,
+        )
+    };
+    for (dst, x) in out.iter_mut().zip(row) {
+        *dst = F::store(grad(x.load()));
+    }
+    out[r.target] = F::store(grad(row[r.target].load()) + r.inv_t * r.grad_log_prob);
+}
+
+/// [`backward_row`] as a body for [`dispatch`].
+struct BackwardRow<'a, F, R> {
+    row: &'a [F],
+    out: &'a mut [F],
+    r: RowGrad<R>,
+}
+
+impl<F: Load<R> + Store<R>, R: Real> Vectorized for BackwardRow<'_, F, R> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        backward_row(self.row, self.out, self.r)
+    }
+}
+
+/// The logits' gradient `[N·V]`, in the logits' storage type, from the forward's `ℓ`, `H`,
+/// `lse` (`res`) and their upstream gradients (`grad`).
+pub(super) fn backward<F: Load<R> + Store<R>, R: Real>(
+    logits: &[F],
+    vocab: usize,
+    targets: &[usize],
+    inv_t: R,
+    res: &RowStats,
+    grad: &RowStats,
+) -> Vec<F> {
+    let mut out = vec![F::store(R::ZERO); logits.len()];
+    out.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .enumerate()
+        .for_each(|(i, (out, row))| {
+            let r = RowGrad {
+                target: targets[i],
+                inv_t,
+                lse: R::from_f64(res.get(2, i)),
+                entropy: R::from_f64(res.get(1, i)),
+                grad_log_prob: R::from_f64(grad.get(0, i)),
+                grad_entropy: R::from_f64(grad.get(1, i)),
+            };
+            dispatch(BackwardRow { row, out, r })
+        });
+    out
+}

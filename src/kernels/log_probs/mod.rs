@@ -1,0 +1,156 @@
+//! The fused token log-probs + entropy op and its backward, an op of its own.
+//!
+//! Forward `[N,V]` logits → `[3,N]` (`ℓ`, `H`, `lse`), one streaming pass per row. Backward:
+//! [`LogProbsBackward`] takes the logits, that output and its upstream gradient, recomputes the
+//! softmax on the fly and writes the logits' gradient once; nothing is read on the host.
+//!
+//! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
+//! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
+
+mod cpu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+
+/// `[N, V]` logits → `[3, N]` (`ℓ`, `H`, `lse`); the targets ride along.
+pub(crate) struct FusedLogProbs {
+    /// `[N]`, contiguous, u8/u32/i64, ids already checked to be in `[0, V)`.
+    targets: Tensor,
+    temperature: f64,
+}
+
+impl FusedLogProbs {
+    /// Runs the op on `[N,V]` logits and `[N]` targets: `([N] log-probs, [N] entropies)`.
+    pub(crate) fn forward(
+        logits: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let op = Self {
+            targets: targets.contiguous()?,
+            temperature,
+        };
+        let out = logits.contiguous()?.apply_op1(op)?;
+        Ok((out.get(0)?, out.get(1)?))
+    }
+}
+
+impl CustomOp1 for FusedLogProbs {
+    fn name(&self) -> &'static str {
+        "sapo-fused-token-log-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, vocab) = layout.shape().dims2()?;
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("logits must be contiguous".into()))?;
+        let inv_t = 1.0 / self.temperature;
+        let targets = cpu::target_ids(&self.targets)?;
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(cpu::forward(&v[start..end], vocab, &targets, inv_t as f32))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F32(cpu::forward(&v[start..end], vocab, &targets, inv_t as f32))
+            }
+            CpuStorage::BF16(v) => {
+                CpuStorage::F32(cpu::forward(&v[start..end], vocab, &targets, inv_t as f32))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(cpu::forward(&v[start..end], vocab, &targets, inv_t))
+            }
+            other => candle_core::bail!("logits: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((3, n))))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let backward = LogProbsBackward {
+            targets: self.targets.clone(),
+            temperature: self.temperature,
+        };
+        let grad =
+            logits.apply_op3_no_bwd(&res.contiguous()?, &grad_res.contiguous()?, &backward)?;
+        Ok(Some(grad))
+    }
+}
+
+/// `(logits [N,V], output [3,N], upstream gradient [3,N])` → the logits' gradient `[N,V]`, in
+/// the logits' dtype.
+pub(crate) struct LogProbsBackward {
+    targets: Tensor,
+    temperature: f64,
+}
+
+impl CustomOp3 for LogProbsBackward {
+    fn name(&self) -> &'static str {
+        "sapo-fused-token-log-probs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        logits: &CpuStorage,
+        logits_layout: &Layout,
+        res: &CpuStorage,
+        res_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let shape = logits_layout.shape().clone();
+        let (_, vocab) = shape.dims2()?;
+        let targets = cpu::target_ids(&self.targets)?;
+        let inv_t = 1.0 / self.temperature;
+        let rows = |s: &CpuStorage, l: &Layout| cpu::RowStats::new(s, l);
+        let (res, grad) = (rows(res, res_layout)?, rows(grad, grad_layout)?);
+        let (start, end) = logits_layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("logits must be contiguous".into()))?;
+        let (t32, t64) = (inv_t as f32, inv_t);
+        let out = match logits {
+            CpuStorage::F32(v) => CpuStorage::F32(cpu::backward(
+                &v[start..end],
+                vocab,
+                &targets,
+                t32,
+                &res,
+                &grad,
+            )),
+            CpuStorage::F16(v) => CpuStorage::F16(cpu::backward(
+                &v[start..end],
+                vocab,
+                &targets,
+                t32,
+                &res,
+                &grad,
+            )),
+            CpuStorage::BF16(v) => CpuStorage::BF16(cpu::backward(
+                &v[start..end],
+                vocab,
+                &targets,
+                t32,
+                &res,
+                &grad,
+            )),
+            CpuStorage::F64(v) => CpuStorage::F64(cpu::backward(
+                &v[start..end],
+                vocab,
+                &targets,
+                t64,
+                &res,
+                &grad,
+            )),
+            other => candle_core::bail!("logits: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, shape))
+    }
+}

@@ -1,0 +1,638 @@
+//! The policy loss on the CPU: traversal and memory only — the formulas come from their concept
+//! files (`losses/ratio.rs`, `losses/trust_region.rs`, `losses/clip.rs`, `gate.rs`, `kl.rs`,
+//! `aggregation.rs`).
+//!
+//! Rows run in parallel (rayon), each writing its own gradient slice. A row is processed in tiles
+//! that stay in L1: each tile is loaded once from the storage dtype (f16/bf16 read in place) with
+//! the masked positions zeroed and the inputs validated; one vectorized sweep evaluates the
+//! per-token loss, its derivative and the metric streams; the streams are summed into f64 lanes;
+//! the KL penalty is added; the tile's gradient is stored. The sequence levels first sum the
+//! row's log-ratios (in f64), and `Sequence` stores its gradient after the row, once `∂l/∂s` is
+//! known. Row results are reduced in row order, so the bits do not depend on the number of
+//! threads.
+
+use candle_core::{Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::FusedPolicyLoss;
+use crate::aggregation::row_coefficient;
+use crate::error::Error;
+use crate::kernels::simd::{
+    dispatch, lane_max, lane_min, lane_sum, total, Load, Store, Vectorized, LANES,
+};
+use crate::kernels::{cpu_slice, kernel_error};
+use crate::kl::{self, KlEstimator};
+use crate::losses::metrics::{self, NUM_SLOTS};
+use crate::losses::ratio::{self, RatioLevel};
+use crate::losses::trust_region::{Shape, SoftGate, TrustRegion, Unclipped};
+use crate::real::Real;
+
+/// Tokens per tile: a tile's buffers stay in L1.
+const TILE: usize = 256;
+
+/// The inputs of all rows, as slices of their storage.
+struct Inputs<'a, F, M> {
+    t: usize,
+    log_probs: &'a [F],
+    old: &'a [F],
+    advantages: &'a [F],
+    per_token_advantages: bool,
+    mask: &'a [M],
+    reference: Option<&'a [F]>,
+    weights: Option<&'a [F]>,
+}
+
+/// Per-call constants in the compute type.
+struct Params<R> {
+    level: RatioLevel,
+    /// The log-ratio clamp `c` (`+∞`: none).
+    clamp: R,
+    seq_max: Option<f64>,
+    kl: Option<(KlEstimator, bool)>,
+}
+
+/// Per-row coefficients: the policy aggregation's and `β` times the KL aggregation's.
+struct RowCoefficients<R> {
+    policy: R,
+    kl: R,
+    tokens: f64,
+}
+
+/// Names of the checked inputs, in the order of `RowOut::bad`.
+const CHECKED: [&str; 5] = [
+    "log_probs",
+    "old_log_probs",
+    "advantages",
+    "is_weights",
+    "ref_log_probs",
+];
+
+/// What one row returns; reduced in row order.
+struct RowOut {
+    /// `Σ m·w·l`.
+    policy: f64,
+    /// `Σ m·k`.
+    kl: f64,
+    sums: [f64; NUM_SLOTS],
+    min: f64,
+    max: f64,
+    /// Unmasked non-finite values of each input of `CHECKED`.
+    bad: [u32; 5],
+}
+
+/// Per-thread tile buffers in the compute type: the inputs, the gradient and the per-token
+/// streams. The sweep writes streams (no loop-carried dependency, so LLVM vectorizes it) that are
+/// then summed in fixed lanes.
+struct Tile<R> {
+    keep: Vec<R>,
+    lp: Vec<R>,
+    old: Vec<R>,
+    adv: Vec<R>,
+    w: Vec<R>,
+    rf: Vec<R>,
+    g: Vec<R>,
+    value: Vec<R>,
+    slope: Vec<R>,
+    neg_delta: Vec<R>,
+    excess: Vec<R>,
+    lo: Vec<R>,
+    hi: Vec<R>,
+    kl: Vec<R>,
+    shape: [Vec<R>; 4],
+}
+
+impl<R: Real> Tile<R> {
+    fn new() -> Self {
+        let v = || vec![R::ZERO; TILE];
+        Self {
+            keep: v(),
+            lp: v(),
+            old: v(),
+            adv: v(),
+            w: v(),
+            rf: v(),
+            g: v(),
+            value: v(),
+            slope: v(),
+            neg_delta: v(),
+            excess: v(),
+            lo: v(),
+            hi: v(),
+            kl: v(),
+            shape: [v(), v(), v(), v()],
+        }
+    }
+}
+
+/// A row's running sums.
+struct RowAcc<R> {
+    policy: [f64; LANES],
+    slope: [f64; LANES],
+    kl: [f64; LANES],
+    sums: [[f64; LANES]; NUM_SLOTS],
+    lo: [R; LANES],
+    hi: [R; LANES],
+    bad: [u32; 5],
+}
+
+/// The sequence ratio of a row: `s`, `∂s/∂(mean δ)`, and `n·(s − 1)` in f64.
+#[derive(Clone, Copy)]
+struct SequenceRatio<R> {
+    s: R,
+    ds: R,
+    excess: f64,
+}
+
+fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t)
+        .step_by(TILE)
+        .map(move |start| (start, TILE.min(t - start)))
+}
+
+/// Loads `src` into a padded buffer (zero where masked and in the padding); returns the number
+/// of unmasked non-finite values.
+#[inline(always)]
+fn load_tile<F: Load<R>, R: Real>(src: &[F], keep: &[R], dst: &mut [R]) -> u32 {
+    let mut bad = 0u32;
+    for ((d, v), k) in dst.iter_mut().zip(src).zip(keep) {
+        let (v, keep) = (v.load(), *k != R::ZERO);
+        bad += u32::from(keep && !v.is_finite_value());
+        *d = R::select(keep, v, R::ZERO);
+    }
+    dst[src.len()..].fill(R::ZERO);
+    bad
+}
+
+/// As [`load_tile`] for one value broadcast over the tile.
+#[inline(always)]
+fn load_broadcast<F: Load<R>, R: Real>(src: F, len: usize, keep: &[R], dst: &mut [R]) -> u32 {
+    let v = src.load();
+    let mut bad = 0u32;
+    for (d, k) in dst[..len].iter_mut().zip(keep) {
+        let keep = *k != R::ZERO;
+        bad += u32::from(keep && !v.is_finite_value());
+        *d = R::select(keep, v, R::ZERO);
+    }
+    dst[len..].fill(R::ZERO);
+    bad
+}
+
+/// Loads the mask (0/1, padding 0), `ℓ` and `ℓold` of tokens `span`; returns the padded length.
+#[inline(always)]
+fn load_ratio_inputs<F: Load<R>, M: Load<R>, R: Real>(
+    x: &Inputs<'_, F, M>,
+    start: usize,
+    len: usize,
+    tile: &mut Tile<R>,
+) -> (usize, [u32; 2]) {
+    let padded = len.div_ceil(LANES) * LANES;
+    let span = start..start + len;
+    for (k, m) in tile.keep.iter_mut().zip(&x.mask[span.clone()]) {
+        *k = R::indicator(m.load() != R::ZERO);
+    }
+    tile.keep[len..padded].fill(R::ZERO);
+    let keep = &tile.keep[..padded];
+    let bad_lp = load_tile(&x.log_probs[span.clone()], keep, &mut tile.lp[..padded]);
+    let bad_old = load_tile(&x.old[span], keep, &mut tile.old[..padded]);
+    (padded, [bad_lp, bad_old])
+}
+
+/// Loads every input of a tile of row `row`; returns the padded length.
+#[inline(always)]
+fn load<F: Load<R>, M: Load<R>, R: Real>(
+    x: &Inputs<'_, F, M>,
+    row: usize,
+    start: usize,
+    len: usize,
+    tile: &mut Tile<R>,
+    bad: &mut [u32; 5],
+) -> usize {
+    let begin = row * x.t + start;
+    let (padded, [bad_lp, bad_old]) = load_ratio_inputs(x, begin, len, tile);
+    let span = begin..begin + len;
+    let keep = &tile.keep[..padded];
+    let bad_adv = if x.per_token_advantages {
+        load_tile(&x.advantages[span.clone()], keep, &mut tile.adv[..padded])
+    } else {
+        load_broadcast(x.advantages[row], len, keep, &mut tile.adv[..padded])
+    };
+    let bad_w = match x.weights {
+        Some(w) => load_tile(&w[span.clone()], keep, &mut tile.w[..padded]),
+        None => {
+            tile.w[..padded].copy_from_slice(keep);
+            0
+        }
+    };
+    let bad_rf = match x.reference {
+        Some(r) => load_tile(&r[span], keep, &mut tile.rf[..padded]),
+        None => 0,
+    };
+    for (b, v) in bad
+        .iter_mut()
+        .zip([bad_lp, bad_old, bad_adv, bad_w, bad_rf])
+    {
+        *b += v;
+    }
+    padded
+}
+
+/// `Σ_t m·δ` of a row in f64 lanes, then the sequence ratio.
+#[inline(always)]
+fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real>(
+    x: &Inputs<'_, F, M>,
+    row: usize,
+    p: &Params<R>,
+    n: f64,
+    tile: &mut Tile<R>,
+) -> SequenceRatio<R> {
+    let mut sum = [0.0; LANES];
+    for (start, len) in tiles(x.t) {
+        let (padded, _) = load_ratio_inputs(x, row * x.t + start, len, tile);
+        for j in 0..padded {
+            tile.value[j] = tile.keep[j] * ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).0;
+        }
+        lane_sum(&tile.value[..padded], &mut sum);
+    }
+    let (log_s, dseq) = ratio::sequence_log_ratio(total(&sum), n, p.seq_max);
+    let (s, ds) = ratio::ratio(R::from_f64(log_s));
+    SequenceRatio {
+        s,
+        ds: ds * R::from_f64(dseq),
+        excess: n * log_s.exp_m1(),
+    }
+}
+
+/// The per-token sweep: loss, derivative, gradient (except `Sequence`'s) and metric streams.
+#[inline(always)]
+fn sweep<R: Real, S: Shape<R>>(
+    tile: &mut Tile<R>,
+    padded: usize,
+    p: &Params<R>,
+    shape: &S,
+    coef: &RowCoefficients<R>,
+    seq: SequenceRatio<R>,
+) {
+    let token = p.level == RatioLevel::Token;
+    let seq_token = p.level == RatioLevel::SequenceToken;
+    let Tile {
+        keep,
+        lp,
+        old,
+        adv,
+        w,
+        g,
+        value,
+        slope,
+        neg_delta,
+        excess,
+        lo,
+        hi,
+        shape: streams,
+        ..
+    } = tile;
+    for j in 0..padded {
+        let m = keep[j];
+        let (delta, ddelta) = ratio::log_ratio(lp[j] - old[j], p.clamp);
+        let (rho, drho) = ratio::ratio(delta);
+        let r = R::select(token, rho, seq.s);
+        let e = shape.eval(r, adv[j]);
+        // ∂r/∂ℓ_t (`Sequence` shares its gradient over the row once the row is done).
+        let dratio = R::select(token, drho * ddelta, R::select(seq_token, seq.ds, R::ZERO));
+        g[j] = coef.policy * w[j] * e.slope * dratio;
+        value[j] = w[j] * e.value;
+        slope[j] = w[j] * e.slope;
+        neg_delta[j] = -(m * delta);
+        excess[j] = m * (r - R::ONE);
+        lo[j] = R::select(m != R::ZERO, r, R::INFINITY);
+        hi[j] = R::select(m != R::ZERO, r, -R::INFINITY);
+        for (k, stream) in streams.iter_mut().enumerate().take(S::SLOTS.len()) {
+            stream[j] = m * e.metrics[k];
+        }
+    }
+}
+
+/// Adds a tile's streams to the row's lane sums.
+#[inline(always)]
+fn accumulate<R: Real, S: Shape<R>>(tile: &Tile<R>, padded: usize, acc: &mut RowAcc<R>) {
+    lane_sum(&tile.value[..padded], &mut acc.policy);
+    lane_sum(&tile.slope[..padded], &mut acc.slope);
+    lane_sum(
+        &tile.neg_delta[..padded],
+        &mut acc.sums[metrics::NEG_LOG_RATIO],
+    );
+    lane_sum(&tile.excess[..padded], &mut acc.sums[metrics::RATIO_EXCESS]);
+    lane_min(&tile.lo[..padded], &mut acc.lo);
+    lane_max(&tile.hi[..padded], &mut acc.hi);
+    for (k, &slot) in S::SLOTS.iter().enumerate() {
+        lane_sum(&tile.shape[k][..padded], &mut acc.sums[slot]);
+    }
+}
+
+/// Adds the KL penalty's value (to the lanes) and gradient (to `g`), then stores the gradient.
+#[inline(always)]
+fn finish_tile<F: Store<R>, R: Real>(
+    tile: &mut Tile<R>,
+    padded: usize,
+    p: &Params<R>,
+    coef: &RowCoefficients<R>,
+    kl_lanes: &mut [f64; LANES],
+    grad: &mut [F],
+) {
+    if let Some((estimator, clamp)) = p.kl {
+        for j in 0..padded {
+            let (k, dk) = kl::value_and_slope(estimator, clamp, tile.lp[j] - tile.rf[j]);
+            tile.kl[j] = tile.keep[j] * k;
+            tile.g[j] = tile.g[j] + tile.keep[j] * coef.kl * dk;
+        }
+        lane_sum(&tile.kl[..padded], kl_lanes);
+    }
+    for (dst, v) in grad.iter_mut().zip(&tile.g) {
+        *dst = F::store(*v);
+    }
+}
+
+/// One row: loss, metrics and gradient.
+#[inline(always)]
+fn policy_row<F, M, R, S>(
+    x: &Inputs<'_, F, M>,
+    row: usize,
+    p: &Params<R>,
+    shape: &S,
+    coef: &RowCoefficients<R>,
+    tile: &mut Tile<R>,
+    grad: &mut [F],
+) -> RowOut
+where
+    F: Load<R> + Store<R>,
+    M: Load<R>,
+    R: Real,
+    S: Shape<R>,
+{
+    let mut acc = RowAcc {
+        policy: [0.0; LANES],
+        slope: [0.0; LANES],
+        kl: [0.0; LANES],
+        sums: [[0.0; LANES]; NUM_SLOTS],
+        lo: [R::INFINITY; LANES],
+        hi: [-R::INFINITY; LANES],
+        bad: [0; 5],
+    };
+    let seq = match p.level {
+        RatioLevel::Token => SequenceRatio {
+            s: R::ONE,
+            ds: R::ONE,
+            excess: 0.0,
+        },
+        _ => sequence_ratio(x, row, p, coef.tokens, tile),
+    };
+    let sequence = p.level == RatioLevel::Sequence;
+    for (start, len) in tiles(x.t) {
+        let padded = load(x, row, start, len, tile, &mut acc.bad);
+        sweep(tile, padded, p, shape, coef, seq);
+        accumulate::<R, S>(tile, padded, &mut acc);
+        if !sequence {
+            let grad = &mut grad[start..start + len];
+            finish_tile(tile, padded, p, coef, &mut acc.kl, grad);
+        }
+    }
+    if sequence {
+        // Every token of the row shares ∂l/∂s, known only now.
+        let shared = coef.policy * R::from_f64(total(&acc.slope)) * seq.ds
+            / R::from_f64(coef.tokens.max(1.0));
+        for (start, len) in tiles(x.t) {
+            let (padded, _) = load_ratio_inputs(x, row * x.t + start, len, tile);
+            if let Some(r) = x.reference {
+                let span = row * x.t + start..row * x.t + start + len;
+                load_tile(&r[span], &tile.keep[..padded], &mut tile.rf[..padded]);
+            }
+            for j in 0..padded {
+                let ddelta = ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).1;
+                tile.g[j] = tile.keep[j] * shared * ddelta;
+            }
+            let grad = &mut grad[start..start + len];
+            finish_tile(tile, padded, p, coef, &mut acc.kl, grad);
+        }
+    }
+    row_out(acc, coef, p.level != RatioLevel::Token, seq)
+}
+
+/// Reduces a row's lanes.
+fn row_out<R: Real>(
+    acc: RowAcc<R>,
+    coef: &RowCoefficients<R>,
+    sequence_level: bool,
+    seq: SequenceRatio<R>,
+) -> RowOut {
+    let mut sums = acc.sums.map(|lanes| total(&lanes));
+    sums[metrics::TOKENS] = coef.tokens;
+    sums[metrics::KL] = total(&acc.kl);
+    if sequence_level {
+        // From the f64 log-ratio: `ratio_mean − 1` keeps its digits.
+        sums[metrics::RATIO_EXCESS] = seq.excess;
+    }
+    RowOut {
+        policy: total(&acc.policy),
+        kl: sums[metrics::KL],
+        sums,
+        min: acc.lo.iter().fold(f64::INFINITY, |m, v| m.min(v.to_f64())),
+        max: acc
+            .hi
+            .iter()
+            .fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64())),
+        bad: acc.bad,
+    }
+}
+
+/// [`policy_row`] as a body for [`dispatch`].
+struct PolicyRow<'a, 'b, F, M, R, S> {
+    x: &'a Inputs<'b, F, M>,
+    row: usize,
+    p: &'a Params<R>,
+    shape: &'a S,
+    coef: &'a RowCoefficients<R>,
+    tile: &'a mut Tile<R>,
+    grad: &'a mut [F],
+}
+
+impl<F, M, R, S> Vectorized for PolicyRow<'_, '_, F, M, R, S>
+where
+    F: Load<R> + Store<R>,
+    M: Load<R>,
+    R: Real,
+    S: Shape<R>,
+{
+    type Output = RowOut;
+    #[inline(always)]
+    fn run(self) -> RowOut {
+        policy_row(
+            self.x, self.row, self.p, self.shape, self.coef, self.tile, self.grad,
+        )
+    }
+}
+
+/// Every row with trust-region shape `S`, in parallel.
+fn rows_with<F, M, R, S>(
+    x: &Inputs<'_, F, M>,
+    p: &Params<R>,
+    shape: &S,
+    coefficients: &[RowCoefficients<R>],
+    grad: &mut [F],
+) -> Vec<RowOut>
+where
+    F: Load<R> + Store<R>,
+    M: Load<R>,
+    R: Real,
+    S: Shape<R>,
+{
+    grad.par_chunks_mut(x.t.max(1))
+        .enumerate()
+        .map_init(Tile::new, |tile, (row, grad)| {
+            let coef = &coefficients[row];
+            dispatch(PolicyRow {
+                x,
+                row,
+                p,
+                shape,
+                coef,
+                tile,
+                grad,
+            })
+        })
+        .collect()
+}
+
+/// `n_i` of every row, and the number of mask values other than 0 and 1.
+fn row_tokens<M: Load<R>, R: Real>(mask: &[M], t: usize) -> (Vec<f64>, f64) {
+    let per_row: Vec<(f64, f64)> = mask
+        .par_chunks(t.max(1))
+        .map(|row| {
+            let (mut n, mut bad) = (0u32, 0u32);
+            for v in row {
+                let v = v.load();
+                n += u32::from(v == R::ONE);
+                bad += u32::from(v != R::ZERO && v != R::ONE);
+            }
+            (f64::from(n), f64::from(bad))
+        })
+        .collect();
+    let bad = per_row.iter().map(|(_, b)| b).sum();
+    (per_row.into_iter().map(|(n, _)| n).collect(), bad)
+}
+
+fn coefficients<R: Real>(
+    op: &FusedPolicyLoss,
+    tokens: &[f64],
+    t: usize,
+) -> Vec<RowCoefficients<R>> {
+    let total_tokens: f64 = tokens.iter().sum();
+    let sequences = tokens.iter().filter(|&&n| n > 0.0).count() as f64;
+    let config = &op.config;
+    let coefficient = |agg, n| row_coefficient(agg, n, total_tokens, sequences, t, &op.normalizer);
+    tokens
+        .iter()
+        .map(|&n| RowCoefficients {
+            policy: R::from_f64(coefficient(config.aggregation, n)),
+            kl: R::from_f64(
+                config
+                    .kl
+                    .map_or(0.0, |k| k.coef * coefficient(k.aggregation, n)),
+            ),
+            tokens: n,
+        })
+        .collect()
+}
+
+/// Runs the kernel: the output `[loss, sums (NUM_SLOTS), ratio min, ratio max]` and the
+/// gradient.
+pub(super) fn run<F, M, R>(
+    op: &FusedPolicyLoss,
+    log_probs: &[F],
+    mask: &[M],
+    dims: &[usize],
+) -> candle_core::Result<(Vec<R>, Vec<F>)>
+where
+    F: Load<R> + Store<R> + WithDType,
+    M: Load<R> + WithDType,
+    R: Real,
+{
+    let (b, t) = (dims[0], dims[1]);
+    let (old_guard, old_layout) = op.old_log_probs.storage_and_layout();
+    let (adv_guard, adv_layout) = op.advantages.storage_and_layout();
+    let reference = op.ref_log_probs.as_ref().map(Tensor::storage_and_layout);
+    let weights = op.is_weights.as_ref().map(Tensor::storage_and_layout);
+    let x = Inputs {
+        t,
+        log_probs,
+        old: cpu_slice::<F>(&old_guard, old_layout)?,
+        advantages: cpu_slice::<F>(&adv_guard, adv_layout)?,
+        per_token_advantages: op.advantages.rank() == 2,
+        mask,
+        reference: match &reference {
+            Some((guard, layout)) => Some(cpu_slice::<F>(guard, layout)?),
+            None => None,
+        },
+        weights: match &weights {
+            Some((guard, layout)) => Some(cpu_slice::<F>(guard, layout)?),
+            None => None,
+        },
+    };
+    let (tokens, bad_mask) = row_tokens::<M, R>(mask, t);
+    if bad_mask > 0.0 {
+        return Err(kernel_error(crate::losses::inputs::mask_error(bad_mask)));
+    }
+    let config = &op.config;
+    let p = Params {
+        level: config.ratio_level,
+        clamp: config.log_ratio_clamp.map_or(R::INFINITY, R::from_f64),
+        seq_max: config.seq_log_ratio_max,
+        kl: config.kl.map(|k| (k.estimator, k.clamp)),
+    };
+    let coefficients = coefficients::<R>(op, &tokens, t);
+    let mut grad = vec![F::store(R::ZERO); b * t];
+    let rows = match config.trust_region {
+        TrustRegion::SoftGate { tau_pos, tau_neg } => {
+            let gate = SoftGate {
+                tau_pos: R::from_f64(tau_pos),
+                tau_neg: R::from_f64(tau_neg),
+            };
+            rows_with(&x, &p, &gate, &coefficients, &mut grad)
+        }
+        TrustRegion::HardClip(c) => rows_with(&x, &p, &c.bounds::<R>(), &coefficients, &mut grad),
+        TrustRegion::Unclipped => rows_with(&x, &p, &Unclipped, &coefficients, &mut grad),
+    };
+    Ok((reduce(&rows, &coefficients)?, grad))
+}
+
+/// Reduces the rows in row order (the same bits whatever the number of threads) into the
+/// output, after checking the inputs' values.
+fn reduce<R: Real>(
+    rows: &[RowOut],
+    coefficients: &[RowCoefficients<R>],
+) -> candle_core::Result<Vec<R>> {
+    for (k, name) in CHECKED.iter().enumerate() {
+        let bad: u64 = rows.iter().map(|r| u64::from(r.bad[k])).sum();
+        if bad > 0 {
+            return Err(kernel_error(Error::InvalidValue {
+                arg: name,
+                expected: "finite values at unmasked positions".into(),
+                actual: format!("{bad} non-finite"),
+            }));
+        }
+    }
+    let mut loss = 0.0;
+    let mut sums = [0.0; NUM_SLOTS];
+    let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (out, c) in rows.iter().zip(coefficients) {
+        loss += c.policy.to_f64() * out.policy + c.kl.to_f64() * out.kl;
+        for (s, v) in sums.iter_mut().zip(&out.sums) {
+            *s += v;
+        }
+        min = min.min(out.min);
+        max = max.max(out.max);
+    }
+    let mut output = Vec::with_capacity(1 + NUM_SLOTS + 2);
+    output.push(R::from_f64(loss));
+    output.extend(sums.iter().map(|&v| R::from_f64(v)));
+    output.extend([R::from_f64(min), R::from_f64(max)]);
+    Ok(output)
+}

@@ -1,0 +1,122 @@
+//! The unified surrogate's configuration: ratio level × trust-region shape × aggregation, plus
+//! the options every peer offers (log-ratio clamp, KL penalty).
+//!
+//! Every objective is `loss = agg(−f(ρ)·A) + β·agg(k)`, where `ρ` is chosen by [`RatioLevel`]
+//! and `f` by [`TrustRegion`]. [`crate::Sapo`], [`crate::Gspo`] and [`crate::Grpo`] are presets of
+//! this one configuration.
+
+use crate::aggregation::Aggregation;
+use crate::error::{check_config, Result};
+use crate::kl::KlPenalty;
+use crate::losses::policy_loss::PolicyLoss;
+use crate::losses::ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP};
+use crate::losses::trust_region::TrustRegion;
+
+/// Full configuration of the unified surrogate. Build it into a [`PolicyLoss`] with
+/// [`PolicyLossConfig::build`], which rejects invalid values.
+///
+/// ```
+/// use sapo::{Aggregation, HardClip, PolicyLossConfig, RatioLevel, TrustRegion};
+/// // TRL `loss_type="dr_grpo"`, clip-higher, max completion length 1024:
+/// let loss = PolicyLossConfig::new(RatioLevel::Token, TrustRegion::HardClip(HardClip::new(0.2, 0.28)))
+///     .with_log_ratio_clamp(None)
+///     .with_aggregation(Aggregation::SeqMeanTokenSumNorm { horizon: Some(1024) })
+///     .build()?;
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyLossConfig {
+    /// Token, sequence or sequence-token ratio.
+    pub ratio_level: RatioLevel,
+    /// Soft gate, hard clip or none.
+    pub trust_region: TrustRegion,
+    /// `c` in `δ = clamp(ℓ − ℓold, −c, c)` (verl: 20); `None` disables it (TRL).
+    pub log_ratio_clamp: Option<f64>,
+    /// Upper clamp on `log s` at the sequence levels (verl's GSPO: 10); `None`: none.
+    pub seq_log_ratio_max: Option<f64>,
+    /// How per-token policy losses become a scalar.
+    pub aggregation: Aggregation,
+    /// Optional KL penalty to a reference policy.
+    pub kl: Option<KlPenalty>,
+}
+
+impl PolicyLossConfig {
+    /// A configuration with verl's log-ratio clamp (20), no sequence clamp, `token-mean` and no
+    /// KL penalty.
+    ///
+    /// ```
+    /// use sapo::{PolicyLossConfig, RatioLevel, TrustRegion};
+    /// let cfg = PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Unclipped);
+    /// assert_eq!(cfg.log_ratio_clamp, Some(20.0));
+    /// ```
+    pub fn new(ratio_level: RatioLevel, trust_region: TrustRegion) -> Self {
+        Self {
+            ratio_level,
+            trust_region,
+            log_ratio_clamp: Some(DEFAULT_LOG_RATIO_CLAMP),
+            seq_log_ratio_max: None,
+            aggregation: Aggregation::TokenMean,
+            kl: None,
+        }
+    }
+    /// Sets the ratio level.
+    pub fn with_ratio_level(mut self, ratio_level: RatioLevel) -> Self {
+        self.ratio_level = ratio_level;
+        self
+    }
+    /// Sets (or with `None` disables) the token log-ratio clamp.
+    pub fn with_log_ratio_clamp(mut self, clamp: Option<f64>) -> Self {
+        self.log_ratio_clamp = clamp;
+        self
+    }
+    /// Sets (or with `None` disables) the upper clamp on the sequence log-ratio.
+    pub fn with_seq_log_ratio_max(mut self, max: Option<f64>) -> Self {
+        self.seq_log_ratio_max = max;
+        self
+    }
+    /// Sets the aggregation of the policy term.
+    pub fn with_aggregation(mut self, aggregation: Aggregation) -> Self {
+        self.aggregation = aggregation;
+        self
+    }
+    /// Adds (or with `None` removes) a KL penalty.
+    pub fn with_kl(mut self, kl: Option<KlPenalty>) -> Self {
+        self.kl = kl;
+        self
+    }
+    /// Checks every parameter; see [`crate::Error::InvalidConfig`].
+    ///
+    /// ```
+    /// let cfg = sapo::Sapo::default().config().with_log_ratio_clamp(Some(-1.0));
+    /// assert!(cfg.validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        self.trust_region.validate()?;
+        if let Some(c) = self.log_ratio_clamp {
+            check_config(
+                c.is_finite() && c > 0.0,
+                "log_ratio_clamp",
+                "finite and > 0",
+                c,
+            )?;
+        }
+        if let Some(m) = self.seq_log_ratio_max {
+            check_config(m.is_finite(), "seq_log_ratio_max", "finite", m)?;
+        }
+        self.aggregation.validate()?;
+        if let Some(kl) = &self.kl {
+            kl.validate()?;
+        }
+        Ok(())
+    }
+    /// Validates the configuration and returns the loss.
+    ///
+    /// ```
+    /// let loss = sapo::Grpo::default().config().build()?;
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn build(self) -> Result<PolicyLoss> {
+        self.validate()?;
+        Ok(PolicyLoss::from_validated(self))
+    }
+}

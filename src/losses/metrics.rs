@@ -1,0 +1,292 @@
+//! Training metrics of a policy loss, kept as sums and counts so that micro-batches and ranks
+//! merge exactly.
+//!
+//! | metric | definition (over unmasked tokens) |
+//! |---|---|
+//! | `approx_kl` | mean of `−δ` (verl `ppo_kl`) |
+//! | `clip_fraction` | fraction where the clipped term is active (verl `pg_clipfrac`) |
+//! | `dual_clip_fraction` | fraction with `A < 0` and `max(−ρA, −clip(ρ)A) > −cA` (verl `pg_clipfrac_lower`) |
+//! | `clip_ratio` | TRL's: `(ρ < 1−ε_low ∧ A < 0) ∨ (ρ > 1+ε_high ∧ A > 0)`, split into low/high |
+//! | `kl_mean` | mean of the KL estimator's value (before β) |
+//! | `gate_weight_mean`, `gate_value_mean` | SAPO's mean `4p(1−p)` and mean `f(ρ)` |
+//! | `ratio_{min,mean,max}` | of the ratio the trust region sees (token or sequence) |
+//!
+//! [`PolicyMetrics`] holds the sums on the loss's device (computing the loss copies nothing to
+//! the host); [`PolicyMetrics::read`] copies them into a [`MetricSums`]: fields are sums and
+//! counts (`*_sum`, `*_count`), methods are means and fractions.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+pub(crate) const TOKENS: usize = 0;
+pub(crate) const NEG_LOG_RATIO: usize = 1;
+/// `Σ (ρ − 1)`: the mean ratio without losing the digits of `ρ − 1`.
+pub(crate) const RATIO_EXCESS: usize = 2;
+pub(crate) const CLIPPED: usize = 3;
+pub(crate) const DUAL_CLIPPED: usize = 4;
+pub(crate) const CLIP_LOW: usize = 5;
+pub(crate) const CLIP_HIGH: usize = 6;
+pub(crate) const GATE_WEIGHT: usize = 7;
+pub(crate) const GATE_VALUE: usize = 8;
+pub(crate) const KL: usize = 9;
+pub(crate) const NUM_SLOTS: usize = 10;
+
+/// Which metric slots an objective defines (a bit per slot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MetricKind(u32);
+
+impl MetricKind {
+    pub(crate) fn new(slots: &[usize], kl: bool) -> Self {
+        let mut bits = slots.iter().fold(0, |bits, s| bits | 1 << s);
+        if kl {
+            bits |= 1 << KL;
+        }
+        Self(bits)
+    }
+    fn has(self, slot: usize) -> bool {
+        self.0 & (1 << slot) != 0
+    }
+}
+
+/// Metric sums of one or more batches, on the loss's device.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # let dev = Device::Cpu;
+/// # let lp = Tensor::new(&[[-1.0f32, -2.0]], &dev)?;
+/// # let old = Tensor::new(&[[-1.1f32, -1.9]], &dev)?;
+/// # let adv = Tensor::new(&[1.0f32], &dev)?;
+/// # let mask = Tensor::new(&[[1u8, 1]], &dev)?;
+/// let loss = sapo::Grpo::default().build()?;
+/// let a = loss.forward(&sapo::PolicyInputs::new(&lp, &old, &adv, &mask))?;
+/// let b = loss.forward(&sapo::PolicyInputs::new(&lp, &old, &adv, &mask))?;
+/// let both = a.metrics.merge(&b.metrics)?.read()?;
+/// assert_eq!(both.token_count, 4.0);
+/// assert!(both.clip_fraction().is_some());
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PolicyMetrics {
+    /// `[NUM_SLOTS]` sums.
+    sums: Tensor,
+    /// `[2]`: min and max of the ratio (`+inf`, `−inf` when no token).
+    extrema: Tensor,
+    kind: MetricKind,
+}
+
+impl PolicyMetrics {
+    pub(crate) fn new(sums: Tensor, extrema: Tensor, kind: MetricKind) -> Self {
+        Self {
+            sums,
+            extrema,
+            kind,
+        }
+    }
+
+    /// Merges the metrics of two batches of the same objective (sums add, extrema combine), on
+    /// the device.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// # let dev = Device::Cpu;
+    /// # let lp = Tensor::new(&[[-1.0f32, -2.0]], &dev)?;
+    /// # let adv = Tensor::new(&[1.0f32], &dev)?;
+    /// # let mask = Tensor::new(&[[1u8, 0]], &dev)?;
+    /// let loss = sapo::Sapo::default().build()?;
+    /// let out = loss.forward(&sapo::PolicyInputs::new(&lp, &lp, &adv, &mask))?;
+    /// let twice = out.metrics.merge(&out.metrics)?.read()?;
+    /// assert_eq!(twice.token_count, 2.0);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn merge(&self, other: &Self) -> Result<Self> {
+        if self.kind != other.kind {
+            return Err(Error::MetricsMismatch(format!(
+                "{:?} vs {:?}",
+                self.kind, other.kind
+            )));
+        }
+        let (a, b) = (&self.extrema, &other.extrema);
+        let min = a.narrow(0, 0, 1)?.minimum(&b.narrow(0, 0, 1)?)?;
+        let max = a.narrow(0, 1, 1)?.maximum(&b.narrow(0, 1, 1)?)?;
+        Ok(Self {
+            sums: (&self.sums + &other.sums)?,
+            extrema: Tensor::cat(&[min, max], 0)?,
+            kind: self.kind,
+        })
+    }
+
+    /// Copies the sums to the host (the one device-to-host copy of the metrics).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// # let dev = Device::Cpu;
+    /// # let lp = Tensor::new(&[[-1.0f32, -2.0]], &dev)?;
+    /// # let adv = Tensor::new(&[1.0f32], &dev)?;
+    /// # let mask = Tensor::new(&[[1u8, 1]], &dev)?;
+    /// let out = sapo::Sapo::default().build()?.forward(&sapo::PolicyInputs::new(&lp, &lp, &adv, &mask))?;
+    /// let m = out.metrics.read()?;
+    /// assert_eq!(m.gate_weight_mean(), Some(1.0)); // on-policy: full weight
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn read(&self) -> Result<MetricSums> {
+        let s = self.sums.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let e = self.extrema.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let opt = |slot: usize| self.kind.has(slot).then_some(s[slot]);
+        Ok(MetricSums {
+            token_count: s[TOKENS],
+            neg_log_ratio_sum: s[NEG_LOG_RATIO],
+            ratio_excess_sum: s[RATIO_EXCESS],
+            lowest_ratio: e[0],
+            highest_ratio: e[1],
+            clipped_count: opt(CLIPPED),
+            dual_clipped_count: opt(DUAL_CLIPPED),
+            clip_low_count: opt(CLIP_LOW),
+            clip_high_count: opt(CLIP_HIGH),
+            gate_weight_sum: opt(GATE_WEIGHT),
+            gate_value_sum: opt(GATE_VALUE),
+            kl_sum: opt(KL),
+        })
+    }
+}
+
+/// Metric sums on the host: add them across ranks with [`MetricSums::merge`], read means and
+/// fractions with the methods. Fields are sums and counts; a metric the objective does not
+/// define is `None`; every mean is `None` when no token was counted.
+///
+/// ```
+/// let a = sapo::MetricSums { token_count: 2.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: 0.0,
+///     lowest_ratio: 0.9, highest_ratio: 1.1, clipped_count: Some(1.0),
+///     dual_clipped_count: Some(0.0), clip_low_count: Some(0.0), clip_high_count: Some(1.0),
+///     gate_weight_sum: None, gate_value_sum: None, kl_sum: None };
+/// let ab = a.merge(&a).unwrap();
+/// assert_eq!(ab.clip_fraction(), Some(0.5));
+/// assert_eq!(ab.approx_kl(), Some(0.1));
+/// assert_eq!(ab.ratio_mean(), Some(1.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MetricSums {
+    /// Number of unmasked tokens.
+    pub token_count: f64,
+    /// `Σ −δ`.
+    pub neg_log_ratio_sum: f64,
+    /// `Σ (ρ − 1)` (the mean ratio is `1 + this / token_count`, with the digits of `ρ − 1`).
+    pub ratio_excess_sum: f64,
+    /// `min ρ` (`+inf` when no token).
+    pub lowest_ratio: f64,
+    /// `max ρ` (`−inf` when no token).
+    pub highest_ratio: f64,
+    /// Tokens whose clipped term is active (hard clip only).
+    pub clipped_count: Option<f64>,
+    /// Tokens cut by the dual clip (hard clip only; 0 when the dual clip is off).
+    pub dual_clipped_count: Option<f64>,
+    /// TRL's low clip count: `ρ < 1−ε_low ∧ A < 0`.
+    pub clip_low_count: Option<f64>,
+    /// TRL's high clip count: `ρ > 1+ε_high ∧ A > 0`.
+    pub clip_high_count: Option<f64>,
+    /// `Σ 4p(1−p)` (soft gate only).
+    pub gate_weight_sum: Option<f64>,
+    /// `Σ f(ρ)` (soft gate only).
+    pub gate_value_sum: Option<f64>,
+    /// `Σ k` of the KL estimator (KL penalty only).
+    pub kl_sum: Option<f64>,
+}
+
+fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(a? + b?)
+}
+
+impl MetricSums {
+    /// Adds two sets of sums of the same objective.
+    ///
+    /// ```
+    /// let mut a = sapo::MetricSums { token_count: 1.0, neg_log_ratio_sum: 0.0, ratio_excess_sum: 0.5,
+    ///     lowest_ratio: 1.5, highest_ratio: 1.5, clipped_count: None, dual_clipped_count: None,
+    ///     clip_low_count: None, clip_high_count: None, gate_weight_sum: Some(0.9),
+    ///     gate_value_sum: Some(2.0), kl_sum: None };
+    /// let b = sapo::MetricSums { ratio_excess_sum: -0.5, lowest_ratio: 0.5, highest_ratio: 0.5, ..a };
+    /// let ab = a.merge(&b)?;
+    /// assert_eq!((ab.ratio_min(), ab.ratio_mean(), ab.ratio_max()), (Some(0.5), Some(1.0), Some(1.5)));
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn merge(&self, other: &Self) -> Result<Self> {
+        let shape = |m: &Self| {
+            [
+                m.clipped_count.is_some(),
+                m.gate_weight_sum.is_some(),
+                m.kl_sum.is_some(),
+            ]
+        };
+        if shape(self) != shape(other) {
+            return Err(Error::MetricsMismatch(
+                "metric sums of different objectives".into(),
+            ));
+        }
+        Ok(Self {
+            token_count: self.token_count + other.token_count,
+            neg_log_ratio_sum: self.neg_log_ratio_sum + other.neg_log_ratio_sum,
+            ratio_excess_sum: self.ratio_excess_sum + other.ratio_excess_sum,
+            lowest_ratio: self.lowest_ratio.min(other.lowest_ratio),
+            highest_ratio: self.highest_ratio.max(other.highest_ratio),
+            clipped_count: add(self.clipped_count, other.clipped_count),
+            dual_clipped_count: add(self.dual_clipped_count, other.dual_clipped_count),
+            clip_low_count: add(self.clip_low_count, other.clip_low_count),
+            clip_high_count: add(self.clip_high_count, other.clip_high_count),
+            gate_weight_sum: add(self.gate_weight_sum, other.gate_weight_sum),
+            gate_value_sum: add(self.gate_value_sum, other.gate_value_sum),
+            kl_sum: add(self.kl_sum, other.kl_sum),
+        })
+    }
+
+    fn mean(&self, sum: Option<f64>) -> Option<f64> {
+        (self.token_count > 0.0).then_some(sum? / self.token_count)
+    }
+    /// Mean of `−δ` (verl `ppo_kl`).
+    pub fn approx_kl(&self) -> Option<f64> {
+        self.mean(Some(self.neg_log_ratio_sum))
+    }
+    /// Fraction of tokens whose clipped term is active (verl `pg_clipfrac`).
+    pub fn clip_fraction(&self) -> Option<f64> {
+        self.mean(self.clipped_count)
+    }
+    /// Fraction of tokens cut by the dual clip (verl `pg_clipfrac_lower`).
+    pub fn dual_clip_fraction(&self) -> Option<f64> {
+        self.mean(self.dual_clipped_count)
+    }
+    /// TRL's `clip_ratio` (low + high).
+    pub fn clip_ratio(&self) -> Option<f64> {
+        self.mean(add(self.clip_low_count, self.clip_high_count))
+    }
+    /// TRL's `clip_ratio/low_mean`.
+    pub fn clip_ratio_low(&self) -> Option<f64> {
+        self.mean(self.clip_low_count)
+    }
+    /// TRL's `clip_ratio/high_mean`.
+    pub fn clip_ratio_high(&self) -> Option<f64> {
+        self.mean(self.clip_high_count)
+    }
+    /// Mean KL estimate (before β).
+    pub fn kl_mean(&self) -> Option<f64> {
+        self.mean(self.kl_sum)
+    }
+    /// SAPO's mean gradient weight `4p(1−p)`: 1 on-policy, → 0 when the gate suppresses.
+    pub fn gate_weight_mean(&self) -> Option<f64> {
+        self.mean(self.gate_weight_sum)
+    }
+    /// SAPO's mean gate value `f(ρ)`.
+    pub fn gate_value_mean(&self) -> Option<f64> {
+        self.mean(self.gate_value_sum)
+    }
+    /// Mean ratio, `1 + Σ(ρ − 1)/N`.
+    pub fn ratio_mean(&self) -> Option<f64> {
+        self.mean(Some(self.ratio_excess_sum)).map(|x| 1.0 + x)
+    }
+    /// Smallest ratio.
+    pub fn ratio_min(&self) -> Option<f64> {
+        (self.token_count > 0.0).then_some(self.lowest_ratio)
+    }
+    /// Largest ratio.
+    pub fn ratio_max(&self) -> Option<f64> {
+        (self.token_count > 0.0).then_some(self.highest_ratio)
+    }
+}

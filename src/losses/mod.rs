@@ -1,0 +1,42 @@
+//! The policy-optimization objectives: one surrogate `loss = −f(ρ)·Â`, parametrized by the ratio
+//! level ([`RatioLevel`]) and the trust-region shape ([`TrustRegion`]), with [`Sapo`], [`Gspo`]
+//! and [`Grpo`] as presets carrying the papers' defaults.
+//!
+//! | file | what |
+//! |---|---|
+//! | `policy_loss.rs` | [`PolicyLoss`]: the one dispatch point (fused kernel or composed ops) and the composed path |
+//! | `config.rs` | [`PolicyLossConfig`]: ratio level × trust region × aggregation × KL |
+//! | `ratio.rs` | [`RatioLevel`] and the ratio formulas (token, sequence, GSPO-token) |
+//! | `trust_region.rs` | [`TrustRegion`]: soft gate (formula in [`crate::gate`]), hard clip, none |
+//! | `clip.rs` | [`HardClip`] and PPO's clip formula |
+//! | `presets.rs` | [`Sapo`], [`Gspo`], [`Grpo`] |
+//! | `inputs.rs` | [`PolicyInputs`] and their checks |
+//! | `metrics.rs` | [`PolicyMetrics`] (on the device), [`MetricSums`] (on the host) |
+//!
+//! Each formula has a tensor form (the composed path) and a scalar form (what the kernels run)
+//! side by side in its concept's file.
+//!
+//! ```
+//! use sapo::losses::{PolicyLossConfig, RatioLevel, TrustRegion};
+//! // Sequence-level SAPO (the paper's bridge to GSPO):
+//! let loss = sapo::losses::Sapo::default().config().with_ratio_level(RatioLevel::Sequence).build()?;
+//! # Ok::<(), sapo::Error>(())
+//! ```
+
+pub(crate) mod clip;
+pub(crate) mod config;
+pub(crate) mod inputs;
+pub(crate) mod metrics;
+pub(crate) mod policy_loss;
+pub(crate) mod presets;
+pub(crate) mod ratio;
+pub(crate) mod trust_region;
+
+pub use clip::HardClip;
+pub use config::PolicyLossConfig;
+pub use inputs::PolicyInputs;
+pub use metrics::{MetricSums, PolicyMetrics};
+pub use policy_loss::{PolicyLoss, PolicyLossOutput};
+pub use presets::{Grpo, Gspo, Sapo};
+pub use ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP, GSPO_SEQ_LOG_RATIO_MAX};
+pub use trust_region::TrustRegion;

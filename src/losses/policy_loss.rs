@@ -1,0 +1,219 @@
+//! The unified surrogate: `loss = agg(−f(ρ)·A·w) + β·agg(k(ℓ, ℓref))`.
+//!
+//! One core computes every objective: [`RatioLevel`](crate::RatioLevel) picks `ρ` (token ratio,
+//! sequence ratio or GSPO-token), [`TrustRegion`](crate::TrustRegion) picks `f` (soft gate, hard
+//! clip, none). [`PolicyLoss::forward`] is the one dispatch point: the fused kernel where one
+//! exists for the device (`src/kernels/`), else the composed-candle-ops path below, whose
+//! gradient comes from candle's autograd. Both give the same results.
+
+use candle_core::{DType, Tensor};
+
+use crate::aggregation::aggregate_masked;
+use crate::error::Result;
+use crate::kernels::{policy_loss::FusedPolicyLoss, Backend};
+use crate::kl::kl_penalty;
+use crate::losses::config::PolicyLossConfig;
+use crate::losses::inputs::{PolicyInputs, Prepared};
+use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
+use crate::losses::ratio::ratios;
+use crate::real::accumulation_dtype;
+
+/// A validated policy-optimization objective. Build one from a preset ([`crate::Sapo`],
+/// [`crate::Gspo`], [`crate::Grpo`]) or a [`PolicyLossConfig`].
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let dev = Device::Cpu;
+/// let log_probs = Var::new(&[[-1.0f32, -0.5, -2.0], [-0.3, -1.2, -0.7]], &dev)?;
+/// let old = Tensor::new(&[[-1.1f32, -0.5, -1.9], [-0.3, -1.0, -0.7]], &dev)?;
+/// let adv = Tensor::new(&[0.8f32, -0.4], &dev)?;
+/// let mask = Tensor::new(&[[1u8, 1, 1], [1, 1, 0]], &dev)?;
+/// let out = sapo::Sapo::default().build()?
+///     .forward(&sapo::PolicyInputs::new(log_probs.as_tensor(), &old, &adv, &mask))?;
+/// let grads = out.loss.backward()?;
+/// assert!(grads.get(log_probs.as_tensor()).is_some());
+/// println!("gate weight {:?}", out.metrics.read()?.gate_weight_mean());
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PolicyLoss {
+    config: PolicyLossConfig,
+    backend: Backend,
+}
+
+/// What [`PolicyLoss::forward`] returns.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # let lp = Tensor::new(&[[-1.0f32]], &Device::Cpu)?;
+/// # let adv = Tensor::new(&[1.0f32], &Device::Cpu)?;
+/// let out: sapo::PolicyLossOutput = sapo::Grpo::default().build()?
+///     .forward(&sapo::PolicyInputs::new(&lp, &lp, &adv, &lp.ones_like()?))?;
+/// assert_eq!(out.loss.dims(), &[] as &[usize]);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct PolicyLossOutput {
+    /// The scalar loss; `backward()` reaches `log_probs`.
+    pub loss: Tensor,
+    /// Metric sums, still on the device.
+    pub metrics: PolicyMetrics,
+}
+
+impl PolicyLoss {
+    pub(crate) fn from_validated(config: PolicyLossConfig) -> Self {
+        Self {
+            config,
+            backend: Backend::Auto,
+        }
+    }
+
+    /// Chooses the implementation ([`Backend::Auto`] by default: fused on the CPU).
+    ///
+    /// ```
+    /// let loss = sapo::Sapo::default().build()?.with_backend(sapo::Backend::Composed);
+    /// assert_eq!(loss.backend(), sapo::Backend::Composed);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn with_backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// The implementation this loss runs.
+    ///
+    /// ```
+    /// assert_eq!(sapo::Sapo::default().build()?.backend(), sapo::Backend::Auto);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The configuration this loss was built from.
+    ///
+    /// ```
+    /// let loss = sapo::Gspo::default().build()?;
+    /// assert_eq!(loss.config().ratio_level, sapo::RatioLevel::Sequence);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn config(&self) -> &PolicyLossConfig {
+        &self.config
+    }
+
+    /// Computes the loss and its metrics.
+    ///
+    /// Errors: shapes, dtypes or devices that do not match, a mask with values other than 0/1,
+    /// a non-finite value at an unmasked position, a missing (or unexpected) `ref_log_probs`.
+    /// Values at masked positions never reach the loss, its gradient or the metrics; a batch with
+    /// no unmasked token gives a loss of 0 and a zero gradient. Only `log_probs` is
+    /// differentiated.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// # let lp = Tensor::new(&[[-1.0f32, -2.0]], &Device::Cpu)?;
+    /// # let adv = Tensor::new(&[1.0f32], &Device::Cpu)?;
+    /// let mask = Tensor::new(&[[1u8, 0]], &Device::Cpu)?;
+    /// let out = sapo::Grpo::default().build()?.forward(&sapo::PolicyInputs::new(&lp, &lp, &adv, &mask))?;
+    /// assert_eq!(out.loss.to_scalar::<f32>()?, -1.0); // −ρ·A at ρ = 1
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn forward(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
+        let kind = MetricKind::new(
+            self.config.trust_region.metric_slots(),
+            self.config.kl.is_some(),
+        );
+        let (loss, sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
+            FusedPolicyLoss::forward(&self.config, inputs)?
+        } else {
+            composed(&self.config, &inputs.prepare(self.config.kl.is_some())?)?
+        };
+        Ok(PolicyLossOutput {
+            loss,
+            metrics: PolicyMetrics::new(sums, extrema, kind),
+        })
+    }
+}
+
+/// `Σ m·x` of a detached `[B,T]` tensor, accumulated in f64 where the device has it.
+fn masked_sum(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let acc = accumulation_dtype(x.device());
+    Ok(x.detach()
+        .to_dtype(acc)?
+        .mul(&mask.to_dtype(acc)?)?
+        .sum_all()?
+        .to_dtype(mask.dtype())?)
+}
+
+/// The composed-ops path: every objective through candle ops and autograd, on any device.
+/// Returns the loss, the metric sums `[NUM_SLOTS]` and the ratio's extrema `[2]`.
+fn composed(config: &PolicyLossConfig, p: &Prepared) -> Result<(Tensor, Tensor, Tensor)> {
+    let ratios = ratios(
+        config.ratio_level,
+        config.log_ratio_clamp,
+        config.seq_log_ratio_max,
+        p,
+    )?;
+    let per_token = config
+        .trust_region
+        .per_token(&ratios.ratio, &p.advantages)?;
+    let mut loss_mat = per_token.loss;
+    if let Some(w) = &p.is_weights {
+        loss_mat = loss_mat.mul(w)?;
+    }
+    let masked = loss_mat.mul(&p.mask)?;
+    let mut loss = aggregate_masked(&masked, &p.counts, config.aggregation, &p.normalizer)?;
+
+    let zero = p.counts.tokens.zeros_like()?;
+    let mut sums = vec![zero; metrics::NUM_SLOTS];
+    for (slot, values) in per_token.metrics {
+        sums[slot] = masked_sum(&values, &p.mask)?;
+    }
+    if let (Some(kl), Some(ref_log_probs)) = (&config.kl, &p.ref_log_probs) {
+        let k = kl_penalty(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?.mul(&p.mask)?;
+        let penalty = aggregate_masked(&k, &p.counts, kl.aggregation, &p.normalizer)?;
+        loss = (loss + penalty.affine(kl.coef, 0.0)?)?;
+        sums[metrics::KL] = masked_sum(&k, &p.mask)?;
+    }
+    sums[metrics::TOKENS] = p.counts.tokens.clone();
+    sums[metrics::NEG_LOG_RATIO] = masked_sum(&ratios.log_ratio.neg()?, &p.mask)?;
+    sums[metrics::RATIO_EXCESS] = ratios.excess_sum;
+
+    let r = ratios.ratio.detach();
+    let extremum = |fill: f64, max: bool| -> Result<Tensor> {
+        if r.elem_count() == 0 {
+            return Ok(p.counts.tokens.ones_like()?.affine(fill, 0.0)?);
+        }
+        let masked = p.keep.where_cond(&r, &(r.ones_like()? * fill)?)?;
+        Ok(if max {
+            masked.max_all()?
+        } else {
+            masked.min_all()?
+        })
+    };
+    let extrema = Tensor::stack(
+        &[
+            extremum(f64::INFINITY, false)?,
+            extremum(f64::NEG_INFINITY, true)?,
+        ],
+        0,
+    )?;
+    Ok((loss, Tensor::stack(&sums, 0)?, extrema))
+}
+
+/// The dtype of the fused kernel's inputs: `log_probs`' when every float input shares it, else
+/// the compute dtype (so that no input loses precision).
+pub(crate) fn fused_input_dtype(inputs: &PolicyInputs<'_>) -> DType {
+    let floats = [
+        Some(inputs.old_log_probs),
+        Some(inputs.advantages),
+        inputs.ref_log_probs,
+        inputs.is_weights,
+    ];
+    let lp_dtype = inputs.log_probs.dtype();
+    if floats.iter().flatten().all(|x| x.dtype() == lp_dtype) {
+        lp_dtype
+    } else {
+        crate::losses::inputs::compute_dtype(lp_dtype)
+    }
+}

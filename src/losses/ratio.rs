@@ -1,0 +1,144 @@
+//! The importance ratio the trust region sees: token, sequence or GSPO-token.
+//!
+//! ```text
+//! δ = clamp(ℓ − ℓold, −c, c)                          token log-ratio (c = 20 in verl, none in TRL)
+//! ρ = e^δ                                             token ratio
+//! log s_i = min((1/n_i) Σ_t m·δ, s_max)               sequence log-ratio (sums in f64)
+//! s_{i,t} = sg[s_i]·e^{ℓ − sg[ℓ]}                      GSPO-token: value s_i, gradient on token t
+//! ```
+//!
+//! Every exponential saturates at [`Real::MAX_EXP_ARG`] (88 in f32): a ratio is never `inf`, so
+//! where the trust region cuts the gradient it is exactly 0, never `0·inf = NaN`. Both forms live
+//! here side by side: the tensor form of the composed path and the scalar form of the kernels.
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+use crate::losses::inputs::Prepared;
+use crate::piecewise::{self, clamp_scalar};
+use crate::real::{accumulation_dtype, max_exp_arg, Real};
+
+/// verl's clamp of the token log-ratio (`SAFETY_BOUND`), the default of
+/// [`crate::PolicyLossConfig::log_ratio_clamp`].
+pub const DEFAULT_LOG_RATIO_CLAMP: f64 = 20.0;
+
+/// verl's upper bound on GSPO's sequence log-ratio, the default of the [`crate::Gspo`] preset.
+pub const GSPO_SEQ_LOG_RATIO_MAX: f64 = 10.0;
+
+/// Which importance ratio the trust region sees.
+///
+/// ```
+/// use sapo::{Gspo, RatioLevel};
+/// let cfg = Gspo::default().config().with_ratio_level(RatioLevel::SequenceToken);
+/// assert_eq!(cfg.ratio_level, RatioLevel::SequenceToken);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RatioLevel {
+    /// `ρ_{i,t} = exp(δ_{i,t})`, `δ = clamp(ℓ − ℓold, −c, c)` — PPO, GRPO, SAPO.
+    #[default]
+    Token,
+    /// `s_i = exp((1/n_i) Σ_t m·δ)`, shared by every token of row `i`, with gradient through every
+    /// token — GSPO proper, TRL `importance_sampling_level="sequence"`.
+    Sequence,
+    /// `s_{i,t} = sg[s_i]·exp(ℓ − sg[ℓ])`: value `s_i`, gradient `s_i` on token `t` alone —
+    /// GSPO-token, the form verl implements (allows per-token advantages).
+    SequenceToken,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar form (the kernels').
+
+/// `(δ, ∂δ/∂ℓ)` of the token log-ratio `clamp(ℓ − ℓold, −c, c)` (`c = ∞`: no clamp).
+#[inline(always)]
+pub(crate) fn log_ratio<R: Real>(raw: R, clamp: R) -> (R, R) {
+    clamp_scalar(raw, -clamp, clamp)
+}
+
+/// `(e^x, ∂e^x/∂x)`, saturating at [`Real::MAX_EXP_ARG`] (where the derivative becomes 0).
+#[inline(always)]
+pub(crate) fn ratio<R: Real>(x: R) -> (R, R) {
+    let (x, dx) = clamp_scalar(x, -R::INFINITY, R::MAX_EXP_ARG);
+    let r = x.exp();
+    (r, r * dx)
+}
+
+/// `(log s, ∂log s/∂(mean δ))` of a row from `Σ m·δ` (accumulated in f64) and `n`, with the
+/// upper bound `s_max` (`None`: none).
+pub(crate) fn sequence_log_ratio(sum: f64, n: f64, seq_max: Option<f64>) -> (f64, f64) {
+    clamp_scalar(
+        sum / n.max(1.0),
+        f64::NEG_INFINITY,
+        seq_max.unwrap_or(f64::INFINITY),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor form (the composed path's).
+
+/// The ratios of a batch.
+pub(crate) struct Ratios {
+    /// `δ`, `[B,T]` (0 at masked positions).
+    pub log_ratio: Tensor,
+    /// The ratio the trust region sees, `[B,T]`.
+    pub ratio: Tensor,
+    /// `Σ m·(ratio − 1)`, a scalar in the compute dtype: at the sequence levels taken from the
+    /// f64 log-ratio, so that `ratio_mean − 1` keeps its digits.
+    pub excess_sum: Tensor,
+}
+
+/// `(ratio, ∂)` as [`ratio`] on tensors: `e^{min(x, MAX_EXP_ARG)}`.
+fn saturating_exp(x: &Tensor) -> Result<Tensor> {
+    Ok(piecewise::clamp(x, None, Some(max_exp_arg(x.dtype())))?.exp()?)
+}
+
+/// `δ` and the ratio of `level` for prepared (scrubbed, detached) inputs.
+pub(crate) fn ratios(
+    level: RatioLevel,
+    clamp: Option<f64>,
+    seq_max: Option<f64>,
+    p: &Prepared,
+) -> Result<Ratios> {
+    let dtype = p.log_probs.dtype();
+    let acc = accumulation_dtype(p.log_probs.device());
+    let log_ratio = piecewise::clamp(
+        &(&p.log_probs - &p.old_log_probs)?,
+        clamp.map(|c| -c),
+        clamp,
+    )?;
+    if level == RatioLevel::Token {
+        let ratio = saturating_exp(&log_ratio)?;
+        let excess_sum = ((ratio.detach() - 1.0)?.mul(&p.mask)?)
+            .to_dtype(acc)?
+            .sum_all()?
+            .to_dtype(dtype)?;
+        return Ok(Ratios {
+            log_ratio,
+            ratio,
+            excess_sum,
+        });
+    }
+    // Σ_t m·δ in f64, then the row mean and its bound.
+    let n = p.counts.row_tokens.to_dtype(acc)?.maximum(1.0)?;
+    let mean = log_ratio.to_dtype(acc)?.sum(D::Minus1)?.div(&n)?;
+    let log_s = piecewise::clamp(&mean, None, seq_max)?;
+    let excess_sum = (log_s.detach().exp()? - 1.0)?
+        .mul(&p.counts.row_tokens.to_dtype(acc)?)?
+        .sum_all()?
+        .to_dtype(dtype)?;
+    let log_s = log_s.to_dtype(dtype)?.unsqueeze(1)?;
+    let shape = p.log_probs.shape();
+    let log_s = match level {
+        RatioLevel::Sequence => log_s.broadcast_as(shape)?,
+        // Value log s_i, gradient 1 on each token's own ℓ.
+        _ => {
+            let straight_through = (&p.log_probs - p.log_probs.detach())?;
+            let log_s_t = straight_through.broadcast_add(&log_s.detach())?;
+            piecewise::clamp(&log_s_t, None, seq_max)?
+        }
+    };
+    Ok(Ratios {
+        log_ratio,
+        ratio: saturating_exp(&log_s)?,
+        excess_sum,
+    })
+}
