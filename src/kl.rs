@@ -12,7 +12,7 @@
 //!
 //! verl clamps k3's `−d` to ±20 and its value to ±10 ([`KlPenalty::clamp`] = `true`); TRL does
 //! not. Both forms live here side by side: [`kl_penalty`] on tensors (composed, differentiable)
-//! and the scalar form the kernels run; their kinks follow [`crate::piecewise`] (`|d|` has
+//! and the scalar form the kernels run; their kinks follow `piecewise.rs` (`|d|` has
 //! gradient 0 at `d = 0`, a clamp has gradient 0 at its bounds).
 
 use candle_core::Tensor;

@@ -25,7 +25,7 @@ fn trust_region(max_tau: f64) -> impl Strategy<Value = TrustRegion> {
     let soft = (0.05..max_tau, 0.05..max_tau)
         .prop_map(|(tau_pos, tau_neg)| TrustRegion::SoftGate { tau_pos, tau_neg });
     let hard = (
-        0.0..0.6f64,
+        prop_oneof![3 => 0.0..0.6f64, 1 => Just(0.0)],
         0.0..0.6f64,
         proptest::option::of(1.2..5.0f64),
         proptest::option::of(0.05..2.0f64),
@@ -88,19 +88,21 @@ fn config(max_tau: f64) -> impl Strategy<Value = PolicyLossConfig> {
         })
 }
 
-/// Batches up to 16×64 with empty rows, log-ratios up to ±30.
+/// Batches up to 16×64 with empty rows, log-ratios up to ±30, exact ties with `ℓold` and `ℓref`.
 fn batch(with_ref: bool) -> impl Strategy<Value = Batch> {
     (1usize..=16, 1usize..=64, any::<bool>(), any::<bool>()).prop_flat_map(
         move |(b, t, per_token, weighted)| {
             let n = b * t;
-            let log_ratio = prop_oneof![3 => -0.5..0.5f64, 1 => -30.0..30.0f64];
+            // Exact ties (ℓ = ℓold, ℓ = ℓref) are frequent: PyTorch's subgradients decide there.
+            let log_ratio = prop_oneof![3 => -0.5..0.5f64, 1 => -30.0..30.0f64, 1 => Just(0.0)];
+            let ref_shift = prop_oneof![3 => -2.0..2.0f64, 1 => Just(0.0)];
             (
                 proptest::collection::vec(-10.0..-0.01f64, n),
                 proptest::collection::vec(log_ratio, n),
                 proptest::collection::vec(-3.0..3.0f64, if per_token { n } else { b }),
                 proptest::collection::vec(prop_oneof![3 => Just(1.0), 1 => Just(0.0)], n),
                 proptest::collection::vec(prop_oneof![3 => Just(false), 1 => Just(true)], b),
-                proptest::collection::vec(-2.0..2.0f64, n),
+                proptest::collection::vec(ref_shift, n),
                 proptest::collection::vec(0.0..2.0f64, n),
             )
                 .prop_map(

@@ -6,7 +6,7 @@
 //! l = min(l, −c·A)
 //! ```
 //!
-//! Kinks follow [`crate::piecewise`]: ties of `max`/`min` split the gradient equally, `clip` and
+//! Kinks follow `piecewise.rs`: ties of `max`/`min` split the gradient equally, `clip` and
 //! the δ bound have gradient 0 at their bounds.
 
 use candle_core::Tensor;
