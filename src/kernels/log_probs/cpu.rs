@@ -235,30 +235,34 @@ impl<F: Load<R> + Store<R>, R: Real> Vectorized for BackwardRow<'_, F, R> {
     }
 }
 
-/// The logits' gradient `[N·V]`, in the logits' storage type, from the forward's `ℓ`, `H`,
-/// `lse` (`res`) and their upstream gradients (`grad`).
-pub(super) fn backward<F: Load<R> + Store<R>, R: Real>(
-    logits: &[F],
-    vocab: usize,
-    targets: &[usize],
-    inv_t: R,
-    res: &RowStats,
-    grad: &RowStats,
-) -> Vec<F> {
-    let mut out = vec![F::store(R::ZERO); logits.len()];
-    out.par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .enumerate()
-        .for_each(|(i, (out, row))| {
-            let r = RowGrad {
-                target: targets[i],
-                inv_t,
-                lse: R::from_f64(res.get(2, i)),
-                entropy: R::from_f64(res.get(1, i)),
-                grad_log_prob: R::from_f64(grad.get(0, i)),
-                grad_entropy: R::from_f64(grad.get(1, i)),
-            };
-            dispatch(BackwardRow { row, out, r })
-        });
-    out
+/// The backward pass over all rows.
+pub(super) struct Backward<'a> {
+    pub vocab: usize,
+    pub targets: &'a [usize],
+    /// The forward's `ℓ`, `H`, `lse`.
+    pub res: &'a RowStats,
+    /// Their upstream gradients.
+    pub grad: &'a RowStats,
+}
+
+impl Backward<'_> {
+    /// The logits' gradient `[N·V]`, in the logits' storage type, computed in `R`.
+    pub(super) fn run<F: Load<R> + Store<R>, R: Real>(&self, logits: &[F], inv_t: R) -> Vec<F> {
+        let mut out = vec![F::store(R::ZERO); logits.len()];
+        out.par_chunks_mut(self.vocab)
+            .zip(logits.par_chunks(self.vocab))
+            .enumerate()
+            .for_each(|(i, (out, row))| {
+                let r = RowGrad {
+                    target: self.targets[i],
+                    inv_t,
+                    lse: R::from_f64(self.res.get(2, i)),
+                    entropy: R::from_f64(self.res.get(1, i)),
+                    grad_log_prob: R::from_f64(self.grad.get(0, i)),
+                    grad_entropy: R::from_f64(self.grad.get(1, i)),
+                };
+                dispatch(BackwardRow { row, out, r })
+            });
+        out
+    }
 }

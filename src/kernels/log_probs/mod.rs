@@ -115,40 +115,17 @@ impl CustomOp3 for LogProbsBackward {
         let (start, end) = logits_layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("logits must be contiguous".into()))?;
-        let (t32, t64) = (inv_t as f32, inv_t);
+        let pass = cpu::Backward {
+            vocab,
+            targets: &targets,
+            res: &res,
+            grad: &grad,
+        };
         let out = match logits {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::backward(
-                &v[start..end],
-                vocab,
-                &targets,
-                t32,
-                &res,
-                &grad,
-            )),
-            CpuStorage::F16(v) => CpuStorage::F16(cpu::backward(
-                &v[start..end],
-                vocab,
-                &targets,
-                t32,
-                &res,
-                &grad,
-            )),
-            CpuStorage::BF16(v) => CpuStorage::BF16(cpu::backward(
-                &v[start..end],
-                vocab,
-                &targets,
-                t32,
-                &res,
-                &grad,
-            )),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::backward(
-                &v[start..end],
-                vocab,
-                &targets,
-                t64,
-                &res,
-                &grad,
-            )),
+            CpuStorage::F32(v) => CpuStorage::F32(pass.run(&v[start..end], inv_t as f32)),
+            CpuStorage::F16(v) => CpuStorage::F16(pass.run(&v[start..end], inv_t as f32)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(pass.run(&v[start..end], inv_t as f32)),
+            CpuStorage::F64(v) => CpuStorage::F64(pass.run(&v[start..end], inv_t)),
             other => candle_core::bail!("logits: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))

@@ -274,23 +274,23 @@ fn sweep<R: Real, S: Shape<R>>(
 ) {
     let token = p.level == RatioLevel::Token;
     let seq_token = p.level == RatioLevel::SequenceToken;
-    let Tile {
-        keep,
-        lp,
-        old,
-        adv,
-        w,
-        g,
-        value,
-        slope,
-        neg_delta,
-        excess,
-        lo,
-        hi,
-        shape: streams,
-        ..
-    } = tile;
-    for j in 0..padded {
+    let n = padded;
+    let t = &mut *tile;
+    // Every slice cut to the tile's length, so that the loop runs without bounds checks.
+    let (keep, lp, old, adv, w) = (
+        &t.keep[..n],
+        &t.lp[..n],
+        &t.old[..n],
+        &t.adv[..n],
+        &t.w[..n],
+    );
+    let (g, value, slope) = (&mut t.g[..n], &mut t.value[..n], &mut t.slope[..n]);
+    let (neg_delta, excess) = (&mut t.neg_delta[..n], &mut t.excess[..n]);
+    let (lo, hi) = (&mut t.lo[..n], &mut t.hi[..n]);
+    let [s0, s1, s2, s3] = &mut t.shape;
+    let mut streams = [&mut s0[..n], &mut s1[..n], &mut s2[..n], &mut s3[..n]];
+    let slots = S::SLOTS.len();
+    for j in 0..n {
         let m = keep[j];
         let (delta, ddelta) = ratio::log_ratio(lp[j] - old[j], p.clamp);
         let (rho, drho) = ratio::ratio(delta);
@@ -305,8 +305,11 @@ fn sweep<R: Real, S: Shape<R>>(
         excess[j] = m * (r - R::ONE);
         lo[j] = R::select(m != R::ZERO, r, R::INFINITY);
         hi[j] = R::select(m != R::ZERO, r, -R::INFINITY);
-        for (k, stream) in streams.iter_mut().enumerate().take(S::SLOTS.len()) {
-            stream[j] = m * e.metrics[k];
+        // `slots` is a constant of `S`: the unused streams cost nothing.
+        for (k, stream) in streams.iter_mut().enumerate() {
+            if k < slots {
+                stream[j] = m * e.metrics[k];
+            }
         }
     }
 }
