@@ -368,3 +368,31 @@ fn mixed_dtypes_lose_no_precision_and_masks_are_checked_in_their_own_dtype() {
         );
     }
 }
+
+#[test]
+fn kept_gradient_is_scaled_by_the_upstream_gradient_and_survives_a_second_backward() {
+    let x = batch(6, 50, DType::F32);
+    for loss in losses() {
+        let run = |backend: Backend, scale: f64| {
+            let lp = Var::from_tensor(&x.log_probs).unwrap();
+            let mut inputs = PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, &x.mask);
+            if loss.config().kl.is_some() {
+                inputs = inputs.with_ref_log_probs(&x.reference);
+            }
+            let out = loss.with_backend(backend).forward(&inputs).unwrap();
+            let scaled = (&out.loss * scale).unwrap();
+            let first = f64s(scaled.backward().unwrap().get(lp.as_tensor()).unwrap());
+            let second = f64s(scaled.backward().unwrap().get(lp.as_tensor()).unwrap());
+            assert_eq!(first, second, "{backend:?}: a second backward differs");
+            first
+        };
+        let composed = run(Backend::Composed, 2.5);
+        let fused = run(Backend::Auto, 2.5);
+        for (a, b) in fused.iter().zip(&composed) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1e-3 + b.abs()) + 1e-7,
+                "{a} vs {b}"
+            );
+        }
+    }
+}

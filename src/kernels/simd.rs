@@ -126,14 +126,19 @@ pub(crate) fn dispatch<K: Vectorized>(body: K) -> K::Output {
     body.run()
 }
 
-/// Adds a padded stream into `LANES` lane sums in f64 (vectorized, in a fixed order, and with
-/// f64 accumulation for long rows).
+/// Adds a padded stream (one tile) into `LANES` lane sums: summed in the compute type within the
+/// tile (vectorized, in a fixed order), then added to f64 lanes, so that long rows keep their
+/// precision.
 #[inline(always)]
 pub(crate) fn lane_sum<R: Real>(v: &[R], acc: &mut [f64; LANES]) {
+    let mut tile = [R::ZERO; LANES];
     for block in v.as_chunks::<LANES>().0 {
         for l in 0..LANES {
-            acc[l] += block[l].to_f64();
+            tile[l] = tile[l] + block[l];
         }
+    }
+    for l in 0..LANES {
+        acc[l] += tile[l].to_f64();
     }
 }
 

@@ -4,15 +4,16 @@
 //!
 //! Device files sit beside this one: `cpu.rs` (the CPU implementation, [`CustomOp1::cpu_fwd`]);
 //! the CUDA and Metal implementations will be `cuda.rs` and `metal.rs`, behind the features, and
-//! plug into `cuda_fwd` / `metal_fwd`. The backward is device-agnostic: it scales the kept
-//! gradient by the upstream gradient with a tensor op, reading nothing on the host.
+//! plug into `cuda_fwd` / `metal_fwd`. The backward reads nothing on the host: it hands over the
+//! kept gradient, scaled by the upstream gradient in place on the CPU (no copy, no pass when it is
+//! 1) and with a tensor op on other devices.
 
 mod cpu;
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tensor, WithDType};
 use half::{bf16, f16};
 
 use super::simd::{Load, Store};
@@ -127,19 +128,71 @@ impl CustomOp1 for FusedPolicyLoss {
 
     fn bwd(
         &self,
-        _arg: &Tensor,
+        log_probs: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = self
-            .grad
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("backward before forward".into()))?;
-        // Only the loss (slot 0) carries gradient; the metrics are detached. Scaled on the
-        // device, without reading the upstream gradient on the host.
-        let upstream = grad_res.narrow(0, 0, 1)?.to_dtype(grad.dtype())?;
-        Ok(Some(grad.broadcast_mul(&upstream)?))
+        let take = || self.grad.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // The forward's gradient is handed over (not copied); a second backward through the
+        // same graph runs the kernel again.
+        let grad = match take() {
+            Some(grad) => grad,
+            None => {
+                log_probs.apply_op1_no_bwd(self)?;
+                take().ok_or_else(|| candle_core::Error::Msg("kernel kept no gradient".into()))?
+            }
+        };
+        // Only the loss (slot 0) carries gradient; the metrics are detached. Nothing is read on
+        // the host here: on the CPU the kept gradient is scaled in place by a kernel, elsewhere
+        // by a tensor op.
+        let upstream = grad_res.narrow(0, 0, 1)?;
+        if grad.device().is_cpu() {
+            grad.inplace_op2(&upstream, &ScaleByUpstream)?;
+            Ok(Some(grad))
+        } else {
+            Ok(Some(grad.broadcast_mul(&upstream.to_dtype(grad.dtype())?)?))
+        }
+    }
+}
+
+/// Scales a kept gradient in place by the loss's upstream gradient (a 1-element tensor); a
+/// no-op when it is 1, the usual case.
+struct ScaleByUpstream;
+
+impl InplaceOp2 for ScaleByUpstream {
+    fn name(&self) -> &'static str {
+        "sapo-scale-by-upstream"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &mut CpuStorage,
+        _grad_layout: &Layout,
+        upstream: &CpuStorage,
+        upstream_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        let at = upstream_layout.start_offset();
+        let u = match upstream {
+            CpuStorage::F32(v) => f64::from(v[at]),
+            CpuStorage::F64(v) => v[at],
+            CpuStorage::F16(v) => v[at].to_f64(),
+            CpuStorage::BF16(v) => v[at].to_f64(),
+            other => candle_core::bail!("upstream gradient: unsupported dtype {:?}", other.dtype()),
+        };
+        if u == 1.0 {
+            return Ok(());
+        }
+        match grad {
+            CpuStorage::F32(v) => v.iter_mut().for_each(|x| *x *= u as f32),
+            CpuStorage::F64(v) => v.iter_mut().for_each(|x| *x *= u),
+            CpuStorage::F16(v) => v
+                .iter_mut()
+                .for_each(|x| *x = f16::from_f64(x.to_f64() * u)),
+            CpuStorage::BF16(v) => v
+                .iter_mut()
+                .for_each(|x| *x = bf16::from_f64(x.to_f64() * u)),
+            other => candle_core::bail!("gradient: unsupported dtype {:?}", other.dtype()),
+        }
+        Ok(())
     }
 }
