@@ -48,6 +48,14 @@ pub enum AdvantageEstimator {
 }
 
 /// How responses are grouped.
+///
+/// ```
+/// use sapo::{group_advantages_vec, AdvantageEstimator, Groups};
+/// let by_id = group_advantages_vec(&[1.0, 0.0, 1.0], Groups::Ids(&[4, 9, 4]), AdvantageEstimator::DrGrpo)?;
+/// let by_size = group_advantages_vec(&[1.0, 0.0], Groups::Size(2), AdvantageEstimator::DrGrpo)?;
+/// assert_eq!(by_size, vec![0.5, -0.5]);
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Groups<'a> {
     /// One id per response; members of a group need not be adjacent.

@@ -18,6 +18,11 @@ use crate::error::{check_config, check_device, check_float, check_shape, Error, 
 use crate::real::accumulation_dtype;
 
 /// How per-token losses become one scalar. The names are verl's `loss_agg_mode`.
+///
+/// ```
+/// let dr_grpo = sapo::Aggregation::SeqMeanTokenSumNorm { horizon: Some(1024) };
+/// assert_eq!(dr_grpo.name(), "seq-mean-token-sum-norm");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Aggregation {
     /// `Σ m·L / N_tok` — verl `token-mean`, TRL `bnpo`/`dapo`.
@@ -83,6 +88,10 @@ impl Aggregation {
     }
 
     /// Rejects a horizon of 0.
+    ///
+    /// ```
+    /// assert!(sapo::Aggregation::SeqMeanTokenSumNorm { horizon: Some(0) }.validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
         if let Self::SeqMeanTokenSumNorm { horizon } = self {
             check_config(horizon != &Some(0), "horizon", ">= 1", horizon)?;
@@ -124,22 +133,38 @@ impl Default for Normalizer {
 }
 
 impl Normalizer {
-    /// Sets the global unmasked-token count.
+    /// Sets the global unmasked-token count `N_tok` (for `token-mean`).
+    ///
+    /// ```
+    /// assert_eq!(sapo::Normalizer::default().with_global_tokens(512.0).global_tokens, Some(512.0));
+    /// ```
     pub fn with_global_tokens(mut self, tokens: f64) -> Self {
         self.global_tokens = Some(tokens);
         self
     }
-    /// Sets the global non-empty-row count.
+    /// Sets the global non-empty-row count `B'` (for the `seq-mean-*` modes).
+    ///
+    /// ```
+    /// assert_eq!(sapo::Normalizer::default().with_global_sequences(64.0).global_sequences, Some(64.0));
+    /// ```
     pub fn with_global_sequences(mut self, sequences: f64) -> Self {
         self.global_sequences = Some(sequences);
         self
     }
-    /// Sets the number of shards.
+    /// Sets the number of shards `W` whose losses are averaged.
+    ///
+    /// ```
+    /// assert_eq!(sapo::Normalizer::default().with_world_size(8).world_size, 8);
+    /// ```
     pub fn with_world_size(mut self, world_size: usize) -> Self {
         self.world_size = world_size;
         self
     }
     /// Rejects negative or non-finite counts and a world size of 0.
+    ///
+    /// ```
+    /// assert!(sapo::Normalizer::default().with_world_size(0).validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
         for (name, v) in [
             ("normalizer.global_tokens", self.global_tokens),

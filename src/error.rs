@@ -76,6 +76,11 @@ pub enum Error {
 }
 
 /// `Result` with [`Error`].
+///
+/// ```
+/// fn build() -> sapo::Result<sapo::PolicyLoss> { sapo::Sapo::default().build() }
+/// assert!(build().is_ok());
+/// ```
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl From<Error> for candle_core::Error {

@@ -22,7 +22,14 @@ use crate::error::{check_config, check_device, check_float, check_shape, Error, 
 use crate::piecewise::{self, abs_scalar, clamp_scalar};
 use crate::real::Real;
 
-/// Which KL estimator the penalty uses.
+/// Which KL estimator the penalty uses (`d = ℓ − ℓref`: k1 `d`, abs `|d|`, k2 `½d²`, k3
+/// `e^{−d} + d − 1`, k3+ the value of k3 with the gradient of k2).
+///
+/// ```
+/// use sapo::{KlEstimator, KlPenalty};
+/// let verl = KlPenalty::new(0.001, KlEstimator::K3); // kl_loss_type=low_var_kl
+/// assert_eq!(verl.estimator, KlEstimator::K3);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KlEstimator {
     /// `ℓ − ℓref` (verl `kl`/`k1`).
@@ -83,7 +90,12 @@ pub struct KlPenalty {
 }
 
 impl KlPenalty {
-    /// A penalty with coefficient `coef`, `token-mean` aggregation and verl's clamp.
+    /// A penalty `β·agg(k)` with coefficient `coef`, `token-mean` aggregation and verl's clamp.
+    ///
+    /// ```
+    /// let kl = sapo::KlPenalty::new(0.04, sapo::KlEstimator::K3);
+    /// assert!(kl.clamp);
+    /// ```
     pub fn new(coef: f64, estimator: KlEstimator) -> Self {
         Self {
             coef,
@@ -92,17 +104,31 @@ impl KlPenalty {
             clamp: true,
         }
     }
-    /// Sets the aggregation.
+    /// Sets the aggregation of the penalty (verl: the actor's mode).
+    ///
+    /// ```
+    /// use sapo::{Aggregation, KlEstimator, KlPenalty};
+    /// let kl = KlPenalty::new(0.1, KlEstimator::K1).with_aggregation(Aggregation::SeqMeanTokenMean);
+    /// assert_eq!(kl.aggregation, Aggregation::SeqMeanTokenMean);
+    /// ```
     pub fn with_aggregation(mut self, aggregation: Aggregation) -> Self {
         self.aggregation = aggregation;
         self
     }
-    /// Turns verl's k3 clamps on or off.
+    /// Turns verl's k3 clamps (`|ℓref − ℓ| ≤ 20`, `|k3| ≤ 10`) on or off (TRL: off).
+    ///
+    /// ```
+    /// assert!(!sapo::KlPenalty::new(0.04, sapo::KlEstimator::K3).with_clamp(false).clamp);
+    /// ```
     pub fn with_clamp(mut self, clamp: bool) -> Self {
         self.clamp = clamp;
         self
     }
     /// Rejects a negative or non-finite coefficient and a bad aggregation.
+    ///
+    /// ```
+    /// assert!(sapo::KlPenalty::new(-1.0, sapo::KlEstimator::K2).validate().is_err());
+    /// ```
     pub fn validate(&self) -> Result<()> {
         check_config(
             self.coef.is_finite() && self.coef >= 0.0,
@@ -114,9 +140,18 @@ impl KlPenalty {
     }
 }
 
-/// verl's bound on k3's log-ratio `ℓref − ℓ` (when [`KlPenalty::clamp`] is set).
+/// verl's bound on k3's log-ratio: `clamp(ℓref − ℓ, −20, 20)` (when [`KlPenalty::clamp`] is
+/// set).
+///
+/// ```
+/// assert_eq!(sapo::kl::K3_LOG_RATIO_BOUND, 20.0);
+/// ```
 pub const K3_LOG_RATIO_BOUND: f64 = 20.0;
-/// verl's bound on k3's value (when [`KlPenalty::clamp`] is set).
+/// verl's bound on k3's value: `clamp(k3, −10, 10)` (when [`KlPenalty::clamp`] is set).
+///
+/// ```
+/// assert_eq!(sapo::kl::K3_VALUE_BOUND, 10.0);
+/// ```
 pub const K3_VALUE_BOUND: f64 = 10.0;
 
 // ---------------------------------------------------------------------------------------------

@@ -59,27 +59,52 @@ impl PolicyLossConfig {
             kl: None,
         }
     }
-    /// Sets the ratio level.
+    /// Sets the ratio level (token `ρ`, sequence `s`, GSPO-token).
+    ///
+    /// ```
+    /// let cfg = sapo::Grpo::default().config().with_ratio_level(sapo::RatioLevel::Sequence);
+    /// assert_eq!(cfg.ratio_level, sapo::RatioLevel::Sequence);
+    /// ```
     pub fn with_ratio_level(mut self, ratio_level: RatioLevel) -> Self {
         self.ratio_level = ratio_level;
         self
     }
-    /// Sets (or with `None` disables) the token log-ratio clamp.
+    /// Sets (or with `None` disables) the token log-ratio clamp `δ = clamp(ℓ − ℓold, −c, c)`.
+    ///
+    /// ```
+    /// let trl = sapo::Sapo::default().config().with_log_ratio_clamp(None);
+    /// assert_eq!(trl.log_ratio_clamp, None);
+    /// ```
     pub fn with_log_ratio_clamp(mut self, clamp: Option<f64>) -> Self {
         self.log_ratio_clamp = clamp;
         self
     }
-    /// Sets (or with `None` disables) the upper clamp on the sequence log-ratio.
+    /// Sets (or with `None` disables) the upper clamp `log s ≤ s_max` on the sequence log-ratio.
+    ///
+    /// ```
+    /// let trl = sapo::Gspo::default().config().with_seq_log_ratio_max(None);
+    /// assert_eq!(trl.seq_log_ratio_max, None);
+    /// ```
     pub fn with_seq_log_ratio_max(mut self, max: Option<f64>) -> Self {
         self.seq_log_ratio_max = max;
         self
     }
     /// Sets the aggregation of the policy term.
+    ///
+    /// ```
+    /// let dapo = sapo::Grpo::default().config().with_aggregation(sapo::Aggregation::TokenMean);
+    /// assert_eq!(dapo.aggregation, sapo::Aggregation::TokenMean);
+    /// ```
     pub fn with_aggregation(mut self, aggregation: Aggregation) -> Self {
         self.aggregation = aggregation;
         self
     }
-    /// Adds (or with `None` removes) a KL penalty.
+    /// Adds (or with `None` removes) a KL penalty `β·agg(k(ℓ, ℓref))`.
+    ///
+    /// ```
+    /// let kl = Some(sapo::KlPenalty::new(0.04, sapo::KlEstimator::K3));
+    /// assert_eq!(sapo::Sapo::default().config().with_kl(kl).kl, kl);
+    /// ```
     pub fn with_kl(mut self, kl: Option<KlPenalty>) -> Self {
         self.kl = kl;
         self

@@ -242,50 +242,146 @@ impl MetricSums {
         (self.token_count > 0.0).then_some(sum? / self.token_count)
     }
     /// Mean of `−δ` (verl `ppo_kl`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.approx_kl(), Some(0.05));
+    /// ```
     pub fn approx_kl(&self) -> Option<f64> {
         self.mean(Some(self.neg_log_ratio_sum))
     }
     /// Fraction of tokens whose clipped term is active (verl `pg_clipfrac`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.clip_fraction(), Some(0.25));
+    /// ```
     pub fn clip_fraction(&self) -> Option<f64> {
         self.mean(self.clipped_count)
     }
     /// Fraction of tokens cut by the dual clip (verl `pg_clipfrac_lower`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.dual_clip_fraction(), Some(0.0));
+    /// ```
     pub fn dual_clip_fraction(&self) -> Option<f64> {
         self.mean(self.dual_clipped_count)
     }
     /// TRL's `clip_ratio` (low + high).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.clip_ratio(), Some(0.5));
+    /// ```
     pub fn clip_ratio(&self) -> Option<f64> {
         self.mean(add(self.clip_low_count, self.clip_high_count))
     }
     /// TRL's `clip_ratio/low_mean`.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.clip_ratio_low(), Some(0.25));
+    /// ```
     pub fn clip_ratio_low(&self) -> Option<f64> {
         self.mean(self.clip_low_count)
     }
     /// TRL's `clip_ratio/high_mean`.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.clip_ratio_high(), Some(0.25));
+    /// ```
     pub fn clip_ratio_high(&self) -> Option<f64> {
         self.mean(self.clip_high_count)
     }
     /// Mean KL estimate (before β).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.kl_mean(), Some(0.1));
+    /// ```
     pub fn kl_mean(&self) -> Option<f64> {
         self.mean(self.kl_sum)
     }
     /// SAPO's mean gradient weight `4p(1−p)`: 1 on-policy, → 0 when the gate suppresses.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.gate_weight_mean(), None);
+    /// ```
     pub fn gate_weight_mean(&self) -> Option<f64> {
         self.mean(self.gate_weight_sum)
     }
     /// SAPO's mean gate value `f(ρ)`.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.gate_value_mean(), None);
+    /// ```
     pub fn gate_value_mean(&self) -> Option<f64> {
         self.mean(self.gate_value_sum)
     }
     /// Mean ratio, `1 + Σ(ρ − 1)/N`.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert!((m.ratio_mean().unwrap() - 0.975).abs() < 1e-12);
+    /// ```
     pub fn ratio_mean(&self) -> Option<f64> {
         self.mean(Some(self.ratio_excess_sum)).map(|x| 1.0 + x)
     }
     /// Smallest ratio.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.ratio_min(), Some(0.8));
+    /// ```
     pub fn ratio_min(&self) -> Option<f64> {
         (self.token_count > 0.0).then_some(self.lowest_ratio)
     }
     /// Largest ratio.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
+    ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
+    ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
+    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    /// assert_eq!(m.ratio_max(), Some(1.3));
+    /// ```
     pub fn ratio_max(&self) -> Option<f64> {
         (self.token_count > 0.0).then_some(self.highest_ratio)
     }

@@ -18,11 +18,20 @@ use crate::losses::inputs::Prepared;
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::{accumulation_dtype, max_exp_arg, Real};
 
-/// verl's clamp of the token log-ratio (`SAFETY_BOUND`), the default of
-/// [`crate::PolicyLossConfig::log_ratio_clamp`].
+/// verl's clamp of the token log-ratio (`SAFETY_BOUND`): `δ = clamp(ℓ − ℓold, −20, 20)`, the
+/// default of [`crate::PolicyLossConfig::log_ratio_clamp`].
+///
+/// ```
+/// assert_eq!(sapo::Grpo::default().config().log_ratio_clamp, Some(sapo::losses::DEFAULT_LOG_RATIO_CLAMP));
+/// ```
 pub const DEFAULT_LOG_RATIO_CLAMP: f64 = 20.0;
 
-/// verl's upper bound on GSPO's sequence log-ratio, the default of the [`crate::Gspo`] preset.
+/// verl's upper bound on GSPO's sequence log-ratio, `log s ≤ 10`, the default of the
+/// [`crate::Gspo`] preset.
+///
+/// ```
+/// assert_eq!(sapo::Gspo::default().config().seq_log_ratio_max, Some(sapo::losses::GSPO_SEQ_LOG_RATIO_MAX));
+/// ```
 pub const GSPO_SEQ_LOG_RATIO_MAX: f64 = 10.0;
 
 /// Which importance ratio the trust region sees.
