@@ -21,7 +21,7 @@ use crate::real::Real;
 const BLOCK: usize = 512;
 
 /// The target ids of a contiguous u8/u32/i64 tensor, read from its storage.
-pub(super) fn target_ids(targets: &Tensor) -> candle_core::Result<Vec<usize>> {
+pub(crate) fn target_ids(targets: &Tensor) -> candle_core::Result<Vec<usize>> {
     let (guard, layout) = targets.storage_and_layout();
     Ok(match targets.dtype() {
         DType::U8 => cpu_slice::<u8>(&guard, layout)?
@@ -56,14 +56,23 @@ fn accumulate<F: Load<R>, R: Real>(
     }
 }
 
-/// The running maximum and sums of a row.
-struct Online<R> {
+/// The running maximum and sums of a row: `max`, `Σ e^{z−max}`, `Σ e^{z−max}·z`.
+pub(crate) struct Online<R> {
     max: R,
     sum: R,
     weighted: R,
 }
 
 impl<R: Real> Online<R> {
+    /// The state before any logit.
+    pub(crate) fn new() -> Self {
+        Self {
+            max: -R::INFINITY,
+            sum: R::ZERO,
+            weighted: R::ZERO,
+        }
+    }
+
     /// Moves the running maximum up to `block_max`, rescaling the sums accumulated against the
     /// old one (`e^{−inf} = 0` at the start).
     #[inline(always)]
@@ -75,55 +84,60 @@ impl<R: Real> Online<R> {
             self.max = block_max;
         }
     }
+
+    /// Folds the logits of `span` (raw, divided by the temperature here) into the state: blocks
+    /// of `BLOCK` give a block maximum, the sums are accumulated in lanes.
+    #[inline(always)]
+    pub(crate) fn fold<F: Load<R>>(&mut self, span: &[F], inv_t: R) {
+        let neg_inf = -R::INFINITY;
+        let (chunks, tail) = span.as_chunks::<LANES>();
+        for group in chunks.chunks(BLOCK / LANES) {
+            let mut lane_max = [neg_inf; LANES];
+            for block in group {
+                for l in 0..LANES {
+                    lane_max[l] = lane_max[l].max_of(block[l].load() * inv_t);
+                }
+            }
+            self.rescale(lane_max.iter().fold(neg_inf, |m, &v| m.max_of(v)));
+            if self.max == neg_inf {
+                continue;
+            }
+            let mut lane_sum = [R::ZERO; LANES];
+            let mut lane_weighted = [R::ZERO; LANES];
+            for block in group {
+                accumulate(block, inv_t, self.max, &mut lane_sum, &mut lane_weighted);
+            }
+            for l in 0..LANES {
+                self.sum = self.sum + lane_sum[l];
+                self.weighted = self.weighted + lane_weighted[l];
+            }
+        }
+        // The tail is one more (short) block.
+        let tail_max = tail.iter().fold(neg_inf, |m, v| m.max_of(v.load() * inv_t));
+        self.rescale(tail_max);
+        if self.max > neg_inf {
+            for v in tail {
+                let z = v.load() * inv_t;
+                let e = (z - self.max).exp();
+                self.sum = self.sum + e;
+                self.weighted = self.weighted + weighted_logit(e, z);
+            }
+        }
+    }
+
+    /// `(ℓ, H, lse)` given the target's scaled logit `z_y`.
+    #[inline(always)]
+    pub(crate) fn finish(&self, z_target: R) -> (R, R, R) {
+        finish_row(self.max, self.sum, self.weighted, z_target)
+    }
 }
 
 /// `(ℓ, H, lse)` of one row.
 #[inline(always)]
 fn forward_row<F: Load<R>, R: Real>(row: &[F], target: usize, inv_t: R) -> (R, R, R) {
-    let neg_inf = -R::INFINITY;
-    let (chunks, tail) = row.as_chunks::<LANES>();
-    let mut online = Online {
-        max: neg_inf,
-        sum: R::ZERO,
-        weighted: R::ZERO,
-    };
-    for group in chunks.chunks(BLOCK / LANES) {
-        let mut lane_max = [neg_inf; LANES];
-        for block in group {
-            for l in 0..LANES {
-                lane_max[l] = lane_max[l].max_of(block[l].load() * inv_t);
-            }
-        }
-        online.rescale(lane_max.iter().fold(neg_inf, |m, &v| m.max_of(v)));
-        if online.max == neg_inf {
-            continue;
-        }
-        let mut lane_sum = [R::ZERO; LANES];
-        let mut lane_weighted = [R::ZERO; LANES];
-        for block in group {
-            accumulate(block, inv_t, online.max, &mut lane_sum, &mut lane_weighted);
-        }
-        for l in 0..LANES {
-            online.sum = online.sum + lane_sum[l];
-            online.weighted = online.weighted + lane_weighted[l];
-        }
-    }
-    // The tail is one more (short) block.
-    let tail: Vec<R> = tail.iter().map(|v| v.load() * inv_t).collect();
-    online.rescale(tail.iter().fold(neg_inf, |m, &v| m.max_of(v)));
-    if online.max > neg_inf {
-        for &z in &tail {
-            let e = (z - online.max).exp();
-            online.sum = online.sum + e;
-            online.weighted = online.weighted + weighted_logit(e, z);
-        }
-    }
-    finish_row(
-        online.max,
-        online.sum,
-        online.weighted,
-        row[target].load() * inv_t,
-    )
+    let mut online = Online::new();
+    online.fold(row, inv_t);
+    online.finish(row[target].load() * inv_t)
 }
 
 /// [`forward_row`] as a body for [`dispatch`].
@@ -161,13 +175,13 @@ pub(super) fn forward<F: Load<R>, R: Real>(
 }
 
 /// A `[3, N]` tensor's values (`ℓ`, `H`, `lse` or their upstream gradients), read on the CPU.
-pub(super) struct RowStats {
+pub(crate) struct RowStats {
     values: Vec<f64>,
     n: usize,
 }
 
 impl RowStats {
-    pub(super) fn new(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
+    pub(crate) fn new(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Self> {
         let n = layout.shape().dims2()?.1;
         let (start, end) = layout
             .contiguous_offsets()
@@ -186,7 +200,7 @@ impl RowStats {
 
 /// What the backward of one row needs besides its logits.
 #[derive(Clone, Copy)]
-struct RowGrad<R> {
+pub(crate) struct RowGrad<R> {
     target: usize,
     inv_t: R,
     lse: R,
@@ -195,29 +209,55 @@ struct RowGrad<R> {
     grad_entropy: R,
 }
 
-/// Writes `∂(g_ℓ·ℓ + g_H·H)/∂logits` of one row; zeros where the upstream gradient is 0 or the
-/// row's `lse` is not finite (garbage never reaches the gradient).
+impl<R: Real> RowGrad<R> {
+    /// The row's state from the forward's `[3,N]` output and its upstream gradient.
+    pub(crate) fn new(
+        target: usize,
+        inv_t: R,
+        res: &RowStats,
+        grad: &RowStats,
+        row: usize,
+    ) -> Self {
+        Self {
+            target,
+            inv_t,
+            lse: R::from_f64(res.get(2, row)),
+            entropy: R::from_f64(res.get(1, row)),
+            grad_log_prob: R::from_f64(grad.get(0, row)),
+            grad_entropy: R::from_f64(grad.get(1, row)),
+        }
+    }
+
+    /// Whether the row gets no gradient: its upstream gradient is 0, or its `lse` is not finite
+    /// (garbage never reaches the gradient).
+    #[inline(always)]
+    pub(crate) fn silent(&self) -> bool {
+        let zero = self.grad_log_prob == R::ZERO && self.grad_entropy == R::ZERO;
+        zero || !self.lse.is_finite_value()
+    }
+
+    /// Writes `∂(g_ℓ·ℓ + g_H·H)/∂x` for the logits `span`, which start at vocabulary id `first`.
+    #[inline(always)]
+    pub(crate) fn write<F: Load<R>, G: Store<R>>(&self, span: &[F], first: usize, out: &mut [G]) {
+        let (g_lp, g_h) = (self.grad_log_prob, self.grad_entropy);
+        let grad = |x: R| logit_gradient(x, self.inv_t, self.lse, self.entropy, g_lp, g_h);
+        for (dst, x) in out.iter_mut().zip(span) {
+            *dst = G::store(grad(x.load()));
+        }
+        if let Some(k) = self.target.checked_sub(first).filter(|&k| k < span.len()) {
+            out[k] = G::store(grad(span[k].load()) + self.inv_t * g_lp);
+        }
+    }
+}
+
+/// Writes `∂(g_ℓ·ℓ + g_H·H)/∂logits` of one row (zeros for a silent row).
 #[inline(always)]
 fn backward_row<F: Load<R> + Store<R>, R: Real>(row: &[F], out: &mut [F], r: RowGrad<R>) {
-    let silent = r.grad_log_prob == R::ZERO && r.grad_entropy == R::ZERO;
-    if silent || !r.lse.is_finite_value() {
+    if r.silent() {
         out.fill(F::store(R::ZERO));
-        return;
+    } else {
+        r.write(row, 0, out);
     }
-    let grad = |x: R| {
-        logit_gradient(
-            x,
-            r.inv_t,
-            r.lse,
-            r.entropy,
-            r.grad_log_prob,
-            r.grad_entropy,
-        )
-    };
-    for (dst, x) in out.iter_mut().zip(row) {
-        *dst = F::store(grad(x.load()));
-    }
-    out[r.target] = F::store(grad(row[r.target].load()) + r.inv_t * r.grad_log_prob);
 }
 
 /// [`backward_row`] as a body for [`dispatch`].
@@ -253,14 +293,7 @@ impl Backward<'_> {
             .zip(logits.par_chunks(self.vocab))
             .enumerate()
             .for_each(|(i, (out, row))| {
-                let r = RowGrad {
-                    target: self.targets[i],
-                    inv_t,
-                    lse: R::from_f64(self.res.get(2, i)),
-                    entropy: R::from_f64(self.res.get(1, i)),
-                    grad_log_prob: R::from_f64(self.grad.get(0, i)),
-                    grad_entropy: R::from_f64(self.grad.get(1, i)),
-                };
+                let r = RowGrad::new(self.targets[i], inv_t, self.res, self.grad, i);
                 dispatch(BackwardRow { row, out, r })
             });
         out

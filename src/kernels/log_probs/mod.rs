@@ -7,7 +7,7 @@
 //! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
 //! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
 
-mod cpu;
+pub(crate) mod cpu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
