@@ -7,6 +7,7 @@ pub mod error;
 pub mod gate;
 mod kernels;
 pub mod kl;
+pub mod linear_logprobs;
 pub mod logprobs;
 pub mod losses;
 mod piecewise;
@@ -17,6 +18,7 @@ pub use aggregation::{aggregate, Aggregation, Normalizer};
 pub use error::{Error, Result};
 pub use kernels::Backend;
 pub use kl::{kl_penalty, KlEstimator, KlPenalty};
+pub use linear_logprobs::{linear_log_probs_and_entropy, linear_log_probs_and_entropy_with};
 pub use logprobs::{
     token_log_probs, token_log_probs_and_entropy, token_log_probs_and_entropy_with,
 };

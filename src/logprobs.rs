@@ -22,31 +22,32 @@ use crate::kernels::{from_kernel, Backend};
 use crate::losses::inputs::compute_dtype;
 use crate::real::Real;
 
-fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<()> {
+/// Checks that the sampling temperature `T` is finite and > 0 with `1/T` finite in f32.
+pub(crate) fn check_temperature(temperature: f64) -> Result<()> {
     check_positive_scale(
         "temperature",
         temperature,
         1.0,
         "finite and > 0, with 1/temperature finite in f32",
-    )?;
-    check_float("logits", logits)?;
-    let dims = logits.dims();
-    if !(2..=3).contains(&dims.len()) || dims[dims.len() - 1] == 0 {
-        return Err(Error::Shape {
-            arg: "logits",
-            expected: "[B, T, V] or [N, V] with V >= 1".into(),
-            actual: dims.to_vec(),
-        });
-    }
-    let lead = &dims[..dims.len() - 1];
+    )
+}
+
+/// Checks that `targets` has the shape `lead`, an integer dtype, `reference`'s device and ids in
+/// `[0, vocab)` (one host read).
+pub(crate) fn check_targets(
+    targets: &Tensor,
+    lead: &[usize],
+    vocab: usize,
+    reference: &Tensor,
+) -> Result<()> {
     if targets.dims() != lead {
         return Err(Error::Shape {
             arg: "targets",
-            expected: format!("{lead:?} (the logits' leading dims)"),
+            expected: format!("{lead:?} (the leading dims)"),
             actual: targets.dims().to_vec(),
         });
     }
-    check_device("targets", targets, logits)?;
+    check_device("targets", targets, reference)?;
     if !matches!(targets.dtype(), DType::U8 | DType::U32 | DType::I64) {
         return Err(Error::DType {
             arg: "targets",
@@ -55,7 +56,6 @@ fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(
         });
     }
     if targets.elem_count() > 0 {
-        let vocab = dims[dims.len() - 1];
         let flat = targets.flatten_all()?.to_dtype(DType::F64)?;
         let (min, max) = (
             flat.min(0)?.to_scalar::<f64>()?,
@@ -70,6 +70,25 @@ fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(
         }
     }
     Ok(())
+}
+
+fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<()> {
+    check_temperature(temperature)?;
+    check_float("logits", logits)?;
+    let dims = logits.dims();
+    if !(2..=3).contains(&dims.len()) || dims[dims.len() - 1] == 0 {
+        return Err(Error::Shape {
+            arg: "logits",
+            expected: "[B, T, V] or [N, V] with V >= 1".into(),
+            actual: dims.to_vec(),
+        });
+    }
+    check_targets(
+        targets,
+        &dims[..dims.len() - 1],
+        dims[dims.len() - 1],
+        logits,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ use candle_core::{Layout, Storage, WithDType};
 
 use crate::error::Error;
 
+pub(crate) mod linear_log_probs;
 pub(crate) mod log_probs;
 pub(crate) mod policy_loss;
 pub(crate) mod simd;

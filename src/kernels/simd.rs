@@ -1,8 +1,8 @@
 //! Building blocks of the fused CPU kernels, written so that LLVM vectorizes them: loads from
 //! the storage dtypes, lane arrays (`LANES` independent accumulators, so that sums vectorize
 //! without reassociating floating-point additions — which also keeps the results bit-identical on
-//! every machine), and the run-time choice of instruction set ([`dispatch`], the crate's only
-//! `unsafe`).
+//! every machine), the run-time choice of instruction set ([`dispatch`]) and the tiles' matrix
+//! products ([`matmul`]): the crate's only `unsafe` code is here.
 
 use half::{bf16, f16};
 
@@ -124,6 +124,80 @@ pub(crate) fn dispatch<K: Vectorized>(body: K) -> K::Output {
         }
     }
     body.run()
+}
+
+/// A row-major or strided matrix view: `rows × cols` values at `data[r·row_stride + c·col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Matrix<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<T> Matrix<'_, T> {
+    /// Whether every element of the view lies inside `data`.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `dst = (accumulate ? dst : 0) + lhs · rhs` with gemm (single-threaded: callers parallelize
+/// over tiles, so the bits do not depend on the thread count). `dst` is row-major with
+/// `dst_row_stride`; the shapes must agree and every view must lie inside its slice.
+pub(crate) fn matmul<T: Real>(
+    dst: &mut [T],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: Matrix<'_, T>,
+    rhs: Matrix<'_, T>,
+) {
+    let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
+    let out = Matrix {
+        data: &[] as &[T],
+        rows: m,
+        cols: n,
+        row_stride: dst_row_stride,
+        col_stride: 1,
+    };
+    assert!(
+        rhs.rows == k,
+        "matmul: inner dimensions {k} and {}",
+        rhs.rows
+    );
+    assert!(lhs.fits(lhs.data.len()) && rhs.fits(rhs.data.len()) && out.fits(dst.len()));
+    if m == 0 || n == 0 {
+        return;
+    }
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts above keep every element gemm reads (lhs, rhs) or writes (dst) inside
+    // its slice, and `dst` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            stride(dst_row_stride),
+            accumulate,
+            lhs.data.as_ptr(),
+            stride(lhs.col_stride),
+            stride(lhs.row_stride),
+            rhs.data.as_ptr(),
+            stride(rhs.col_stride),
+            stride(rhs.row_stride),
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// Adds a padded stream (one tile) into `LANES` lane sums: summed in the compute type within the

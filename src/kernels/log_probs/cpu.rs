@@ -193,6 +193,14 @@ impl RowStats {
         };
         Ok(Self { values, n })
     }
+    /// A `[6, N]` tensor as two `[3, N]` ones (the forward's output, then its gradient).
+    pub(crate) fn split(self) -> (Self, Self) {
+        let n = self.n;
+        let mut first = self.values;
+        let second = first.split_off(3 * n);
+        (Self { values: first, n }, Self { values: second, n })
+    }
+
     fn get(&self, k: usize, row: usize) -> f64 {
         self.values[k * self.n + row]
     }

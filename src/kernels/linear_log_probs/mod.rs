@@ -1,0 +1,218 @@
+//! The fused linear log-probs op: `[N,H]` hidden states, the `[V,H]` lm_head weight and its `[V]`
+//! bias → `[3,N]` (`ℓ`, `H`, `lse`) without the `[N,V]` logits, and its backward, an op of its
+//! own that returns the three gradients at once.
+//!
+//! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
+//! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
+
+mod cpu;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+use crate::kernels::log_probs::cpu::{target_ids, RowStats};
+use crate::kernels::simd::{Load, Store};
+use crate::real::Real;
+
+/// `(hidden [N,H], weight [V,H], bias [V])` → `[3,N]`; the targets ride along. The inputs are
+/// contiguous and share the compute dtype (f32 or f64).
+pub(crate) struct FusedLinearLogProbs {
+    /// `[N]`, contiguous, ids already checked to be in `[0, V)`.
+    targets: Tensor,
+    temperature: f64,
+    /// Whether `bias` is the caller's (else zeros that are neither added nor differentiated).
+    has_bias: bool,
+}
+
+impl FusedLinearLogProbs {
+    /// Runs the op: `([N] log-probs, [N] entropies)`.
+    pub(crate) fn forward(
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        targets: &Tensor,
+        temperature: f64,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let op = Self {
+            targets: targets.contiguous()?,
+            temperature,
+            has_bias: bias.is_some(),
+        };
+        let bias = match bias {
+            Some(b) => b.contiguous()?,
+            None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+        };
+        let out = hidden
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias, op)?;
+        Ok((out.get(0)?, out.get(1)?))
+    }
+}
+
+/// The contiguous slice of a CPU storage in the compute type `R`.
+fn slice<'a, R: candle_core::WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [R]> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused linear inputs must be contiguous".into()))?;
+    Ok(&storage.as_slice::<R>()?[start..end])
+}
+
+/// The problem of the three inputs, in `R`.
+fn problem<'a, R: Real + candle_core::WithDType>(
+    (hidden, hl): (&'a CpuStorage, &Layout),
+    (weight, wl): (&'a CpuStorage, &Layout),
+    (bias, bl): (&'a CpuStorage, &Layout),
+    targets: &'a [usize],
+    (temperature, has_bias): (f64, bool),
+) -> candle_core::Result<cpu::Problem<'a, R>> {
+    let (n, h) = hl.shape().dims2()?;
+    let (v, _) = wl.shape().dims2()?;
+    Ok(cpu::Problem {
+        hidden: slice(hidden, hl)?,
+        weight: slice(weight, wl)?,
+        bias: if has_bias {
+            Some(slice(bias, bl)?)
+        } else {
+            None
+        },
+        targets,
+        n,
+        h,
+        v,
+        inv_t: <R as Real>::from_f64(1.0 / temperature),
+    })
+}
+
+impl CustomOp3 for FusedLinearLogProbs {
+    fn name(&self) -> &'static str {
+        "sapo-fused-linear-log-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hidden: &CpuStorage,
+        hidden_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let targets = target_ids(&self.targets)?;
+        let inputs = (
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+        );
+        let t = (self.temperature, self.has_bias);
+        let out = match hidden {
+            CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(inputs, &targets, t)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run::<f64>(inputs, &targets, t)?),
+            other => candle_core::bail!("hidden: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((3, targets.len()))))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, h) = hidden.dims2()?;
+        let v = weight.dim(0)?;
+        let backward = LinearBackward {
+            targets: self.targets.clone(),
+            temperature: self.temperature,
+            has_bias: self.has_bias,
+            bias: bias.clone(),
+        };
+        let packed = Tensor::cat(&[res, grad_res], 0)?.contiguous()?;
+        let flat = hidden.apply_op3_no_bwd(weight, &packed, &backward)?;
+        let grad_bias = self
+            .has_bias
+            .then(|| flat.narrow(0, (n + v) * h, v))
+            .transpose()?;
+        Ok((
+            Some(flat.narrow(0, 0, n * h)?.reshape((n, h))?),
+            Some(flat.narrow(0, n * h, v * h)?.reshape((v, h))?),
+            grad_bias,
+        ))
+    }
+}
+
+type Inputs<'a, 'l> = (
+    (&'a CpuStorage, &'l Layout),
+    (&'a CpuStorage, &'l Layout),
+    (&'a CpuStorage, &'l Layout),
+);
+
+fn run<R: Real + Load<R> + Store<R> + candle_core::WithDType>(
+    (hidden, weight, bias): Inputs<'_, '_>,
+    targets: &[usize],
+    temperature: (f64, bool),
+) -> candle_core::Result<Vec<R>> {
+    Ok(problem::<R>(hidden, weight, bias, targets, temperature)?.forward())
+}
+
+/// `(hidden, weight, [forward output; upstream gradient] [6,N])` → `[N·H + V·H + V]`: the
+/// gradients of the hidden states, the weight and the bias, end to end.
+struct LinearBackward {
+    targets: Tensor,
+    temperature: f64,
+    has_bias: bool,
+    bias: Tensor,
+}
+
+fn run_backward<R: Real + Load<R> + Store<R> + candle_core::WithDType>(
+    inputs: Inputs<'_, '_>,
+    targets: &[usize],
+    temperature: (f64, bool),
+    packed: RowStats,
+) -> candle_core::Result<Vec<R>> {
+    let (hidden, weight, bias) = inputs;
+    let p = problem::<R>(hidden, weight, bias, targets, temperature)?;
+    let (res, grad) = packed.split();
+    Ok(p.backward(&res, &grad).concat())
+}
+
+impl CustomOp3 for LinearBackward {
+    fn name(&self) -> &'static str {
+        "sapo-fused-linear-log-probs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hidden: &CpuStorage,
+        hidden_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        packed: &CpuStorage,
+        packed_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let targets = target_ids(&self.targets)?;
+        let (bias_guard, bias_layout) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cpu(bias) = &*bias_guard else {
+            candle_core::bail!("bias must be on the CPU")
+        };
+        let inputs = (
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+        );
+        let rows = RowStats::new(packed, packed_layout)?;
+        let t = (self.temperature, self.has_bias);
+        let out = match hidden {
+            CpuStorage::F32(_) => CpuStorage::F32(run_backward::<f32>(inputs, &targets, t, rows)?),
+            CpuStorage::F64(_) => CpuStorage::F64(run_backward::<f64>(inputs, &targets, t, rows)?),
+            other => candle_core::bail!("hidden: unsupported dtype {:?}", other.dtype()),
+        };
+        let (n, h) = hidden_layout.shape().dims2()?;
+        let v = weight_layout.shape().dims2()?.0;
+        Ok((out, Shape::from(n * h + v * h + v)))
+    }
+}
