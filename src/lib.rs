@@ -18,7 +18,9 @@ pub use aggregation::{aggregate, Aggregation, Normalizer};
 pub use error::{Error, Result};
 pub use kernels::Backend;
 pub use kl::{kl_penalty, KlEstimator, KlPenalty};
-pub use linear_logprobs::{linear_log_probs_and_entropy, linear_log_probs_and_entropy_with};
+pub use linear_logprobs::{
+    linear_log_probs_and_entropy, linear_log_probs_and_entropy_with, LmHead,
+};
 pub use logprobs::{
     token_log_probs, token_log_probs_and_entropy, token_log_probs_and_entropy_with,
 };

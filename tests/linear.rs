@@ -319,3 +319,201 @@ fn bad_inputs_are_typed_errors() {
         ));
     }
 }
+
+mod one_pass {
+    use super::*;
+    use sapo::{
+        Aggregation, HardClip, KlEstimator, KlPenalty, LmHead, PolicyInputs, PolicyLoss,
+        PolicyLossConfig, RatioLevel, TrustRegion,
+    };
+
+    fn configs() -> Vec<PolicyLossConfig> {
+        let shapes = [
+            TrustRegion::SoftGate {
+                tau_pos: 1.0,
+                tau_neg: 1.05,
+            },
+            TrustRegion::HardClip(HardClip::new(0.2, 0.28).with_dual_clip(3.0)),
+            TrustRegion::HardClip(HardClip::new(0.1, 0.1).with_delta(1.5)),
+            TrustRegion::Unclipped,
+        ];
+        let aggregations = [
+            Aggregation::TokenMean,
+            Aggregation::TokenSum,
+            Aggregation::SeqMeanTokenMean,
+            Aggregation::SeqMeanTokenSum,
+            Aggregation::SeqMeanTokenSumNorm { horizon: Some(9) },
+        ];
+        let kls = [
+            None,
+            Some(KlPenalty::new(0.1, KlEstimator::K3)),
+            Some(KlPenalty::new(0.3, KlEstimator::Abs).with_aggregation(Aggregation::TokenSum)),
+        ];
+        let mut out = vec![];
+        for level in [
+            RatioLevel::Token,
+            RatioLevel::Sequence,
+            RatioLevel::SequenceToken,
+        ] {
+            for shape in shapes {
+                for (k, aggregation) in aggregations.iter().enumerate() {
+                    let kl = kls[k % kls.len()];
+                    out.push(
+                        PolicyLossConfig::new(level, shape)
+                            .with_aggregation(*aggregation)
+                            .with_kl(kl),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// Loss, metrics (approx_kl, ratio mean, clip and gate means) and the gradients of hidden,
+    /// weight and bias.
+    fn outcome(
+        loss: &PolicyLoss,
+        p: &Problem,
+        (b, t): (usize, usize),
+        one_pass: bool,
+        backend: Backend,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let var = |v: &Vec<f64>, shape: &[usize]| {
+            Var::from_tensor(&Tensor::from_vec(v.clone(), shape, &dev()).unwrap()).unwrap()
+        };
+        let hidden = var(&p.hidden, &[b, t, p.h]);
+        let weight = var(&p.weight, &[p.v, p.h]);
+        let bias = var(p.bias.as_ref().unwrap(), &[p.v]);
+        let targets = Tensor::from_vec(p.targets.clone(), (b, t), &dev()).unwrap();
+        let noise = |seed| Tensor::from_vec(noise(b * t, seed), (b, t), &dev()).unwrap();
+        let (initial, _) = sapo::linear_log_probs_and_entropy(
+            hidden.as_tensor(),
+            weight.as_tensor(),
+            Some(bias.as_tensor()),
+            &targets,
+            0.9,
+        )
+        .unwrap();
+        let old = (initial.detach() + noise(40).affine(0.6, 0.0).unwrap()).unwrap();
+        let reference = (initial.detach() + noise(41)).unwrap();
+        let weights = noise(42).affine(1.0, 1.0).unwrap();
+        let adv = noise(43).affine(3.0, 0.0).unwrap();
+        let mask: Vec<f64> = (0..b * t)
+            .map(|j| {
+                if j / t == 1 || (j * 5) % 7 == 0 {
+                    0.0
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, t), &dev()).unwrap();
+        let kl = loss.config().kl.is_some();
+        let loss = loss.with_backend(backend);
+        let out = if one_pass {
+            let head = LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets)
+                .with_bias(bias.as_tensor())
+                .with_temperature(0.9);
+            let mut inputs = PolicyInputs::new(head, &old, &adv, &mask).with_is_weights(&weights);
+            if kl {
+                inputs = inputs.with_ref_log_probs(&reference);
+            }
+            loss.forward_from_hidden(&inputs).unwrap()
+        } else {
+            let (lp, _) = linear_log_probs_and_entropy_with(
+                hidden.as_tensor(),
+                weight.as_tensor(),
+                Some(bias.as_tensor()),
+                &targets,
+                0.9,
+                backend,
+            )
+            .unwrap();
+            let mut inputs = PolicyInputs::new(&lp, &old, &adv, &mask).with_is_weights(&weights);
+            if kl {
+                inputs = inputs.with_ref_log_probs(&reference);
+            }
+            loss.forward(&inputs).unwrap()
+        };
+        let m = out.metrics.read().unwrap();
+        let values = [
+            Some(f64s(&out.loss)[0]),
+            m.approx_kl(),
+            m.ratio_mean(),
+            m.clip_fraction(),
+            m.gate_weight_mean(),
+            m.kl_mean(),
+        ];
+        let grads = out.loss.backward().unwrap();
+        let g = |v: &Var| f64s(grads.get(v.as_tensor()).unwrap());
+        let gradients = [g(&hidden), g(&weight), g(&bias)].concat();
+        (values.iter().map(|v| v.unwrap_or(0.0)).collect(), gradients)
+    }
+
+    #[test]
+    fn one_pass_matches_the_linear_log_probs_then_the_loss() {
+        let (b, t) = (3, 7);
+        let p = problem(b * t, 6, 300, true, 17);
+        for config in configs() {
+            let loss = config.build().unwrap();
+            let fused = outcome(&loss, &p, (b, t), true, Backend::Auto);
+            let composed = outcome(&loss, &p, (b, t), false, Backend::Auto);
+            let reference = outcome(&loss, &p, (b, t), false, Backend::Composed);
+            let what = format!("{config:?}");
+            assert_close(&format!("{what} values"), &fused.0, &composed.0, 1e-12);
+            assert_close(&format!("{what} grads"), &fused.1, &composed.1, 1e-12);
+            assert_close(
+                &format!("{what} values vs composed ops"),
+                &fused.0,
+                &reference.0,
+                1e-9,
+            );
+            assert_close(
+                &format!("{what} grads vs composed ops"),
+                &fused.1,
+                &reference.1,
+                1e-9,
+            );
+        }
+    }
+
+    #[test]
+    fn one_pass_is_deterministic_across_thread_counts() {
+        let (b, t) = (5, 60);
+        let p = problem(b * t, 16, 3000, true, 23);
+        let loss = sapo::Sapo::default().build().unwrap();
+        let bits = || {
+            let (values, grads) = outcome(&loss, &p, (b, t), true, Backend::Auto);
+            values
+                .into_iter()
+                .chain(grads)
+                .map(f64::to_bits)
+                .collect::<Vec<_>>()
+        };
+        let pool = |n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        };
+        let one = pool(1).install(bits);
+        assert_eq!(one, pool(2).install(bits));
+        assert_eq!(one, pool(3).install(bits));
+    }
+
+    #[test]
+    fn flat_hidden_states_are_a_shape_error() {
+        let hidden = Tensor::zeros((6, 4), DType::F32, &dev()).unwrap();
+        let weight = Tensor::zeros((5, 4), DType::F32, &dev()).unwrap();
+        let targets = Tensor::zeros((2, 3), DType::U32, &dev()).unwrap();
+        let old = Tensor::zeros((2, 3), DType::F32, &dev()).unwrap();
+        let adv = Tensor::zeros(2, DType::F32, &dev()).unwrap();
+        let head = LmHead::new(&hidden, &weight, &targets);
+        let err = sapo::Sapo::default()
+            .build()
+            .unwrap()
+            .forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &old))
+            .unwrap_err();
+        assert!(matches!(err, Error::Shape { .. }), "{err}");
+    }
+}

@@ -18,6 +18,7 @@ use candle_core::{Layout, Storage, WithDType};
 use crate::error::Error;
 
 pub(crate) mod linear_log_probs;
+pub(crate) mod linear_policy_loss;
 pub(crate) mod log_probs;
 pub(crate) mod policy_loss;
 pub(crate) mod simd;

@@ -145,15 +145,18 @@ impl<T> Matrix<'_, T> {
     }
 }
 
-/// `dst = (accumulate ? dst : 0) + lhs · rhs` with gemm (single-threaded: callers parallelize
-/// over tiles, so the bits do not depend on the thread count). `dst` is row-major with
-/// `dst_row_stride`; the shapes must agree and every view must lie inside its slice.
+/// `dst = (accumulate ? dst : 0) + lhs · rhs` with gemm. `dst` is row-major with
+/// `dst_row_stride`; the shapes must agree and every view must lie inside its slice. With
+/// `parallel`, gemm splits the output over rayon's threads (each output element is still summed
+/// by one thread in a fixed order, so the bits do not depend on the thread count); callers that
+/// parallelize over tiles themselves pass `false`.
 pub(crate) fn matmul<T: Real>(
     dst: &mut [T],
     dst_row_stride: usize,
     accumulate: bool,
     lhs: Matrix<'_, T>,
     rhs: Matrix<'_, T>,
+    parallel: bool,
 ) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     let out = Matrix {
@@ -195,7 +198,11 @@ pub(crate) fn matmul<T: Real>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if parallel {
+                gemm::Parallelism::Rayon(rayon::current_num_threads())
+            } else {
+                gemm::Parallelism::None
+            },
         )
     }
 }

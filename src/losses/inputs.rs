@@ -30,10 +30,14 @@ use crate::error::{check_device, check_float, check_shape, Error, Result};
 /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &mask);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
+///
+/// The policy's log-probs may also come straight from the hidden states and the lm_head: with
+/// `L` = [`crate::LmHead`], [`crate::PolicyLoss::forward_from_hidden`] computes the loss without
+/// the logits.
 #[derive(Debug, Clone, Copy)]
-pub struct PolicyInputs<'a> {
-    /// `ℓ`, `[B,T]`.
-    pub log_probs: &'a Tensor,
+pub struct PolicyInputs<'a, L = &'a Tensor> {
+    /// `ℓ`, `[B,T]` (or the [`crate::LmHead`] that produces them).
+    pub log_probs: L,
     /// `ℓold`, `[B,T]`.
     pub old_log_probs: &'a Tensor,
     /// `A`, `[B]`, `[B,1]` or `[B,T]`.
@@ -48,7 +52,7 @@ pub struct PolicyInputs<'a> {
     pub normalizer: Normalizer,
 }
 
-impl<'a> PolicyInputs<'a> {
+impl<'a, L> PolicyInputs<'a, L> {
     /// The four required inputs, no KL reference, no weights, local normalization.
     ///
     /// ```
@@ -60,7 +64,7 @@ impl<'a> PolicyInputs<'a> {
     /// # Ok::<(), candle_core::Error>(())
     /// ```
     pub fn new(
-        log_probs: &'a Tensor,
+        log_probs: L,
         old_log_probs: &'a Tensor,
         advantages: &'a Tensor,
         mask: &'a Tensor,
@@ -184,31 +188,41 @@ fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
 }
 
-fn check_matrix(arg: &'static str, x: &Tensor, log_probs: &Tensor) -> Result<()> {
-    check_device(arg, x, log_probs)?;
-    check_shape(arg, x, log_probs.dims())?;
+fn check_matrix(arg: &'static str, x: &Tensor, shape: &[usize], device: &Tensor) -> Result<()> {
+    check_device(arg, x, device)?;
+    check_shape(arg, x, shape)?;
     check_float(arg, x)
 }
 
-impl PolicyInputs<'_> {
-    /// Checks shapes, dtypes, devices and the normalizer (no data is read). Returns `(B, T)`.
-    pub(crate) fn check(&self, needs_ref: bool) -> Result<(usize, usize)> {
+impl<'a, L> PolicyInputs<'a, L> {
+    /// The same constants with another source of log-probs.
+    pub(crate) fn with_log_probs<'b, M>(&self, log_probs: M) -> PolicyInputs<'b, M>
+    where
+        'a: 'b,
+    {
+        PolicyInputs {
+            log_probs,
+            old_log_probs: self.old_log_probs,
+            advantages: self.advantages,
+            mask: self.mask,
+            ref_log_probs: self.ref_log_probs,
+            is_weights: self.is_weights,
+            normalizer: self.normalizer,
+        }
+    }
+
+    /// Checks the constants' shapes, dtypes and devices against the log-probs' `[B,T]` shape
+    /// and `device`'s device, and the normalizer (no data is read).
+    pub(crate) fn check_constants(
+        &self,
+        shape: &[usize],
+        device: &Tensor,
+        needs_ref: bool,
+    ) -> Result<()> {
         self.normalizer.validate()?;
-        let log_probs = self.log_probs;
-        check_float("log_probs", log_probs)?;
-        let (b, t) = match log_probs.dims() {
-            &[b, t] => (b, t),
-            other => {
-                return Err(Error::Shape {
-                    arg: "log_probs",
-                    expected: "[B, T]".into(),
-                    actual: other.to_vec(),
-                })
-            }
-        };
-        let shape = log_probs.dims();
-        check_matrix("old_log_probs", self.old_log_probs, log_probs)?;
-        check_device("advantages", self.advantages, log_probs)?;
+        let b = shape[0];
+        check_matrix("old_log_probs", self.old_log_probs, shape, device)?;
+        check_device("advantages", self.advantages, device)?;
         check_float("advantages", self.advantages)?;
         let adv_dims = self.advantages.dims();
         if adv_dims != [b] && adv_dims != [b, 1] && adv_dims != shape {
@@ -218,7 +232,7 @@ impl PolicyInputs<'_> {
                 actual: adv_dims.to_vec(),
             });
         }
-        check_device("mask", self.mask, log_probs)?;
+        check_device("mask", self.mask, device)?;
         check_shape("mask", self.mask, shape)?;
         match (needs_ref, self.ref_log_probs) {
             (true, None) => {
@@ -235,25 +249,44 @@ impl PolicyInputs<'_> {
                     actual: "a tensor".into(),
                 })
             }
-            (_, Some(r)) => check_matrix("ref_log_probs", r, log_probs)?,
+            (_, Some(r)) => check_matrix("ref_log_probs", r, shape, device)?,
             _ => {}
         }
         if let Some(w) = self.is_weights {
-            check_matrix("is_weights", w, log_probs)?;
+            check_matrix("is_weights", w, shape, device)?;
         }
-        Ok((b, t))
+        Ok(())
     }
 
-    /// The advantages as `[B]` (one per row; from `[B]` or `[B,1]`) or `[B,T]`, detached.
-    pub(crate) fn advantages(&self) -> Result<Tensor> {
+    /// The advantages as `[B]` (one per row; from `[B]` or `[B,1]`) or `[B,T]`, detached, for
+    /// rows of `t` tokens.
+    pub(crate) fn advantages(&self, t: usize) -> Result<Tensor> {
         let adv = self.advantages.detach();
-        Ok(
-            if adv.dims() == [adv.dim(0)?, 1] && self.log_probs.dim(1)? != 1 {
-                adv.squeeze(1)?
-            } else {
-                adv
-            },
-        )
+        Ok(if adv.dims() == [adv.dim(0)?, 1] && t != 1 {
+            adv.squeeze(1)?
+        } else {
+            adv
+        })
+    }
+}
+
+impl PolicyInputs<'_> {
+    /// Checks shapes, dtypes, devices and the normalizer (no data is read). Returns `(B, T)`.
+    pub(crate) fn check(&self, needs_ref: bool) -> Result<(usize, usize)> {
+        let log_probs = self.log_probs;
+        check_float("log_probs", log_probs)?;
+        let (b, t) = match log_probs.dims() {
+            &[b, t] => (b, t),
+            other => {
+                return Err(Error::Shape {
+                    arg: "log_probs",
+                    expected: "[B, T]".into(),
+                    actual: other.to_vec(),
+                })
+            }
+        };
+        self.check_constants(&[b, t], log_probs, needs_ref)?;
+        Ok((b, t))
     }
 
     /// Checks every input (one host read for the values) and prepares the tensors of the
@@ -265,7 +298,7 @@ impl PolicyInputs<'_> {
         let dtype = compute_dtype(log_probs.dtype());
         let mask = self.mask.to_dtype(dtype)?;
         let keep = mask.ne(0.0)?;
-        let advantages = self.advantages()?.to_dtype(dtype)?;
+        let advantages = self.advantages(shape[1])?.to_dtype(dtype)?;
         let advantages = if advantages.rank() == 1 {
             advantages.unsqueeze(1)?.broadcast_as(shape.as_slice())?
         } else {

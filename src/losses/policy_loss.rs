@@ -9,13 +9,17 @@
 use candle_core::{DType, Tensor};
 
 use crate::aggregation::aggregate_masked;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
 use crate::kernels::{policy_loss::FusedPolicyLoss, Backend};
 use crate::kl::kl_penalty;
+use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::config::PolicyLossConfig;
+use crate::losses::inputs::compute_dtype;
 use crate::losses::inputs::{PolicyInputs, Prepared};
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
 use crate::losses::ratio::ratios;
+use crate::losses::ratio::RatioLevel;
 use crate::real::accumulation_dtype;
 
 /// A validated policy-optimization objective. Build one from a preset ([`crate::Sapo`],
@@ -119,10 +123,7 @@ impl PolicyLoss {
     /// # Ok::<(), sapo::Error>(())
     /// ```
     pub fn forward(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
-        let kind = MetricKind::new(
-            self.config.trust_region.metric_slots(),
-            self.config.kl.is_some(),
-        );
+        let kind = self.metric_kind();
         let (loss, sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
             FusedPolicyLoss::forward(&self.config, inputs)?
         } else {
@@ -132,6 +133,81 @@ impl PolicyLoss {
             loss,
             metrics: PolicyMetrics::new(sums, extrema, kind),
         })
+    }
+}
+
+impl PolicyLoss {
+    /// Computes the loss (and its metrics) straight from the hidden states through the lm_head,
+    /// without the `[B,T,V]` logits: the same results as
+    /// [`crate::linear_log_probs_and_entropy`] followed by [`PolicyLoss::forward`].
+    ///
+    /// On the CPU, token-level objectives run as one fused sweep that computes the objective's
+    /// gradient inside the same pass (three gemms per block of tokens instead of four: the
+    /// backward recomputes no logits); the sequence levels need whole rows before any gradient
+    /// and compose the fused linear log-probs with the loss, as does every other device or
+    /// [`Backend::Composed`]. The gradient reaches `hidden`, `weight` and `bias`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor, Var};
+    /// use sapo::{LmHead, PolicyInputs, Sapo};
+    /// let dev = Device::Cpu;
+    /// let hidden = Var::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+    /// let weight = Var::randn(0f32, 0.3, (40, 8), &dev)?;
+    /// let targets = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &dev)?;
+    /// let head = LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+    /// let (old, _) = sapo::linear_log_probs_and_entropy(hidden.as_tensor(), weight.as_tensor(), None, &targets, 1.0)?;
+    /// let adv = Tensor::new(&[1f32, -0.5], &dev)?;
+    /// let mask = Tensor::ones((2, 3), DType::U8, &dev)?;
+    /// let out = Sapo::default().build()?.forward_from_hidden(&PolicyInputs::new(head, &old.detach(), &adv, &mask))?;
+    /// let grads = out.loss.backward()?;
+    /// assert!(grads.get(weight.as_tensor()).is_some());
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn forward_from_hidden(
+        &self,
+        inputs: &PolicyInputs<'_, LmHead<'_>>,
+    ) -> Result<PolicyLossOutput> {
+        let head = inputs.log_probs;
+        let (n, _, _) = head.check()?;
+        let dims = match (head.hidden.rank(), head.targets.dims()) {
+            (3, &[b, t]) => (b, t),
+            _ => {
+                return Err(Error::Shape {
+                    arg: "hidden",
+                    expected: "[B, T, H] (with targets [B, T])".into(),
+                    actual: head.hidden.dims().to_vec(),
+                })
+            }
+        };
+        inputs.check_constants(&[dims.0, dims.1], head.hidden, self.config.kl.is_some())?;
+        let one_pass = self.backend.is_fused_on(head.hidden.device())
+            && self.config.ratio_level == RatioLevel::Token
+            && n > 0;
+        if !one_pass {
+            let (log_probs, _) = linear_log_probs_and_entropy_with(
+                head.hidden,
+                head.weight,
+                head.bias,
+                head.targets,
+                head.temperature,
+                self.backend,
+            )?;
+            return self.forward(&inputs.with_log_probs(&log_probs));
+        }
+        let dtype = compute_dtype(head.hidden.dtype());
+        let (loss, sums, extrema) =
+            FusedLinearPolicyLoss::forward(&self.config, inputs, dims, dtype)?;
+        Ok(PolicyLossOutput {
+            loss,
+            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()),
+        })
+    }
+
+    fn metric_kind(&self) -> MetricKind {
+        MetricKind::new(
+            self.config.trust_region.metric_slots(),
+            self.config.kl.is_some(),
+        )
     }
 }
 

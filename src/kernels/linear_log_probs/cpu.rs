@@ -27,7 +27,7 @@ const CHUNKS: usize = 8;
 
 /// One problem: `[N,H]` hidden states, `[V,H]` weight, optional `[V]` bias, all contiguous in
 /// the compute type.
-pub(super) struct Problem<'a, R> {
+pub(crate) struct Problem<'a, R> {
     pub hidden: &'a [R],
     pub weight: &'a [R],
     pub bias: Option<&'a [R]>,
@@ -36,15 +36,18 @@ pub(super) struct Problem<'a, R> {
     pub h: usize,
     pub v: usize,
     pub inv_t: R,
+    /// Whether the logits' gemm runs on rayon's threads (for callers that do not parallelize
+    /// over blocks of rows themselves).
+    pub parallel: bool,
 }
 
-fn blocks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
+pub(crate) fn blocks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
     (0..len).step_by(size).map(move |s| s..(s + size).min(len))
 }
 
 impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
     /// The raw logits of `rows` × `vocab`, row-major (row stride `vocab.len()`), into `out`.
-    fn logits(&self, rows: &Range<usize>, vocab: &Range<usize>, out: &mut [R]) {
+    pub(crate) fn logits(&self, rows: &Range<usize>, vocab: &Range<usize>, out: &mut [R]) {
         let (h, width) = (self.h, vocab.len());
         let hidden = Matrix {
             data: &self.hidden[rows.start * h..rows.end * h],
@@ -62,7 +65,7 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
             col_stride: h,
         };
         let out = &mut out[..rows.len() * width];
-        matmul(out, width, false, hidden, weight_t);
+        matmul(out, width, false, hidden, weight_t, self.parallel);
         if let Some(bias) = self.bias {
             for row in out.chunks_mut(width) {
                 for (x, b) in row.iter_mut().zip(&bias[vocab.clone()]) {
@@ -201,7 +204,14 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
                     row_stride: h,
                     col_stride: 1,
                 };
-                matmul(&mut gw[local.start * h..local.end * h], h, true, d_t, x);
+                matmul(
+                    &mut gw[local.start * h..local.end * h],
+                    h,
+                    true,
+                    d_t,
+                    x,
+                    false,
+                );
                 // ∂hidden[block] += dlogits · W[vocab]
                 let d_m = Matrix {
                     data: d,
@@ -217,13 +227,8 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
                     row_stride: h,
                     col_stride: 1,
                 };
-                matmul(
-                    &mut partial[block.start * h..block.end * h],
-                    h,
-                    true,
-                    d_m,
-                    w,
-                );
+                let partial = &mut partial[block.start * h..block.end * h];
+                matmul(partial, h, true, d_m, w, false);
                 if self.bias.is_some() {
                     for row in d.chunks(width) {
                         for (b, x) in gb[local.clone()].iter_mut().zip(row) {

@@ -5,7 +5,7 @@
 //! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
 //! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
 
-mod cpu;
+pub(crate) mod cpu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -61,7 +61,7 @@ fn slice<'a, R: candle_core::WithDType>(
 }
 
 /// The problem of the three inputs, in `R`.
-fn problem<'a, R: Real + candle_core::WithDType>(
+pub(crate) fn problem<'a, R: Real + candle_core::WithDType>(
     (hidden, hl): (&'a CpuStorage, &Layout),
     (weight, wl): (&'a CpuStorage, &Layout),
     (bias, bl): (&'a CpuStorage, &Layout),
@@ -83,6 +83,7 @@ fn problem<'a, R: Real + candle_core::WithDType>(
         h,
         v,
         inv_t: <R as Real>::from_f64(1.0 / temperature),
+        parallel: false,
     })
 }
 
@@ -145,7 +146,7 @@ impl CustomOp3 for FusedLinearLogProbs {
     }
 }
 
-type Inputs<'a, 'l> = (
+pub(crate) type Inputs<'a, 'l> = (
     (&'a CpuStorage, &'l Layout),
     (&'a CpuStorage, &'l Layout),
     (&'a CpuStorage, &'l Layout),

@@ -218,6 +218,24 @@ pub(crate) struct RowGrad<R> {
 }
 
 impl<R: Real> RowGrad<R> {
+    /// A row with log-sum-exp `lse` and entropy `entropy`, whose log-prob and entropy get the
+    /// upstream gradients `grad_log_prob`, `grad_entropy`.
+    pub(crate) fn from_values(
+        target: usize,
+        inv_t: R,
+        (lse, entropy): (R, R),
+        (grad_log_prob, grad_entropy): (R, R),
+    ) -> Self {
+        Self {
+            target,
+            inv_t,
+            lse,
+            entropy,
+            grad_log_prob,
+            grad_entropy,
+        }
+    }
+
     /// The row's state from the forward's `[3,N]` output and its upstream gradient.
     pub(crate) fn new(
         target: usize,

@@ -24,38 +24,38 @@ use crate::kernels::{cpu_slice, kernel_error};
 use crate::kl::{self, KlEstimator};
 use crate::losses::metrics::{self, NUM_SLOTS};
 use crate::losses::ratio::{self, RatioLevel};
-use crate::losses::trust_region::{Shape, SoftGate, TrustRegion, Unclipped};
+use crate::losses::trust_region::{Eval, Shape, SoftGate, TrustRegion, Unclipped};
 use crate::real::Real;
 
 /// Tokens per tile: a tile's buffers stay in L1.
 const TILE: usize = 256;
 
 /// The inputs of all rows, as slices of their storage.
-struct Inputs<'a, F, M> {
-    t: usize,
-    log_probs: &'a [F],
-    old: &'a [F],
-    advantages: &'a [F],
-    per_token_advantages: bool,
-    mask: &'a [M],
-    reference: Option<&'a [F]>,
-    weights: Option<&'a [F]>,
+pub(crate) struct Inputs<'a, F, M> {
+    pub t: usize,
+    pub log_probs: &'a [F],
+    pub old: &'a [F],
+    pub advantages: &'a [F],
+    pub per_token_advantages: bool,
+    pub mask: &'a [M],
+    pub reference: Option<&'a [F]>,
+    pub weights: Option<&'a [F]>,
 }
 
 /// Per-call constants in the compute type.
-struct Params<R> {
-    level: RatioLevel,
+pub(crate) struct Params<R> {
+    pub level: RatioLevel,
     /// The log-ratio clamp `c` (`+∞`: none).
-    clamp: R,
-    seq_max: Option<f64>,
-    kl: Option<(KlEstimator, bool)>,
+    pub clamp: R,
+    pub seq_max: Option<f64>,
+    pub kl: Option<(KlEstimator, bool)>,
 }
 
 /// Per-row coefficients: the policy aggregation's and `β` times the KL aggregation's.
-struct RowCoefficients<R> {
-    policy: R,
-    kl: R,
-    tokens: f64,
+pub(crate) struct RowCoefficients<R> {
+    pub policy: R,
+    pub kl: R,
+    pub tokens: f64,
 }
 
 /// Names of the checked inputs, in the order of `RowOut::bad`.
@@ -137,10 +137,21 @@ struct RowAcc<R> {
 
 /// The sequence ratio of a row: `s`, `∂s/∂(mean δ)`, and `n·(s − 1)` in f64.
 #[derive(Clone, Copy)]
-struct SequenceRatio<R> {
+pub(crate) struct SequenceRatio<R> {
     s: R,
     ds: R,
     excess: f64,
+}
+
+impl<R: Real> SequenceRatio<R> {
+    /// The token level's: no sequence ratio.
+    pub(crate) fn token_level() -> Self {
+        Self {
+            s: R::ONE,
+            ds: R::ONE,
+            excess: 0.0,
+        }
+    }
 }
 
 fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -262,6 +273,59 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real>(
     }
 }
 
+/// What one token contributes: its log-ratio `δ`, the ratio the trust region sees, the shape's
+/// evaluation, and the policy term's gradient `c·w·∂l/∂ℓ` (0 at the `Sequence` level, whose
+/// gradient is shared over the row once the row is done).
+pub(crate) struct TokenTerms<R> {
+    pub delta: R,
+    pub r: R,
+    pub e: Eval<R>,
+    pub g: R,
+}
+
+/// [`TokenTerms`] of a token with log-prob `lp`, old log-prob `old`, advantage `adv` and weight
+/// `w` (the one place the kernels chain ratio, shape and aggregation per token).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn token_terms<R: Real, S: Shape<R>>(
+    lp: R,
+    old: R,
+    adv: R,
+    w: R,
+    p: &Params<R>,
+    shape: &S,
+    coef_policy: R,
+    seq: SequenceRatio<R>,
+) -> TokenTerms<R> {
+    let token = p.level == RatioLevel::Token;
+    let seq_token = p.level == RatioLevel::SequenceToken;
+    let (delta, ddelta) = ratio::log_ratio(lp - old, p.clamp);
+    let (rho, drho) = ratio::ratio(delta);
+    let r = R::select(token, rho, seq.s);
+    let e = shape.eval(r, adv);
+    // ∂r/∂ℓ_t.
+    let dratio = R::select(token, drho * ddelta, R::select(seq_token, seq.ds, R::ZERO));
+    TokenTerms {
+        delta,
+        r,
+        e,
+        g: coef_policy * w * e.slope * dratio,
+    }
+}
+
+/// `(m·k, m·c_kl·∂k/∂ℓ)` of the KL penalty at a token with mask `keep`.
+#[inline(always)]
+pub(crate) fn kl_terms<R: Real>(
+    (estimator, clamp): (KlEstimator, bool),
+    keep: R,
+    coef_kl: R,
+    lp: R,
+    reference: R,
+) -> (R, R) {
+    let (k, dk) = kl::value_and_slope(estimator, clamp, lp - reference);
+    (keep * k, keep * coef_kl * dk)
+}
+
 /// The per-token sweep: loss, derivative, gradient (except `Sequence`'s) and metric streams.
 #[inline(always)]
 fn sweep<R: Real, S: Shape<R>>(
@@ -272,8 +336,6 @@ fn sweep<R: Real, S: Shape<R>>(
     coef: &RowCoefficients<R>,
     seq: SequenceRatio<R>,
 ) {
-    let token = p.level == RatioLevel::Token;
-    let seq_token = p.level == RatioLevel::SequenceToken;
     let n = padded;
     let t = &mut *tile;
     // Every slice cut to the tile's length, so that the loop runs without bounds checks.
@@ -292,13 +354,13 @@ fn sweep<R: Real, S: Shape<R>>(
     let slots = S::SLOTS.len();
     for j in 0..n {
         let m = keep[j];
-        let (delta, ddelta) = ratio::log_ratio(lp[j] - old[j], p.clamp);
-        let (rho, drho) = ratio::ratio(delta);
-        let r = R::select(token, rho, seq.s);
-        let e = shape.eval(r, adv[j]);
-        // ∂r/∂ℓ_t (`Sequence` shares its gradient over the row once the row is done).
-        let dratio = R::select(token, drho * ddelta, R::select(seq_token, seq.ds, R::ZERO));
-        g[j] = coef.policy * w[j] * e.slope * dratio;
+        let TokenTerms {
+            delta,
+            r,
+            e,
+            g: grad,
+        } = token_terms(lp[j], old[j], adv[j], w[j], p, shape, coef.policy, seq);
+        g[j] = grad;
         value[j] = w[j] * e.value;
         slope[j] = w[j] * e.slope;
         neg_delta[j] = -(m * delta);
@@ -341,11 +403,11 @@ fn finish_tile<F: Store<R>, R: Real>(
     kl_lanes: &mut [f64; LANES],
     grad: &mut [F],
 ) {
-    if let Some((estimator, clamp)) = p.kl {
+    if let Some(kl) = p.kl {
         for j in 0..padded {
-            let (k, dk) = kl::value_and_slope(estimator, clamp, tile.lp[j] - tile.rf[j]);
-            tile.kl[j] = tile.keep[j] * k;
-            tile.g[j] = tile.g[j] + tile.keep[j] * coef.kl * dk;
+            let (k, dg) = kl_terms(kl, tile.keep[j], coef.kl, tile.lp[j], tile.rf[j]);
+            tile.kl[j] = k;
+            tile.g[j] = tile.g[j] + dg;
         }
         lane_sum(&tile.kl[..padded], kl_lanes);
     }
@@ -381,11 +443,7 @@ where
         bad: [0; 5],
     };
     let seq = match p.level {
-        RatioLevel::Token => SequenceRatio {
-            s: R::ONE,
-            ds: R::ONE,
-            excess: 0.0,
-        },
+        RatioLevel::Token => SequenceRatio::token_level(),
         _ => sequence_ratio(x, row, p, coef.tokens, tile),
     };
     let sequence = p.level == RatioLevel::Sequence;
@@ -545,20 +603,28 @@ fn coefficients<R: Real>(
         .collect()
 }
 
-/// Runs the kernel: the output `[loss, sums (NUM_SLOTS), ratio min, ratio max]` and the
-/// gradient.
-pub(super) fn run<F, M, R>(
+/// The op's constants as slices, its parameters and its row coefficients: what every CPU
+/// traversal of the policy loss needs besides the log-probs (`x.log_probs`).
+pub(crate) struct Constants<'a, F, M, R> {
+    pub x: Inputs<'a, F, M>,
+    pub p: Params<R>,
+    pub coefficients: Vec<RowCoefficients<R>>,
+}
+
+/// Runs `body` with the [`Constants`] of `op` for `[B,T]` = `dims` (after checking the mask).
+pub(crate) fn with_constants<F, M, R, T>(
     op: &FusedPolicyLoss,
     log_probs: &[F],
     mask: &[M],
-    dims: &[usize],
-) -> candle_core::Result<(Vec<R>, Vec<F>)>
+    dims: (usize, usize),
+    body: impl FnOnce(&Constants<'_, F, M, R>) -> candle_core::Result<T>,
+) -> candle_core::Result<T>
 where
-    F: Load<R> + Store<R> + WithDType,
+    F: Load<R> + WithDType,
     M: Load<R> + WithDType,
     R: Real,
 {
-    let (b, t) = (dims[0], dims[1]);
+    let t = dims.1;
     let (old_guard, old_layout) = op.old_log_probs.storage_and_layout();
     let (adv_guard, adv_layout) = op.advantages.storage_and_layout();
     let reference = op.ref_log_probs.as_ref().map(Tensor::storage_and_layout);
@@ -591,19 +657,66 @@ where
         kl: config.kl.map(|k| (k.estimator, k.clamp)),
     };
     let coefficients = coefficients::<R>(op, &tokens, t);
-    let mut grad = vec![F::store(R::ZERO); b * t];
-    let rows = match config.trust_region {
-        TrustRegion::SoftGate { tau_pos, tau_neg } => {
-            let gate = SoftGate {
-                tau_pos: R::from_f64(tau_pos),
-                tau_neg: R::from_f64(tau_neg),
-            };
-            rows_with(&x, &p, &gate, &coefficients, &mut grad)
-        }
-        TrustRegion::HardClip(c) => rows_with(&x, &p, &c.bounds::<R>(), &coefficients, &mut grad),
-        TrustRegion::Unclipped => rows_with(&x, &p, &Unclipped, &coefficients, &mut grad),
-    };
-    Ok((reduce(&rows, &coefficients)?, grad))
+    body(&Constants { x, p, coefficients })
+}
+
+/// A body run with the trust-region shape of a config, in the compute type.
+pub(crate) trait WithShape<R: Real> {
+    type Output;
+    fn run<S: Shape<R>>(self, shape: &S) -> Self::Output;
+}
+
+/// Runs `body` with the shape of `trust_region` (the one dispatch from config to shape).
+pub(crate) fn with_shape<R: Real, W: WithShape<R>>(
+    trust_region: &TrustRegion,
+    body: W,
+) -> W::Output {
+    match *trust_region {
+        TrustRegion::SoftGate { tau_pos, tau_neg } => body.run(&SoftGate {
+            tau_pos: R::from_f64(tau_pos),
+            tau_neg: R::from_f64(tau_neg),
+        }),
+        TrustRegion::HardClip(c) => body.run(&c.bounds::<R>()),
+        TrustRegion::Unclipped => body.run(&Unclipped),
+    }
+}
+
+/// Every row of the policy loss, as a [`WithShape`] body.
+struct AllRows<'a, 'b, F, M, R> {
+    c: &'a Constants<'b, F, M, R>,
+    grad: &'a mut [F],
+}
+
+impl<F, M, R> WithShape<R> for AllRows<'_, '_, F, M, R>
+where
+    F: Load<R> + Store<R>,
+    M: Load<R>,
+    R: Real,
+{
+    type Output = Vec<RowOut>;
+    fn run<S: Shape<R>>(self, shape: &S) -> Vec<RowOut> {
+        rows_with(&self.c.x, &self.c.p, shape, &self.c.coefficients, self.grad)
+    }
+}
+
+/// Runs the kernel: the output `[loss, sums (NUM_SLOTS), ratio min, ratio max]` and the
+/// gradient.
+pub(crate) fn run<F, M, R>(
+    op: &FusedPolicyLoss,
+    log_probs: &[F],
+    mask: &[M],
+    dims: (usize, usize),
+) -> candle_core::Result<(Vec<R>, Vec<F>)>
+where
+    F: Load<R> + Store<R> + WithDType,
+    M: Load<R> + WithDType,
+    R: Real,
+{
+    with_constants(op, log_probs, mask, dims, |c| {
+        let mut grad = vec![F::store(R::ZERO); dims.0 * dims.1];
+        let rows = with_shape(&op.config.trust_region, AllRows { c, grad: &mut grad });
+        Ok((reduce(&rows, &c.coefficients)?, grad))
+    })
 }
 
 /// Reduces the rows in row order (the same bits whatever the number of threads) into the

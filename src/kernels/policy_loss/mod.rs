@@ -8,7 +8,7 @@
 //! kept gradient, scaled by the upstream gradient in place on the CPU (no copy, no pass when it is
 //! 1) and with a tensor op on other devices.
 
-mod cpu;
+pub(crate) mod cpu;
 
 use std::sync::Mutex;
 
@@ -27,18 +27,18 @@ use crate::losses::policy_loss::fused_input_dtype;
 use crate::real::Real;
 
 /// Output layout: `[loss, metric sums (NUM_SLOTS), ratio min, ratio max]`.
-const OUT_LEN: usize = 1 + NUM_SLOTS + 2;
+pub(crate) const OUT_LEN: usize = 1 + NUM_SLOTS + 2;
 
 /// The fused policy loss as a candle op on `log_probs`; every other input rides along as a
 /// constant.
 pub(crate) struct FusedPolicyLoss {
-    config: PolicyLossConfig,
+    pub(crate) config: PolicyLossConfig,
     /// `[B,T]`, contiguous, the kernel's input dtype.
     old_log_probs: Tensor,
     /// `[B]` or `[B,T]`, contiguous, the kernel's input dtype.
     advantages: Tensor,
     /// `[B,T]`, contiguous, `u8` or the kernel's input dtype.
-    mask: Tensor,
+    pub(crate) mask: Tensor,
     ref_log_probs: Option<Tensor>,
     is_weights: Option<Tensor>,
     normalizer: Normalizer,
@@ -53,8 +53,22 @@ impl FusedPolicyLoss {
         config: &PolicyLossConfig,
         inputs: &PolicyInputs<'_>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        inputs.check(config.kl.is_some())?;
+        let (_, t) = inputs.check(config.kl.is_some())?;
         let dtype = fused_input_dtype(inputs);
+        let op = Self::new(config, inputs, t, dtype)?;
+        let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
+        let out = log_probs.apply_op1(op).map_err(from_kernel)?;
+        split_output(&out)
+    }
+
+    /// The op for checked inputs: every constant converted to `dtype` (the mask kept as `u8` or
+    /// `dtype`), contiguous and detached; rows of `t` tokens.
+    pub(crate) fn new<L>(
+        config: &PolicyLossConfig,
+        inputs: &PolicyInputs<'_, L>,
+        t: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let same = |x: &Tensor| -> Result<Tensor> { Ok(x.detach().to_dtype(dtype)?.contiguous()?) };
         let mask = if inputs.mask.dtype() == DType::U8 || inputs.mask.dtype() == dtype {
             inputs.mask.contiguous()?
@@ -63,23 +77,16 @@ impl FusedPolicyLoss {
             check_mask_values(inputs.mask)?;
             inputs.mask.ne(0.0)?.contiguous()?
         };
-        let op = Self {
+        Ok(Self {
             config: *config,
             old_log_probs: same(inputs.old_log_probs)?,
-            advantages: same(&inputs.advantages()?)?,
+            advantages: same(&inputs.advantages(t)?)?,
             mask,
             ref_log_probs: inputs.ref_log_probs.map(same).transpose()?,
             is_weights: inputs.is_weights.map(same).transpose()?,
             normalizer: inputs.normalizer,
             grad: Mutex::new(None),
-        };
-        let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
-        let out = log_probs.apply_op1(op).map_err(from_kernel)?;
-        Ok((
-            out.narrow(0, 0, 1)?.squeeze(0)?,
-            out.narrow(0, 1, NUM_SLOTS)?.detach(),
-            out.narrow(0, 1 + NUM_SLOTS, 2)?.detach(),
-        ))
+        })
     }
 
     /// Runs the CPU kernel for log-probs of storage type `F` computed in `R`, with a `u8` mask or
@@ -91,15 +98,26 @@ impl FusedPolicyLoss {
         R: Real + WithDType,
     {
         let (guard, layout) = self.mask.storage_and_layout();
+        let bt = (dims[0], dims[1]);
         let (output, grad) = match self.mask.dtype() {
-            DType::U8 => cpu::run::<F, u8, R>(self, log_probs, cpu_slice(&guard, layout)?, dims)?,
-            _ => cpu::run::<F, F, R>(self, log_probs, cpu_slice(&guard, layout)?, dims)?,
+            DType::U8 => cpu::run::<F, u8, R>(self, log_probs, cpu_slice(&guard, layout)?, bt)?,
+            _ => cpu::run::<F, F, R>(self, log_probs, cpu_slice(&guard, layout)?, bt)?,
         };
         let grad = Tensor::from_vec(grad, dims, &candle_core::Device::Cpu)?;
         // A poisoned lock only means an earlier call panicked; the slot is overwritten anyway.
         *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = Some(grad);
         Ok(R::to_cpu_storage_owned(output))
     }
+}
+
+/// `(loss, metric sums, ratio extrema)` of an output `[loss, sums (NUM_SLOTS), min, max]`; only
+/// the loss carries gradient.
+pub(crate) fn split_output(out: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    Ok((
+        out.narrow(0, 0, 1)?.squeeze(0)?,
+        out.narrow(0, 1, NUM_SLOTS)?.detach(),
+        out.narrow(0, 1 + NUM_SLOTS, 2)?.detach(),
+    ))
 }
 
 impl CustomOp1 for FusedPolicyLoss {
@@ -157,7 +175,7 @@ impl CustomOp1 for FusedPolicyLoss {
 
 /// Scales a kept gradient in place by the loss's upstream gradient (a 1-element tensor); a
 /// no-op when it is 1, the usual case.
-struct ScaleByUpstream;
+pub(crate) struct ScaleByUpstream;
 
 impl InplaceOp2 for ScaleByUpstream {
     fn name(&self) -> &'static str {
