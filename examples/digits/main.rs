@@ -303,7 +303,8 @@ fn sample(model: &Decoder, s: &Settings, rng: &mut Rng, dev: &Device) -> AnyResu
     })
 }
 
-/// Completion log-probs (and entropies) of `targets` under `model`.
+/// Completion log-probs (and entropies) of `targets` under `model`: from the completion's hidden
+/// states through the lm_head, without the logits (`sapo::linear_log_probs_and_entropy`).
 fn completion_log_probs(
     model: &Decoder,
     inputs: &Tensor,
@@ -311,9 +312,9 @@ fn completion_log_probs(
     k: usize,
     temperature: f64,
 ) -> sapo::Result<(Tensor, Tensor)> {
-    let logits = model.forward(inputs)?;
-    let completion = logits.narrow(1, k + 1, k)?;
-    sapo::token_log_probs_and_entropy(&completion, targets, temperature)
+    let hidden = model.hidden_states(inputs)?.narrow(1, k + 1, k)?;
+    let weight = model.lm_head_weight();
+    sapo::linear_log_probs_and_entropy(&hidden, weight, None, targets, temperature)
 }
 
 fn mean_std(values: &[f64]) -> (f64, f64) {

@@ -263,8 +263,19 @@ impl Decoder {
         })
     }
 
-    /// Logits `[B, L, V]` for tokens `[B, L]`.
+    /// Logits `[B, L, V]` for tokens `[B, L]` (sampling).
     pub fn forward(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.head.forward(&self.hidden_states(tokens)?)
+    }
+
+    /// The lm_head's weight `[V, H]`, for `sapo`'s fused hidden-states → log-probs path.
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.head.weight()
+    }
+
+    /// The last hidden states `[B, L, H]` (after the final norm) for tokens `[B, L]`: what the
+    /// lm_head reads.
+    pub fn hidden_states(&self, tokens: &Tensor) -> Result<Tensor> {
         let (_, len) = tokens.dims2()?;
         let dev = tokens.device();
         let causal: Vec<f32> = (0..len * len)
@@ -286,6 +297,6 @@ impl Decoder {
             let h = block.mlp.forward(&block.mlp_norm.forward(&x)?)?;
             x = (x + h)?;
         }
-        self.head.forward(&self.norm.forward(&x)?)
+        self.norm.forward(&x)
     }
 }
