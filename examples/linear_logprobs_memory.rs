@@ -1,11 +1,14 @@
 //! Peak memory of the hidden-states → lm_head → log-probs → SAPO path: allocates the inputs
 //! (`[N,H]` hidden states, `[V,H]` weight), then (unless `none`) runs the loss forward and
-//! backward to `hidden` and `weight` once with the chosen path. Measure with
+//! backward to `hidden` and `weight` once with the chosen path: `fused` (the whole objective in
+//! one pass, `PolicyLoss::forward_from_hidden`), `two-pass` (the fused linear log-probs, then the
+//! fused loss), `composed` (candle's matmul and composed ops). Measure with
 //!
 //! ```text
 //! cargo build --release --example linear_logprobs_memory
 //! /usr/bin/time -v target/release/examples/linear_logprobs_memory none 4096 256 32768
 //! /usr/bin/time -v target/release/examples/linear_logprobs_memory fused 4096 256 32768
+//! /usr/bin/time -v target/release/examples/linear_logprobs_memory two-pass 4096 256 32768
 //! /usr/bin/time -v target/release/examples/linear_logprobs_memory composed 4096 256 32768
 //! ```
 //!
@@ -14,7 +17,7 @@
 //! linear_logprobs/torch/4096x256x32768`).
 
 use candle_core::{DType, Device, Tensor, Var};
-use sapo::{Backend, PolicyInputs, Sapo};
+use sapo::{Backend, LmHead, PolicyInputs, Sapo};
 
 fn main() -> sapo::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -45,21 +48,24 @@ fn main() -> sapo::Result<()> {
         "composed" => Backend::Composed,
         _ => Backend::Auto,
     };
-    let (log_probs, _) = sapo::linear_log_probs_and_entropy_with(
-        hidden.as_tensor(),
-        weight.as_tensor(),
-        None,
-        &targets,
-        1.0,
-        backend,
-    )?;
     let loss = Sapo::default().build()?.with_backend(backend);
-    let out = loss.forward(&PolicyInputs::new(
-        &log_probs.unsqueeze(0)?,
-        &old,
-        &adv,
-        &mask,
-    ))?;
+    let out = if path == "fused" {
+        let hidden_3d = hidden.as_tensor().reshape((1, n, h))?;
+        let targets_2d = targets.reshape((1, n))?;
+        let head = LmHead::new(&hidden_3d, weight.as_tensor(), &targets_2d);
+        loss.forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask))?
+    } else {
+        let (log_probs, _) = sapo::linear_log_probs_and_entropy_with(
+            hidden.as_tensor(),
+            weight.as_tensor(),
+            None,
+            &targets,
+            1.0,
+            backend,
+        )?;
+        let log_probs = log_probs.unsqueeze(0)?;
+        loss.forward(&PolicyInputs::new(&log_probs, &old, &adv, &mask))?
+    };
     let grads = out.loss.backward()?;
     let norm = |t: &Var| -> sapo::Result<f32> {
         let g = grads.get(t.as_tensor()).expect("gradient");
