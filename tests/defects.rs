@@ -1,7 +1,10 @@
 //! Regression tests for the defects a new user hit (issue "The `losses` module, ..."), one per
 //! defect, each on every path (fused kernel and composed ops).
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::f64s;
 use sapo::{
     gate, kl_penalty, token_log_probs_and_entropy_with, Backend, Error, Grpo, Gspo, KlEstimator,
     KlPenalty, PolicyInputs, PolicyLoss, Sapo,
@@ -11,15 +14,6 @@ const BACKENDS: [Backend; 2] = [Backend::Auto, Backend::Composed];
 
 fn dev() -> Device {
     Device::Cpu
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// Loss and gradient of one forward + backward.

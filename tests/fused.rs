@@ -1,7 +1,10 @@
 //! The fused CPU kernels: same bits whatever the thread count, the same results as the composed
 //! ops in every dtype, and the same typed errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_same_bits_across_threads, f64s};
 use sapo::{
     Aggregation, Backend, Error, Grpo, Gspo, KlEstimator, KlPenalty, PolicyInputs, PolicyLoss,
     RatioLevel, Sapo,
@@ -11,16 +14,11 @@ fn dev() -> Device {
     Device::Cpu
 }
 
-/// A deterministic pseudo-random vector.
+/// A deterministic pseudo-random vector in f32.
 fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
+    common::noise(n, seed)
+        .into_iter()
+        .map(|x| x as f32)
         .collect()
 }
 
@@ -96,16 +94,6 @@ fn losses() -> Vec<PolicyLoss> {
     ]
 }
 
-/// All of a tensor's values as f64.
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
 /// Loss, gradient and metrics of one forward + backward on `backend`; the gradient must come
 /// back in `log_probs`' dtype.
 fn values(
@@ -144,24 +132,13 @@ fn run_bits(loss: &PolicyLoss, x: &Batch, mask: &Tensor) -> Vec<u64> {
         .collect()
 }
 
-fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
-}
-
 #[test]
 fn policy_kernel_is_deterministic_across_thread_counts() {
     for dtype in [DType::F32, DType::BF16] {
         let x = batch(24, 333, dtype);
         for loss in losses() {
-            let one = in_pool(1, || run_bits(&loss, &x, &x.mask));
-            let two = in_pool(2, || run_bits(&loss, &x, &x.mask));
-            let three = in_pool(3, || run_bits(&loss, &x, &x.mask));
-            assert_eq!(one, two, "{:?}", loss.config());
-            assert_eq!(one, three, "{:?}", loss.config());
+            let what = format!("{:?}", loss.config());
+            assert_same_bits_across_threads(&what, || run_bits(&loss, &x, &x.mask));
         }
     }
 }
@@ -195,11 +172,7 @@ fn logprob_kernel_is_deterministic_across_thread_counts() {
         &dev(),
     )
     .unwrap();
-    let one = in_pool(1, || logprob_bits(&logits, &targets));
-    let two = in_pool(2, || logprob_bits(&logits, &targets));
-    let four = in_pool(4, || logprob_bits(&logits, &targets));
-    assert_eq!(one, two);
-    assert_eq!(one, four);
+    assert_same_bits_across_threads("log-probs", || logprob_bits(&logits, &targets));
 }
 
 #[test]

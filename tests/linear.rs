@@ -1,34 +1,15 @@
 //! The fused linear log-probs (hidden states → lm_head → log-probs and entropy without the
 //! logits) against composed candle ops and finite differences, with its edge cases and errors.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::{assert_same_bits_across_threads, f64s, noise};
 use proptest::prelude::*;
 use sapo::{linear_log_probs_and_entropy_with, Backend, Error};
 
 fn dev() -> Device {
     Device::Cpu
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// A deterministic pseudo-random vector in [−0.5, 0.5).
-fn noise(n: usize, seed: u64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-        .collect()
 }
 
 struct Problem {
@@ -263,15 +244,7 @@ fn fused_kernel_is_deterministic_across_thread_counts() {
             .map(f64::to_bits)
             .collect::<Vec<_>>()
     };
-    let pool = |threads| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-    };
-    let one = pool(1).install(bits);
-    assert_eq!(one, pool(2).install(bits));
-    assert_eq!(one, pool(3).install(bits));
+    assert_same_bits_across_threads("fused linear log-probs", bits);
 }
 
 #[test]

@@ -308,3 +308,45 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], abs: f64, rel: f64) {
         );
     }
 }
+
+/// All of a tensor's values as f64.
+pub fn f64s(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// A deterministic pseudo-random vector in [−0.5, 0.5).
+pub fn noise(n: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect()
+}
+
+/// Runs `f` in a rayon pool of `threads` threads.
+pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+/// Asserts that `bits` gives the same result with 1, 2 and 3 threads.
+pub fn assert_same_bits_across_threads<T: Send + PartialEq + std::fmt::Debug>(
+    what: &str,
+    bits: impl Fn() -> T + Send + Sync,
+) {
+    let one = in_pool(1, &bits);
+    assert_eq!(one, in_pool(2, &bits), "{what}: 1 vs 2 threads");
+    assert_eq!(one, in_pool(3, &bits), "{what}: 1 vs 3 threads");
+}

@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::log_probs::cpu::{Online, RowGrad, RowStats};
+use crate::kernels::log_probs::cpu::{stack_rows, Online, RowGrad, RowStats};
 use crate::kernels::simd::{matmul, Load, Matrix, Store};
 use crate::real::Real;
 
@@ -41,6 +41,70 @@ pub(crate) struct Problem<'a, R> {
     pub parallel: bool,
 }
 
+/// The logits' gradient `d` of one tile (`rows × width`, row-major) with the hidden states of its
+/// rows (`rows × H`, silent rows zeroed) and the weight rows of its vocabulary (`width × H`).
+pub(crate) struct TileGradient<'a, R> {
+    pub d: &'a [R],
+    pub hidden: &'a [R],
+    pub weight: &'a [R],
+    pub rows: usize,
+    pub width: usize,
+    pub h: usize,
+}
+
+impl<R: Real> TileGradient<'_, R> {
+    /// `∂W[vocab] += dᵀ·hidden` (into `gw`), `∂hidden[rows] = d·W[vocab]` (into `gh`, added to it
+    /// when `gh.1`), `∂b[vocab] += Σ_rows d` (into `gb`); the gemms run on rayon's threads with
+    /// `parallel`.
+    pub(crate) fn accumulate(
+        &self,
+        gw: &mut [R],
+        gh: (&mut [R], bool),
+        gb: Option<&mut [R]>,
+        parallel: bool,
+    ) {
+        let (rows, width, h) = (self.rows, self.width, self.h);
+        let d_t = Matrix {
+            data: self.d,
+            rows: width,
+            cols: rows,
+            row_stride: 1,
+            col_stride: width,
+        };
+        let x = Matrix {
+            data: self.hidden,
+            rows,
+            cols: h,
+            row_stride: h,
+            col_stride: 1,
+        };
+        matmul(gw, h, true, d_t, x, parallel);
+        let d = Matrix {
+            data: self.d,
+            rows,
+            cols: width,
+            row_stride: width,
+            col_stride: 1,
+        };
+        let w = Matrix {
+            data: self.weight,
+            rows: width,
+            cols: h,
+            row_stride: h,
+            col_stride: 1,
+        };
+        matmul(gh.0, h, gh.1, d, w, parallel);
+        if let Some(gb) = gb {
+            for row in self.d.chunks(width) {
+                for (b, x) in gb.iter_mut().zip(row) {
+                    *b = *b + *x;
+                }
+            }
+        }
+    }
+}
+
+/// `0..len` in consecutive ranges of `size`.
 pub(crate) fn blocks(len: usize, size: usize) -> impl Iterator<Item = Range<usize>> {
     (0..len).step_by(size).map(move |s| s..(s + size).min(len))
 }
@@ -82,11 +146,7 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
             .par_iter()
             .flat_map_iter(|rows| self.forward_block(rows))
             .collect();
-        let mut out = Vec::with_capacity(3 * rows.len());
-        out.extend(rows.iter().map(|r| r.0));
-        out.extend(rows.iter().map(|r| r.1));
-        out.extend(rows.iter().map(|r| r.2));
-        out
+        stack_rows(&rows)
     }
 
     fn forward_block(&self, rows: &Range<usize>) -> Vec<(R, R, R)> {
@@ -187,55 +247,22 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
                         rows[i].write(&logits[k * width..(k + 1) * width], vocab.start, out);
                     }
                 }
-                let d = &dlogits[..block.len() * width];
-                let hidden = &clean_hidden[block.start * h..block.end * h];
-                // ∂W[vocab] += dlogitsᵀ · hidden[block]
-                let d_t = Matrix {
-                    data: d,
-                    rows: width,
-                    cols: block.len(),
-                    row_stride: 1,
-                    col_stride: width,
-                };
-                let x = Matrix {
-                    data: hidden,
+                let tile = TileGradient {
+                    d: &dlogits[..block.len() * width],
+                    hidden: &clean_hidden[block.start * h..block.end * h],
+                    weight: &self.weight[vocab.start * h..vocab.end * h],
                     rows: block.len(),
-                    cols: h,
-                    row_stride: h,
-                    col_stride: 1,
-                };
-                matmul(
-                    &mut gw[local.start * h..local.end * h],
+                    width,
                     h,
-                    true,
-                    d_t,
-                    x,
+                };
+                let gb = self.bias.is_some().then(|| &mut gb[local.clone()]);
+                let gh = &mut partial[block.start * h..block.end * h];
+                tile.accumulate(
+                    &mut gw[local.start * h..local.end * h],
+                    (gh, true),
+                    gb,
                     false,
                 );
-                // ∂hidden[block] += dlogits · W[vocab]
-                let d_m = Matrix {
-                    data: d,
-                    rows: block.len(),
-                    cols: width,
-                    row_stride: width,
-                    col_stride: 1,
-                };
-                let w = Matrix {
-                    data: &self.weight[vocab.start * h..vocab.end * h],
-                    rows: width,
-                    cols: h,
-                    row_stride: h,
-                    col_stride: 1,
-                };
-                let partial = &mut partial[block.start * h..block.end * h];
-                matmul(partial, h, true, d_m, w, false);
-                if self.bias.is_some() {
-                    for row in d.chunks(width) {
-                        for (b, x) in gb[local.clone()].iter_mut().zip(row) {
-                            *b = *b + *x;
-                        }
-                    }
-                }
             }
         }
         partial

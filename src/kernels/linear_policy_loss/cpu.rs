@@ -11,12 +11,12 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::linear_log_probs::cpu::{blocks, Problem};
+use crate::kernels::linear_log_probs::cpu::{blocks, Problem, TileGradient};
 use crate::kernels::log_probs::cpu::{Online, RowGrad};
 use crate::kernels::policy_loss::cpu::{
     kl_terms, token_terms, Constants, SequenceRatio, WithShape,
 };
-use crate::kernels::simd::{matmul, Load, Matrix, Store};
+use crate::kernels::simd::{Load, Store};
 use crate::losses::trust_region::Shape;
 use crate::real::Real;
 
@@ -85,51 +85,17 @@ where
                 dst.copy_from_slice(src);
             }
         }
-        let d = &dlogits[..rows * v];
-        let d_t = Matrix {
-            data: d,
-            rows: v,
-            cols: rows,
-            row_stride: 1,
-            col_stride: v,
-        };
-        let x = Matrix {
-            data: &clean[..rows * h],
+        let tile = TileGradient {
+            d: &dlogits[..rows * v],
+            hidden: &clean[..rows * h],
+            weight: lin.weight,
             rows,
-            cols: h,
-            row_stride: h,
-            col_stride: 1,
-        };
-        matmul(&mut out.weight, h, true, d_t, x, true);
-        let d_m = Matrix {
-            data: d,
-            rows,
-            cols: v,
-            row_stride: v,
-            col_stride: 1,
-        };
-        let w = Matrix {
-            data: lin.weight,
-            rows: v,
-            cols: h,
-            row_stride: h,
-            col_stride: 1,
-        };
-        matmul(
-            &mut out.hidden[block.start * h..block.end * h],
+            width: v,
             h,
-            false,
-            d_m,
-            w,
-            true,
-        );
-        if lin.bias.is_some() {
-            for row in d.chunks(v) {
-                for (b, x) in out.bias.iter_mut().zip(row) {
-                    *b = *b + *x;
-                }
-            }
-        }
+        };
+        let gh = &mut out.hidden[block.start * h..block.end * h];
+        let gb = lin.bias.is_some().then_some(&mut out.bias[..]);
+        tile.accumulate(&mut out.weight, (gh, false), gb, true);
     }
     out
 }

@@ -167,6 +167,12 @@ pub(super) fn forward<F: Load<R>, R: Real>(
         .zip(targets.par_iter())
         .map(|(row, &target)| dispatch(ForwardRow { row, target, inv_t }))
         .collect();
+    stack_rows(&rows)
+}
+
+/// `[3·N]` from each row's `(ℓ, H, lse)`: the log-probs, then the entropies, then the
+/// log-sum-exps (the ops' `[3,N]` output).
+pub(crate) fn stack_rows<R: Copy>(rows: &[(R, R, R)]) -> Vec<R> {
     let mut out = Vec::with_capacity(3 * rows.len());
     out.extend(rows.iter().map(|r| r.0));
     out.extend(rows.iter().map(|r| r.1));
