@@ -216,18 +216,23 @@ fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(Tens
         let empty = z.sum(D::Minus1)?;
         return Ok((empty.clone(), empty));
     }
-    // Rows with a non-finite lse (garbage): computed on zeros (no gradient), reported as NaN.
-    let log_sum_exp = |z: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
-        let max = z.max_keepdim(D::Minus1)?.detach();
-        let shifted = z.broadcast_sub(&max)?.exp()?;
-        let sum = shifted.sum_keepdim(D::Minus1)?;
-        Ok(((sum.log()? + max)?, shifted, sum))
-    };
-    let valid = log_sum_exp(&z.detach())?.0.abs()?.lt(f64::INFINITY)?;
+    // Rows with a non-finite lse (garbage: a NaN, a +∞, or every logit −∞, i.e. exactly the rows
+    // whose maximum is not finite or that hold a NaN) are computed on zeros (no gradient) and
+    // reported as NaN.
+    let raw = z.detach();
+    let finite_max = raw.max_keepdim(D::Minus1)?.abs()?.lt(f64::INFINITY)?;
+    let nans = raw.ne(&raw)?.to_dtype(DType::F32)?.sum_keepdim(D::Minus1)?;
+    let valid = finite_max
+        .to_dtype(DType::F32)?
+        .mul(&nans.eq(0.0)?.to_dtype(DType::F32)?)?
+        .ne(0.0)?;
     let z = valid
         .broadcast_as(z.shape())?
         .where_cond(&z, &z.zeros_like()?)?;
-    let (lse, shifted, sum) = log_sum_exp(&z)?;
+    let max = z.max_keepdim(D::Minus1)?.detach();
+    let shifted = z.broadcast_sub(&max)?.exp()?;
+    let sum = shifted.sum_keepdim(D::Minus1)?;
+    let lse = (sum.log()? + max)?;
     let target = z.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?;
     let log_probs = (target - &lse)?;
     // p·z with p = 0 where z = −∞: the −∞ never enters a product (nor its gradient).
