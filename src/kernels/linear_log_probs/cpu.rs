@@ -20,6 +20,8 @@ use crate::real::Real;
 
 /// Rows per block.
 const ROWS: usize = 64;
+/// Rows per block of the backward: larger, so that its gemms (k = rows for ∂W) run efficiently.
+const BACKWARD_ROWS: usize = 256;
 /// Vocabulary entries per tile: a tile of logits is `ROWS × VOCAB_TILE` values.
 const VOCAB_TILE: usize = 2048;
 /// Fixed vocabulary chunks of the backward (independent of the number of threads).
@@ -229,12 +231,12 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
     ) -> Vec<R> {
         let h = self.h;
         let mut partial = vec![R::ZERO; self.n * h];
-        let size = ROWS.min(self.n) * VOCAB_TILE.min(gb.len());
+        let size = BACKWARD_ROWS.min(self.n) * VOCAB_TILE.min(gb.len());
         let (mut logits, mut dlogits) = (vec![R::ZERO; size], vec![R::ZERO; size]);
         for local in blocks(gb.len(), VOCAB_TILE) {
             let vocab = first + local.start..first + local.end;
             let width = vocab.len();
-            for block in blocks(self.n, ROWS) {
+            for block in blocks(self.n, BACKWARD_ROWS) {
                 if rows[block.clone()].iter().all(RowGrad::silent) {
                     continue;
                 }
