@@ -18,7 +18,7 @@ use crate::kernels::log_probs::cpu::{stack_rows, Online, RowGrad, RowStats};
 use crate::kernels::simd::{matmul, Load, Matrix, Store};
 use crate::real::Real;
 
-/// Rows per block.
+/// Rows per block of the forward.
 const ROWS: usize = 64;
 /// Rows per block of the backward: larger, so that its gemms (k = rows for ∂W) run efficiently.
 const BACKWARD_ROWS: usize = 256;
