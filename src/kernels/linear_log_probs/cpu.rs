@@ -174,9 +174,9 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
             .collect()
     }
 
-    /// The gradients of `hidden` `[N·H]`, `weight` `[V·H]` and `bias` `[V]`, from the forward's
-    /// output (`res`) and its upstream gradient (`grad`).
-    pub(super) fn backward(&self, res: &RowStats, grad: &RowStats) -> [Vec<R>; 3] {
+    /// The gradients of `hidden` `[N·H]`, `weight` `[V·H]` and `bias` `[V]`, end to end in one
+    /// buffer, from the forward's output (`res`) and its upstream gradient (`grad`).
+    pub(super) fn backward(&self, res: &RowStats, grad: &RowStats) -> Vec<R> {
         let (n, h, v) = (self.n, self.h, self.v);
         let rows: Vec<RowGrad<R>> = (0..n)
             .map(|i| RowGrad::new(self.targets[i], self.inv_t, res, grad, i))
@@ -201,21 +201,22 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
             self.hidden
         };
         let chunk = v.div_ceil(CHUNKS).max(1);
-        let mut grad_weight = vec![R::ZERO; v * h];
-        let mut grad_bias = vec![R::ZERO; v];
+        // One buffer, `[∂hidden | ∂W | ∂b]`: the op's output, written in place.
+        let mut out = vec![R::ZERO; n * h + v * h + v];
+        let (grad_hidden, rest) = out.split_at_mut(n * h);
+        let (grad_weight, grad_bias) = rest.split_at_mut(v * h);
         let partials: Vec<Vec<R>> = grad_weight
             .par_chunks_mut(chunk * h.max(1))
             .zip(grad_bias.par_chunks_mut(chunk))
             .enumerate()
             .map(|(c, (gw, gb))| self.backward_chunk(hidden, c * chunk, &rows, gw, gb))
             .collect();
-        let mut grad_hidden = vec![R::ZERO; n * h];
         for partial in &partials {
             for (g, p) in grad_hidden.iter_mut().zip(partial) {
                 *g = *g + *p;
             }
         }
-        [grad_hidden, grad_weight, grad_bias]
+        out
     }
 
     /// One vocabulary chunk starting at `first`: accumulates its `∂W` rows (`gw`) and `∂b`
