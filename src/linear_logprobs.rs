@@ -128,6 +128,14 @@ fn check_inputs(
         });
     }
     let h = dims[dims.len() - 1];
+    if h == 0 {
+        // No hidden features: the backward's vocabulary chunks of ∂W would be empty.
+        return Err(Error::Shape {
+            arg: "hidden",
+            expected: "[.., H] with H >= 1".into(),
+            actual: dims.to_vec(),
+        });
+    }
     let v = match weight.dims() {
         &[v, wh] if wh == h && v >= 1 => v,
         other => {

@@ -277,6 +277,12 @@ fn bad_inputs_are_typed_errors() {
         call(&hidden, &weight, None, &float_targets, 1.0),
         Error::DType { arg: "targets", .. }
     ));
+    let no_features = Tensor::zeros((2, 0), DType::F32, &dev()).unwrap();
+    let weight_0 = Tensor::zeros((5, 0), DType::F32, &dev()).unwrap();
+    assert!(matches!(
+        call(&no_features, &weight_0, None, &targets, 1.0),
+        Error::Shape { arg: "hidden", .. }
+    ));
     let bias = Tensor::zeros(4, DType::F32, &dev()).unwrap();
     assert!(matches!(
         call(&hidden, &weight, Some(&bias), &targets, 1.0),
