@@ -8,6 +8,7 @@
 //! | [`SeqMeanTokenMean`](Aggregation::SeqMeanTokenMean) | `(1/B') Σ_{i: n_i>0} (Σ_t m·L)/n_i` |
 //! | [`SeqMeanTokenSum`](Aggregation::SeqMeanTokenSum) | `(1/B') Σ_i Σ_t m·L` |
 //! | [`SeqMeanTokenSumNorm`](Aggregation::SeqMeanTokenSumNorm) | `(1/B') Σ_i Σ_t m·L / H` |
+//! | [`SeqMean`](Aggregation::SeqMean) | `(1/B) Σ_i (Σ_t m·L)/n_i`, every row counted (GMPO) |
 //!
 //! `N_tok` is the number of unmasked tokens and `B'` the number of non-empty rows, unless a
 //! [`Normalizer`] gives the global ones; every mode is then multiplied by the world size `W`.
@@ -41,6 +42,10 @@ pub enum Aggregation {
         /// The constant `H`; `Some(0)` is rejected.
         horizon: Option<usize>,
     },
+    /// Mean over **all** `B` rows (empty ones count as 0) of each row's token mean — verl's GMPO
+    /// (`geo_mean`, golden `seq-mean`): `(1/B) Σ_i −Ā_i·S_i` for a per-sequence loss spread over
+    /// the row's tokens. The normalizer's `global_sequences` is then the global row count.
+    SeqMean,
 }
 
 impl Aggregation {
@@ -56,6 +61,7 @@ impl Aggregation {
             Self::SeqMeanTokenMean => "seq-mean-token-mean",
             Self::SeqMeanTokenSum => "seq-mean-token-sum",
             Self::SeqMeanTokenSumNorm { .. } => "seq-mean-token-sum-norm",
+            Self::SeqMean => "seq-mean",
         }
     }
 
@@ -74,11 +80,12 @@ impl Aggregation {
             "seq-mean-token-mean" => Self::SeqMeanTokenMean,
             "seq-mean-token-sum" => Self::SeqMeanTokenSum,
             "seq-mean-token-sum-norm" => Self::SeqMeanTokenSumNorm { horizon },
+            "seq-mean" => Self::SeqMean,
             other => {
                 return Err(Error::InvalidConfig {
                     name: "aggregation",
                     expected: "one of token-mean, token-sum, seq-mean-token-mean, \
-                               seq-mean-token-sum, seq-mean-token-sum-norm",
+                               seq-mean-token-sum, seq-mean-token-sum-norm, seq-mean",
                     actual: format!("{other:?}"),
                 })
             }
@@ -192,6 +199,8 @@ pub(crate) struct MaskCounts {
     pub tokens: Tensor,
     /// `B'`, scalar.
     pub sequences: Tensor,
+    /// `B`, scalar.
+    pub rows: Tensor,
 }
 
 impl MaskCounts {
@@ -201,6 +210,7 @@ impl MaskCounts {
             row_tokens: self.row_tokens.to_dtype(dtype)?,
             tokens: self.tokens.to_dtype(dtype)?,
             sequences: self.sequences.to_dtype(dtype)?,
+            rows: self.rows.to_dtype(dtype)?,
         })
     }
 
@@ -209,10 +219,12 @@ impl MaskCounts {
         let row_tokens = mask.sum(D::Minus1)?;
         let tokens = row_tokens.sum_all()?;
         let sequences = row_tokens.gt(0.0)?.to_dtype(mask.dtype())?.sum_all()?;
+        let rows = Tensor::new(mask.dim(0)? as f64, mask.device())?.to_dtype(mask.dtype())?;
         Ok(Self {
             row_tokens,
             tokens,
             sequences,
+            rows,
         })
     }
 }
@@ -226,13 +238,12 @@ fn denominator(local: &Tensor, global: Option<f64>) -> Result<Tensor> {
 }
 
 /// Coefficient of `m·L[i,t]` in the aggregated scalar for a row of `row_tokens` unmasked tokens,
-/// given the batch's `tokens` and non-empty `sequences` and the row length `t` — the scalar
-/// form of [`aggregate_masked`], used by the fused kernels.
+/// given the batch's `tokens`, non-empty `sequences` and `rows`, and the row length `t` — the
+/// scalar form of [`aggregate_masked`], used by the fused kernels.
 pub(crate) fn row_coefficient(
     aggregation: Aggregation,
     row_tokens: f64,
-    tokens: f64,
-    sequences: f64,
+    (tokens, sequences, rows): (f64, f64, f64),
     t: usize,
     normalizer: &Normalizer,
 ) -> f64 {
@@ -247,6 +258,10 @@ pub(crate) fn row_coefficient(
             Aggregation::SeqMeanTokenSum => 1.0 / sequence_count,
             Aggregation::SeqMeanTokenSumNorm { horizon } => {
                 1.0 / (sequence_count * horizon.unwrap_or(t) as f64)
+            }
+            Aggregation::SeqMean => {
+                let row_count = normalizer.global_sequences.unwrap_or(rows).max(1.0);
+                1.0 / (row_count * row_tokens.max(1.0))
             }
         }
 }
@@ -284,6 +299,11 @@ pub(crate) fn aggregate_masked(
                 .div(&seq_denominator()?)?
                 .affine(1.0 / horizon, 0.0)?
         }
+        Aggregation::SeqMean => masked
+            .sum(D::Minus1)?
+            .div(&counts.row_tokens.maximum(1.0)?)?
+            .sum_all()?
+            .div(&denominator(&counts.rows, normalizer.global_sequences)?)?,
     };
     let scalar = if world == 1.0 {
         scalar

@@ -87,6 +87,9 @@ pub struct KlPenalty {
     pub aggregation: Aggregation,
     /// verl's clamps on k3 (`ℓref − ℓ` to ±20, the value to ±10); default `true`.
     pub clamp: bool,
+    /// Multiply each token's estimate by the policy term's ratio `R` (token `ρ`, sequence `s`),
+    /// not detached: TRL/Liger's `use_bias_correction_kl` (DeepSeek-V3.2); default `false`.
+    pub importance_weighted: bool,
 }
 
 impl KlPenalty {
@@ -102,6 +105,7 @@ impl KlPenalty {
             estimator,
             aggregation: Aggregation::TokenMean,
             clamp: true,
+            importance_weighted: false,
         }
     }
     /// Sets the aggregation of the penalty (verl: the actor's mode).
@@ -122,6 +126,18 @@ impl KlPenalty {
     /// ```
     pub fn with_clamp(mut self, clamp: bool) -> Self {
         self.clamp = clamp;
+        self
+    }
+    /// Weighs the estimate by the policy's importance ratio, `k̂ = k·R` with `R` not detached
+    /// (TRL `use_bias_correction_kl`): the ratio of the objective's level, with its log-ratio
+    /// clamp if it has one (TRL has none), before any two-sided `δ`.
+    ///
+    /// ```
+    /// let kl = sapo::KlPenalty::new(0.04, sapo::KlEstimator::K3).with_importance_weighting(true);
+    /// assert!(kl.importance_weighted);
+    /// ```
+    pub fn with_importance_weighting(mut self, on: bool) -> Self {
+        self.importance_weighted = on;
         self
     }
     /// Rejects a negative or non-finite coefficient and a bad aggregation.

@@ -3,6 +3,7 @@
 
 pub mod advantages;
 pub mod aggregation;
+pub mod entropy;
 pub mod error;
 pub mod gate;
 mod kernels;
@@ -12,9 +13,11 @@ pub mod logprobs;
 pub mod losses;
 mod piecewise;
 pub mod real;
+pub mod rollout_correction;
 
 pub use advantages::{group_advantages, group_advantages_vec, AdvantageEstimator, Groups};
 pub use aggregation::{aggregate, Aggregation, Normalizer};
+pub use entropy::{AdaptiveEntropy, EntropyBonus};
 pub use error::{Error, Result};
 pub use kernels::Backend;
 pub use kl::{kl_penalty, KlEstimator, KlPenalty};
@@ -25,6 +28,11 @@ pub use logprobs::{
     token_log_probs, token_log_probs_and_entropy, token_log_probs_and_entropy_with,
 };
 pub use losses::{
-    Grpo, Gspo, HardClip, MetricSums, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyLossOutput,
-    PolicyMetrics, RatioLevel, Sapo, TrustRegion,
+    Bypass, BypassLoss, Cispo, Divergence, Dppo, Dro, GeometricClip, Gmpo, Gpg, Grpo, Gspo,
+    HardClip, IsWeightClip, KlCov, Luspo, MetricSums, PolicyInputs, PolicyLoss, PolicyLossConfig,
+    PolicyLossOutput, PolicyMetrics, RatioLevel, Sapo, TrustRegion, Vespo,
+};
+pub use rollout_correction::{
+    rollout_correction, FilterDivergence, FilterStatistic, ImportanceWeights, RejectionFilter,
+    RolloutCorrection, RolloutCorrectionOutput, WeightLevel, WeightMode,
 };

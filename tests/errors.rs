@@ -432,7 +432,7 @@ fn group_ids_length_differs_from_rewards() {
 #[test]
 fn unknown_names_are_config_errors() {
     assert!(matches!(
-        Aggregation::from_name("seq-mean", None),
+        Aggregation::from_name("seq-median", None),
         Err(Error::InvalidConfig {
             name: "aggregation",
             ..

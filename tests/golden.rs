@@ -10,8 +10,10 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
-    AdvantageEstimator, Aggregation, Backend, Groups, HardClip, KlEstimator, KlPenalty,
-    PolicyInputs, PolicyLossConfig, RatioLevel, TrustRegion,
+    AdvantageEstimator, Aggregation, Backend, Bypass, BypassLoss, Divergence, Dppo, Dro,
+    EntropyBonus, GeometricClip, Groups, HardClip, ImportanceWeights, IsWeightClip, KlCov,
+    KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, RatioLevel, RejectionFilter,
+    RolloutCorrection, TrustRegion, Vespo, WeightLevel, WeightMode,
 };
 use serde_json::{Map, Value};
 
@@ -148,6 +150,88 @@ fn aggregation(v: &Value) -> Res<Aggregation> {
     Aggregation::from_name(mode, horizon).map_err(err)
 }
 
+fn req_str<'a>(cfg: &'a Map<String, Value>, key: &str) -> Res<&'a str> {
+    cfg.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("missing string `{key}`"))
+}
+
+fn hard_clip(cfg: &Map<String, Value>) -> Res<HardClip> {
+    Ok(HardClip {
+        eps_low: req_f64(cfg, "clip_low")?,
+        eps_high: req_f64(cfg, "clip_high")?,
+        dual_clip: opt_f64(cfg, "dual_clip")?,
+        delta: opt_f64(cfg, "delta")?,
+    })
+}
+
+/// A `rollout_correction` object (a case's config, or bypass mode's).
+fn correction(v: &Value) -> Res<RolloutCorrection> {
+    let obj = v
+        .as_object()
+        .ok_or("rollout_correction must be an object")?;
+    check_keys(
+        obj,
+        &["importance_weights", "rejection", "log_ratio_clamp"],
+        "rollout_correction",
+    )?;
+    let mut rc = RolloutCorrection::new();
+    if let Some(c) = opt_f64(obj, "log_ratio_clamp")? {
+        rc = rc.with_log_ratio_clamp(c);
+    }
+    match obj.get("importance_weights") {
+        None | Some(Value::Null) => {}
+        Some(w) => {
+            let w = w
+                .as_object()
+                .ok_or("importance_weights must be an object")?;
+            check_keys(
+                w,
+                &["level", "mode", "upper", "lower", "batch_normalize"],
+                "importance_weights",
+            )?;
+            let level = match req_str(w, "level")? {
+                "token" => WeightLevel::Token,
+                "sequence" => WeightLevel::Sequence,
+                other => return Err(format!("unknown level `{other}`")),
+            };
+            let upper = req_f64(w, "upper")?;
+            let mode = match req_str(w, "mode")? {
+                "truncate" => WeightMode::Truncate { upper },
+                "mask" => WeightMode::Mask {
+                    lower: req_f64(w, "lower")?,
+                    upper,
+                },
+                other => return Err(format!("unknown mode `{other}`")),
+            };
+            let normalize = w
+                .get("batch_normalize")
+                .map(|b| b.as_bool().ok_or("batch_normalize must be a bool"))
+                .transpose()?
+                .unwrap_or(false);
+            rc = rc.with_importance_weights(
+                ImportanceWeights::new(level, mode).with_batch_normalize(normalize),
+            );
+        }
+    }
+    if let Some(list) = obj.get("rejection") {
+        for f in list.as_array().ok_or("rejection must be a list")? {
+            let f = f
+                .as_object()
+                .ok_or("a rejection filter must be an object")?;
+            check_keys(f, &["filter", "lower", "upper"], "rejection")?;
+            let filter = RejectionFilter::from_name(
+                req_str(f, "filter")?,
+                opt_f64(f, "lower")?,
+                req_f64(f, "upper")?,
+            )
+            .map_err(err)?;
+            rc = rc.with_rejection(filter);
+        }
+    }
+    Ok(rc)
+}
+
 fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
     check_keys(
         cfg,
@@ -158,30 +242,91 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
             "tau_neg",
             "clip_low",
             "clip_high",
+            "ratio_max",
             "dual_clip",
             "delta",
             "log_ratio_clamp",
             "seq_log_ratio_max",
+            "log_clip_low",
+            "log_clip_high",
+            "dro_beta",
+            "kl_cov_ratio",
+            "kl_cov_coef",
+            "divergence",
+            "divergence_low",
+            "divergence_high",
+            "k_pos",
+            "lambda_pos",
+            "k_neg",
+            "lambda_neg",
+            "log_w_min",
+            "log_w_max",
+            "bypass_loss",
+            "rollout_correction",
             "aggregation",
             "kl",
+            "entropy",
         ],
         "config",
     )?;
-    let objective = cfg
-        .get("objective")
-        .and_then(Value::as_str)
-        .ok_or("objective")?;
+    let objective = req_str(cfg, "objective")?;
+    let mut bypass = None;
     let trust_region = match objective {
         "sapo" => TrustRegion::SoftGate {
             tau_pos: req_f64(cfg, "tau_pos")?,
             tau_neg: req_f64(cfg, "tau_neg")?,
         },
-        "gspo" | "grpo" => TrustRegion::HardClip(HardClip {
-            eps_low: req_f64(cfg, "clip_low")?,
-            eps_high: req_f64(cfg, "clip_high")?,
-            dual_clip: opt_f64(cfg, "dual_clip")?,
-            delta: opt_f64(cfg, "delta")?,
+        "gspo" | "grpo" => TrustRegion::HardClip(hard_clip(cfg)?),
+        "cispo" => TrustRegion::Cispo(match opt_f64(cfg, "ratio_max")? {
+            Some(max) => IsWeightClip::RatioMax(max),
+            None => IsWeightClip::Bounds {
+                eps_low: req_f64(cfg, "clip_low")?,
+                eps_high: req_f64(cfg, "clip_high")?,
+            },
         }),
+        "gmpo" => TrustRegion::GeometricClip(GeometricClip {
+            log_clip_low: req_f64(cfg, "log_clip_low")?,
+            log_clip_high: req_f64(cfg, "log_clip_high")?,
+        }),
+        "gpg" => TrustRegion::PolicyGradient,
+        "dro" => TrustRegion::Dro(Dro {
+            beta: req_f64(cfg, "dro_beta")?,
+        }),
+        "kl_cov" => TrustRegion::KlCov(KlCov {
+            ratio: req_f64(cfg, "kl_cov_ratio")?,
+            coef: req_f64(cfg, "kl_cov_coef")?,
+        }),
+        "dppo" => TrustRegion::Dppo(Dppo::new(
+            match req_str(cfg, "divergence")? {
+                "binary_tv" => Divergence::BinaryTv,
+                "binary_kl" => Divergence::BinaryKl,
+                other => return Err(format!("unknown divergence `{other}`")),
+            },
+            req_f64(cfg, "divergence_low")?,
+            req_f64(cfg, "divergence_high")?,
+            req_f64(cfg, "ratio_max")?,
+        )),
+        "vespo" => TrustRegion::Vespo(Vespo {
+            k_pos: req_f64(cfg, "k_pos")?,
+            lambda_pos: req_f64(cfg, "lambda_pos")?,
+            k_neg: req_f64(cfg, "k_neg")?,
+            lambda_neg: req_f64(cfg, "lambda_neg")?,
+            log_w_min: req_f64(cfg, "log_w_min")?,
+            log_w_max: req_f64(cfg, "log_w_max")?,
+        }),
+        "bypass" => {
+            let rc = correction(field_map(cfg, "rollout_correction")?)?;
+            let (loss, region) = match req_str(cfg, "bypass_loss")? {
+                "reinforce" => (BypassLoss::Reinforce, TrustRegion::PolicyGradient),
+                "ppo_clip" => (BypassLoss::PpoClip, TrustRegion::HardClip(hard_clip(cfg)?)),
+                other => return Err(format!("unknown bypass_loss `{other}`")),
+            };
+            bypass = Some(Bypass {
+                correction: rc,
+                loss,
+            });
+            region
+        }
         other => return Err(format!("unknown objective `{other}`")),
     };
     let ratio_level = match cfg.get("ratio_level").and_then(Value::as_str) {
@@ -190,7 +335,16 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         Some("sequence_token") => RatioLevel::SequenceToken,
         Some(other) => return Err(format!("unknown ratio_level `{other}`")),
     };
+    // GMPO's ratio is the geometric mean over the row: the sequence level of its clipped log-ratio.
+    let ratio_level = if objective == "gmpo" {
+        RatioLevel::Sequence
+    } else {
+        ratio_level
+    };
+    // The log-ratio clamp: the case's value; absent, the peer's fixed one (verl's 20, none for
+    // the objectives that take ℓ − ℓold unclamped).
     let log_ratio_clamp = match cfg.get("log_ratio_clamp") {
+        None if matches!(objective, "dro" | "gpg" | "kl_cov" | "gmpo") => None,
         None => Some(20.0),
         Some(_) => opt_f64(cfg, "log_ratio_clamp")?,
     };
@@ -198,7 +352,17 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         None | Some(Value::Null) => None,
         Some(v) => {
             let obj = v.as_object().ok_or("kl must be an object")?;
-            check_keys(obj, &["coef", "estimator", "aggregation", "clamp"], "kl")?;
+            check_keys(
+                obj,
+                &[
+                    "coef",
+                    "estimator",
+                    "aggregation",
+                    "clamp",
+                    "importance_weighted",
+                ],
+                "kl",
+            )?;
             let estimator = obj
                 .get("estimator")
                 .and_then(Value::as_str)
@@ -213,7 +377,23 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
             if let Some(c) = obj.get("clamp") {
                 penalty.clamp = c.as_bool().ok_or("kl.clamp must be a bool")?;
             }
+            if let Some(c) = obj.get("importance_weighted") {
+                penalty.importance_weighted =
+                    c.as_bool().ok_or("kl.importance_weighted must be a bool")?;
+            }
             Some(penalty)
+        }
+    };
+    let entropy = match cfg.get("entropy") {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            let obj = v.as_object().ok_or("entropy must be an object")?;
+            check_keys(obj, &["coef", "aggregation"], "entropy")?;
+            let mut bonus = EntropyBonus::new(req_f64(obj, "coef")?);
+            if let Some(a) = obj.get("aggregation") {
+                bonus.aggregation = aggregation(a)?;
+            }
+            Some(bonus)
         }
     };
     let agg = match cfg.get("aggregation") {
@@ -224,7 +404,13 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         .with_log_ratio_clamp(log_ratio_clamp)
         .with_seq_log_ratio_max(opt_f64(cfg, "seq_log_ratio_max")?)
         .with_aggregation(agg)
-        .with_kl(kl))
+        .with_kl(kl)
+        .with_entropy(entropy)
+        .with_bypass(bypass))
+}
+
+fn field_map<'a>(cfg: &'a Map<String, Value>, key: &str) -> Res<&'a Value> {
+    cfg.get(key).ok_or_else(|| format!("missing `{key}`"))
 }
 
 fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()> {
@@ -242,6 +428,8 @@ fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()>
             "advantages",
             "mask",
             "ref_log_probs",
+            "entropy",
+            "is_weights",
         ],
         "inputs",
     )?;
@@ -249,13 +437,21 @@ fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()>
     let old = tensor(inputs, "old_log_probs")?;
     let adv = tensor(inputs, "advantages")?;
     let mask = tensor(inputs, "mask")?;
-    let reference = inputs
-        .get("ref_log_probs")
-        .map(|_| tensor(inputs, "ref_log_probs"))
+    let optional = |key: &str| inputs.get(key).map(|_| tensor(inputs, key)).transpose();
+    let reference = optional("ref_log_probs")?;
+    let weights = optional("is_weights")?;
+    let entropy = optional("entropy")?
+        .map(|h| Var::from_tensor(&h).map_err(err))
         .transpose()?;
     let mut pi = PolicyInputs::new(log_probs.as_tensor(), &old, &adv, &mask);
     if let Some(r) = &reference {
         pi = pi.with_ref_log_probs(r);
+    }
+    if let Some(w) = &weights {
+        pi = pi.with_is_weights(w);
+    }
+    if let Some(h) = &entropy {
+        pi = pi.with_entropy(h.as_tensor());
     }
     let out = loss_fn.forward(&pi).map_err(err)?;
     let grads = out.loss.backward().map_err(err)?;
@@ -263,6 +459,11 @@ fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()>
         .get(log_probs.as_tensor())
         .ok_or("no gradient reached log_probs")?;
     let expected = field(case, "expected")?;
+    check_keys(
+        expected.as_object().ok_or("expected")?,
+        &["loss", "grad_log_probs", "grad_entropy", "metrics"],
+        "expected",
+    )?;
     check.values(
         "loss",
         &to_f64(&out.loss)?,
@@ -273,25 +474,95 @@ fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()>
         &to_f64(grad)?,
         &numbers(field(expected, "grad_log_probs")?)?,
     );
+    if let Some(want) = expected.get("grad_entropy") {
+        let h = entropy
+            .as_ref()
+            .ok_or("grad_entropy without an entropy input")?;
+        let g = grads
+            .get(h.as_tensor())
+            .ok_or("no gradient reached entropy")?;
+        check.values("grad_entropy", &to_f64(g)?, &numbers(want)?);
+    }
     let sums = out.metrics.read().map_err(err)?;
     if let Some(metrics) = expected.get("metrics").and_then(Value::as_object) {
         for (name, want) in metrics {
-            let got = match name.as_str() {
-                "approx_kl" => sums.approx_kl(),
-                "clip_fraction" => sums.clip_fraction(),
-                "dual_clip_fraction" => sums.dual_clip_fraction(),
-                "clip_ratio" => sums.clip_ratio(),
-                "clip_ratio_low" => sums.clip_ratio_low(),
-                "clip_ratio_high" => sums.clip_ratio_high(),
-                "kl" => sums.kl_mean(),
-                "gate_weight_mean" => sums.gate_weight_mean(),
-                "gate_value_mean" => sums.gate_value_mean(),
-                other => return Err(format!("unknown metric `{other}`")),
+            let got = if let Some(rc) = name.strip_prefix("rollout_corr/") {
+                let map = out
+                    .rollout_correction
+                    .as_ref()
+                    .ok_or("rollout-correction metrics without bypass mode")?;
+                map.get(rc).copied()
+            } else {
+                match name.as_str() {
+                    "approx_kl" => sums.approx_kl(),
+                    "clip_fraction" => sums.clip_fraction(),
+                    "dual_clip_fraction" => sums.dual_clip_fraction(),
+                    "clip_ratio" => sums.clip_ratio(),
+                    "clip_ratio_low" => sums.clip_ratio_low(),
+                    "clip_ratio_high" => sums.clip_ratio_high(),
+                    "kl" => sums.kl_mean(),
+                    "kl_loss" => sums.kl_loss,
+                    "entropy_loss" => sums.entropy_loss,
+                    "clip_fraction_pos" => sums.clip_fraction_pos(),
+                    "clip_fraction_neg" => sums.clip_fraction_neg(),
+                    "truncated_fraction" => sums.truncated_fraction(),
+                    "mean_abs_log_ratio" => sums.mean_abs_log_ratio(),
+                    "gate_weight_mean" => sums.gate_weight_mean(),
+                    "gate_value_mean" => sums.gate_value_mean(),
+                    other => return Err(format!("unknown metric `{other}`")),
+                }
             };
             let got =
                 got.ok_or_else(|| format!("metric `{name}` is not defined for this objective"))?;
             check.values(&format!("metrics.{name}"), &[got], &numbers(want)?);
         }
+    }
+    Ok(())
+}
+
+fn run_rollout_correction(case: &Value, check: &mut Check) -> Res<()> {
+    let rc = correction(field(case, "config")?)?;
+    let inputs = field(case, "inputs")?;
+    check_keys(
+        inputs.as_object().ok_or("inputs")?,
+        &["old_log_probs", "rollout_log_probs", "mask"],
+        "inputs",
+    )?;
+    let out = sapo::rollout_correction(
+        &tensor(inputs, "old_log_probs")?,
+        &tensor(inputs, "rollout_log_probs")?,
+        &tensor(inputs, "mask")?,
+        &rc,
+    )
+    .map_err(err)?;
+    let expected = field(case, "expected")?;
+    check_keys(
+        expected.as_object().ok_or("expected")?,
+        &["weights", "mask", "metrics"],
+        "expected",
+    )?;
+    check.values(
+        "mask",
+        &to_f64(&out.mask)?,
+        &numbers(field(expected, "mask")?)?,
+    );
+    match (expected.get("weights"), &out.weights) {
+        (Some(want), Some(got)) => check.values("weights", &to_f64(got)?, &numbers(want)?),
+        (None, None) => {}
+        _ => return Err("weights expected and computed disagree on presence".into()),
+    }
+    let want = field(expected, "metrics")?
+        .as_object()
+        .ok_or("metrics must be an object")?;
+    for (name, value) in want {
+        let got = out
+            .metrics
+            .get(name)
+            .ok_or_else(|| format!("metric `{name}` not computed"))?;
+        check.values(&format!("metrics.{name}"), &[*got], &numbers(value)?);
+    }
+    if let Some(extra) = out.metrics.keys().find(|k| !want.contains_key(*k)) {
+        return Err(format!("metric `{extra}` computed but not expected"));
     }
     Ok(())
 }
@@ -395,6 +666,11 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             // One implementation: advantages are computed on the host.
             Some("advantages") if path == "fused" => run_advantages(case, &mut check)?,
             Some("advantages") => {}
+            // One implementation: the correction is computed on the host.
+            Some("rollout_correction") if path == "fused" => {
+                run_rollout_correction(case, &mut check)?
+            }
+            Some("rollout_correction") => {}
             other => return Err(format!("unknown kind {other:?}")),
         }
         failures.extend(check.failures);

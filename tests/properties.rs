@@ -9,8 +9,8 @@ use candle_core::DType;
 use common::{assert_close, reference, run_crate, Batch, BACKENDS};
 use proptest::prelude::*;
 use sapo::{
-    Aggregation, HardClip, KlEstimator, KlPenalty, Normalizer, PolicyLossConfig, RatioLevel,
-    TrustRegion,
+    Aggregation, Divergence, Dppo, Dro, GeometricClip, HardClip, IsWeightClip, KlCov, KlEstimator,
+    KlPenalty, Normalizer, PolicyLossConfig, RatioLevel, TrustRegion, Vespo,
 };
 
 fn ratio_level() -> impl Strategy<Value = RatioLevel> {
@@ -38,7 +38,64 @@ fn trust_region(max_tau: f64) -> impl Strategy<Value = TrustRegion> {
                 delta: delta.map(|d| 1.0 + hi + d),
             })
         });
-    prop_oneof![soft, hard, Just(TrustRegion::Unclipped)]
+    let cispo = prop_oneof![
+        (0.0..1.0f64, 0.0..0.6f64)
+            .prop_map(|(eps_low, eps_high)| IsWeightClip::Bounds { eps_low, eps_high }),
+        (0.5..6.0f64).prop_map(IsWeightClip::RatioMax),
+    ]
+    .prop_map(TrustRegion::Cispo);
+    let dppo =
+        (any::<bool>(), 0.0..0.3f64, 0.0..0.3f64, 0.5..20.0f64).prop_map(|(kl, low, high, cap)| {
+            let divergence = if kl {
+                Divergence::BinaryKl
+            } else {
+                Divergence::BinaryTv
+            };
+            TrustRegion::Dppo(Dppo::new(divergence, low, high, cap))
+        });
+    let vespo = (0.0..4.0f64, 0.0..4.0f64, 0.0..4.0f64, 0.0..4.0f64).prop_map(
+        |(k_pos, lambda_pos, k_neg, lambda_neg)| {
+            TrustRegion::Vespo(Vespo {
+                k_pos,
+                lambda_pos,
+                k_neg,
+                lambda_neg,
+                ..Vespo::default()
+            })
+        },
+    );
+    let gmpo = (0.0..0.6f64, 0.0..0.6f64).prop_map(|(log_clip_low, log_clip_high)| {
+        TrustRegion::GeometricClip(GeometricClip {
+            log_clip_low,
+            log_clip_high,
+        })
+    });
+    let kl_cov = (0.01..1.0f64, 0.0..2.0f64)
+        .prop_map(|(ratio, coef)| TrustRegion::KlCov(KlCov { ratio, coef }));
+    prop_oneof![
+        2 => soft,
+        2 => hard,
+        1 => Just(TrustRegion::Unclipped),
+        1 => Just(TrustRegion::PolicyGradient),
+        1 => cispo,
+        1 => (0.01..2.0f64).prop_map(|beta| TrustRegion::Dro(Dro { beta })),
+        1 => kl_cov,
+        1 => dppo,
+        1 => vespo,
+        1 => gmpo,
+    ]
+}
+
+/// Whether an objective is defined at the token level only.
+fn token_only(trust: &TrustRegion) -> bool {
+    matches!(
+        trust,
+        TrustRegion::PolicyGradient
+            | TrustRegion::Dro(_)
+            | TrustRegion::KlCov(_)
+            | TrustRegion::Dppo(_)
+            | TrustRegion::Vespo(_)
+    )
 }
 
 fn aggregation() -> impl Strategy<Value = Aggregation> {
@@ -49,6 +106,7 @@ fn aggregation() -> impl Strategy<Value = Aggregation> {
         Just(Aggregation::SeqMeanTokenSum),
         proptest::option::of(1usize..100)
             .prop_map(|horizon| Aggregation::SeqMeanTokenSumNorm { horizon }),
+        Just(Aggregation::SeqMean),
     ]
 }
 
@@ -60,14 +118,24 @@ fn kl_penalty() -> impl Strategy<Value = Option<KlPenalty>> {
         Just(KlEstimator::K3),
         Just(KlEstimator::K3Plus)
     ];
-    proptest::option::of((0.0..1.0f64, est, aggregation(), any::<bool>()).prop_map(
-        |(coef, estimator, aggregation, clamp)| KlPenalty {
-            coef,
-            estimator,
-            aggregation,
-            clamp,
-        },
-    ))
+    proptest::option::of(
+        (
+            0.0..1.0f64,
+            est,
+            aggregation(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(coef, estimator, aggregation, clamp, importance_weighted)| KlPenalty {
+                    coef,
+                    estimator,
+                    aggregation,
+                    clamp,
+                    importance_weighted,
+                },
+            ),
+    )
 }
 
 fn config(max_tau: f64) -> impl Strategy<Value = PolicyLossConfig> {
@@ -80,6 +148,11 @@ fn config(max_tau: f64) -> impl Strategy<Value = PolicyLossConfig> {
         kl_penalty(),
     )
         .prop_map(|(level, trust, clamp, seq_max, agg, kl)| {
+            let level = if token_only(&trust) {
+                RatioLevel::Token
+            } else {
+                level
+            };
             PolicyLossConfig::new(level, trust)
                 .with_log_ratio_clamp(clamp)
                 .with_seq_log_ratio_max(seq_max)
@@ -167,7 +240,9 @@ proptest! {
             prop_assert!(got.grad.iter().all(|g| g.is_finite()));
             let m = got.metrics;
             for v in [m.approx_kl(), m.ratio_mean(), m.clip_fraction(), m.gate_weight_mean(),
-                      m.gate_value_mean(), m.kl_mean(), m.clip_ratio()].into_iter().flatten() {
+                      m.gate_value_mean(), m.kl_mean(), m.clip_ratio(), m.clip_fraction_pos(),
+                      m.clip_fraction_neg(), m.truncated_fraction(), m.mean_abs_log_ratio(),
+                      m.kl_loss].into_iter().flatten() {
                 prop_assert!(v.is_finite());
             }
         }
@@ -182,9 +257,23 @@ proptest! {
             let full = run_crate(&cfg, &batch, Normalizer::default(), DType::F64, backend).unwrap();
             let n: Vec<f64> = batch.mask.chunks(batch.t).map(|r| r.iter().sum()).collect();
             let pieces = pieces.min(batch.b);
+            // KL-Cov selects over the batch the call sees (as verl, per micro-batch).
+            prop_assume!(!matches!(cfg.trust_region, TrustRegion::KlCov(_)) || pieces == 1);
+            // `seq-mean` counts every row, the other sequence modes the non-empty ones: one
+            // normalizer cannot serve both.
+            let all_rows = cfg.aggregation == Aggregation::SeqMean
+                || cfg.kl.is_some_and(|k| k.aggregation == Aggregation::SeqMean);
+            let seq_modes = |a: Aggregation| !matches!(a, Aggregation::TokenMean | Aggregation::TokenSum);
+            prop_assume!(!all_rows || [Some(cfg.aggregation), cfg.kl.map(|k| k.aggregation)]
+                .into_iter().flatten().all(|a| a == Aggregation::SeqMean || !seq_modes(a)));
+            let sequences = if all_rows {
+                batch.b as f64
+            } else {
+                n.iter().filter(|&&x| x > 0.0).count() as f64
+            };
             let norm = Normalizer::default()
                 .with_global_tokens(n.iter().sum())
-                .with_global_sequences(n.iter().filter(|&&x| x > 0.0).count() as f64)
+                .with_global_sequences(sequences)
                 .with_world_size(pieces);
             let mut loss = 0.0;
             let mut grad = vec![];

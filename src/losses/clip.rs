@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use crate::error::{check_config, Result};
 use crate::losses::metrics::{CLIPPED, CLIP_HIGH, CLIP_LOW, DUAL_CLIPPED};
-use crate::losses::trust_region::{Eval, PerToken, Shape};
+use crate::losses::trust_region::{Eval, PerToken, Shape, Token};
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::Real;
 
@@ -129,7 +129,8 @@ impl<R: Real> Shape<R> for ClipBounds<R> {
     const SLOTS: &'static [usize] = &[CLIPPED, DUAL_CLIPPED, CLIP_LOW, CLIP_HIGH];
 
     #[inline(always)]
-    fn eval(&self, r: R, a: R) -> Eval<R> {
+    fn eval(&self, t: &Token<R>) -> Eval<R> {
+        let (r, a) = (t.r, t.a);
         let half = R::from_f64(0.5);
         let (u, du) = clamp_scalar(r, -R::INFINITY, self.delta);
         let (l1, d1) = (-(a * u), -(a * du));
@@ -152,16 +153,16 @@ impl<R: Real> Shape<R> for ClipBounds<R> {
             }
             None => (loss, slope, false),
         };
-        Eval {
-            value: loss,
+        Eval::through_ratio(
+            loss,
             slope,
-            metrics: [
+            [
                 R::indicator(clipped),
                 R::indicator(cut),
                 R::indicator(r < self.low && a < R::ZERO),
                 R::indicator(r > self.high && a > R::ZERO),
             ],
-        }
+        )
     }
 }
 

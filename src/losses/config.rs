@@ -6,8 +6,10 @@
 //! this one configuration.
 
 use crate::aggregation::Aggregation;
+use crate::entropy::EntropyBonus;
 use crate::error::{check_config, Result};
 use crate::kl::KlPenalty;
+use crate::losses::bypass::Bypass;
 use crate::losses::policy_loss::PolicyLoss;
 use crate::losses::ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP};
 use crate::losses::trust_region::TrustRegion;
@@ -38,6 +40,10 @@ pub struct PolicyLossConfig {
     pub aggregation: Aggregation,
     /// Optional KL penalty to a reference policy.
     pub kl: Option<KlPenalty>,
+    /// Optional entropy bonus `− c·agg(H)` (needs [`crate::PolicyInputs::with_entropy`]).
+    pub entropy: Option<EntropyBonus>,
+    /// verl's bypass mode: the rollout correction run by the loss itself.
+    pub bypass: Option<Bypass>,
 }
 
 impl PolicyLossConfig {
@@ -57,6 +63,8 @@ impl PolicyLossConfig {
             seq_log_ratio_max: None,
             aggregation: Aggregation::TokenMean,
             kl: None,
+            entropy: None,
+            bypass: None,
         }
     }
     /// Sets the ratio level (token `ρ`, sequence `s`, GSPO-token).
@@ -109,6 +117,26 @@ impl PolicyLossConfig {
         self.kl = kl;
         self
     }
+    /// Adds (or with `None` removes) an entropy bonus `− c·agg(H)`.
+    ///
+    /// ```
+    /// let bonus = Some(sapo::EntropyBonus::new(0.001));
+    /// assert_eq!(sapo::Grpo::default().config().with_entropy(bonus).entropy, bonus);
+    /// ```
+    pub fn with_entropy(mut self, entropy: Option<EntropyBonus>) -> Self {
+        self.entropy = entropy;
+        self
+    }
+    /// Turns verl's bypass mode on (or with `None` off); see [`Bypass`].
+    ///
+    /// ```
+    /// let cfg = sapo::Bypass::reinforce(sapo::RolloutCorrection::new());
+    /// assert!(cfg.bypass.is_some());
+    /// ```
+    pub fn with_bypass(mut self, bypass: Option<Bypass>) -> Self {
+        self.bypass = bypass;
+        self
+    }
     /// Checks every parameter; see [`crate::Error::InvalidConfig`].
     ///
     /// ```
@@ -132,6 +160,27 @@ impl PolicyLossConfig {
         if let Some(kl) = &self.kl {
             kl.validate()?;
         }
+        if let Some(entropy) = &self.entropy {
+            entropy.validate()?;
+        }
+        if let Some(bypass) = &self.bypass {
+            bypass.validate(&self.trust_region)?;
+        }
+        // The objectives whose formula is per token (they weigh ℓ by a token quantity).
+        let token_only = matches!(
+            self.trust_region,
+            TrustRegion::PolicyGradient
+                | TrustRegion::Dro(_)
+                | TrustRegion::KlCov(_)
+                | TrustRegion::Dppo(_)
+                | TrustRegion::Vespo(_)
+        );
+        check_config(
+            !token_only || self.ratio_level == RatioLevel::Token,
+            "ratio_level",
+            "RatioLevel::Token for GPG, DRO, KL-Cov, DPPO and VESPO",
+            self.ratio_level,
+        )?;
         Ok(())
     }
     /// Validates the configuration and returns the loss.

@@ -46,8 +46,11 @@ pub struct PolicyInputs<'a, L = &'a Tensor> {
     pub mask: &'a Tensor,
     /// `ℓref`, `[B,T]`, for the KL penalty.
     pub ref_log_probs: Option<&'a Tensor>,
-    /// `w`, `[B,T]`, rollout-correction weights.
+    /// `w`, `[B,T]` or `[B,1]` (one per sequence), rollout-correction weights.
     pub is_weights: Option<&'a Tensor>,
+    /// `[B,T]` per-token entropy for the entropy bonus (differentiable: its gradient flows back
+    /// to whatever produced it), when the config has one.
+    pub entropy: Option<&'a Tensor>,
     /// Global counts for data parallelism / gradient accumulation.
     pub normalizer: Normalizer,
 }
@@ -76,6 +79,7 @@ impl<'a, L> PolicyInputs<'a, L> {
             mask,
             ref_log_probs: None,
             is_weights: None,
+            entropy: None,
             normalizer: Normalizer::default(),
         }
     }
@@ -105,6 +109,22 @@ impl<'a, L> PolicyInputs<'a, L> {
     /// ```
     pub fn with_is_weights(mut self, is_weights: &'a Tensor) -> Self {
         self.is_weights = Some(is_weights);
+        self
+    }
+    /// Adds the per-token entropy `H` `[B,T]` for the config's entropy bonus `− c·agg(H)`; the
+    /// bonus's gradient flows back through it (to the logits, when it comes from
+    /// [`crate::token_log_probs_and_entropy`]).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((1, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    /// let entropy = Tensor::new(&[[1.5f32, 0.7]], &Device::Cpu)?;
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_entropy(&entropy);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_entropy(mut self, entropy: &'a Tensor) -> Self {
+        self.entropy = Some(entropy);
         self
     }
     /// Sets the global normalizer (data parallelism, gradient accumulation).
@@ -188,6 +208,21 @@ fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
 }
 
+/// Errors when `x` has a non-finite value where `mask` (a float 0/1 tensor) is 1 (one host read).
+pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -> Result<()> {
+    let bad = unmasked_non_finite(x, mask)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if bad > 0.0 {
+        return Err(Error::InvalidValue {
+            arg,
+            expected: "finite values at unmasked positions".into(),
+            actual: format!("{bad} non-finite"),
+        });
+    }
+    Ok(())
+}
+
 fn check_matrix(arg: &'static str, x: &Tensor, shape: &[usize], device: &Tensor) -> Result<()> {
     check_device(arg, x, device)?;
     check_shape(arg, x, shape)?;
@@ -207,6 +242,7 @@ impl<'a, L> PolicyInputs<'a, L> {
             mask: self.mask,
             ref_log_probs: self.ref_log_probs,
             is_weights: self.is_weights,
+            entropy: self.entropy,
             normalizer: self.normalizer,
         }
     }
@@ -218,6 +254,7 @@ impl<'a, L> PolicyInputs<'a, L> {
         shape: &[usize],
         device: &Tensor,
         needs_ref: bool,
+        needs_entropy: bool,
     ) -> Result<()> {
         self.normalizer.validate()?;
         let b = shape[0];
@@ -253,9 +290,42 @@ impl<'a, L> PolicyInputs<'a, L> {
             _ => {}
         }
         if let Some(w) = self.is_weights {
-            check_matrix("is_weights", w, shape, device)?;
+            if w.dims() == [b, 1] {
+                check_device("is_weights", w, device)?;
+                check_float("is_weights", w)?;
+            } else {
+                check_matrix("is_weights", w, shape, device)?;
+            }
         }
-        Ok(())
+        match (needs_entropy, self.entropy) {
+            (true, None) => Err(Error::InvalidValue {
+                arg: "entropy",
+                expected: "a [B, T] tensor (the config has an entropy bonus)".into(),
+                actual: "None".into(),
+            }),
+            (false, Some(_)) => Err(Error::InvalidValue {
+                arg: "entropy",
+                expected: "None (the config has no entropy bonus)".into(),
+                actual: "a tensor".into(),
+            }),
+            (_, Some(h)) => check_matrix("entropy", h, shape, device),
+            _ => Ok(()),
+        }
+    }
+
+    /// The rollout weights as a detached `[B,T]` tensor (a `[B,1]` one broadcast over the row).
+    pub(crate) fn is_weights(&self, t: usize) -> Result<Option<Tensor>> {
+        self.is_weights
+            .map(|w| -> Result<Tensor> {
+                let w = w.detach();
+                let b = w.dim(0)?;
+                Ok(if w.dims() == [b, 1] && t != 1 {
+                    w.broadcast_as((b, t))?.contiguous()?
+                } else {
+                    w
+                })
+            })
+            .transpose()
     }
 
     /// The advantages as `[B]` (one per row; from `[B]` or `[B,1]`) or `[B,T]`, detached, for
@@ -272,7 +342,7 @@ impl<'a, L> PolicyInputs<'a, L> {
 
 impl PolicyInputs<'_> {
     /// Checks shapes, dtypes, devices and the normalizer (no data is read). Returns `(B, T)`.
-    pub(crate) fn check(&self, needs_ref: bool) -> Result<(usize, usize)> {
+    pub(crate) fn check(&self, needs_ref: bool, needs_entropy: bool) -> Result<(usize, usize)> {
         let log_probs = self.log_probs;
         check_float("log_probs", log_probs)?;
         let (b, t) = match log_probs.dims() {
@@ -285,14 +355,14 @@ impl PolicyInputs<'_> {
                 })
             }
         };
-        self.check_constants(&[b, t], log_probs, needs_ref)?;
+        self.check_constants(&[b, t], log_probs, needs_ref, needs_entropy)?;
         Ok((b, t))
     }
 
     /// Checks every input (one host read for the values) and prepares the tensors of the
     /// composed path. `needs_ref` says whether the config has a KL penalty.
-    pub(crate) fn prepare(&self, needs_ref: bool) -> Result<Prepared> {
-        self.check(needs_ref)?;
+    pub(crate) fn prepare(&self, needs_ref: bool, needs_entropy: bool) -> Result<Prepared> {
+        self.check(needs_ref, needs_entropy)?;
         let log_probs = self.log_probs;
         let shape = log_probs.dims().to_vec();
         let dtype = compute_dtype(log_probs.dtype());
@@ -309,7 +379,12 @@ impl PolicyInputs<'_> {
         let log_probs_c = log_probs.to_dtype(dtype)?;
         let old_log_probs = convert(self.old_log_probs)?;
         let ref_log_probs = self.ref_log_probs.map(convert).transpose()?;
-        let is_weights = self.is_weights.map(convert).transpose()?;
+        let is_weights = self
+            .is_weights(shape[1])?
+            .as_ref()
+            .map(convert)
+            .transpose()?;
+
         let mut checked: Vec<(&'static str, &Tensor)> = vec![
             ("log_probs", &log_probs_c),
             ("old_log_probs", &old_log_probs),

@@ -30,17 +30,33 @@ pub(crate) const CLIP_HIGH: usize = 6;
 pub(crate) const GATE_WEIGHT: usize = 7;
 pub(crate) const GATE_VALUE: usize = 8;
 pub(crate) const KL: usize = 9;
-pub(crate) const NUM_SLOTS: usize = 10;
+/// Tokens whose log-ratio the clip moved, with `A > 0` (GMPO's `clip_fraction_pos`).
+pub(crate) const CLIPPED_POS: usize = 10;
+/// Tokens whose log-ratio the clip moved, with `A < 0` (GMPO's `clip_fraction_neg`).
+pub(crate) const CLIPPED_NEG: usize = 11;
+/// Tokens inside DPPO's trust region whose ratio exceeds the cap `C`.
+pub(crate) const TRUNCATED: usize = 12;
+/// `Σ m·|ℓ − ℓold|` (KL-Cov's `mean_abs_log_ratio`).
+pub(crate) const ABS_LOG_RATIO: usize = 13;
+/// The KL term before `β`, with its own aggregation (verl `kl_loss`).
+pub(crate) const KL_LOSS: usize = 14;
+/// The entropy term before its coefficient, with its own aggregation (verl `entropy_loss`).
+pub(crate) const ENTROPY_LOSS: usize = 15;
+/// Number of metric slots.
+pub(crate) const NUM_SLOTS: usize = 16;
 
 /// Which metric slots an objective defines (a bit per slot).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct MetricKind(u32);
 
 impl MetricKind {
-    pub(crate) fn new(slots: &[usize], kl: bool) -> Self {
+    pub(crate) fn new(slots: &[usize], kl: bool, entropy: bool) -> Self {
         let mut bits = slots.iter().fold(0, |bits, s| bits | 1 << s);
         if kl {
-            bits |= 1 << KL;
+            bits |= 1 << KL | 1 << KL_LOSS;
+        }
+        if entropy {
+            bits |= 1 << ENTROPY_LOSS;
         }
         Self(bits)
     }
@@ -146,6 +162,12 @@ impl PolicyMetrics {
             gate_weight_sum: opt(GATE_WEIGHT),
             gate_value_sum: opt(GATE_VALUE),
             kl_sum: opt(KL),
+            clipped_pos_count: opt(CLIPPED_POS),
+            clipped_neg_count: opt(CLIPPED_NEG),
+            truncated_count: opt(TRUNCATED),
+            abs_log_ratio_sum: opt(ABS_LOG_RATIO),
+            kl_loss: opt(KL_LOSS),
+            entropy_loss: opt(ENTROPY_LOSS),
         })
     }
 }
@@ -158,13 +180,13 @@ impl PolicyMetrics {
 /// let a = sapo::MetricSums { token_count: 2.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: 0.0,
 ///     lowest_ratio: 0.9, highest_ratio: 1.1, clipped_count: Some(1.0),
 ///     dual_clipped_count: Some(0.0), clip_low_count: Some(0.0), clip_high_count: Some(1.0),
-///     gate_weight_sum: None, gate_value_sum: None, kl_sum: None };
+///     gate_weight_sum: None, gate_value_sum: None, kl_sum: None, ..Default::default() };
 /// let ab = a.merge(&a).unwrap();
 /// assert_eq!(ab.clip_fraction(), Some(0.5));
 /// assert_eq!(ab.approx_kl(), Some(0.1));
 /// assert_eq!(ab.ratio_mean(), Some(1.0));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct MetricSums {
     /// Number of unmasked tokens.
     pub token_count: f64,
@@ -188,8 +210,22 @@ pub struct MetricSums {
     pub gate_weight_sum: Option<f64>,
     /// `Σ f(ρ)` (soft gate only).
     pub gate_value_sum: Option<f64>,
-    /// `Σ k` of the KL estimator (KL penalty only).
+    /// `Σ k` of the KL estimator (KL penalty only; `Σ k·R` when importance-weighted).
     pub kl_sum: Option<f64>,
+    /// Tokens whose log-ratio GMPO's clip moved, with `A > 0`.
+    pub clipped_pos_count: Option<f64>,
+    /// Tokens whose log-ratio GMPO's clip moved, with `A < 0`.
+    pub clipped_neg_count: Option<f64>,
+    /// DPPO: tokens inside the trust region whose ratio exceeds the cap `C`.
+    pub truncated_count: Option<f64>,
+    /// KL-Cov: `Σ |ℓ − ℓold|`.
+    pub abs_log_ratio_sum: Option<f64>,
+    /// The KL term before `β`, with its own aggregation (verl `kl_loss`); merging adds the
+    /// shards' values, as their losses add.
+    pub kl_loss: Option<f64>,
+    /// The entropy term before its coefficient, with its own aggregation (verl
+    /// `actor/entropy_loss`); merging adds, as for `kl_loss`.
+    pub entropy_loss: Option<f64>,
 }
 
 fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -203,7 +239,7 @@ impl MetricSums {
     /// let mut a = sapo::MetricSums { token_count: 1.0, neg_log_ratio_sum: 0.0, ratio_excess_sum: 0.5,
     ///     lowest_ratio: 1.5, highest_ratio: 1.5, clipped_count: None, dual_clipped_count: None,
     ///     clip_low_count: None, clip_high_count: None, gate_weight_sum: Some(0.9),
-    ///     gate_value_sum: Some(2.0), kl_sum: None };
+    ///     gate_value_sum: Some(2.0), kl_sum: None, ..Default::default() };
     /// let b = sapo::MetricSums { ratio_excess_sum: -0.5, lowest_ratio: 0.5, highest_ratio: 0.5, ..a };
     /// let ab = a.merge(&b)?;
     /// assert_eq!((ab.ratio_min(), ab.ratio_mean(), ab.ratio_max()), (Some(0.5), Some(1.0), Some(1.5)));
@@ -215,6 +251,10 @@ impl MetricSums {
                 m.clipped_count.is_some(),
                 m.gate_weight_sum.is_some(),
                 m.kl_sum.is_some(),
+                m.clipped_pos_count.is_some(),
+                m.truncated_count.is_some(),
+                m.abs_log_ratio_sum.is_some(),
+                m.entropy_loss.is_some(),
             ]
         };
         if shape(self) != shape(other) {
@@ -235,6 +275,12 @@ impl MetricSums {
             gate_weight_sum: add(self.gate_weight_sum, other.gate_weight_sum),
             gate_value_sum: add(self.gate_value_sum, other.gate_value_sum),
             kl_sum: add(self.kl_sum, other.kl_sum),
+            clipped_pos_count: add(self.clipped_pos_count, other.clipped_pos_count),
+            clipped_neg_count: add(self.clipped_neg_count, other.clipped_neg_count),
+            truncated_count: add(self.truncated_count, other.truncated_count),
+            abs_log_ratio_sum: add(self.abs_log_ratio_sum, other.abs_log_ratio_sum),
+            kl_loss: add(self.kl_loss, other.kl_loss),
+            entropy_loss: add(self.entropy_loss, other.entropy_loss),
         })
     }
 
@@ -247,7 +293,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.approx_kl(), Some(0.05));
     /// ```
     pub fn approx_kl(&self) -> Option<f64> {
@@ -259,7 +305,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.clip_fraction(), Some(0.25));
     /// ```
     pub fn clip_fraction(&self) -> Option<f64> {
@@ -271,7 +317,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.dual_clip_fraction(), Some(0.0));
     /// ```
     pub fn dual_clip_fraction(&self) -> Option<f64> {
@@ -283,7 +329,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.clip_ratio(), Some(0.5));
     /// ```
     pub fn clip_ratio(&self) -> Option<f64> {
@@ -295,7 +341,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.clip_ratio_low(), Some(0.25));
     /// ```
     pub fn clip_ratio_low(&self) -> Option<f64> {
@@ -307,7 +353,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.clip_ratio_high(), Some(0.25));
     /// ```
     pub fn clip_ratio_high(&self) -> Option<f64> {
@@ -319,7 +365,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.kl_mean(), Some(0.1));
     /// ```
     pub fn kl_mean(&self) -> Option<f64> {
@@ -331,7 +377,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.gate_weight_mean(), None);
     /// ```
     pub fn gate_weight_mean(&self) -> Option<f64> {
@@ -343,11 +389,48 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.gate_value_mean(), None);
     /// ```
     pub fn gate_value_mean(&self) -> Option<f64> {
         self.mean(self.gate_value_sum)
+    }
+    /// GMPO's `clip_fraction_pos`: the fraction of tokens with `A > 0` whose log-ratio the clip
+    /// moved (verl `pg_clipfrac`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, clipped_pos_count: Some(1.0), ..Default::default() };
+    /// assert_eq!(m.clip_fraction_pos(), Some(0.25));
+    /// ```
+    pub fn clip_fraction_pos(&self) -> Option<f64> {
+        self.mean(self.clipped_pos_count)
+    }
+    /// GMPO's `clip_fraction_neg` (`A < 0`; verl `pg_clipfrac_lower`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, clipped_neg_count: Some(2.0), ..Default::default() };
+    /// assert_eq!(m.clip_fraction_neg(), Some(0.5));
+    /// ```
+    pub fn clip_fraction_neg(&self) -> Option<f64> {
+        self.mean(self.clipped_neg_count)
+    }
+    /// DPPO's `truncated_fraction`: tokens inside the trust region with `ρ > C`.
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, truncated_count: Some(1.0), ..Default::default() };
+    /// assert_eq!(m.truncated_fraction(), Some(0.25));
+    /// ```
+    pub fn truncated_fraction(&self) -> Option<f64> {
+        self.mean(self.truncated_count)
+    }
+    /// KL-Cov's `mean_abs_log_ratio`, the mean `|ℓ − ℓold|` (verl reports it as `ppo_kl`).
+    ///
+    /// ```
+    /// let m = sapo::MetricSums { token_count: 4.0, abs_log_ratio_sum: Some(0.4), ..Default::default() };
+    /// assert_eq!(m.mean_abs_log_ratio(), Some(0.1));
+    /// ```
+    pub fn mean_abs_log_ratio(&self) -> Option<f64> {
+        self.mean(self.abs_log_ratio_sum)
     }
     /// Mean ratio, `1 + Σ(ρ − 1)/N`.
     ///
@@ -355,7 +438,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert!((m.ratio_mean().unwrap() - 0.975).abs() < 1e-12);
     /// ```
     pub fn ratio_mean(&self) -> Option<f64> {
@@ -367,7 +450,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.ratio_min(), Some(0.8));
     /// ```
     pub fn ratio_min(&self) -> Option<f64> {
@@ -379,7 +462,7 @@ impl MetricSums {
     /// let m = sapo::MetricSums { token_count: 4.0, neg_log_ratio_sum: 0.2, ratio_excess_sum: -0.1,
     ///     lowest_ratio: 0.8, highest_ratio: 1.3, clipped_count: Some(1.0), dual_clipped_count: Some(0.0),
     ///     clip_low_count: Some(1.0), clip_high_count: Some(1.0), gate_weight_sum: None,
-    ///     gate_value_sum: None, kl_sum: Some(0.4) };
+    ///     gate_value_sum: None, kl_sum: Some(0.4), ..Default::default() };
     /// assert_eq!(m.ratio_max(), Some(1.3));
     /// ```
     pub fn ratio_max(&self) -> Option<f64> {

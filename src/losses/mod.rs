@@ -9,7 +9,9 @@
 //! | `ratio.rs` | [`RatioLevel`] and the ratio formulas (token, sequence, GSPO-token) |
 //! | `trust_region.rs` | [`TrustRegion`]: soft gate (formula in [`crate::gate`]), hard clip, none |
 //! | `clip.rs` | [`HardClip`] and PPO's clip formula |
-//! | `presets.rs` | [`Sapo`], [`Gspo`], [`Grpo`] |
+//! | `cispo.rs`, `dppo.rs`, `dro.rs`, `gmpo.rs`, `kl_cov.rs`, `vespo.rs` | the later objectives' shapes |
+//! | `bypass.rs` | verl's bypass mode ([`Bypass`]) |
+//! | `presets.rs` | [`Sapo`], [`Gspo`], [`Grpo`], [`Cispo`], [`Gmpo`], [`Gpg`], [`Luspo`] (and the shapes that are presets themselves) |
 //! | `inputs.rs` | [`PolicyInputs`] and their checks |
 //! | `metrics.rs` | [`PolicyMetrics`] (on the device), [`MetricSums`] (on the host) |
 //!
@@ -23,20 +25,34 @@
 //! # Ok::<(), sapo::Error>(())
 //! ```
 
+pub(crate) mod bypass;
+pub(crate) mod cispo;
 pub(crate) mod clip;
 pub(crate) mod config;
+pub(crate) mod dppo;
+pub(crate) mod dro;
+pub(crate) mod gmpo;
 pub(crate) mod inputs;
+pub(crate) mod kl_cov;
 pub(crate) mod metrics;
 pub(crate) mod policy_loss;
 pub(crate) mod presets;
 pub(crate) mod ratio;
 pub(crate) mod trust_region;
+pub(crate) mod vespo;
 
+pub use bypass::{Bypass, BypassLoss};
+pub use cispo::IsWeightClip;
 pub use clip::HardClip;
 pub use config::PolicyLossConfig;
+pub use dppo::{Divergence, Dppo};
+pub use dro::Dro;
+pub use gmpo::GeometricClip;
 pub use inputs::PolicyInputs;
+pub use kl_cov::KlCov;
 pub use metrics::{MetricSums, PolicyMetrics};
 pub use policy_loss::{PolicyLoss, PolicyLossOutput};
-pub use presets::{Grpo, Gspo, Sapo};
+pub use presets::{Cispo, Gmpo, Gpg, Grpo, Gspo, Luspo, Sapo};
 pub use ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP, GSPO_SEQ_LOG_RATIO_MAX};
 pub use trust_region::TrustRegion;
+pub use vespo::{Vespo, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN};

@@ -6,21 +6,30 @@
 //! exists for the device (`src/kernels/`), else the composed-candle-ops path below, whose
 //! gradient comes from candle's autograd. Both give the same results.
 
+use std::collections::BTreeMap;
+
 use candle_core::{DType, Tensor};
 
 use crate::aggregation::aggregate_masked;
+use crate::aggregation::MaskCounts;
+use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
 use crate::kernels::{policy_loss::FusedPolicyLoss, Backend};
 use crate::kl::kl_penalty;
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
+use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::config::PolicyLossConfig;
-use crate::losses::inputs::compute_dtype;
+use crate::losses::gmpo;
+use crate::losses::inputs::{check_finite_where, check_mask_values, checked_mask, compute_dtype};
 use crate::losses::inputs::{PolicyInputs, Prepared};
+use crate::losses::kl_cov;
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
 use crate::losses::ratio::ratios;
 use crate::losses::ratio::RatioLevel;
+use crate::losses::trust_region::{TokenTensors, TrustRegion};
 use crate::real::accumulation_dtype;
+use crate::rollout_correction::rollout_correction;
 
 /// A validated policy-optimization objective. Build one from a preset ([`crate::Sapo`],
 /// [`crate::Gspo`], [`crate::Grpo`]) or a [`PolicyLossConfig`].
@@ -45,7 +54,7 @@ pub struct PolicyLoss {
     backend: Backend,
 }
 
-/// What [`PolicyLoss::forward`] returns.
+/// What [`PolicyLoss::forward`] returns (the bypass mode's correction metrics included).
 ///
 /// ```
 /// # use candle_core::{Device, Tensor};
@@ -62,6 +71,9 @@ pub struct PolicyLossOutput {
     pub loss: Tensor,
     /// Metric sums, still on the device.
     pub metrics: PolicyMetrics,
+    /// Bypass mode: the rollout correction's metrics, under verl's names without the
+    /// `rollout_corr/` prefix (see [`crate::rollout_correction()`]); `None` otherwise.
+    pub rollout_correction: Option<BTreeMap<String, f64>>,
 }
 
 impl PolicyLoss {
@@ -123,16 +135,108 @@ impl PolicyLoss {
     /// # Ok::<(), sapo::Error>(())
     /// ```
     pub fn forward(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
-        let kind = self.metric_kind();
-        let (loss, sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
-            FusedPolicyLoss::forward(&self.config, inputs)?
-        } else {
-            composed(&self.config, &inputs.prepare(self.config.kl.is_some())?)?
+        let config = &self.config;
+        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
+        if let Some(bypass) = &config.bypass {
+            return self.forward_bypass(bypass, inputs, t);
+        }
+        // Constants the objective derives from the batch: GMPO's geometric-mean weights, KL-Cov's
+        // selection.
+        let geometric = match (&config.trust_region, inputs.is_weights(t)?) {
+            (TrustRegion::GeometricClip(_), Some(w)) => {
+                let mask = inputs.mask.to_dtype(w.dtype())?;
+                Some(gmpo::row_weights(&w, &mask)?)
+            }
+            _ => None,
         };
+        let inputs = &PolicyInputs {
+            is_weights: geometric.as_ref().or(inputs.is_weights),
+            ..*inputs
+        };
+        let flags = match &config.trust_region {
+            TrustRegion::KlCov(k) => {
+                check_mask_values(inputs.mask)?;
+                let adv = inputs.advantages(t)?;
+                let adv = if adv.rank() == 1 {
+                    adv.unsqueeze(1)?
+                } else {
+                    adv
+                };
+                let dtype = compute_dtype(inputs.log_probs.dtype());
+                Some(kl_cov::selection(
+                    k,
+                    inputs.log_probs,
+                    &adv,
+                    inputs.mask,
+                    dtype,
+                )?)
+            }
+            _ => None,
+        };
+        let (mut loss, mut sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
+            FusedPolicyLoss::forward(config, inputs, flags.as_ref())?
+        } else {
+            composed(
+                config,
+                &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
+                flags.as_ref(),
+            )?
+        };
+        if let (Some(bonus), Some(entropy)) = (&config.entropy, inputs.entropy) {
+            let value = entropy_term(bonus, entropy, inputs)?;
+            let bonus_term = value.affine(bonus.coef, 0.0)?.to_dtype(loss.dtype())?;
+            loss = (loss - bonus_term)?;
+            sums = set_slot(&sums, metrics::ENTROPY_LOSS, &value.detach())?;
+        }
         Ok(PolicyLossOutput {
             loss,
-            metrics: PolicyMetrics::new(sums, extrema, kind),
+            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()),
+            rollout_correction: None,
         })
+    }
+
+    /// Bypass mode: the rollout correction between the current policy (detached) and the
+    /// engine's `old_log_probs`, then the loss on the corrected mask (REINFORCE with the weights,
+    /// PPO-clip without).
+    fn forward_bypass(
+        &self,
+        bypass: &Bypass,
+        inputs: &PolicyInputs<'_>,
+        t: usize,
+    ) -> Result<PolicyLossOutput> {
+        if inputs.is_weights.is_some() {
+            return Err(Error::InvalidValue {
+                arg: "is_weights",
+                expected: "None (bypass mode computes its own weights)".into(),
+                actual: "a tensor".into(),
+            });
+        }
+        let correction = rollout_correction(
+            &inputs.log_probs.detach(),
+            inputs.old_log_probs,
+            inputs.mask,
+            &bypass.correction,
+        )?;
+        let weights = match bypass.loss {
+            BypassLoss::Reinforce => correction.weights.clone(),
+            BypassLoss::PpoClip => None,
+        };
+        debug_assert_eq!(correction.mask.dim(1)?, t);
+        let inner = Self {
+            config: PolicyLossConfig {
+                bypass: None,
+                ..self.config
+            },
+            backend: self.backend,
+        };
+        let corrected = PolicyInputs {
+            mask: &correction.mask,
+            is_weights: weights.as_ref(),
+            ..*inputs
+        };
+        let mut out = inner.forward(&corrected)?;
+        out.rollout_correction = Some(correction.metrics);
+        Ok(out)
     }
 }
 
@@ -179,12 +283,34 @@ impl PolicyLoss {
                 })
             }
         };
-        inputs.check_constants(&[dims.0, dims.1], head.hidden, self.config.kl.is_some())?;
+        if inputs.entropy.is_some() {
+            return Err(Error::InvalidValue {
+                arg: "entropy",
+                expected:
+                    "None (from the hidden states the entropy is computed with the log-probs)"
+                        .into(),
+                actual: "a tensor".into(),
+            });
+        }
+        inputs.check_constants(
+            &[dims.0, dims.1],
+            head.hidden,
+            self.config.kl.is_some(),
+            false,
+        )?;
+        let config = &self.config;
+        // The one pass needs neither a row pre-pass nor batch-level constants.
         let one_pass = self.backend.is_fused_on(head.hidden.device())
-            && self.config.ratio_level == RatioLevel::Token
+            && config.ratio_level == RatioLevel::Token
+            && config.entropy.is_none()
+            && config.bypass.is_none()
+            && !matches!(
+                config.trust_region,
+                TrustRegion::KlCov(_) | TrustRegion::Vespo(_) | TrustRegion::GeometricClip(_)
+            )
             && n > 0;
         if !one_pass {
-            let (log_probs, _) = linear_log_probs_and_entropy_with(
+            let (log_probs, entropy) = linear_log_probs_and_entropy_with(
                 head.hidden,
                 head.weight,
                 head.bias,
@@ -192,7 +318,11 @@ impl PolicyLoss {
                 head.temperature,
                 self.backend,
             )?;
-            return self.forward(&inputs.with_log_probs(&log_probs));
+            let mut composed = inputs.with_log_probs(&log_probs);
+            if config.entropy.is_some() {
+                composed.entropy = Some(&entropy);
+            }
+            return self.forward(&composed);
         }
         let dtype = compute_dtype(head.hidden.dtype());
         let (loss, sums, extrema) =
@@ -200,6 +330,7 @@ impl PolicyLoss {
         Ok(PolicyLossOutput {
             loss,
             metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()),
+            rollout_correction: None,
         })
     }
 
@@ -207,8 +338,45 @@ impl PolicyLoss {
         MetricKind::new(
             self.config.trust_region.metric_slots(),
             self.config.kl.is_some(),
+            self.config.entropy.is_some(),
         )
     }
+}
+
+/// `agg(H)` of the entropy bonus (differentiable with respect to `entropy`), after checking the
+/// entropy's values at unmasked positions; masked positions never reach it.
+fn entropy_term(
+    bonus: &EntropyBonus,
+    entropy: &Tensor,
+    inputs: &PolicyInputs<'_>,
+) -> Result<Tensor> {
+    let dtype = compute_dtype(entropy.dtype());
+    let mask = checked_mask(inputs.mask, dtype)?;
+    let keep = mask.ne(0.0)?;
+    let entropy = entropy.to_dtype(dtype)?;
+    check_finite_where("entropy", &entropy, &mask)?;
+    let scrubbed = keep.where_cond(&entropy, &entropy.zeros_like()?)?;
+    aggregate_masked(
+        &scrubbed,
+        &MaskCounts::new(&mask)?,
+        bonus.aggregation,
+        &inputs.normalizer,
+    )
+}
+
+/// `sums` with slot `slot` replaced by the scalar `value`.
+fn set_slot(sums: &Tensor, slot: usize, value: &Tensor) -> Result<Tensor> {
+    let value = value.to_dtype(sums.dtype())?.reshape(1)?;
+    let n = sums.dim(0)?;
+    let mut parts = vec![];
+    if slot > 0 {
+        parts.push(sums.narrow(0, 0, slot)?);
+    }
+    parts.push(value);
+    if slot + 1 < n {
+        parts.push(sums.narrow(0, slot + 1, n - slot - 1)?);
+    }
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// `Σ m·x` of a detached `[B,T]` tensor, accumulated in f64 where the device has it.
@@ -223,18 +391,30 @@ fn masked_sum(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 /// The composed-ops path: every objective through candle ops and autograd, on any device.
 /// Returns the loss, the metric sums `[NUM_SLOTS]` and the ratio's extrema `[2]`.
-fn composed(config: &PolicyLossConfig, p: &Prepared) -> Result<(Tensor, Tensor, Tensor)> {
+fn composed(
+    config: &PolicyLossConfig,
+    p: &Prepared,
+    flags: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let ratios = ratios(
         config.ratio_level,
-        config.log_ratio_clamp,
-        config.seq_log_ratio_max,
+        (config.log_ratio_clamp, config.seq_log_ratio_max),
+        &config.trust_region,
         p,
     )?;
-    let per_token = config
-        .trust_region
-        .per_token(&ratios.ratio, &p.advantages)?;
+    let flags = flags.map(|f| f.to_dtype(p.mask.dtype())).transpose()?;
+    let per_token = config.trust_region.per_token(&TokenTensors {
+        log_probs: &p.log_probs,
+        old_log_probs: &p.old_log_probs,
+        log_ratio: &ratios.log_ratio,
+        ratio: &ratios.ratio,
+        advantages: &p.advantages,
+        mask: &p.mask,
+        is_weights: p.is_weights.as_ref(),
+        flags: flags.as_ref(),
+    })?;
     let mut loss_mat = per_token.loss;
-    if let Some(w) = &p.is_weights {
+    if let (Some(w), true) = (&p.is_weights, config.trust_region.weights_multiply()) {
         loss_mat = loss_mat.mul(w)?;
     }
     let masked = loss_mat.mul(&p.mask)?;
@@ -246,10 +426,15 @@ fn composed(config: &PolicyLossConfig, p: &Prepared) -> Result<(Tensor, Tensor, 
         sums[slot] = masked_sum(&values, &p.mask)?;
     }
     if let (Some(kl), Some(ref_log_probs)) = (&config.kl, &p.ref_log_probs) {
-        let k = kl_penalty(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?.mul(&p.mask)?;
+        let mut k = kl_penalty(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?;
+        if kl.importance_weighted {
+            k = k.mul(&ratios.ratio)?;
+        }
+        let k = k.mul(&p.mask)?;
         let penalty = aggregate_masked(&k, &p.counts, kl.aggregation, &p.normalizer)?;
         loss = (loss + penalty.affine(kl.coef, 0.0)?)?;
         sums[metrics::KL] = masked_sum(&k, &p.mask)?;
+        sums[metrics::KL_LOSS] = penalty.detach();
     }
     sums[metrics::TOKENS] = p.counts.tokens.clone();
     sums[metrics::NEG_LOG_RATIO] = masked_sum(&ratios.log_ratio.neg()?, &p.mask)?;

@@ -5,26 +5,49 @@
 //! | [`Sapo`] | token | soft gate | seq-mean-token-mean | τ_pos 1.0, τ_neg 1.05, clamp 20 |
 //! | [`Gspo`] | sequence | hard clip | seq-mean-token-mean | ε 3e-4 / 4e-4, log s ≤ 10 |
 //! | [`Grpo`] | token | hard clip | seq-mean-token-mean | ε 0.2 / 0.2, clamp 20 |
+//! | [`Cispo`] | token | CISPO's detached clipped weight × `ℓ` | token-mean | TRL: `min(ρ, 5)`, no clamp |
+//! | [`Gmpo`] | sequence (geometric mean) | sign-aware log clip | seq-mean (all rows) | ε 0.4 / 0.4, no clamp |
+//! | [`Gpg`] | — | none, `−A·ℓ` | token-mean | |
+//! | [`Dro`] | — | `−(A·ℓ − ½β(ℓ−ℓold)²)` | token-mean | β (required) |
+//! | [`KlCov`] | token | none + `κ·|ℓ−ℓold|` on the top-covariance tokens | token-mean | ratio 2e-4, κ 0.1, no clamp |
+//! | [`Dppo`] | token | binary TV / KL region, `−A·sg[min(ρ,C)]·ℓ` | token-mean | clamp 20 |
+//! | [`Vespo`] | token | gamma sequence weight × `ℓ` | token-mean | (k, λ) (2, 3) / (3, 2), clamp 20 |
+//! | [`Luspo`] | sequence | hard clip | seq-mean-token-sum | ε 3e-4 / 4e-4, no clamp |
+//!
+//! verl's bypass mode is built by [`crate::Bypass::reinforce`] and [`crate::Bypass::ppo_clip`].
 //!
 //! Each converts into a [`PolicyLossConfig`] (to change the aggregation, add a KL penalty, ...)
 //! or builds a [`PolicyLoss`] directly.
 
 use crate::aggregation::Aggregation;
 use crate::error::Result;
+use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
 use crate::losses::config::PolicyLossConfig;
+use crate::losses::dppo::Dppo;
+use crate::losses::dro::Dro;
+use crate::losses::gmpo::GeometricClip;
+use crate::losses::kl_cov::KlCov;
 use crate::losses::policy_loss::PolicyLoss;
+use crate::losses::ratio::DEFAULT_LOG_RATIO_CLAMP;
 use crate::losses::ratio::{RatioLevel, GSPO_SEQ_LOG_RATIO_MAX};
 use crate::losses::trust_region::TrustRegion;
+use crate::losses::vespo::Vespo;
 
 /// `config()` and `build()` of a preset that converts into a [`PolicyLossConfig`].
 macro_rules! preset_methods {
     ($preset:ident) => {
+        preset_methods!(
+            $preset,
+            concat!("sapo::", stringify!($preset), "::default()")
+        );
+    };
+    ($preset:ident, $example:expr) => {
         impl $preset {
             /// The full configuration, to adjust further.
             ///
             /// ```
-            #[doc = concat!("let cfg = sapo::", stringify!($preset), "::default().config();")]
+            #[doc = concat!("let cfg = ", $example, ".config();")]
             /// assert!(cfg.validate().is_ok());
             /// ```
             pub fn config(self) -> PolicyLossConfig {
@@ -33,7 +56,7 @@ macro_rules! preset_methods {
             /// Validates and builds the loss.
             ///
             /// ```
-            #[doc = concat!("let loss = sapo::", stringify!($preset), "::default().build()?;")]
+            #[doc = concat!("let loss = ", $example, ".build()?;")]
             /// # Ok::<(), sapo::Error>(())
             /// ```
             pub fn build(self) -> Result<PolicyLoss> {
@@ -170,5 +193,183 @@ impl From<Grpo> for PolicyLossConfig {
             }),
         )
         .with_aggregation(Aggregation::SeqMeanTokenMean)
+    }
+}
+
+/// CISPO (MiniMax-M1): `l = −sg[clip_w(ρ)]·A·ℓ`, `token-mean`. The default is TRL/Liger's
+/// `min(ρ, ε_max)` with ScaleRL's `ε_max = 5` and no log-ratio clamp; verl's convention is
+/// [`IsWeightClip::Bounds`] (its preset sets verl's clamp of 20).
+///
+/// ```
+/// let trl = sapo::Cispo::default().build()?;
+/// let verl = sapo::Cispo { clip: sapo::IsWeightClip::Bounds { eps_low: 0.2, eps_high: 0.28 } }.config();
+/// assert_eq!(verl.log_ratio_clamp, Some(20.0));
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cispo {
+    /// The clip of the detached weight.
+    pub clip: IsWeightClip,
+}
+
+impl Default for Cispo {
+    fn default() -> Self {
+        Self {
+            clip: IsWeightClip::RatioMax(5.0),
+        }
+    }
+}
+
+preset_methods!(Cispo);
+
+impl From<Cispo> for PolicyLossConfig {
+    fn from(c: Cispo) -> Self {
+        let clamp = match c.clip {
+            IsWeightClip::Bounds { .. } => Some(DEFAULT_LOG_RATIO_CLAMP),
+            IsWeightClip::RatioMax(_) => None,
+        };
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Cispo(c.clip))
+            .with_log_ratio_clamp(clamp)
+    }
+}
+
+/// GMPO (verl `geo_mean`): the geometric mean of sign-aware clipped token ratios, one per
+/// sequence, averaged over all rows (`seq-mean`); ε 0.4 / 0.4 (the paper's), no clamp.
+///
+/// ```
+/// let loss = sapo::Gmpo::default().build()?;
+/// assert_eq!(loss.config().aggregation, sapo::Aggregation::SeqMean);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gmpo {
+    /// The log-space clip.
+    pub clip: GeometricClip,
+}
+
+impl Default for Gmpo {
+    fn default() -> Self {
+        Self {
+            clip: GeometricClip {
+                log_clip_low: 0.4,
+                log_clip_high: 0.4,
+            },
+        }
+    }
+}
+
+preset_methods!(Gmpo);
+
+impl From<Gmpo> for PolicyLossConfig {
+    fn from(g: Gmpo) -> Self {
+        PolicyLossConfig::new(RatioLevel::Sequence, TrustRegion::GeometricClip(g.clip))
+            .with_log_ratio_clamp(None)
+            .with_aggregation(Aggregation::SeqMean)
+    }
+}
+
+/// GPG (verl `gpg`): the plain policy gradient `l = −A·ℓ`, `token-mean`.
+///
+/// ```
+/// let loss = sapo::Gpg.build()?;
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Gpg;
+
+preset_methods!(Gpg);
+
+impl From<Gpg> for PolicyLossConfig {
+    fn from(_: Gpg) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::PolicyGradient)
+            .with_log_ratio_clamp(None)
+    }
+}
+
+preset_methods!(Dro, "sapo::Dro { beta: 0.1 }");
+
+impl From<Dro> for PolicyLossConfig {
+    /// DRO (verl `dro`): `token-mean`, no clamp; `β` has no default (verl requires it).
+    fn from(d: Dro) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Dro(d)).with_log_ratio_clamp(None)
+    }
+}
+
+impl Default for KlCov {
+    /// verl's actor defaults: `kl_cov_ratio` 2e-4, `ppo_kl_coef` 0.1.
+    fn default() -> Self {
+        Self {
+            ratio: 2e-4,
+            coef: 0.1,
+        }
+    }
+}
+
+preset_methods!(KlCov);
+
+impl From<KlCov> for PolicyLossConfig {
+    /// KL-Cov (verl `kl_cov`): `token-mean`, no clamp.
+    fn from(k: KlCov) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::KlCov(k)).with_log_ratio_clamp(None)
+    }
+}
+
+preset_methods!(
+    Dppo,
+    "sapo::Dppo::new(sapo::Divergence::BinaryTv, 0.15, 0.15, 3.0)"
+);
+
+impl From<Dppo> for PolicyLossConfig {
+    /// DPPO (verl `dppo_tv`/`dppo_kl`): `token-mean`, clamp 20 (the recipe's δ: 0.15 for TV,
+    /// 0.05 for KL; `C` = verl's `clip_ratio_c`, 3 in its actor config, 10000 in the recipe).
+    fn from(d: Dppo) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Dppo(d))
+    }
+}
+
+preset_methods!(Vespo);
+
+impl From<Vespo> for PolicyLossConfig {
+    /// VESPO (TRL `vespo`): `token-mean`, clamp 20.
+    fn from(v: Vespo) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Vespo(v))
+    }
+}
+
+/// LUSPO (TRL `luspo`): GSPO's sequence loss weighted by the row's length, i.e. sequence ratio,
+/// hard clip, `seq-mean-token-sum`, no clamp.
+///
+/// ```
+/// let loss = sapo::Luspo::default().build()?;
+/// assert_eq!(loss.config().aggregation, sapo::Aggregation::SeqMeanTokenSum);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Luspo {
+    /// `ε_low` (3e-4).
+    pub eps_low: f64,
+    /// `ε_high` (4e-4).
+    pub eps_high: f64,
+}
+
+impl Default for Luspo {
+    fn default() -> Self {
+        Self {
+            eps_low: 3e-4,
+            eps_high: 4e-4,
+        }
+    }
+}
+
+preset_methods!(Luspo);
+
+impl From<Luspo> for PolicyLossConfig {
+    fn from(l: Luspo) -> Self {
+        PolicyLossConfig::new(
+            RatioLevel::Sequence,
+            TrustRegion::HardClip(HardClip::new(l.eps_low, l.eps_high)),
+        )
+        .with_log_ratio_clamp(None)
+        .with_aggregation(Aggregation::SeqMeanTokenSum)
     }
 }

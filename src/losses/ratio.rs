@@ -15,6 +15,7 @@ use candle_core::{Tensor, D};
 
 use crate::error::Result;
 use crate::losses::inputs::Prepared;
+use crate::losses::trust_region::TrustRegion;
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::{accumulation_dtype, max_exp_arg, Real};
 
@@ -100,11 +101,12 @@ fn saturating_exp(x: &Tensor) -> Result<Tensor> {
     Ok(piecewise::clamp(x, None, Some(max_exp_arg(x.dtype())))?.exp()?)
 }
 
-/// `δ` and the ratio of `level` for prepared (scrubbed, detached) inputs.
+/// `δ` and the ratio of `level` for prepared (scrubbed, detached) inputs: the ratio of the
+/// trust region's log-ratio `y` (`δ` itself but for GMPO's clip).
 pub(crate) fn ratios(
     level: RatioLevel,
-    clamp: Option<f64>,
-    seq_max: Option<f64>,
+    (clamp, seq_max): (Option<f64>, Option<f64>),
+    trust_region: &TrustRegion,
     p: &Prepared,
 ) -> Result<Ratios> {
     let dtype = p.log_probs.dtype();
@@ -114,8 +116,9 @@ pub(crate) fn ratios(
         clamp.map(|c| -c),
         clamp,
     )?;
+    let y = trust_region.log_ratio(&log_ratio, &p.advantages)?;
     if level == RatioLevel::Token {
-        let ratio = saturating_exp(&log_ratio)?;
+        let ratio = saturating_exp(&y)?;
         let excess_sum = ((ratio.detach() - 1.0)?.mul(&p.mask)?)
             .to_dtype(acc)?
             .sum_all()?
@@ -128,7 +131,7 @@ pub(crate) fn ratios(
     }
     // Σ_t m·δ in f64, then the row mean and its bound.
     let n = p.counts.row_tokens.to_dtype(acc)?.maximum(1.0)?;
-    let mean = log_ratio.to_dtype(acc)?.sum(D::Minus1)?.div(&n)?;
+    let mean = y.mul(&p.mask)?.to_dtype(acc)?.sum(D::Minus1)?.div(&n)?;
     let log_s = piecewise::clamp(&mean, None, seq_max)?;
     let excess_sum = (log_s.detach().exp()? - 1.0)?
         .mul(&p.counts.row_tokens.to_dtype(acc)?)?

@@ -165,7 +165,93 @@ pub fn per_token(trust: &TrustRegion, r: f64, a: f64) -> (f64, f64) {
                 _ => (l, d),
             }
         }
-        TrustRegion::Unclipped => (-a * r, -a),
+        TrustRegion::Unclipped | TrustRegion::GeometricClip(_) => (-a * r, -a),
+        other => panic!("{other:?} reads more than the ratio: use `token_loss`"),
+    }
+}
+
+/// One token as the reference sees it.
+pub struct TokenIn {
+    pub lp: f64,
+    pub old: f64,
+    /// The ratio the objective sees (token or sequence).
+    pub r: f64,
+    pub a: f64,
+    /// VESPO's row statistic `u_i`.
+    pub row: f64,
+    /// KL-Cov's selection.
+    pub selected: bool,
+}
+
+/// `(value, ∂/∂ratio, ∂/∂ℓ at fixed ratio)` of every objective's per-token loss, from the
+/// formulas page.
+pub fn token_loss(trust: &TrustRegion, x: &TokenIn) -> (f64, f64, f64) {
+    let (lp, old, r, a, selected) = (x.lp, x.old, x.r, x.a, x.selected);
+    match trust {
+        TrustRegion::Cispo(clip) => {
+            let w = match clip {
+                sapo::IsWeightClip::Bounds { eps_low, eps_high } => {
+                    r.max(1.0 - eps_low).min(1.0 + eps_high)
+                }
+                sapo::IsWeightClip::RatioMax(m) => r.min(*m),
+            };
+            (-w * a * lp, 0.0, -w * a)
+        }
+        TrustRegion::PolicyGradient => (-a * lp, 0.0, -a),
+        TrustRegion::Dro(d) => {
+            let x = lp - old;
+            (-(a * lp - 0.5 * d.beta * x * x), 0.0, -(a - d.beta * x))
+        }
+        TrustRegion::KlCov(k) => {
+            let x = lp - old;
+            let sign = if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            let pen = if selected { k.coef } else { 0.0 };
+            (-a * r + pen * x.abs(), -a, pen * sign)
+        }
+        TrustRegion::Dppo(d) => {
+            let (p, q) = (lp.exp(), old.exp());
+            let valid = match d.divergence {
+                sapo::Divergence::BinaryTv => {
+                    if a > 0.0 {
+                        p - q <= d.delta_high
+                    } else {
+                        p - q >= -d.delta_low
+                    }
+                }
+                sapo::Divergence::BinaryKl => {
+                    let kl =
+                        q * (old - lp) + (1.0 - q) * ((1.0 - q + 1e-8) / (1.0 - p + 1e-8)).ln();
+                    if a > 0.0 {
+                        kl <= d.delta_high || p <= q
+                    } else {
+                        kl <= d.delta_low || p >= q
+                    }
+                }
+            };
+            let w = if valid { r.min(d.ratio_max) } else { 0.0 };
+            (-a * w * lp, 0.0, -a * w)
+        }
+        TrustRegion::Vespo(v) => {
+            let u = x.row.max(v.log_w_min).min(v.log_w_max);
+            let (k, l) = if a >= 0.0 {
+                (v.k_pos, v.lambda_pos.max(1e-4))
+            } else {
+                (v.k_neg, v.lambda_neg.max(1e-4))
+            };
+            let phi = (l + k * u - l * u.exp()).exp();
+            let phi = if phi.is_finite() { phi } else { 0.0 };
+            (-phi * a * lp, 0.0, -phi * a)
+        }
+        other => {
+            let (v, dv) = per_token(other, r, a);
+            (v, dv, 0.0)
+        }
     }
 }
 
@@ -224,22 +310,81 @@ fn coefficients(agg: Aggregation, batch: &Batch, norm: &Normalizer) -> Vec<f64> 
             Aggregation::SeqMeanTokenSumNorm { horizon } => {
                 w / (bp * horizon.unwrap_or(batch.t) as f64)
             }
+            Aggregation::SeqMean => {
+                w / (norm.global_sequences.unwrap_or(batch.b as f64).max(1.0) * n[i].max(1.0))
+            }
         })
         .collect()
+}
+
+/// KL-Cov's selection over the unmasked tokens (row-major): the `max(1, ⌊N·ratio⌋)` largest
+/// covariances `(A − mean A)(ℓ − mean ℓ)`, ties in token order.
+pub fn kl_cov_selection(ratio: f64, batch: &Batch) -> Vec<bool> {
+    let t = batch.t;
+    let idx: Vec<usize> = (0..batch.b * t).filter(|&j| batch.mask[j] != 0.0).collect();
+    let mut selected = vec![false; batch.b * t];
+    if idx.is_empty() {
+        return selected;
+    }
+    let n = idx.len() as f64;
+    let adv = |j: usize| batch.adv(j / t, j % t);
+    let ma = idx.iter().map(|&j| adv(j)).sum::<f64>() / n;
+    let ml = idx.iter().map(|&j| batch.log_probs[j]).sum::<f64>() / n;
+    let cov: Vec<(usize, f64)> = idx
+        .iter()
+        .map(|&j| (j, (adv(j) - ma) * (batch.log_probs[j] - ml)))
+        .collect();
+    let k = ((n * ratio).floor() as usize).max(1);
+    for _ in 0..k {
+        // The largest remaining, the earliest on ties.
+        let mut best: Option<(usize, f64)> = None;
+        for &(j, c) in &cov {
+            if !selected[j] && best.is_none_or(|(_, b)| c > b) {
+                best = Some((j, c));
+            }
+        }
+        selected[best.unwrap().0] = true;
+    }
+    selected
+}
+
+/// GMPO's sign-aware clip `(y, ∂y/∂x)`, ties split.
+fn log_clip(x: f64, a: f64, low: f64, high: f64) -> (f64, f64) {
+    let (c, dc) = clamp_d(x, -low, high);
+    if a == 0.0 {
+        (0.0, 0.0)
+    } else if x == c {
+        (x, 0.5 * (1.0 + dc))
+    } else if (a > 0.0 && c < x) || (a < 0.0 && c > x) {
+        (c, dc)
+    } else {
+        (x, 1.0)
+    }
 }
 
 /// Loss and closed-form `∂loss/∂ℓ`, straight from the formulas page.
 pub fn reference(config: &PolicyLossConfig, batch: &Batch, norm: &Normalizer) -> (f64, Vec<f64>) {
     let (b, t) = (batch.b, batch.t);
     let coef = coefficients(config.aggregation, batch, norm);
+    let trust = &config.trust_region;
+    let selection = match trust {
+        TrustRegion::KlCov(k) => kl_cov_selection(k.ratio, batch),
+        _ => vec![false; b * t],
+    };
+    let kl_coef = config
+        .kl
+        .map(|pen| coefficients(pen.aggregation, batch, norm));
     let mut loss = 0.0;
     let mut grad = vec![0.0; b * t];
     for i in 0..b {
         let idx = |k: usize| i * t + k;
         let m = |k: usize| batch.mask[idx(k)];
         let n = (0..t).map(m).sum::<f64>().max(1.0);
+        let w_of = |k: usize| batch.is_weights.as_ref().map_or(1.0, |w| w[idx(k)]);
         let mut delta = vec![0.0; t];
         let mut ddelta = vec![0.0; t];
+        let mut y = vec![0.0; t];
+        let mut dy = vec![0.0; t];
         for k in 0..t {
             if m(k) == 0.0 {
                 continue;
@@ -249,49 +394,84 @@ pub fn reference(config: &PolicyLossConfig, batch: &Batch, norm: &Normalizer) ->
                 Some(c) => clamp_d(raw, -c, c),
                 None => (raw, 1.0),
             };
+            (y[k], dy[k]) = match trust {
+                TrustRegion::GeometricClip(g) => {
+                    log_clip(delta[k], batch.adv(i, k), g.log_clip_low, g.log_clip_high)
+                }
+                _ => (delta[k], 1.0),
+            };
         }
-        let seq: f64 = (0..t).map(|k| m(k) * delta[k]).sum::<f64>() / n;
+        let seq: f64 = (0..t).map(|k| m(k) * y[k]).sum::<f64>() / n;
         let (log_s, dseq) = match config.seq_log_ratio_max {
             Some(mx) => clamp_d(seq, f64::NEG_INFINITY, mx),
             None => (seq, 1.0),
         };
         let s = log_s.exp();
+        // VESPO's u_i; GMPO's geometric-mean weight.
+        let row: f64 = (0..t)
+            .filter(|&k| m(k) != 0.0)
+            .map(|k| delta[k] + w_of(k).ln().max((1e-8f64).ln()).min(20.0))
+            .sum();
+        let geometric = ((0..t)
+            .filter(|&k| m(k) != 0.0)
+            .map(|k| (w_of(k) + 1e-10).ln())
+            .sum::<f64>()
+            / n)
+            .exp();
         let mut seq_acc = 0.0;
         for k in 0..t {
             if m(k) == 0.0 {
                 continue;
             }
-            let w = batch.is_weights.as_ref().map_or(1.0, |w| w[idx(k)]);
+            let w = match trust {
+                TrustRegion::Vespo(_) => 1.0,
+                TrustRegion::GeometricClip(_) if batch.is_weights.is_some() => geometric,
+                _ => w_of(k),
+            };
             let ratio = match config.ratio_level {
-                RatioLevel::Token => delta[k].exp(),
+                RatioLevel::Token => y[k].exp(),
                 _ => s,
             };
-            let (v, dv) = per_token(&config.trust_region, ratio, batch.adv(i, k));
+            let token = TokenIn {
+                lp: batch.log_probs[idx(k)],
+                old: batch.old_log_probs[idx(k)],
+                r: ratio,
+                a: batch.adv(i, k),
+                row,
+                selected: selection[idx(k)],
+            };
+            let (v, dv, direct) = token_loss(trust, &token);
             let c = coef[i] * w;
             loss += c * v;
-            match config.ratio_level {
-                RatioLevel::Token => grad[idx(k)] += c * dv * ratio * ddelta[k],
-                RatioLevel::SequenceToken => grad[idx(k)] += c * dv * s * dseq,
-                RatioLevel::Sequence => seq_acc += c * dv,
+            grad[idx(k)] += c * direct;
+            // ∂ratio/∂ℓ_k through the token's own ℓ.
+            let own = match config.ratio_level {
+                RatioLevel::Token => ratio * dy[k] * ddelta[k],
+                RatioLevel::SequenceToken => s * dseq,
+                RatioLevel::Sequence => 0.0,
+            };
+            grad[idx(k)] += c * dv * own;
+            if config.ratio_level == RatioLevel::Sequence {
+                seq_acc += c * dv;
+            }
+            if let (Some(pen), Some(rf), Some(kc)) = (&config.kl, &batch.ref_log_probs, &kl_coef) {
+                let (kv, dk) = kl(pen.estimator, pen.clamp, token.lp, rf[idx(k)]);
+                let a = pen.coef * kc[i];
+                let (weight, dweight) = if pen.importance_weighted {
+                    (ratio, own)
+                } else {
+                    (1.0, 0.0)
+                };
+                loss += a * kv * weight;
+                grad[idx(k)] += a * (dk * weight + kv * dweight);
+                if pen.importance_weighted && config.ratio_level == RatioLevel::Sequence {
+                    seq_acc += a * kv;
+                }
             }
         }
         if config.ratio_level == RatioLevel::Sequence {
             for k in 0..t {
-                grad[idx(k)] += seq_acc * s * dseq * m(k) * ddelta[k] / n;
-            }
-        }
-    }
-    if let (Some(pen), Some(rf)) = (&config.kl, &batch.ref_log_probs) {
-        let coef = coefficients(pen.aggregation, batch, norm);
-        for i in 0..b {
-            for k in 0..t {
-                let j = i * t + k;
-                if batch.mask[j] == 0.0 {
-                    continue;
-                }
-                let (v, dv) = kl(pen.estimator, pen.clamp, batch.log_probs[j], rf[j]);
-                loss += pen.coef * coef[i] * v;
-                grad[j] += pen.coef * coef[i] * dv;
+                grad[idx(k)] += seq_acc * s * dseq * m(k) * ddelta[k] * dy[k] / n;
             }
         }
     }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::kernels::linear_log_probs::cpu::{blocks, Problem, TileGradient};
 use crate::kernels::log_probs::cpu::{Online, RowGrad};
 use crate::kernels::policy_loss::cpu::{
-    kl_terms, token_terms, Constants, SequenceRatio, WithShape,
+    effective_weight, kl_terms, token_terms, Constants, SequenceRatio, TokenInputs, WithShape,
 };
 use crate::kernels::simd::{Load, Store};
 use crate::losses::trust_region::Shape;
@@ -129,18 +129,18 @@ where
         let w = x.weights.map_or(R::ONE, |w| w[token]);
         let coef = &c.coefficients[i];
         let seq = SequenceRatio::token_level();
-        let terms = token_terms(
-            log_prob,
-            x.old[token],
+        let inputs = TokenInputs {
+            old: x.old[token],
             adv,
-            w,
-            &c.p,
-            shape,
-            coef.policy,
-            seq,
-        );
+            w: effective_weight::<R, S>(w, R::ONE),
+            flag: x.flags.map_or(R::ZERO, |f| f[token]),
+        };
+        let terms = token_terms(log_prob, inputs, &c.p, shape, coef.policy, seq);
         match (c.p.kl, x.reference) {
-            (Some(kl), Some(r)) => terms.g + kl_terms(kl, R::ONE, coef.kl, log_prob, r[token]).1,
+            (Some(kl), Some(r)) => {
+                let ratio = (terms.r, terms.dr);
+                terms.g + kl_terms(kl, R::ONE, coef.kl, log_prob, r[token], ratio).2
+            }
             _ => terms.g,
         }
     } else {

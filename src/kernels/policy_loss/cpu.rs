@@ -22,9 +22,12 @@ use crate::kernels::simd::{
 };
 use crate::kernels::{cpu_slice, kernel_error};
 use crate::kl::{self, KlEstimator};
+use crate::losses::cispo::IsWeightClip;
 use crate::losses::metrics::{self, NUM_SLOTS};
 use crate::losses::ratio::{self, RatioLevel};
-use crate::losses::trust_region::{Eval, Shape, SoftGate, TrustRegion, Unclipped};
+use crate::losses::trust_region::{
+    Eval, PolicyGradient, Shape, SoftGate, Token, TrustRegion, Unclipped,
+};
 use crate::real::Real;
 
 /// Tokens per tile: a tile's buffers stay in L1.
@@ -40,6 +43,8 @@ pub(crate) struct Inputs<'a, F, M> {
     pub mask: &'a [M],
     pub reference: Option<&'a [F]>,
     pub weights: Option<&'a [F]>,
+    /// KL-Cov's per-token selection.
+    pub flags: Option<&'a [F]>,
 }
 
 /// Per-call constants in the compute type.
@@ -48,13 +53,24 @@ pub(crate) struct Params<R> {
     /// The log-ratio clamp `c` (`+∞`: none).
     pub clamp: R,
     pub seq_max: Option<f64>,
-    pub kl: Option<(KlEstimator, bool)>,
+    pub kl: Option<KlParams>,
+}
+
+/// The KL penalty's options.
+#[derive(Clone, Copy)]
+pub(crate) struct KlParams {
+    pub estimator: KlEstimator,
+    pub clamp: bool,
+    /// `k̂ = k·R` (TRL's `use_bias_correction_kl`).
+    pub importance_weighted: bool,
 }
 
 /// Per-row coefficients: the policy aggregation's and `β` times the KL aggregation's.
 pub(crate) struct RowCoefficients<R> {
     pub policy: R,
     pub kl: R,
+    /// The KL aggregation's alone (for the `kl_loss` metric).
+    pub kl_agg: f64,
     pub tokens: f64,
 }
 
@@ -90,6 +106,7 @@ struct Tile<R> {
     adv: Vec<R>,
     w: Vec<R>,
     rf: Vec<R>,
+    flag: Vec<R>,
     g: Vec<R>,
     value: Vec<R>,
     slope: Vec<R>,
@@ -98,6 +115,9 @@ struct Tile<R> {
     lo: Vec<R>,
     hi: Vec<R>,
     kl: Vec<R>,
+    kl_raw: Vec<R>,
+    /// `m·∂y/∂ℓ`, the share of a row-level gradient (`Sequence`).
+    factor: Vec<R>,
     shape: [Vec<R>; 4],
 }
 
@@ -111,6 +131,7 @@ impl<R: Real> Tile<R> {
             adv: v(),
             w: v(),
             rf: v(),
+            flag: v(),
             g: v(),
             value: v(),
             slope: v(),
@@ -119,6 +140,8 @@ impl<R: Real> Tile<R> {
             lo: v(),
             hi: v(),
             kl: v(),
+            kl_raw: v(),
+            factor: v(),
             shape: [v(), v(), v(), v()],
         }
     }
@@ -129,28 +152,43 @@ struct RowAcc<R> {
     policy: [f64; LANES],
     slope: [f64; LANES],
     kl: [f64; LANES],
+    kl_raw: [f64; LANES],
     sums: [[f64; LANES]; NUM_SLOTS],
     lo: [R; LANES],
     hi: [R; LANES],
     bad: [u32; 5],
 }
 
-/// The sequence ratio of a row: `s`, `∂s/∂(mean δ)`, and `n·(s − 1)` in f64.
+/// What a row's pre-pass gives: the sequence ratio `s`, `∂s/∂(mean y)`, `n·(s − 1)` in f64,
+/// and the shape's row statistic.
 #[derive(Clone, Copy)]
 pub(crate) struct SequenceRatio<R> {
     s: R,
     ds: R,
     excess: f64,
+    row: R,
 }
 
 impl<R: Real> SequenceRatio<R> {
-    /// The token level's: no sequence ratio.
+    /// The token level's without a row statistic: no pre-pass.
     pub(crate) fn token_level() -> Self {
         Self {
             s: R::ONE,
             ds: R::ONE,
             excess: 0.0,
+            row: R::ZERO,
         }
+    }
+}
+
+/// The weight a shape's per-token loss is multiplied by: the rollout weight, or the mask alone
+/// for the shapes that use the weights otherwise.
+#[inline(always)]
+pub(crate) fn effective_weight<R: Real, S: Shape<R>>(w: R, keep: R) -> R {
+    if S::WEIGHTS_MULTIPLY {
+        w
+    } else {
+        keep
     }
 }
 
@@ -235,9 +273,12 @@ fn load<F: Load<R>, M: Load<R>, R: Real>(
         }
     };
     let bad_rf = match x.reference {
-        Some(r) => load_tile(&r[span], keep, &mut tile.rf[..padded]),
+        Some(r) => load_tile(&r[span.clone()], keep, &mut tile.rf[..padded]),
         None => 0,
     };
+    if let Some(f) = x.flags {
+        load_tile(&f[span], keep, &mut tile.flag[..padded]);
+    }
     for (b, v) in bad
         .iter_mut()
         .zip([bad_lp, bad_old, bad_adv, bad_w, bad_rf])
@@ -247,22 +288,32 @@ fn load<F: Load<R>, M: Load<R>, R: Real>(
     padded
 }
 
-/// `Σ_t m·δ` of a row in f64 lanes, then the sequence ratio.
+/// The row's pre-pass: `Σ_t m·y` (the shape's log-ratio) and `Σ_t m·row_term` in f64 lanes,
+/// then the sequence ratio and the row statistic.
 #[inline(always)]
-fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real>(
+fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
     x: &Inputs<'_, F, M>,
     row: usize,
     p: &Params<R>,
+    shape: &S,
     n: f64,
     tile: &mut Tile<R>,
 ) -> SequenceRatio<R> {
-    let mut sum = [0.0; LANES];
+    let (mut sum, mut stat) = ([0.0; LANES], [0.0; LANES]);
+    let mut bad = [0u32; 5];
     for (start, len) in tiles(x.t) {
-        let (padded, _) = load_ratio_inputs(x, row * x.t + start, len, tile);
+        let padded = load(x, row, start, len, tile, &mut bad);
         for j in 0..padded {
-            tile.value[j] = tile.keep[j] * ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).0;
+            let delta = ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).0;
+            let keep = tile.keep[j];
+            tile.value[j] = keep * shape.log_ratio(delta, tile.adv[j]).0;
+            tile.slope[j] =
+                keep * shape.row_term(delta, R::select(keep != R::ZERO, tile.w[j], R::ONE));
         }
         lane_sum(&tile.value[..padded], &mut sum);
+        if S::ROW_STATISTIC {
+            lane_sum(&tile.slope[..padded], &mut stat);
+        }
     }
     let (log_s, dseq) = ratio::sequence_log_ratio(total(&sum), n, p.seq_max);
     let (s, ds) = ratio::ratio(R::from_f64(log_s));
@@ -270,28 +321,39 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real>(
         s,
         ds: ds * R::from_f64(dseq),
         excess: n * log_s.exp_m1(),
+        row: R::from_f64(total(&stat)),
     }
 }
 
 /// What one token contributes: its log-ratio `δ`, the ratio the trust region sees, the shape's
-/// evaluation, and the policy term's gradient `c·w·∂l/∂ℓ` (0 at the `Sequence` level, whose
-/// gradient is shared over the row once the row is done).
+/// evaluation, the ratio's derivative through the token's own `ℓ`, the share `∂y/∂ℓ` of a
+/// row-level gradient, and the policy term's gradient `c·w·∂l/∂ℓ` (without the `Sequence`
+/// level's row-shared part, added once the row is done).
 pub(crate) struct TokenTerms<R> {
     pub delta: R,
     pub r: R,
+    pub dr: R,
+    pub factor: R,
     pub e: Eval<R>,
     pub g: R,
 }
 
-/// [`TokenTerms`] of a token with log-prob `lp`, old log-prob `old`, advantage `adv` and weight
-/// `w` (the one place the kernels chain ratio, shape and aggregation per token).
+/// One token's constants besides `ℓ`.
+#[derive(Clone, Copy)]
+pub(crate) struct TokenInputs<R> {
+    pub old: R,
+    pub adv: R,
+    /// The effective weight ([`effective_weight`]): 0 at masked positions.
+    pub w: R,
+    pub flag: R,
+}
+
+/// [`TokenTerms`] of a token with log-prob `lp` (the one place the kernels chain ratio, shape
+/// and aggregation per token).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn token_terms<R: Real, S: Shape<R>>(
     lp: R,
-    old: R,
-    adv: R,
-    w: R,
+    x: TokenInputs<R>,
     p: &Params<R>,
     shape: &S,
     coef_policy: R,
@@ -299,34 +361,59 @@ pub(crate) fn token_terms<R: Real, S: Shape<R>>(
 ) -> TokenTerms<R> {
     let token = p.level == RatioLevel::Token;
     let seq_token = p.level == RatioLevel::SequenceToken;
-    let (delta, ddelta) = ratio::log_ratio(lp - old, p.clamp);
-    let (rho, drho) = ratio::ratio(delta);
+    let (delta, ddelta) = ratio::log_ratio(lp - x.old, p.clamp);
+    let (y, dy) = shape.log_ratio(delta, x.adv);
+    let (rho, drho) = ratio::ratio(y);
     let r = R::select(token, rho, seq.s);
-    let e = shape.eval(r, adv);
-    // ∂r/∂ℓ_t.
-    let dratio = R::select(token, drho * ddelta, R::select(seq_token, seq.ds, R::ZERO));
+    let e = shape.eval(&Token {
+        lp,
+        old: x.old,
+        delta,
+        r,
+        a: x.adv,
+        row: seq.row,
+        flag: x.flag,
+    });
+    let factor = ddelta * dy;
+    // ∂r/∂ℓ_t through the token's own ℓ.
+    let dr = R::select(token, drho * factor, R::select(seq_token, seq.ds, R::ZERO));
     TokenTerms {
         delta,
         r,
+        dr,
+        factor,
         e,
-        g: coef_policy * w * e.slope * dratio,
+        g: coef_policy * x.w * (e.slope * dr + e.direct),
     }
 }
 
-/// `(m·k, m·c_kl·∂k/∂ℓ)` of the KL penalty at a token with mask `keep`.
+/// `(m·k̂, m·k, m·c_kl·∂k̂/∂ℓ)` of the KL penalty at a token with mask `keep`, where
+/// `k̂ = k·R` when importance-weighted (`R = r`, `∂R/∂ℓ = dr` through the token's own `ℓ`) and
+/// `k̂ = k` otherwise.
 #[inline(always)]
 pub(crate) fn kl_terms<R: Real>(
-    (estimator, clamp): (KlEstimator, bool),
+    kl: KlParams,
     keep: R,
     coef_kl: R,
     lp: R,
     reference: R,
-) -> (R, R) {
-    let (k, dk) = kl::value_and_slope(estimator, clamp, lp - reference);
-    (keep * k, keep * coef_kl * dk)
+    (r, dr): (R, R),
+) -> (R, R, R) {
+    let (k, dk) = kl::value_and_slope(kl.estimator, kl.clamp, lp - reference);
+    let (weight, dweight) = if kl.importance_weighted {
+        (r, dr)
+    } else {
+        (R::ONE, R::ZERO)
+    };
+    (
+        keep * k * weight,
+        keep * k,
+        keep * coef_kl * (weight * dk + k * dweight),
+    )
 }
 
-/// The per-token sweep: loss, derivative, gradient (except `Sequence`'s) and metric streams.
+/// The per-token sweep: loss, derivatives, gradient (except the `Sequence` level's row-shared
+/// part), KL terms and metric streams.
 #[inline(always)]
 fn sweep<R: Real, S: Shape<R>>(
     tile: &mut Tile<R>,
@@ -339,34 +426,46 @@ fn sweep<R: Real, S: Shape<R>>(
     let n = padded;
     let t = &mut *tile;
     // Every slice cut to the tile's length, so that the loop runs without bounds checks.
-    let (keep, lp, old, adv, w) = (
+    let (keep, lp, old, adv, w, flag) = (
         &t.keep[..n],
         &t.lp[..n],
         &t.old[..n],
         &t.adv[..n],
         &t.w[..n],
+        &t.flag[..n],
     );
     let (g, value, slope) = (&mut t.g[..n], &mut t.value[..n], &mut t.slope[..n]);
     let (neg_delta, excess) = (&mut t.neg_delta[..n], &mut t.excess[..n]);
-    let (lo, hi) = (&mut t.lo[..n], &mut t.hi[..n]);
+    let (lo, hi, factor) = (&mut t.lo[..n], &mut t.hi[..n], &mut t.factor[..n]);
+    let (kl_value, kl_raw, rf) = (&mut t.kl[..n], &mut t.kl_raw[..n], &t.rf[..n]);
     let [s0, s1, s2, s3] = &mut t.shape;
     let mut streams = [&mut s0[..n], &mut s1[..n], &mut s2[..n], &mut s3[..n]];
     let slots = S::SLOTS.len();
     for j in 0..n {
         let m = keep[j];
-        let TokenTerms {
-            delta,
-            r,
-            e,
-            g: grad,
-        } = token_terms(lp[j], old[j], adv[j], w[j], p, shape, coef.policy, seq);
-        g[j] = grad;
-        value[j] = w[j] * e.value;
-        slope[j] = w[j] * e.slope;
-        neg_delta[j] = -(m * delta);
+        let weight = effective_weight::<R, S>(w[j], m);
+        let inputs = TokenInputs {
+            old: old[j],
+            adv: adv[j],
+            w: weight,
+            flag: flag[j],
+        };
+        let terms = token_terms(lp[j], inputs, p, shape, coef.policy, seq);
+        let (e, r) = (terms.e, terms.r);
+        g[j] = terms.g;
+        value[j] = weight * e.value;
+        slope[j] = weight * e.slope;
+        neg_delta[j] = -(m * terms.delta);
         excess[j] = m * (r - R::ONE);
         lo[j] = R::select(m != R::ZERO, r, R::INFINITY);
         hi[j] = R::select(m != R::ZERO, r, -R::INFINITY);
+        factor[j] = m * terms.factor;
+        if let Some(kl) = p.kl {
+            let (k_hat, k, dk) = kl_terms(kl, m, coef.kl, lp[j], rf[j], (r, terms.dr));
+            kl_value[j] = k_hat;
+            kl_raw[j] = k;
+            g[j] = g[j] + dk;
+        }
         // `slots` is a constant of `S`: the unused streams cost nothing.
         for (k, stream) in streams.iter_mut().enumerate() {
             if k < slots {
@@ -378,7 +477,7 @@ fn sweep<R: Real, S: Shape<R>>(
 
 /// Adds a tile's streams to the row's lane sums.
 #[inline(always)]
-fn accumulate<R: Real, S: Shape<R>>(tile: &Tile<R>, padded: usize, acc: &mut RowAcc<R>) {
+fn accumulate<R: Real, S: Shape<R>>(tile: &Tile<R>, padded: usize, kl: bool, acc: &mut RowAcc<R>) {
     lane_sum(&tile.value[..padded], &mut acc.policy);
     lane_sum(&tile.slope[..padded], &mut acc.slope);
     lane_sum(
@@ -391,26 +490,15 @@ fn accumulate<R: Real, S: Shape<R>>(tile: &Tile<R>, padded: usize, acc: &mut Row
     for (k, &slot) in S::SLOTS.iter().enumerate() {
         lane_sum(&tile.shape[k][..padded], &mut acc.sums[slot]);
     }
+    if kl {
+        lane_sum(&tile.kl[..padded], &mut acc.kl);
+        lane_sum(&tile.kl_raw[..padded], &mut acc.kl_raw);
+    }
 }
 
-/// Adds the KL penalty's value (to the lanes) and gradient (to `g`), then stores the gradient.
+/// Stores a tile's gradient.
 #[inline(always)]
-fn finish_tile<F: Store<R>, R: Real>(
-    tile: &mut Tile<R>,
-    padded: usize,
-    p: &Params<R>,
-    coef: &RowCoefficients<R>,
-    kl_lanes: &mut [f64; LANES],
-    grad: &mut [F],
-) {
-    if let Some(kl) = p.kl {
-        for j in 0..padded {
-            let (k, dg) = kl_terms(kl, tile.keep[j], coef.kl, tile.lp[j], tile.rf[j]);
-            tile.kl[j] = k;
-            tile.g[j] = tile.g[j] + dg;
-        }
-        lane_sum(&tile.kl[..padded], kl_lanes);
-    }
+fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [F]) {
     for (dst, v) in grad.iter_mut().zip(&tile.g) {
         *dst = F::store(*v);
     }
@@ -437,41 +525,46 @@ where
         policy: [0.0; LANES],
         slope: [0.0; LANES],
         kl: [0.0; LANES],
+        kl_raw: [0.0; LANES],
         sums: [[0.0; LANES]; NUM_SLOTS],
         lo: [R::INFINITY; LANES],
         hi: [-R::INFINITY; LANES],
         bad: [0; 5],
     };
-    let seq = match p.level {
-        RatioLevel::Token => SequenceRatio::token_level(),
-        _ => sequence_ratio(x, row, p, coef.tokens, tile),
+    let seq = if p.level == RatioLevel::Token && !S::ROW_STATISTIC {
+        SequenceRatio::token_level()
+    } else {
+        sequence_ratio(x, row, p, shape, coef.tokens, tile)
     };
     let sequence = p.level == RatioLevel::Sequence;
+    let kl = p.kl.is_some();
     for (start, len) in tiles(x.t) {
         let padded = load(x, row, start, len, tile, &mut acc.bad);
         sweep(tile, padded, p, shape, coef, seq);
-        accumulate::<R, S>(tile, padded, &mut acc);
+        accumulate::<R, S>(tile, padded, kl, &mut acc);
         if !sequence {
-            let grad = &mut grad[start..start + len];
-            finish_tile(tile, padded, p, coef, &mut acc.kl, grad);
+            store(tile, &mut grad[start..start + len]);
         }
     }
     if sequence {
-        // Every token of the row shares ∂l/∂s, known only now.
-        let shared = coef.policy * R::from_f64(total(&acc.slope)) * seq.ds
+        // Every token of the row shares ∂l/∂s (and, importance-weighted, the KL's Σ k·∂s), known
+        // only now.
+        let importance = p.kl.is_some_and(|k| k.importance_weighted);
+        let kl_share = if importance {
+            coef.kl * R::from_f64(total(&acc.kl_raw))
+        } else {
+            R::ZERO
+        };
+        let shared = (coef.policy * R::from_f64(total(&acc.slope)) + kl_share) * seq.ds
             / R::from_f64(coef.tokens.max(1.0));
+        let mut bad = [0; 5];
         for (start, len) in tiles(x.t) {
-            let (padded, _) = load_ratio_inputs(x, row * x.t + start, len, tile);
-            if let Some(r) = x.reference {
-                let span = row * x.t + start..row * x.t + start + len;
-                load_tile(&r[span], &tile.keep[..padded], &mut tile.rf[..padded]);
-            }
+            let padded = load(x, row, start, len, tile, &mut bad);
+            sweep(tile, padded, p, shape, coef, seq);
             for j in 0..padded {
-                let ddelta = ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).1;
-                tile.g[j] = tile.keep[j] * shared * ddelta;
+                tile.g[j] = tile.g[j] + shared * tile.factor[j];
             }
-            let grad = &mut grad[start..start + len];
-            finish_tile(tile, padded, p, coef, &mut acc.kl, grad);
+            store(tile, &mut grad[start..start + len]);
         }
     }
     row_out(acc, coef, p.level != RatioLevel::Token, seq)
@@ -587,18 +680,19 @@ fn coefficients<R: Real>(
 ) -> Vec<RowCoefficients<R>> {
     let total_tokens: f64 = tokens.iter().sum();
     let sequences = tokens.iter().filter(|&&n| n > 0.0).count() as f64;
+    let batch = (total_tokens, sequences, tokens.len() as f64);
     let config = &op.config;
-    let coefficient = |agg, n| row_coefficient(agg, n, total_tokens, sequences, t, &op.normalizer);
+    let coefficient = |agg, n| row_coefficient(agg, n, batch, t, &op.normalizer);
     tokens
         .iter()
-        .map(|&n| RowCoefficients {
-            policy: R::from_f64(coefficient(config.aggregation, n)),
-            kl: R::from_f64(
-                config
-                    .kl
-                    .map_or(0.0, |k| k.coef * coefficient(k.aggregation, n)),
-            ),
-            tokens: n,
+        .map(|&n| {
+            let kl_agg = config.kl.map_or(0.0, |k| coefficient(k.aggregation, n));
+            RowCoefficients {
+                policy: R::from_f64(coefficient(config.aggregation, n)),
+                kl: R::from_f64(config.kl.map_or(0.0, |k| k.coef) * kl_agg),
+                kl_agg,
+                tokens: n,
+            }
         })
         .collect()
 }
@@ -629,6 +723,7 @@ where
     let (adv_guard, adv_layout) = op.advantages.storage_and_layout();
     let reference = op.ref_log_probs.as_ref().map(Tensor::storage_and_layout);
     let weights = op.is_weights.as_ref().map(Tensor::storage_and_layout);
+    let flags = op.flags.as_ref().map(Tensor::storage_and_layout);
     let x = Inputs {
         t,
         log_probs,
@@ -644,6 +739,10 @@ where
             Some((guard, layout)) => Some(cpu_slice::<F>(guard, layout)?),
             None => None,
         },
+        flags: match &flags {
+            Some((guard, layout)) => Some(cpu_slice::<F>(guard, layout)?),
+            None => None,
+        },
     };
     let (tokens, bad_mask) = row_tokens::<M, R>(mask, t);
     if bad_mask > 0.0 {
@@ -654,7 +753,11 @@ where
         level: config.ratio_level,
         clamp: config.log_ratio_clamp.map_or(R::INFINITY, R::from_f64),
         seq_max: config.seq_log_ratio_max,
-        kl: config.kl.map(|k| (k.estimator, k.clamp)),
+        kl: config.kl.map(|k| KlParams {
+            estimator: k.estimator,
+            clamp: k.clamp,
+            importance_weighted: k.importance_weighted,
+        }),
     };
     let coefficients = coefficients::<R>(op, &tokens, t);
     body(&Constants { x, p, coefficients })
@@ -678,6 +781,13 @@ pub(crate) fn with_shape<R: Real, W: WithShape<R>>(
         }),
         TrustRegion::HardClip(c) => body.run(&c.bounds::<R>()),
         TrustRegion::Unclipped => body.run(&Unclipped),
+        TrustRegion::PolicyGradient => body.run(&PolicyGradient),
+        TrustRegion::Cispo(c) => body.run(&IsWeightClip::bounds::<R>(&c)),
+        TrustRegion::Dro(d) => body.run(&d.shape::<R>()),
+        TrustRegion::KlCov(k) => body.run(&k.shape::<R>()),
+        TrustRegion::Dppo(d) => body.run(&d.shape::<R>()),
+        TrustRegion::Vespo(v) => body.run(&v.shape::<R>()),
+        TrustRegion::GeometricClip(g) => body.run(&g.shape::<R>()),
     }
 }
 
@@ -743,6 +853,7 @@ fn reduce<R: Real>(
         for (s, v) in sums.iter_mut().zip(&out.sums) {
             *s += v;
         }
+        sums[metrics::KL_LOSS] += c.kl_agg * out.kl;
         min = min.min(out.min);
         max = max.max(out.max);
     }

@@ -41,6 +41,8 @@ pub(crate) struct FusedPolicyLoss {
     pub(crate) mask: Tensor,
     ref_log_probs: Option<Tensor>,
     is_weights: Option<Tensor>,
+    /// `[B,T]` KL-Cov selection, the kernel's input dtype.
+    flags: Option<Tensor>,
     normalizer: Normalizer,
     /// `∂loss/∂log_probs`, written by the forward pass.
     grad: Mutex<Option<Tensor>>,
@@ -52,10 +54,12 @@ impl FusedPolicyLoss {
     pub(crate) fn forward(
         config: &PolicyLossConfig,
         inputs: &PolicyInputs<'_>,
+        flags: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (_, t) = inputs.check(config.kl.is_some())?;
+        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
         let dtype = fused_input_dtype(inputs);
-        let op = Self::new(config, inputs, t, dtype)?;
+        let mut op = Self::new(config, inputs, t, dtype)?;
+        op.flags = flags.map(|f| f.to_dtype(dtype)?.contiguous()).transpose()?;
         let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
         let out = log_probs.apply_op1(op).map_err(from_kernel)?;
         split_output(&out)
@@ -83,7 +87,8 @@ impl FusedPolicyLoss {
             advantages: same(&inputs.advantages(t)?)?,
             mask,
             ref_log_probs: inputs.ref_log_probs.map(same).transpose()?,
-            is_weights: inputs.is_weights.map(same).transpose()?,
+            is_weights: inputs.is_weights(t)?.as_ref().map(same).transpose()?,
+            flags: None,
             normalizer: inputs.normalizer,
             grad: Mutex::new(None),
         })
