@@ -315,6 +315,19 @@ mod one_pass {
             TrustRegion::HardClip(HardClip::new(0.2, 0.28).with_dual_clip(3.0)),
             TrustRegion::HardClip(HardClip::new(0.1, 0.1).with_delta(1.5)),
             TrustRegion::Unclipped,
+            TrustRegion::Cispo(sapo::IsWeightClip::RatioMax(1.5)),
+            TrustRegion::PolicyGradient,
+            TrustRegion::Dro(sapo::Dro { beta: 0.2 }),
+            TrustRegion::Dppo(sapo::Dppo::new(sapo::Divergence::BinaryKl, 0.05, 0.05, 3.0)),
+            TrustRegion::Vespo(sapo::Vespo::default()),
+            TrustRegion::GeometricClip(sapo::GeometricClip {
+                log_clip_low: 0.2,
+                log_clip_high: 0.3,
+            }),
+            TrustRegion::KlCov(sapo::KlCov {
+                ratio: 0.3,
+                coef: 1.0,
+            }),
         ];
         let aggregations = [
             Aggregation::TokenMean,
@@ -336,12 +349,14 @@ mod one_pass {
         ] {
             for shape in shapes {
                 for (k, aggregation) in aggregations.iter().enumerate() {
-                    let kl = kls[k % kls.len()];
-                    out.push(
-                        PolicyLossConfig::new(level, shape)
-                            .with_aggregation(*aggregation)
-                            .with_kl(kl),
-                    );
+                    let kl = kls[k % kls.len()].map(|p| p.with_importance_weighting(k % 2 == 1));
+                    let config = PolicyLossConfig::new(level, shape)
+                        .with_aggregation(*aggregation)
+                        .with_kl(kl);
+                    // The per-token objectives are defined at the token level only.
+                    if config.validate().is_ok() {
+                        out.push(config);
+                    }
                 }
             }
         }
