@@ -345,6 +345,7 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
     // the objectives that take ℓ − ℓold unclamped).
     let log_ratio_clamp = match cfg.get("log_ratio_clamp") {
         None if matches!(objective, "dro" | "gpg" | "kl_cov" | "gmpo") => None,
+        None if cfg.get("bypass_loss").and_then(Value::as_str) == Some("reinforce") => None,
         None => Some(20.0),
         Some(_) => opt_f64(cfg, "log_ratio_clamp")?,
     };

@@ -162,6 +162,44 @@ fn vespo_weighs_by_its_gamma_sequence_weight() {
 }
 
 #[test]
+fn vespo_adds_a_per_sequence_log_weight_once() {
+    // TRL/Liger sum ln w over the weight tensor's last axis: a [B,1] weight counts once per row,
+    // a [B,T] one once per token.
+    let all: &[f64] = &[1.0, 1.0, 1.0];
+    let (x, old, adv, mask) = (
+        t2(&[&LP]),
+        t2(&[&OLD]),
+        Tensor::new(&[0.5f64], &dev()).unwrap(),
+        t2(&[all]),
+    );
+    let phi = |u: f64| (3.0 + 2.0 * u - 3.0 * u.exp()).exp();
+    let w_row = Tensor::new(&[[1.5f64]], &dev()).unwrap();
+    let w_tok = t2(&[&[1.5, 1.5, 1.5]]);
+    for backend in BACKENDS {
+        for (w, u) in [
+            (&w_row, -0.8 + 1.5f64.ln()),
+            (&w_tok, -0.8 + 3.0 * 1.5f64.ln()),
+        ] {
+            let lp = Var::from_tensor(&x).unwrap();
+            let inputs = PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask).with_is_weights(w);
+            let out = Vespo::default()
+                .build()
+                .unwrap()
+                .with_backend(backend)
+                .forward(&inputs)
+                .unwrap();
+            let g = f64s(out.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
+            for gk in g {
+                assert!(
+                    (gk + phi(u) * 0.5 / 3.0).abs() < 1e-12,
+                    "{backend:?} {gk} vs φ({u})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn gmpo_is_the_geometric_mean_of_sign_aware_clipped_ratios() {
     // Row 0 (A = 1): x = (0.2, 0, −1) clipped to ≤ 0.1 → y = (0.1, 0, −1); row 1 empty.
     let clip = GeometricClip {
@@ -266,7 +304,6 @@ fn per_sequence_rollout_weights_equal_their_broadcast() {
         Sapo::default().build().unwrap(),
         Gspo::default().build().unwrap(),
         Cispo::default().build().unwrap(),
-        Vespo::default().build().unwrap(),
         Gmpo::default().build().unwrap(),
     ];
     for loss in losses {

@@ -49,19 +49,20 @@ pub struct Bypass {
 }
 
 impl Bypass {
-    /// REINFORCE with the correction's weights and mask, `token-mean` (verl's actor default).
+    /// REINFORCE with the correction's weights and mask, `token-mean` (verl's actor default), no
+    /// log-ratio clamp (its `approx_kl` is of the raw `ℓ − ℓold`).
     ///
     /// ```
     /// let cfg = sapo::Bypass::reinforce(sapo::RolloutCorrection::new());
     /// assert_eq!(cfg.trust_region, sapo::TrustRegion::PolicyGradient);
     /// ```
     pub fn reinforce(correction: RolloutCorrection) -> PolicyLossConfig {
-        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::PolicyGradient).with_bypass(Some(
-            Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::PolicyGradient)
+            .with_log_ratio_clamp(None)
+            .with_bypass(Some(Self {
                 correction,
                 loss: BypassLoss::Reinforce,
-            },
-        ))
+            }))
     }
     /// PPO-clip on the correction's mask, `token-mean`, log-ratio clamp 20.
     ///

@@ -28,6 +28,7 @@ use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
 use crate::losses::ratio::ratios;
 use crate::losses::ratio::RatioLevel;
 use crate::losses::trust_region::{TokenTensors, TrustRegion};
+use crate::losses::vespo;
 use crate::real::accumulation_dtype;
 use crate::rollout_correction::rollout_correction;
 
@@ -142,15 +143,22 @@ impl PolicyLoss {
         }
         // Constants the objective derives from the batch: GMPO's geometric-mean weights, KL-Cov's
         // selection.
-        let geometric = match (&config.trust_region, inputs.is_weights(t)?) {
+        let derived = match (&config.trust_region, inputs.is_weights(t)?) {
             (TrustRegion::GeometricClip(_), Some(w)) => {
-                let mask = inputs.mask.to_dtype(w.dtype())?;
+                let mask = checked_mask(inputs.mask, w.dtype())?;
                 Some(gmpo::row_weights(&w, &mask)?)
             }
+            (TrustRegion::Vespo(_), Some(_)) => match inputs.is_weights {
+                Some(w) if w.dims() == [w.dim(0)?, 1] && t != 1 => {
+                    let mask = checked_mask(inputs.mask, w.dtype())?;
+                    Some(vespo::spread_row_weights(&w.detach(), &mask)?)
+                }
+                _ => None,
+            },
             _ => None,
         };
         let inputs = &PolicyInputs {
-            is_weights: geometric.as_ref().or(inputs.is_weights),
+            is_weights: derived.as_ref().or(inputs.is_weights),
             ..*inputs
         };
         let flags = match &config.trust_region {

@@ -9,7 +9,10 @@
 //! l = −sg[φ]·A·ℓ                                        ∂l/∂ℓ = −φ·A
 //! ```
 //!
-//! The rollout weights `w` enter only through `φ` (they do not multiply `l`).
+//! The rollout weights `w` enter only through `φ` (they do not multiply `l`). As in TRL and Liger,
+//! the log-weights are summed over the weight tensor's own last axis: every unmasked token of a
+//! `[B,T]` tensor, the one value of a `[B,1]` tensor ([`spread_row_weights`] turns the latter
+//! into an equivalent `[B,T]` one).
 
 use candle_core::{Tensor, D};
 
@@ -99,6 +102,19 @@ impl Vespo {
             max: R::from_f64(self.log_w_max),
         }
     }
+}
+
+/// A `[B,1]` weight tensor as the `[B,T]` one whose row sum of clamped log-weights is the row's
+/// single `clamp(ln w_i)`: `exp(clamp(ln w_i)/n_i)` on each of the row's `n_i` unmasked tokens.
+/// `mask` is a 0/1 float tensor of `w`'s dtype.
+pub(crate) fn spread_row_weights(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let log_w = piecewise::clamp(&w.log()?, Some(VESPO_LOG_W_MIN), Some(VESPO_LOG_W_MAX))?;
+    let n = mask.sum_keepdim(D::Minus1)?.maximum(1.0)?;
+    Ok(log_w
+        .div(&n)?
+        .exp()?
+        .broadcast_as(mask.shape())?
+        .contiguous()?)
 }
 
 // ---------------------------------------------------------------------------------------------
