@@ -116,8 +116,6 @@ struct Tile<R> {
     hi: Vec<R>,
     kl: Vec<R>,
     kl_raw: Vec<R>,
-    /// `m·∂y/∂ℓ`, the share of a row-level gradient (`Sequence`).
-    factor: Vec<R>,
     shape: [Vec<R>; 4],
 }
 
@@ -141,7 +139,6 @@ impl<R: Real> Tile<R> {
             hi: v(),
             kl: v(),
             kl_raw: v(),
-            factor: v(),
             shape: [v(), v(), v(), v()],
         }
     }
@@ -325,15 +322,13 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
     }
 }
 
-/// What one token contributes: its log-ratio `δ`, the ratio the trust region sees, the shape's
-/// evaluation, the ratio's derivative through the token's own `ℓ`, the share `∂y/∂ℓ` of a
-/// row-level gradient, and the policy term's gradient `c·w·∂l/∂ℓ` (without the `Sequence`
-/// level's row-shared part, added once the row is done).
+/// What one token contributes: its log-ratio `δ`, the ratio the trust region sees, the ratio's
+/// derivative through the token's own `ℓ`, the shape's evaluation, and the policy term's gradient
+/// `c·w·∂l/∂ℓ` (without the `Sequence` level's row-shared part, added once the row is done).
 pub(crate) struct TokenTerms<R> {
     pub delta: R,
     pub r: R,
     pub dr: R,
-    pub factor: R,
     pub e: Eval<R>,
     pub g: R,
 }
@@ -348,6 +343,40 @@ pub(crate) struct TokenInputs<R> {
     pub flag: R,
 }
 
+/// A token's ratio terms: `δ`, the ratio the shape sees, its derivative through the token's own
+/// `ℓ`, and `∂y/∂ℓ` (the token's share of a row-level gradient).
+#[derive(Clone, Copy)]
+pub(crate) struct RatioTerms<R> {
+    pub delta: R,
+    pub r: R,
+    pub dr: R,
+    pub factor: R,
+}
+
+/// [`RatioTerms`] of a token with log-prob `lp`, old log-prob `old` and advantage `adv`.
+#[inline(always)]
+pub(crate) fn ratio_terms<R: Real, S: Shape<R>>(
+    lp: R,
+    old: R,
+    adv: R,
+    p: &Params<R>,
+    shape: &S,
+    seq: SequenceRatio<R>,
+) -> RatioTerms<R> {
+    let token = p.level == RatioLevel::Token;
+    let seq_token = p.level == RatioLevel::SequenceToken;
+    let (delta, ddelta) = ratio::log_ratio(lp - old, p.clamp);
+    let (y, dy) = shape.log_ratio(delta, adv);
+    let (rho, drho) = ratio::ratio(y);
+    let factor = ddelta * dy;
+    RatioTerms {
+        delta,
+        r: R::select(token, rho, seq.s),
+        dr: R::select(token, drho * factor, R::select(seq_token, seq.ds, R::ZERO)),
+        factor,
+    }
+}
+
 /// [`TokenTerms`] of a token with log-prob `lp` (the one place the kernels chain ratio, shape
 /// and aggregation per token).
 #[inline(always)]
@@ -359,12 +388,7 @@ pub(crate) fn token_terms<R: Real, S: Shape<R>>(
     coef_policy: R,
     seq: SequenceRatio<R>,
 ) -> TokenTerms<R> {
-    let token = p.level == RatioLevel::Token;
-    let seq_token = p.level == RatioLevel::SequenceToken;
-    let (delta, ddelta) = ratio::log_ratio(lp - x.old, p.clamp);
-    let (y, dy) = shape.log_ratio(delta, x.adv);
-    let (rho, drho) = ratio::ratio(y);
-    let r = R::select(token, rho, seq.s);
+    let RatioTerms { delta, r, dr, .. } = ratio_terms(lp, x.old, x.adv, p, shape, seq);
     let e = shape.eval(&Token {
         lp,
         old: x.old,
@@ -374,14 +398,10 @@ pub(crate) fn token_terms<R: Real, S: Shape<R>>(
         row: seq.row,
         flag: x.flag,
     });
-    let factor = ddelta * dy;
-    // ∂r/∂ℓ_t through the token's own ℓ.
-    let dr = R::select(token, drho * factor, R::select(seq_token, seq.ds, R::ZERO));
     TokenTerms {
         delta,
         r,
         dr,
-        factor,
         e,
         g: coef_policy * x.w * (e.slope * dr + e.direct),
     }
@@ -436,8 +456,7 @@ fn sweep<R: Real, S: Shape<R>>(
     );
     let (g, value, slope) = (&mut t.g[..n], &mut t.value[..n], &mut t.slope[..n]);
     let (neg_delta, excess) = (&mut t.neg_delta[..n], &mut t.excess[..n]);
-    let (lo, hi, factor) = (&mut t.lo[..n], &mut t.hi[..n], &mut t.factor[..n]);
-    let (kl_value, kl_raw, rf) = (&mut t.kl[..n], &mut t.kl_raw[..n], &t.rf[..n]);
+    let (lo, hi) = (&mut t.lo[..n], &mut t.hi[..n]);
     let [s0, s1, s2, s3] = &mut t.shape;
     let mut streams = [&mut s0[..n], &mut s1[..n], &mut s2[..n], &mut s3[..n]];
     let slots = S::SLOTS.len();
@@ -459,18 +478,36 @@ fn sweep<R: Real, S: Shape<R>>(
         excess[j] = m * (r - R::ONE);
         lo[j] = R::select(m != R::ZERO, r, R::INFINITY);
         hi[j] = R::select(m != R::ZERO, r, -R::INFINITY);
-        factor[j] = m * terms.factor;
-        if let Some(kl) = p.kl {
-            let (k_hat, k, dk) = kl_terms(kl, m, coef.kl, lp[j], rf[j], (r, terms.dr));
-            kl_value[j] = k_hat;
-            kl_raw[j] = k;
-            g[j] = g[j] + dk;
-        }
         // `slots` is a constant of `S`: the unused streams cost nothing.
         for (k, stream) in streams.iter_mut().enumerate() {
             if k < slots {
                 stream[j] = m * e.metrics[k];
             }
+        }
+    }
+    // The KL penalty in a loop of its own (few streams per loop keep both vectorized); the
+    // importance-weighted form recomputes the ratio.
+    if let Some(kl) = p.kl {
+        let (g, keep, lp, old, adv, rf) = (
+            &mut t.g[..n],
+            &t.keep[..n],
+            &t.lp[..n],
+            &t.old[..n],
+            &t.adv[..n],
+            &t.rf[..n],
+        );
+        let (kl_value, kl_raw) = (&mut t.kl[..n], &mut t.kl_raw[..n]);
+        for j in 0..n {
+            let ratio = if kl.importance_weighted {
+                let terms = ratio_terms(lp[j], old[j], adv[j], p, shape, seq);
+                (terms.r, terms.dr)
+            } else {
+                (R::ONE, R::ZERO)
+            };
+            let (k_hat, k, dk) = kl_terms(kl, keep[j], coef.kl, lp[j], rf[j], ratio);
+            kl_value[j] = k_hat;
+            kl_raw[j] = k;
+            g[j] = g[j] + dk;
         }
     }
 }
@@ -562,7 +599,8 @@ where
             let padded = load(x, row, start, len, tile, &mut bad);
             sweep(tile, padded, p, shape, coef, seq);
             for j in 0..padded {
-                tile.g[j] = tile.g[j] + shared * tile.factor[j];
+                let terms = ratio_terms(tile.lp[j], tile.old[j], tile.adv[j], p, shape, seq);
+                tile.g[j] = tile.g[j] + shared * tile.keep[j] * terms.factor;
             }
             store(tile, &mut grad[start..start + len]);
         }
