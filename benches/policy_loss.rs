@@ -57,8 +57,8 @@ fn inputs(b: usize, t: usize) -> Inputs {
     }
 }
 
-fn objectives() -> [(&'static str, PolicyLoss); 3] {
-    [
+fn objectives() -> Vec<(&'static str, PolicyLoss)> {
+    vec![
         ("sapo", Sapo::default().build().unwrap()),
         (
             "gspo",
@@ -79,6 +79,17 @@ fn objectives() -> [(&'static str, PolicyLoss); 3] {
             .build()
             .unwrap(),
         ),
+        // The later objectives, on the same kernel.
+        ("cispo", sapo::Cispo::default().build().unwrap()),
+        ("gmpo", sapo::Gmpo::default().build().unwrap()),
+        (
+            "dppo_kl",
+            sapo::Dppo::new(sapo::Divergence::BinaryKl, 0.05, 0.05, 3.0)
+                .build()
+                .unwrap(),
+        ),
+        ("vespo", sapo::Vespo::default().build().unwrap()),
+        ("kl_cov", sapo::KlCov::default().build().unwrap()),
     ]
 }
 

@@ -11,6 +11,9 @@
 //! computed once per call on the host ([`selection`]) and is a constant of both paths. Ties in
 //! `c` are broken by position (the earlier token first), so the selection is deterministic.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
 use candle_core::{DType, Tensor};
 
 use crate::error::{check_config, Result};
@@ -61,9 +64,56 @@ impl KlCov {
     }
 }
 
+/// A token ranked by covariance; the greatest is the worst (smallest covariance, then latest).
+struct Ranked {
+    cov: f64,
+    token: usize,
+}
+
+impl Ord for Ranked {
+    fn cmp(&self, other: &Self) -> Ordering {
+        other
+            .cov
+            .total_cmp(&self.cov)
+            .then(self.token.cmp(&other.token))
+    }
+}
+
+impl PartialOrd for Ranked {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Ranked {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Ranked {}
+
+/// A tensor's values on the host as f64, row-major (one copy, no candle conversion pass for
+/// the common dtypes).
+fn host(x: &Tensor) -> Result<Vec<f64>> {
+    let x = x.detach().flatten_all()?;
+    Ok(match x.dtype() {
+        DType::F64 => x.to_vec1::<f64>()?,
+        DType::F32 => x.to_vec1::<f32>()?.into_iter().map(f64::from).collect(),
+        DType::U8 => x.to_vec1::<u8>()?.into_iter().map(f64::from).collect(),
+        _ => x
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    })
+}
+
 /// The selected tokens `S` as a `[B,T]` 0/1 tensor of `dtype` on `log_probs`' device.
 ///
-/// Reads `log_probs` (detached), the `[B,T]` advantages and the mask on the host.
+/// Reads `log_probs` (detached), the advantages (`[B]`, `[B,1]` or `[B,T]`) and the mask on the
+/// host; a non-zero mask value counts as unmasked (the loss checks the mask itself).
 pub(crate) fn selection(
     kl_cov: &KlCov,
     log_probs: &Tensor,
@@ -72,27 +122,33 @@ pub(crate) fn selection(
     dtype: DType,
 ) -> Result<Tensor> {
     let shape = log_probs.dims().to_vec();
-    let read = |x: &Tensor| -> Result<Vec<f64>> {
-        Ok(x.detach()
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?)
-    };
-    let advantages = advantages.broadcast_as(shape.as_slice())?;
-    let (lp, adv, keep) = (read(log_probs)?, read(&advantages)?, read(&mask.ne(0.0)?)?);
-    let tokens: Vec<usize> = (0..lp.len()).filter(|&j| keep[j] != 0.0).collect();
+    let (b, t) = (shape[0], shape[1]);
+    let per_token = advantages.elem_count() == log_probs.elem_count();
+    let (lp, adv, keep) = (host(log_probs)?, host(advantages)?, host(mask)?);
+    let advantage = |j: usize| adv[if per_token { j } else { j / t.max(1) }];
+    let unmasked = || (0..b * t).filter(|&j| keep[j] != 0.0);
     let mut selected = vec![0f64; lp.len()];
-    if !tokens.is_empty() {
-        let n = tokens.len() as f64;
-        let mean = |v: &[f64]| tokens.iter().map(|&j| v[j]).sum::<f64>() / n;
-        let (mean_adv, mean_lp) = (mean(&adv), mean(&lp));
-        let cov = |j: usize| (adv[j] - mean_adv) * (lp[j] - mean_lp);
-        let k = ((n * kl_cov.ratio).floor() as usize).max(1);
-        let mut order = tokens;
-        // Largest first; equal covariances in token order (a stable sort).
-        order.sort_by(|&i, &j| cov(j).total_cmp(&cov(i)));
-        for &j in &order[..k] {
-            selected[j] = 1.0;
+    let n = unmasked().count();
+    if n > 0 {
+        let mean_adv = unmasked().map(advantage).sum::<f64>() / n as f64;
+        let mean_lp = unmasked().map(|j| lp[j]).sum::<f64>() / n as f64;
+        let k = ((n as f64 * kl_cov.ratio).floor() as usize).clamp(1, n);
+        // The k best under a total order (largest covariance first, equal ones in token order),
+        // kept in a heap whose top is the worst of them: one set whatever the traversal.
+        let mut best = BinaryHeap::with_capacity(k + 1);
+        for j in unmasked() {
+            // `+ 0.0` makes −0 and +0 one value (they tie, as in PyTorch).
+            let cov = (advantage(j) - mean_adv) * (lp[j] - mean_lp) + 0.0;
+            let candidate = Ranked { cov, token: j };
+            if best.len() < k {
+                best.push(candidate);
+            } else if best.peek().is_some_and(|worst| candidate < *worst) {
+                best.pop();
+                best.push(candidate);
+            }
+        }
+        for r in best {
+            selected[r.token] = 1.0;
         }
     }
     Ok(Tensor::from_vec(selected, shape, log_probs.device())?.to_dtype(dtype)?)

@@ -21,7 +21,7 @@ use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::gmpo;
-use crate::losses::inputs::{check_finite_where, check_mask_values, checked_mask, compute_dtype};
+use crate::losses::inputs::{check_finite_where, checked_mask, compute_dtype};
 use crate::losses::inputs::{PolicyInputs, Prepared};
 use crate::losses::kl_cov;
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
@@ -163,13 +163,7 @@ impl PolicyLoss {
         };
         let flags = match &config.trust_region {
             TrustRegion::KlCov(k) => {
-                check_mask_values(inputs.mask)?;
                 let adv = inputs.advantages(t)?;
-                let adv = if adv.rank() == 1 {
-                    adv.unsqueeze(1)?
-                } else {
-                    adv
-                };
                 let dtype = compute_dtype(inputs.log_probs.dtype());
                 Some(kl_cov::selection(
                     k,
