@@ -8,6 +8,20 @@
 //! path), so the bonus's gradient reaches the logits through it. verl aggregates the bonus with
 //! the actor's `loss_agg_mode` (give the same [`Aggregation`] as the policy's for that); TRL's
 //! `entropy_coef` takes `token-mean`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use sapo::{EntropyBonus, Grpo, PolicyInputs};
+//! let logits = Var::new(&[[[0.5f32, -1.0, 2.0], [0.0, 0.3, -0.2]]], &Device::Cpu)?;
+//! let targets = Tensor::new(&[[2u32, 1]], &Device::Cpu)?;
+//! let (lp, h) = sapo::token_log_probs_and_entropy(logits.as_tensor(), &targets, 1.0)?;
+//! let (old, adv, mask) = (lp.detach(), Tensor::new(&[1f32], &Device::Cpu)?, lp.ones_like()?);
+//! let loss = Grpo::default().config().with_entropy(Some(EntropyBonus::new(0.01))).build()?;
+//! let out = loss.forward(&PolicyInputs::new(&lp, &old, &adv, &mask).with_entropy(&h))?;
+//! let grads = out.loss.backward()?; // through ℓ and H to the logits
+//! assert!(grads.get(logits.as_tensor()).is_some());
+//! # Ok::<(), sapo::Error>(())
+//! ```
 
 use crate::aggregation::Aggregation;
 use crate::error::{check_config, Result};

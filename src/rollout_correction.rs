@@ -13,8 +13,21 @@
 //! ```
 //!
 //! Every metric verl reports is returned under its own name (without verl's `rollout_corr/`
-//! prefix); their definitions are in the formulas page and in [`rollout_correction`]. Nothing here
-//! carries gradient. The statistics are computed on the host in f64, once per batch.
+//! prefix); their definitions are in the formulas page and in [`rollout_correction()`]. Nothing
+//! here carries gradient. The statistics are computed on the host in f64, once per batch.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use sapo::rollout_correction::*;
+//! let trainer = Tensor::new(&[[-1.0f32, -0.5]], &Device::Cpu)?;
+//! let engine = Tensor::new(&[[-1.2f32, -0.5]], &Device::Cpu)?;
+//! let mask = Tensor::new(&[[1u8, 1]], &Device::Cpu)?;
+//! let rs = RolloutCorrection::new()
+//!     .with_rejection(RejectionFilter::new(FilterStatistic::Token, FilterDivergence::K2, None, 0.01));
+//! let out = rollout_correction(&trainer, &engine, &mask, &rs)?;
+//! assert_eq!(out.mask.to_vec2::<u8>()?, vec![vec![0, 1]]); // ½·0.2² = 0.02 > 0.01
+//! # Ok::<(), sapo::Error>(())
+//! ```
 
 use std::collections::BTreeMap;
 
@@ -23,6 +36,11 @@ use candle_core::{DType, Tensor};
 use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
 
 /// verl's `SAFETY_BOUND`: the clamp of the log-ratios (and their row sums) before `exp`.
+///
+/// ```
+/// use sapo::rollout_correction::{RolloutCorrection, ROLLOUT_LOG_RATIO_CLAMP};
+/// assert_eq!(RolloutCorrection::new().log_ratio_clamp, ROLLOUT_LOG_RATIO_CLAMP);
+/// ```
 pub const ROLLOUT_LOG_RATIO_CLAMP: f64 = 20.0;
 /// verl's `+1e-8` in the counts of its masked means.
 const COUNT_GUARD: f64 = 1e-8;

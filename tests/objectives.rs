@@ -684,3 +684,57 @@ fn empty_batches_give_zero_for_every_new_objective() {
         assert_eq!(grad, vec![0.0; 3], "{cfg:?}");
     }
 }
+
+#[test]
+fn entropy_bonus_from_hidden_states_uses_their_own_entropy() {
+    let hidden = Var::new(
+        &[
+            [[0.3f64, -0.2], [0.1, 0.5], [-0.4, 0.2]],
+            [[0.0, 0.1], [0.2, -0.3], [0.6, 0.1]],
+        ],
+        &dev(),
+    )
+    .unwrap();
+    let weight = Var::new(
+        &[[0.5f64, -0.1], [0.2, 0.3], [-0.4, 0.1], [0.1, 0.1]],
+        &dev(),
+    )
+    .unwrap();
+    let targets = Tensor::new(&[[0u32, 1, 2], [3, 2, 1]], &dev()).unwrap();
+    let adv = Tensor::new(&[1.0f64, -0.5], &dev()).unwrap();
+    let mask = t2(&[&[1.0, 1.0, 1.0], &[1.0, 1.0, 0.0]]);
+    let (lp, h) =
+        linear_log_probs_and_entropy(hidden.as_tensor(), weight.as_tensor(), None, &targets, 1.0)
+            .unwrap();
+    let old = (lp.detach() - 0.1).unwrap();
+    let bonus = EntropyBonus::new(0.05).with_aggregation(Aggregation::SeqMeanTokenMean);
+    let loss = Sapo::default()
+        .config()
+        .with_entropy(Some(bonus))
+        .build()
+        .unwrap();
+    let two_step = loss
+        .forward(&PolicyInputs::new(&lp, &old, &adv, &mask).with_entropy(&h))
+        .unwrap();
+    let head = LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+    let from_hidden = loss
+        .forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask))
+        .unwrap();
+    close(f64s(&from_hidden.loss)[0], f64s(&two_step.loss)[0]);
+    let (g1, g2) = (
+        two_step.loss.backward().unwrap(),
+        from_hidden.loss.backward().unwrap(),
+    );
+    let (a, b) = (
+        f64s(g1.get(weight.as_tensor()).unwrap()),
+        f64s(g2.get(weight.as_tensor()).unwrap()),
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-12);
+    }
+    // An entropy input is rejected there: the bonus takes the hidden states' own.
+    let err = loss
+        .forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask).with_entropy(&h))
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidValue { arg: "entropy", .. }));
+}

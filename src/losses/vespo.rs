@@ -22,8 +22,17 @@ use crate::piecewise;
 use crate::real::Real;
 
 /// `ln 1e-8`: VESPO's lower clamp of the log-weights (TRL's).
+///
+/// ```
+/// assert_eq!(sapo::Vespo::default().log_w_min, sapo::losses::VESPO_LOG_W_MIN);
+/// assert!((sapo::losses::VESPO_LOG_W_MIN - 1e-8f64.ln()).abs() < 1e-12);
+/// ```
 pub const VESPO_LOG_W_MIN: f64 = -18.420_680_743_952_367;
 /// VESPO's upper clamp of the log-weights (TRL's).
+///
+/// ```
+/// assert_eq!(sapo::Vespo::default().log_w_max, sapo::losses::VESPO_LOG_W_MAX);
+/// ```
 pub const VESPO_LOG_W_MAX: f64 = 20.0;
 /// `λ ← max(λ, 1e-4)`.
 const LAMBDA_FLOOR: f64 = 1e-4;
