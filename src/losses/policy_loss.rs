@@ -121,10 +121,15 @@ impl PolicyLoss {
     /// Computes the loss and its metrics.
     ///
     /// Errors: shapes, dtypes or devices that do not match, a mask with values other than 0/1,
-    /// a non-finite value at an unmasked position, a missing (or unexpected) `ref_log_probs`.
-    /// Values at masked positions never reach the loss, its gradient or the metrics; a batch with
-    /// no unmasked token gives a loss of 0 and a zero gradient. Only `log_probs` is
-    /// differentiated.
+    /// a non-finite value at an unmasked position, a missing (or unexpected) `ref_log_probs` or
+    /// `entropy`; in bypass mode, caller-given `is_weights` and the rollout correction's errors
+    /// ([`crate::rollout_correction()`]). Values at masked positions never reach the loss, its
+    /// gradient or the metrics; a batch with no unmasked token gives a loss of 0 and a zero
+    /// gradient. Only `log_probs` (and `entropy`, for the bonus) is differentiated.
+    ///
+    /// Some objectives derive constants from the whole batch before the kernel runs: KL-Cov's
+    /// selection (one host read of `ℓ`, `A` and the mask), GMPO's geometric-mean weights, and in
+    /// bypass mode the rollout correction (on the host, once per call).
     ///
     /// ```
     /// # use candle_core::{Device, Tensor};
