@@ -32,6 +32,15 @@ enum ObjectiveArg {
     Sapo,
     Gspo,
     Grpo,
+    /// CISPO, TRL's convention (`min(ρ, 5)`).
+    Cispo,
+    /// GMPO (verl `geo_mean`).
+    Gmpo,
+    /// DPPO with the binary-TV trust region (verl `dppo_tv`).
+    Dppo,
+    /// VESPO (TRL `vespo`).
+    Vespo,
+    /// SAPO, GSPO and GRPO from the same seed and initial weights.
     All,
 }
 
@@ -48,7 +57,8 @@ enum Preset {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Which objective to train; `all` trains the three from the same seed and initial weights.
+    /// Which objective to train; `all` trains SAPO, GSPO and GRPO from the same seed and initial
+    /// weights (the later objectives one at a time).
     #[arg(long, value_enum, default_value = "all")]
     objective: ObjectiveArg,
     /// Settings preset; explicit flags override it.
@@ -130,6 +140,10 @@ enum Objective {
     Sapo,
     Gspo,
     Grpo,
+    Cispo,
+    Gmpo,
+    Dppo,
+    Vespo,
 }
 
 impl Objective {
@@ -138,6 +152,10 @@ impl Objective {
             Self::Sapo => "sapo",
             Self::Gspo => "gspo",
             Self::Grpo => "grpo",
+            Self::Cispo => "cispo",
+            Self::Gmpo => "gmpo",
+            Self::Dppo => "dppo",
+            Self::Vespo => "vespo",
         }
     }
     /// The papers' defaults, from the crate's presets.
@@ -146,6 +164,10 @@ impl Objective {
             Self::Sapo => sapo::Sapo::default().config(),
             Self::Gspo => sapo::Gspo::default().config(),
             Self::Grpo => sapo::Grpo::default().config(),
+            Self::Cispo => sapo::Cispo::default().config(),
+            Self::Gmpo => sapo::Gmpo::default().config(),
+            Self::Dppo => sapo::Dppo::new(sapo::Divergence::BinaryTv, 0.15, 0.15, 3.0).config(),
+            Self::Vespo => sapo::Vespo::default().config(),
         };
         let kl = (kl_coef > 0.0).then(|| KlPenalty::new(kl_coef, KlEstimator::K3));
         config.with_kl(kl).build()
@@ -464,6 +486,10 @@ fn main() -> AnyResult<()> {
         ObjectiveArg::Sapo => vec![Objective::Sapo],
         ObjectiveArg::Gspo => vec![Objective::Gspo],
         ObjectiveArg::Grpo => vec![Objective::Grpo],
+        ObjectiveArg::Cispo => vec![Objective::Cispo],
+        ObjectiveArg::Gmpo => vec![Objective::Gmpo],
+        ObjectiveArg::Dppo => vec![Objective::Dppo],
+        ObjectiveArg::Vespo => vec![Objective::Vespo],
         ObjectiveArg::All => vec![Objective::Sapo, Objective::Gspo, Objective::Grpo],
     };
     let cfg = model_config(s.digits, args.moe);
