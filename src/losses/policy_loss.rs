@@ -181,7 +181,7 @@ impl PolicyLoss {
             _ => None,
         };
         let (mut loss, mut sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
-            FusedPolicyLoss::forward(config, inputs, flags.as_ref())?
+            FusedPolicyLoss::forward(config, inputs, t, flags.as_ref())?
         } else {
             composed(
                 config,

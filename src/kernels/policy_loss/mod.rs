@@ -49,14 +49,15 @@ pub(crate) struct FusedPolicyLoss {
 }
 
 impl FusedPolicyLoss {
-    /// Checks the inputs and runs the op: the loss (differentiable with respect to `log_probs`),
-    /// the metric sums and the ratio's extrema (detached).
+    /// Runs the op on inputs already checked (`PolicyInputs::check`) with rows of `t` tokens:
+    /// the loss (differentiable with respect to `log_probs`), the metric sums and the ratio's
+    /// extrema (detached). The kernel checks the values itself.
     pub(crate) fn forward(
         config: &PolicyLossConfig,
         inputs: &PolicyInputs<'_>,
+        t: usize,
         flags: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
         let dtype = fused_input_dtype(inputs);
         let mut op = Self::new(config, inputs, t, dtype)?;
         op.flags = flags.map(|f| f.to_dtype(dtype)?.contiguous()).transpose()?;
