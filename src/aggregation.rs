@@ -237,33 +237,112 @@ fn denominator(local: &Tensor, global: Option<f64>) -> Result<Tensor> {
     })
 }
 
+/// Which batch count divides an aggregation's coefficient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum BatchCount {
+    /// None (the sum).
+    One,
+    /// The unmasked tokens `N_tok`.
+    Tokens,
+    /// The rows with a token `B'`.
+    Sequences,
+    /// All rows `B`.
+    Rows,
+}
+
+/// Which per-row count divides an aggregation's coefficient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum RowDivisor {
+    One,
+    /// The row's unmasked tokens `n_i` (at least 1).
+    Tokens,
+    /// A constant (the horizon of `seq-mean-token-sum-norm`).
+    Constant(f64),
+}
+
+/// An aggregation's coefficient `W / (max(count, 1) · row divisor)` taken apart, so that a device
+/// kernel can apply it to counts it computes itself ([`CoefficientParts::apply`] is the formula).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct CoefficientParts {
+    pub world: f64,
+    pub batch: BatchCount,
+    /// The data-parallel count replacing the batch's own.
+    pub global: Option<f64>,
+    pub row: RowDivisor,
+}
+
+impl CoefficientParts {
+    /// The parts of `aggregation` for rows of length `t`.
+    pub(crate) fn new(aggregation: Aggregation, t: usize, normalizer: &Normalizer) -> Self {
+        let (batch, global, row) = match aggregation {
+            Aggregation::TokenMean => (
+                BatchCount::Tokens,
+                normalizer.global_tokens,
+                RowDivisor::One,
+            ),
+            Aggregation::TokenSum => (BatchCount::One, None, RowDivisor::One),
+            Aggregation::SeqMeanTokenMean => (
+                BatchCount::Sequences,
+                normalizer.global_sequences,
+                RowDivisor::Tokens,
+            ),
+            Aggregation::SeqMeanTokenSum => (
+                BatchCount::Sequences,
+                normalizer.global_sequences,
+                RowDivisor::One,
+            ),
+            Aggregation::SeqMeanTokenSumNorm { horizon } => (
+                BatchCount::Sequences,
+                normalizer.global_sequences,
+                RowDivisor::Constant(horizon.unwrap_or(t) as f64),
+            ),
+            Aggregation::SeqMean => (
+                BatchCount::Rows,
+                normalizer.global_sequences,
+                RowDivisor::Tokens,
+            ),
+        };
+        Self {
+            world: normalizer.world_size as f64,
+            batch,
+            global,
+            row,
+        }
+    }
+
+    /// The coefficient of a row of `row_tokens` unmasked tokens in a batch of `tokens` unmasked
+    /// tokens, `sequences` non-empty rows and `rows` rows.
+    pub(crate) fn apply(&self, row_tokens: f64, (tokens, sequences, rows): (f64, f64, f64)) -> f64 {
+        let local = match self.batch {
+            BatchCount::One => 1.0,
+            BatchCount::Tokens => tokens,
+            BatchCount::Sequences => sequences,
+            BatchCount::Rows => rows,
+        };
+        let count = match self.batch {
+            BatchCount::One => 1.0,
+            _ => self.global.unwrap_or(local).max(1.0),
+        };
+        let row = match self.row {
+            RowDivisor::One => 1.0,
+            RowDivisor::Tokens => row_tokens.max(1.0),
+            RowDivisor::Constant(c) => c,
+        };
+        self.world * (1.0 / (count * row))
+    }
+}
+
 /// Coefficient of `m·L[i,t]` in the aggregated scalar for a row of `row_tokens` unmasked tokens,
 /// given the batch's `tokens`, non-empty `sequences` and `rows`, and the row length `t` — the
 /// scalar form of [`aggregate_masked`], used by the fused kernels.
 pub(crate) fn row_coefficient(
     aggregation: Aggregation,
     row_tokens: f64,
-    (tokens, sequences, rows): (f64, f64, f64),
+    batch: (f64, f64, f64),
     t: usize,
     normalizer: &Normalizer,
 ) -> f64 {
-    let world = normalizer.world_size as f64;
-    let token_count = normalizer.global_tokens.unwrap_or(tokens).max(1.0);
-    let sequence_count = normalizer.global_sequences.unwrap_or(sequences).max(1.0);
-    world
-        * match aggregation {
-            Aggregation::TokenMean => 1.0 / token_count,
-            Aggregation::TokenSum => 1.0,
-            Aggregation::SeqMeanTokenMean => 1.0 / (sequence_count * row_tokens.max(1.0)),
-            Aggregation::SeqMeanTokenSum => 1.0 / sequence_count,
-            Aggregation::SeqMeanTokenSumNorm { horizon } => {
-                1.0 / (sequence_count * horizon.unwrap_or(t) as f64)
-            }
-            Aggregation::SeqMean => {
-                let row_count = normalizer.global_sequences.unwrap_or(rows).max(1.0);
-                1.0 / (row_count * row_tokens.max(1.0))
-            }
-        }
+    CoefficientParts::new(aggregation, t, normalizer).apply(row_tokens, batch)
 }
 
 /// Aggregates a masked per-token loss (zeros at masked positions, finite everywhere) — the

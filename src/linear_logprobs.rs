@@ -18,7 +18,7 @@ use candle_core::{Tensor, D};
 
 use crate::error::{check_device, check_float, Error, Result};
 use crate::kernels::linear_log_probs::FusedLinearLogProbs;
-use crate::kernels::{from_kernel, Backend};
+use crate::kernels::{from_kernel, Backend, Path};
 use crate::logprobs::{check_targets, check_temperature};
 use crate::losses::inputs::compute_dtype;
 
@@ -224,7 +224,7 @@ pub fn linear_log_probs_and_entropy_with(
         // Empty batch: empty results, still connected to the hidden states.
         let empty = hidden_2d.sum(D::Minus1)?;
         (empty.clone(), empty)
-    } else if backend.is_fused_on(hidden.device()) {
+    } else if backend.path(hidden.device(), hidden.dtype(), false) == Path::Cpu {
         FusedLinearLogProbs::forward(&hidden_2d, &weight, bias.as_ref(), &targets, temperature)
             .map_err(from_kernel)?
     } else {

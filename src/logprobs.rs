@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::{check_device, check_float, check_positive_scale, Error, Result};
 use crate::kernels::log_probs::FusedLogProbs;
-use crate::kernels::{from_kernel, Backend};
+use crate::kernels::{from_kernel, Backend, Path};
 use crate::losses::inputs::compute_dtype;
 use crate::real::Real;
 
@@ -198,7 +198,8 @@ pub fn token_log_probs_and_entropy_with(
     let rows: usize = lead.iter().product();
     let flat = logits.reshape((rows, vocab))?;
     let targets = targets.flatten_all()?.contiguous()?;
-    let (log_probs, entropy) = if backend.is_fused_on(logits.device()) {
+    let (log_probs, entropy) = if backend.path(logits.device(), logits.dtype(), false) == Path::Cpu
+    {
         FusedLogProbs::forward(&flat, &targets, temperature).map_err(from_kernel)?
     } else {
         composed(&flat, &targets, temperature)?

@@ -69,7 +69,7 @@ fn batch(b: usize, t: usize, dtype: DType) -> Batch {
 fn losses() -> Vec<PolicyLoss> {
     let kl =
         Some(KlPenalty::new(0.05, KlEstimator::K3).with_aggregation(Aggregation::SeqMeanTokenSum));
-    vec![
+    let mut losses = vec![
         Sapo::default().build().unwrap(),
         Sapo::default().config().with_kl(kl).build().unwrap(),
         Gspo::default().build().unwrap(),
@@ -91,48 +91,10 @@ fn losses() -> Vec<PolicyLoss> {
         .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K3Plus)))
         .build()
         .unwrap(),
-        // The later objectives, each on the same kernel.
-        sapo::Cispo::default()
-            .config()
-            .with_kl(Some(
-                KlPenalty::new(0.04, KlEstimator::K3)
-                    .with_clamp(false)
-                    .with_importance_weighting(true),
-            ))
-            .build()
-            .unwrap(),
-        sapo::Cispo {
-            clip: sapo::IsWeightClip::Bounds {
-                eps_low: 0.2,
-                eps_high: 0.28,
-            },
-        }
-        .build()
-        .unwrap(),
-        sapo::Gmpo::default().build().unwrap(),
-        sapo::Gpg.build().unwrap(),
-        sapo::Dro { beta: 0.1 }.build().unwrap(),
-        sapo::KlCov {
-            ratio: 0.2,
-            coef: 1.0,
-        }
-        .build()
-        .unwrap(),
-        sapo::Dppo::new(sapo::Divergence::BinaryTv, 0.15, 0.15, 3.0)
-            .build()
-            .unwrap(),
-        sapo::Dppo::new(sapo::Divergence::BinaryKl, 0.05, 0.05, 3.0)
-            .build()
-            .unwrap(),
-        sapo::Vespo::default().build().unwrap(),
-        sapo::Luspo::default()
-            .config()
-            .with_kl(Some(
-                KlPenalty::new(0.04, KlEstimator::K3).with_importance_weighting(true),
-            ))
-            .build()
-            .unwrap(),
-    ]
+    ];
+    // The later objectives, each on the same kernel.
+    losses.extend(common::later_objectives());
+    losses
 }
 
 /// Loss, gradient and metrics of one forward + backward on `backend`; the gradient must come

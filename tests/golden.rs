@@ -2,8 +2,9 @@
 //! crate: `tests/golden/*.json`, or every `*.json` in `$SAPO_GOLDEN_DIR` when it is set.
 //!
 //! Policy losses and token log-probs run through both paths — the fused kernels
-//! (`Backend::Auto` on the CPU) and the composed candle ops (`Backend::Composed`) — and a case
-//! passes when both reproduce it. Prints each failure (case, path and field, max error) and ends
+//! (`Backend::Auto` on the CPU) and the composed candle ops (`Backend::Composed`) — and, with the
+//! `gpu-sim` feature, through the CUDA kernel sources run on the CPU; a case passes when every
+//! path reproduces it. Prints each failure (case, path and field, max error) and ends
 //! with `golden: N passed, M failed`.
 
 use std::path::PathBuf;
@@ -650,7 +651,11 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             .and_then(Value::as_f64)
             .ok_or("tolerance.rel")?,
     };
-    let paths = [("fused", Backend::Auto), ("composed", Backend::Composed)];
+    #[allow(unused_mut)]
+    let mut paths = vec![("fused", Backend::Auto), ("composed", Backend::Composed)];
+    // The CUDA kernel sources, run on the CPU by the GPU simulation.
+    #[cfg(feature = "gpu-sim")]
+    paths.push(("simulated-cuda", Backend::SimulatedCuda));
     let mut failures = vec![];
     for (path, backend) in paths {
         let mut check = Check {

@@ -13,10 +13,11 @@
 //! device; [`Backend::Composed`] forces the composed path (for checking, or to differentiate
 //! twice).
 
-use candle_core::{Layout, Storage, WithDType};
+use candle_core::{DType, Layout, Storage, WithDType};
 
 use crate::error::Error;
 
+pub(crate) mod gpu;
 pub(crate) mod linear_log_probs;
 pub(crate) mod linear_policy_loss;
 pub(crate) mod log_probs;
@@ -31,24 +32,60 @@ pub(crate) mod simd;
 /// # Ok::<(), sapo::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backend {
-    /// The fused kernel where one exists for the device (CPU), composed ops elsewhere.
+    /// The fused kernels that have run on their hardware: the CPU's. The CUDA kernels have so
+    /// far run in simulation only (see the README), so on CUDA `Auto` runs the composed ops.
     #[default]
     Auto,
+    /// The fused kernel wherever one exists for the device and dtype: the CPU's, and with the
+    /// `cuda` feature the CUDA kernels (f32/f16/bf16 inputs; f64 runs composed).
+    Fused,
     /// Composed candle ops and autograd, on every device.
+    Composed,
+    /// The CUDA kernel sources run on the CPU by the GPU simulation (this crate's tests only).
+    #[cfg(feature = "gpu-sim")]
+    #[doc(hidden)]
+    SimulatedCuda,
+}
+
+/// Where one call of an op runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// The CPU kernel.
+    Cpu,
+    /// The GPU kernel: on a CUDA device, or simulated on the CPU.
+    Gpu,
+    /// Composed candle ops.
     Composed,
 }
 
 impl Backend {
-    /// Whether this backend runs the fused kernel on `device`.
+    /// Whether this backend runs a fused kernel for inputs of `dtype` on `device` (for an op
+    /// that has a GPU kernel).
     ///
     /// ```
-    /// use candle_core::Device;
-    /// assert!(sapo::Backend::Auto.is_fused_on(&Device::Cpu));
-    /// assert!(!sapo::Backend::Composed.is_fused_on(&Device::Cpu));
+    /// use candle_core::{DType, Device};
+    /// assert!(sapo::Backend::Auto.is_fused_on(&Device::Cpu, DType::F32));
+    /// assert!(!sapo::Backend::Composed.is_fused_on(&Device::Cpu, DType::F32));
     /// ```
-    pub fn is_fused_on(self, device: &candle_core::Device) -> bool {
-        self == Backend::Auto && device.is_cpu()
+    pub fn is_fused_on(self, device: &candle_core::Device, dtype: DType) -> bool {
+        self.path(device, dtype, true) != Path::Composed
+    }
+
+    /// Where an op runs on `device` for inputs of `dtype`, given whether it has a GPU kernel.
+    pub(crate) fn path(self, device: &candle_core::Device, dtype: DType, gpu_kernel: bool) -> Path {
+        let gpu_dtype = gpu_kernel && matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+        match self {
+            Backend::Composed => Path::Composed,
+            Backend::Auto | Backend::Fused if device.is_cpu() => Path::Cpu,
+            Backend::Fused if device.is_cuda() && gpu_dtype && cfg!(feature = "cuda") => Path::Gpu,
+            Backend::Auto | Backend::Fused => Path::Composed,
+            #[cfg(feature = "gpu-sim")]
+            Backend::SimulatedCuda if device.is_cpu() && gpu_dtype => Path::Gpu,
+            #[cfg(feature = "gpu-sim")]
+            Backend::SimulatedCuda => Path::Composed,
+        }
     }
 }
 

@@ -87,8 +87,8 @@ impl IsWeightClip {
 
 /// [`IsWeightClip`] in the compute type.
 pub(crate) struct CispoBounds<R> {
-    low: R,
-    high: R,
+    pub(crate) low: R,
+    pub(crate) high: R,
 }
 
 impl<R: Real> Shape<R> for CispoBounds<R> {

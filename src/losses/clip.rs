@@ -118,11 +118,11 @@ impl HardClip {
 
 /// [`HardClip`] in the compute type.
 pub(crate) struct ClipBounds<R> {
-    low: R,
-    high: R,
+    pub(crate) low: R,
+    pub(crate) high: R,
     /// `δ`, or `+∞`.
-    delta: R,
-    dual: Option<R>,
+    pub(crate) delta: R,
+    pub(crate) dual: Option<R>,
 }
 
 impl<R: Real> Shape<R> for ClipBounds<R> {

@@ -104,10 +104,10 @@ impl Dppo {
 // Scalar form (the kernels').
 
 pub(crate) struct DppoShape<R> {
-    kl: bool,
-    low: R,
-    high: R,
-    cap: R,
+    pub(crate) kl: bool,
+    pub(crate) low: R,
+    pub(crate) high: R,
+    pub(crate) cap: R,
 }
 
 /// `1e-8`, verl's guard in the binary KL's logarithm.

@@ -46,7 +46,7 @@ impl Dro {
 // Scalar form (the kernels').
 
 pub(crate) struct DroShape<R> {
-    beta: R,
+    pub(crate) beta: R,
 }
 
 impl<R: Real> Shape<R> for DroShape<R> {

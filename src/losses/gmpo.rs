@@ -82,8 +82,8 @@ pub(crate) fn row_weights(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
 
 pub(crate) struct LogClip<R> {
     /// `−ε_low`.
-    low: R,
-    high: R,
+    pub(crate) low: R,
+    pub(crate) high: R,
 }
 
 impl<R: Real> Shape<R> for LogClip<R> {

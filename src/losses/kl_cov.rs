@@ -158,7 +158,7 @@ pub(crate) fn selection(
 // Scalar form (the kernels').
 
 pub(crate) struct KlCovShape<R> {
-    coef: R,
+    pub(crate) coef: R,
 }
 
 impl<R: Real> Shape<R> for KlCovShape<R> {

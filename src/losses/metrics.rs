@@ -89,7 +89,20 @@ pub struct PolicyMetrics {
     /// `[2]`: min and max of the ratio (`+inf`, `−inf` when no token).
     extrema: Tensor,
     kind: MetricKind,
+    /// The GPU kernels' value checks, `[6]` counts (see [`PolicyMetrics::check`]); `None` where
+    /// the inputs were checked before the loss was returned.
+    checks: Option<Tensor>,
 }
+
+/// What the GPU kernels' value checks count, in order.
+const CHECKED: [(&str, &str); 6] = [
+    ("mask", "only 0 and 1"),
+    ("log_probs", "finite values at unmasked positions"),
+    ("old_log_probs", "finite values at unmasked positions"),
+    ("advantages", "finite values at unmasked positions"),
+    ("is_weights", "finite values at unmasked positions"),
+    ("ref_log_probs", "finite values at unmasked positions"),
+];
 
 impl PolicyMetrics {
     pub(crate) fn new(sums: Tensor, extrema: Tensor, kind: MetricKind) -> Self {
@@ -97,7 +110,55 @@ impl PolicyMetrics {
             sums,
             extrema,
             kind,
+            checks: None,
         }
+    }
+
+    /// The metrics with the GPU kernels' value-check counts, read by [`PolicyMetrics::check`].
+    pub(crate) fn with_checks(mut self, checks: Option<Tensor>) -> Self {
+        self.checks = checks;
+        self
+    }
+
+    /// The input checks that the GPU kernels make on the device: `Err` names the first input
+    /// with invalid values (a mask value other than 0/1, a non-finite value at an unmasked
+    /// position), as the CPU path's error does.
+    ///
+    /// On the CPU every check has been made before [`crate::PolicyLoss::forward`] returns, and
+    /// this is `Ok(())` without a read. The CUDA kernels read nothing back to the host: their
+    /// checks are counted on the device and surface here, or in [`PolicyMetrics::read`] (which
+    /// calls this). Until then an invalid input may have made the loss and gradient NaN; read
+    /// the metrics (or call this) before stepping the optimizer.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// # let lp = Tensor::new(&[[-1.0f32, -2.0]], &Device::Cpu)?;
+    /// # let adv = Tensor::new(&[1.0f32], &Device::Cpu)?;
+    /// # let mask = Tensor::new(&[[1u8, 1]], &Device::Cpu)?;
+    /// let out = sapo::Grpo::default().build()?.forward(&sapo::PolicyInputs::new(&lp, &lp, &adv, &mask))?;
+    /// out.metrics.check()?;
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        let Some(checks) = &self.checks else {
+            return Ok(());
+        };
+        let counts = checks.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        for (&count, (arg, expected)) in counts.iter().zip(CHECKED) {
+            if count > 0.0 {
+                let actual = if arg == "mask" {
+                    format!("{count} other values")
+                } else {
+                    format!("{count} non-finite")
+                };
+                return Err(Error::InvalidValue {
+                    arg,
+                    expected: expected.into(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Merges the metrics of two batches of the same objective (sums add, extrema combine), on
@@ -125,10 +186,15 @@ impl PolicyMetrics {
         let (a, b) = (&self.extrema, &other.extrema);
         let min = a.narrow(0, 0, 1)?.minimum(&b.narrow(0, 0, 1)?)?;
         let max = a.narrow(0, 1, 1)?.maximum(&b.narrow(0, 1, 1)?)?;
+        let checks = match (&self.checks, &other.checks) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
         Ok(Self {
             sums: (&self.sums + &other.sums)?,
             extrema: Tensor::cat(&[min, max], 0)?,
             kind: self.kind,
+            checks,
         })
     }
 
@@ -146,6 +212,7 @@ impl PolicyMetrics {
     /// # Ok::<(), sapo::Error>(())
     /// ```
     pub fn read(&self) -> Result<MetricSums> {
+        self.check()?;
         let s = self.sums.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let e = self.extrema.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let opt = |slot: usize| self.kind.has(slot).then_some(s[slot]);

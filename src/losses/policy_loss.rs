@@ -15,7 +15,7 @@ use crate::aggregation::MaskCounts;
 use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
-use crate::kernels::{policy_loss::FusedPolicyLoss, Backend};
+use crate::kernels::{policy_loss::FusedPolicyLoss, Backend, Path};
 use crate::kl::kl_penalty;
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
@@ -180,15 +180,21 @@ impl PolicyLoss {
             }
             _ => None,
         };
-        let (mut loss, mut sums, extrema) = if self.backend.is_fused_on(inputs.log_probs.device()) {
-            FusedPolicyLoss::forward(config, inputs, t, flags.as_ref())?
-        } else {
-            composed(
-                config,
-                &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
-                flags.as_ref(),
-            )?
-        };
+        let dtype = fused_input_dtype(inputs);
+        let (mut loss, mut sums, extrema, checks) =
+            match self.backend.path(inputs.log_probs.device(), dtype, true) {
+                Path::Composed => {
+                    let (loss, sums, extrema) = composed(
+                        config,
+                        &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
+                        flags.as_ref(),
+                    )?;
+                    (loss, sums, extrema, None)
+                }
+                path => {
+                    FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path == Path::Gpu)?
+                }
+            };
         if let (Some(bonus), Some(entropy)) = (&config.entropy, inputs.entropy) {
             let value = entropy_term(bonus, entropy, inputs)?;
             let bonus_term = value.affine(bonus.coef, 0.0)?.to_dtype(loss.dtype())?;
@@ -197,7 +203,7 @@ impl PolicyLoss {
         }
         Ok(PolicyLossOutput {
             loss,
-            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()),
+            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()).with_checks(checks),
             rollout_correction: None,
         })
     }
@@ -307,7 +313,10 @@ impl PolicyLoss {
         )?;
         let config = &self.config;
         // The one pass needs neither a row pre-pass nor batch-level constants.
-        let one_pass = self.backend.is_fused_on(head.hidden.device())
+        let one_pass = self
+            .backend
+            .path(head.hidden.device(), head.hidden.dtype(), false)
+            == Path::Cpu
             && config.ratio_level == RatioLevel::Token
             && config.entropy.is_none()
             && config.bypass.is_none()

@@ -130,12 +130,12 @@ pub(crate) fn spread_row_weights(w: &Tensor, mask: &Tensor) -> Result<Tensor> {
 // Scalar form (the kernels').
 
 pub(crate) struct VespoShape<R> {
-    k_pos: R,
-    lambda_pos: R,
-    k_neg: R,
-    lambda_neg: R,
-    min: R,
-    max: R,
+    pub(crate) k_pos: R,
+    pub(crate) lambda_pos: R,
+    pub(crate) k_neg: R,
+    pub(crate) lambda_neg: R,
+    pub(crate) min: R,
+    pub(crate) max: R,
 }
 
 impl<R: Real> VespoShape<R> {

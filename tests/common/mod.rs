@@ -530,3 +530,51 @@ pub fn assert_same_bits_across_threads<T: Send + PartialEq + std::fmt::Debug>(
     assert_eq!(one, in_pool(2, &bits), "{what}: 1 vs 2 threads");
     assert_eq!(one, in_pool(3, &bits), "{what}: 1 vs 3 threads");
 }
+
+/// The objectives after SAPO, GSPO and GRPO, each from its preset (two with an
+/// importance-weighted KL penalty).
+pub fn later_objectives() -> Vec<sapo::PolicyLoss> {
+    use sapo::KlPenalty;
+    vec![
+        sapo::Cispo::default()
+            .config()
+            .with_kl(Some(
+                KlPenalty::new(0.04, KlEstimator::K3)
+                    .with_clamp(false)
+                    .with_importance_weighting(true),
+            ))
+            .build()
+            .unwrap(),
+        sapo::Cispo {
+            clip: sapo::IsWeightClip::Bounds {
+                eps_low: 0.2,
+                eps_high: 0.28,
+            },
+        }
+        .build()
+        .unwrap(),
+        sapo::Gmpo::default().build().unwrap(),
+        sapo::Gpg.build().unwrap(),
+        sapo::Dro { beta: 0.1 }.build().unwrap(),
+        sapo::KlCov {
+            ratio: 0.2,
+            coef: 1.0,
+        }
+        .build()
+        .unwrap(),
+        sapo::Dppo::new(sapo::Divergence::BinaryTv, 0.15, 0.15, 3.0)
+            .build()
+            .unwrap(),
+        sapo::Dppo::new(sapo::Divergence::BinaryKl, 0.05, 0.05, 3.0)
+            .build()
+            .unwrap(),
+        sapo::Vespo::default().build().unwrap(),
+        sapo::Luspo::default()
+            .config()
+            .with_kl(Some(
+                KlPenalty::new(0.04, KlEstimator::K3).with_importance_weighting(true),
+            ))
+            .build()
+            .unwrap(),
+    ]
+}

@@ -9,6 +9,10 @@
 //! 1) and with a tensor op on other devices.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+pub(crate) mod gpu;
 
 use std::sync::Mutex;
 
@@ -44,6 +48,8 @@ pub(crate) struct FusedPolicyLoss {
     /// `[B,T]` KL-Cov selection, the kernel's input dtype.
     flags: Option<Tensor>,
     normalizer: Normalizer,
+    /// Runs the GPU kernels (on a CUDA device; simulated on the CPU under `gpu-sim`).
+    gpu: bool,
     /// `∂loss/∂log_probs`, written by the forward pass.
     grad: Mutex<Option<Tensor>>,
 }
@@ -51,19 +57,31 @@ pub(crate) struct FusedPolicyLoss {
 impl FusedPolicyLoss {
     /// Runs the op on inputs already checked (`PolicyInputs::check`) with rows of `t` tokens:
     /// the loss (differentiable with respect to `log_probs`), the metric sums and the ratio's
-    /// extrema (detached). The kernel checks the values itself.
+    /// extrema (detached), and with the GPU kernels (`gpu`) the value checks' counts.
+    ///
+    /// The kernels check the values themselves: the CPU kernel returns the error at once; the GPU
+    /// kernels, which read nothing back to the host, return the counts (`[CHECKS]`), which become
+    /// the error when the metrics are read ([`crate::PolicyMetrics::check`]).
     pub(crate) fn forward(
         config: &PolicyLossConfig,
         inputs: &PolicyInputs<'_>,
         t: usize,
         flags: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+        gpu: bool,
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let dtype = fused_input_dtype(inputs);
         let mut op = Self::new(config, inputs, t, dtype)?;
+        op.gpu = gpu;
         op.flags = flags.map(|f| f.to_dtype(dtype)?.contiguous()).transpose()?;
         let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
         let out = log_probs.apply_op1(op).map_err(from_kernel)?;
-        split_output(&out)
+        let (loss, sums, extrema) = split_output(&out)?;
+        let checks = if gpu {
+            Some(out.narrow(0, OUT_LEN, out.dim(0)? - OUT_LEN)?.detach())
+        } else {
+            None
+        };
+        Ok((loss, sums, extrema, checks))
     }
 
     /// The op for checked inputs: every constant converted to `dtype` (the mask kept as `u8` or
@@ -91,6 +109,7 @@ impl FusedPolicyLoss {
             is_weights: inputs.is_weights(t)?.as_ref().map(same).transpose()?,
             flags: None,
             normalizer: inputs.normalizer,
+            gpu: false,
             grad: Mutex::new(None),
         })
     }
@@ -137,6 +156,10 @@ impl CustomOp1 for FusedPolicyLoss {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims().to_vec();
+        #[cfg(feature = "gpu-sim")]
+        if self.gpu {
+            return gpu::simulate(self, storage, layout);
+        }
         let (start, end) = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("log_probs must be contiguous".into()))?;
@@ -148,6 +171,15 @@ impl CustomOp1 for FusedPolicyLoss {
             other => candle_core::bail!("log_probs: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from(OUT_LEN)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, storage, layout)
     }
 
     fn bwd(
@@ -170,7 +202,10 @@ impl CustomOp1 for FusedPolicyLoss {
         // the host here: on the CPU the kept gradient is scaled in place by a kernel, elsewhere
         // by a tensor op.
         let upstream = grad_res.narrow(0, 0, 1)?;
-        if grad.device().is_cpu() {
+        if grad.elem_count() == 0 {
+            // Rows of no token: nothing to scale (and candle refuses in-place ops on them).
+            Ok(Some(grad))
+        } else if grad.device().is_cpu() {
             grad.inplace_op2(&upstream, &ScaleByUpstream)?;
             Ok(Some(grad))
         } else {

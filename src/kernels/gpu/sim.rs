@@ -1,0 +1,165 @@
+//! Runs a kernel's `.cu` source on the CPU: its host driver (`sim.cpp`, in the op's folder) is
+//! compiled once per process with g++ and `shim.h` (one thread per GPU thread), then run on an
+//! input file. With `SAPO_SIM_TSAN=1` it is compiled under ThreadSanitizer and a data race fails
+//! the run. For this crate's tests only (the `gpu-sim` feature).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+/// The kernels' source folder.
+const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kernels");
+
+fn failed(what: String) -> candle_core::Error {
+    candle_core::Error::Msg(format!("GPU simulation: {what}"))
+}
+
+/// The executable built from `<op>/sim.cpp`, compiled on first use.
+fn executable(op: &str) -> candle_core::Result<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get(op) {
+        return Ok(path.clone());
+    }
+    let tsan = std::env::var("SAPO_SIM_TSAN").is_ok_and(|v| v == "1");
+    let dir = std::env::temp_dir().join(format!("sapo-gpu-sim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    let exe = dir.join(format!("{op}{}", if tsan { "-tsan" } else { "" }));
+    let source = Path::new(KERNELS).join(op).join("sim.cpp");
+    let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()));
+    cmd.args(["-std=c++20", "-g", "-pthread", "-Wall", "-Werror"]);
+    if tsan {
+        cmd.args(["-O1", "-fsanitize=thread"]);
+    } else {
+        cmd.arg("-O2");
+    }
+    let out = cmd
+        .arg(&source)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .map_err(|e| failed(format!("running g++: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "compiling {}:\n{}",
+            source.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    built.insert(op.to_string(), exe.clone());
+    Ok(exe)
+}
+
+/// Runs op `op`'s simulation on `input`; returns what it wrote.
+pub(crate) fn run(op: &str, input: &[u8]) -> candle_core::Result<Vec<u8>> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let exe = executable(op)?;
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (in_path, out_path) = (
+        PathBuf::from(format!("{}.{call}.in", exe.display())),
+        PathBuf::from(format!("{}.{call}.out", exe.display())),
+    );
+    std::fs::write(&in_path, input).map_err(|e| failed(format!("{}: {e}", in_path.display())))?;
+    let out = Command::new(&exe)
+        .arg(&in_path)
+        .arg(&out_path)
+        .env("TSAN_OPTIONS", "halt_on_error=1 exitcode=66")
+        .output()
+        .map_err(|e| failed(format!("running {}: {e}", exe.display())))?;
+    let _ = std::fs::remove_file(&in_path);
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&out_path);
+        return Err(failed(format!(
+            "{op} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let bytes =
+        std::fs::read(&out_path).map_err(|e| failed(format!("{}: {e}", out_path.display())))?;
+    let _ = std::fs::remove_file(&out_path);
+    Ok(bytes)
+}
+
+/// The elements of a contiguous CPU storage as bytes (f32, f16, bf16 or u8).
+pub(crate) fn storage_bytes(
+    storage: &candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<Vec<u8>> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::CpuStorage;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| failed("input must be contiguous".into()))?;
+    Ok(match storage {
+        CpuStorage::F32(v) => v[start..end].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        CpuStorage::F16(v) => v[start..end]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        CpuStorage::BF16(v) => v[start..end]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        CpuStorage::U8(v) => v[start..end].to_vec(),
+        other => candle_core::bail!("GPU simulation: unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+/// A contiguous CPU tensor's elements as bytes (f32, f16, bf16 or u8 storage).
+pub(crate) fn tensor_bytes(t: &candle_core::Tensor) -> candle_core::Result<Vec<u8>> {
+    use candle_core::DType;
+    let flat = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
+        DType::U8 => flat.to_vec1::<u8>()?,
+        other => candle_core::bail!("GPU simulation: unsupported dtype {other:?}"),
+    })
+}
+
+/// A tensor of `shape` from the little-endian bytes of its elements (f32, f16 or bf16).
+pub(crate) fn tensor_from_bytes(
+    bytes: &[u8],
+    dtype: candle_core::DType,
+    shape: impl Into<candle_core::Shape>,
+    device: &candle_core::Device,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let halves = || {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    match dtype {
+        DType::F32 => {
+            let v: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Tensor::from_vec(v, shape, device)
+        }
+        DType::F16 => Tensor::from_vec(halves().map(half::f16::from_bits).collect(), shape, device),
+        DType::BF16 => {
+            Tensor::from_vec(halves().map(half::bf16::from_bits).collect(), shape, device)
+        }
+        other => candle_core::bail!("GPU simulation: unsupported dtype {other:?}"),
+    }
+}

@@ -1,0 +1,359 @@
+//! The CUDA kernel sources run on the CPU by the GPU simulation (`--features gpu-sim`; g++
+//! needed; `SAPO_SIM_TSAN=1` compiles them under ThreadSanitizer): the same results as the CPU
+//! kernels for every objective, level, aggregation, KL estimator, weights, dtype and mask dtype,
+//! with garbage at masked positions; invalid values counted on the device and raised as the
+//! typed error when the metrics are read.
+#![cfg(feature = "gpu-sim")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::noise;
+use sapo::{
+    Aggregation, Backend, Error, Grpo, Gspo, KlEstimator, KlPenalty, Normalizer, PolicyInputs,
+    PolicyLoss, PolicyLossConfig, RatioLevel, Sapo, TrustRegion,
+};
+
+struct Batch {
+    log_probs: Tensor,
+    old: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    reference: Tensor,
+    weights: Tensor,
+}
+
+/// A `[b,t]` batch whose masked positions hold NaN and ±inf; advantages per row, or per token.
+fn batch(b: usize, t: usize, dtype: DType, per_token: bool, seed: u64) -> Batch {
+    let n = b * t;
+    let mask: Vec<f32> = (0..n)
+        .map(|j| {
+            let (row, col) = (j / t, j % t);
+            // Rows of different lengths; the last row is empty when b > 2.
+            let len = if b > 2 && row == b - 1 {
+                0
+            } else {
+                t - (row * 7) % t.max(1)
+            };
+            f32::from(col < len)
+        })
+        .collect();
+    let garbage = |v: Vec<f64>| -> Vec<f32> {
+        v.iter()
+            .zip(&mask)
+            .enumerate()
+            .map(|(j, (&x, &m))| {
+                if m == 1.0 {
+                    x as f32
+                } else {
+                    [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][j % 3]
+                }
+            })
+            .collect()
+    };
+    let old: Vec<f64> = noise(n, seed).iter().map(|x| -1.5 + 2.0 * x).collect();
+    let lp: Vec<f64> = old
+        .iter()
+        .zip(noise(n, seed + 1))
+        .map(|(o, d)| (o + 0.5 * d).min(-1e-3))
+        .collect();
+    let reference: Vec<f64> = lp
+        .iter()
+        .zip(noise(n, seed + 2))
+        .map(|(l, d)| l + d)
+        .collect();
+    let weights: Vec<f64> = noise(n, seed + 3).iter().map(|x| 1.0 + 0.9 * x).collect();
+    let m = |v: Vec<f32>| {
+        Tensor::from_vec(v, (b, t), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let adv = if per_token {
+        m(garbage(
+            noise(n, seed + 4).iter().map(|x| 3.0 * x).collect(),
+        ))
+    } else {
+        let a: Vec<f32> = noise(b, seed + 4)
+            .iter()
+            .map(|x| (3.0 * x) as f32)
+            .collect();
+        Tensor::from_vec(a, b, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    Batch {
+        log_probs: m(garbage(lp)),
+        old: m(garbage(old)),
+        adv,
+        mask: Tensor::from_vec(mask.clone(), (b, t), &Device::Cpu).unwrap(),
+        reference: m(garbage(reference)),
+        weights: m(garbage(weights)),
+    }
+}
+
+/// Every trust region, ratio level, aggregation and KL estimator at least once.
+fn losses() -> Vec<PolicyLoss> {
+    let kl = |estimator| Some(KlPenalty::new(0.05, estimator));
+    let mut out = vec![
+        Sapo::default().build().unwrap(),
+        Sapo::default()
+            .config()
+            .with_kl(kl(KlEstimator::K3).map(|k| k.with_aggregation(Aggregation::SeqMeanTokenSum)))
+            .build()
+            .unwrap(),
+        Gspo::default().build().unwrap(),
+        Gspo::default()
+            .config()
+            .with_seq_log_ratio_max(Some(0.05))
+            .build()
+            .unwrap(),
+        Gspo::default()
+            .config()
+            .with_ratio_level(RatioLevel::SequenceToken)
+            .with_kl(kl(KlEstimator::K2))
+            .build()
+            .unwrap(),
+        Gspo::default()
+            .config()
+            .with_kl(kl(KlEstimator::K3).map(|k| k.with_importance_weighting(true)))
+            .build()
+            .unwrap(),
+        Grpo {
+            dual_clip: Some(3.0),
+            eps_high: 0.28,
+            ..Grpo::default()
+        }
+        .config()
+        .with_aggregation(Aggregation::TokenMean)
+        .with_kl(kl(KlEstimator::K3Plus))
+        .build()
+        .unwrap(),
+        PolicyLossConfig::new(
+            RatioLevel::Token,
+            TrustRegion::HardClip(sapo::HardClip::new(0.2, 0.2).with_delta(1.5)),
+        )
+        .with_log_ratio_clamp(Some(0.3))
+        .with_kl(kl(KlEstimator::Abs).map(|k| k.with_clamp(false)))
+        .build()
+        .unwrap(),
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Unclipped)
+            .with_kl(kl(KlEstimator::K1).map(|k| k.with_importance_weighting(true)))
+            .build()
+            .unwrap(),
+    ];
+    out.extend(common::later_objectives());
+    for aggregation in [
+        Aggregation::TokenSum,
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::SeqMeanTokenSumNorm { horizon: Some(64) },
+        Aggregation::SeqMeanTokenSumNorm { horizon: None },
+        Aggregation::SeqMean,
+    ] {
+        out.push(
+            Sapo::default()
+                .config()
+                .with_aggregation(aggregation)
+                .build()
+                .unwrap(),
+        );
+    }
+    out
+}
+
+struct Run {
+    loss: f64,
+    grad: Vec<f64>,
+    metrics: sapo::MetricSums,
+}
+
+fn run(loss: &PolicyLoss, x: &Batch, mask: &Tensor, norm: Normalizer, backend: Backend) -> Run {
+    let lp = Var::from_tensor(&x.log_probs).unwrap();
+    let mut inputs = PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask)
+        .with_is_weights(&x.weights)
+        .with_normalizer(norm);
+    if loss.config().kl.is_some() {
+        inputs = inputs.with_ref_log_probs(&x.reference);
+    }
+    let out = loss.with_backend(backend).forward(&inputs).unwrap();
+    let grads = out.loss.backward().unwrap();
+    let grad = grads.get(lp.as_tensor()).unwrap();
+    assert_eq!(grad.dtype(), x.log_probs.dtype());
+    Run {
+        loss: common::f64s(&out.loss)[0],
+        grad: common::f64s(grad),
+        metrics: out.metrics.read().unwrap(),
+    }
+}
+
+fn close(what: &str, got: f64, want: f64, tol: f64) {
+    let ok = (got - want).abs() <= tol * (1e-3 + want.abs()) || (got == want);
+    assert!(ok, "{what}: simulated {got} vs CPU {want}");
+}
+
+fn compare(what: &str, sim: &Run, cpu: &Run, tol: f64) {
+    close(&format!("{what} loss"), sim.loss, cpu.loss, tol);
+    for (j, (a, b)) in sim.grad.iter().zip(&cpu.grad).enumerate() {
+        close(&format!("{what} grad[{j}]"), *a, *b, tol);
+    }
+    let (s, c) = (&sim.metrics, &cpu.metrics);
+    assert_eq!(s.token_count, c.token_count, "{what} tokens");
+    let pairs = [
+        (
+            "neg_log_ratio_sum",
+            s.neg_log_ratio_sum,
+            c.neg_log_ratio_sum,
+        ),
+        ("ratio_excess_sum", s.ratio_excess_sum, c.ratio_excess_sum),
+        ("lowest_ratio", s.lowest_ratio, c.lowest_ratio),
+        ("highest_ratio", s.highest_ratio, c.highest_ratio),
+    ];
+    for (name, a, b) in pairs {
+        close(&format!("{what} {name}"), a, b, tol);
+    }
+    let options = [
+        ("clipped", s.clipped_count, c.clipped_count),
+        ("dual_clipped", s.dual_clipped_count, c.dual_clipped_count),
+        ("clip_low", s.clip_low_count, c.clip_low_count),
+        ("clip_high", s.clip_high_count, c.clip_high_count),
+        ("gate_weight", s.gate_weight_sum, c.gate_weight_sum),
+        ("gate_value", s.gate_value_sum, c.gate_value_sum),
+        ("kl", s.kl_sum, c.kl_sum),
+        ("kl_loss", s.kl_loss, c.kl_loss),
+        ("clipped_pos", s.clipped_pos_count, c.clipped_pos_count),
+        ("clipped_neg", s.clipped_neg_count, c.clipped_neg_count),
+        ("truncated", s.truncated_count, c.truncated_count),
+        ("abs_log_ratio", s.abs_log_ratio_sum, c.abs_log_ratio_sum),
+    ];
+    for (name, a, b) in options {
+        assert_eq!(a.is_some(), b.is_some(), "{what} {name} presence");
+        if let (Some(a), Some(b)) = (a, b) {
+            close(&format!("{what} {name}"), a, b, tol);
+        }
+    }
+}
+
+#[test]
+fn simulated_cuda_policy_loss_matches_the_cpu_kernel() {
+    let norms = [
+        Normalizer::default(),
+        Normalizer {
+            global_tokens: Some(500.0),
+            global_sequences: Some(9.0),
+            world_size: 4,
+        },
+    ];
+    // Every objective in every dtype, each at three row lengths (one warp; several warps with
+    // the tail of a warp; 256 threads striding over a row longer than the block).
+    let shapes = [(4, 300), (3, 7), (5, 40)];
+    let dtypes = [DType::F32, DType::F16, DType::BF16];
+    for (k, loss) in losses().iter().enumerate() {
+        for (d, &dtype) in dtypes.iter().enumerate() {
+            let case = (k * dtypes.len() + d) as u64;
+            let (b, t) = shapes[(k + d) % shapes.len()];
+            let tol = if dtype == DType::F32 { 2e-4 } else { 2e-2 };
+            let x = batch(b, t, dtype, k % 3 == 1, case);
+            let mask = if case.is_multiple_of(2) {
+                x.mask.to_dtype(DType::U8).unwrap()
+            } else {
+                x.mask.to_dtype(dtype).unwrap()
+            };
+            let norm = norms[(case % 2) as usize];
+            let what = format!("[{b}x{t} {dtype:?} loss {k}]");
+            let sim = run(loss, &x, &mask, norm, Backend::SimulatedCuda);
+            let cpu = run(loss, &x, &mask, norm, Backend::Auto);
+            compare(&what, &sim, &cpu, tol);
+        }
+    }
+}
+
+#[test]
+fn simulated_cuda_counts_invalid_values_and_raises_them_when_metrics_are_read() {
+    let x = batch(3, 50, DType::F32, false, 7);
+    let loss = Grpo::default()
+        .config()
+        .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K3)))
+        .build()
+        .unwrap()
+        .with_backend(Backend::SimulatedCuda);
+    let mut poisoned = x.log_probs.to_vec2::<f32>().unwrap();
+    poisoned[0][0] = f32::NAN; // unmasked: row 0 has every token
+    let lp = Tensor::new(poisoned, &Device::Cpu).unwrap();
+    let inputs = PolicyInputs::new(&lp, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
+    // The forward reads nothing back: it returns, and the check surfaces with the metrics.
+    let out = loss.forward(&inputs).unwrap();
+    for err in [
+        out.metrics.check().unwrap_err(),
+        out.metrics.read().unwrap_err(),
+    ] {
+        assert!(
+            matches!(
+                err,
+                Error::InvalidValue {
+                    arg: "log_probs",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    // A merged metric carries the flag on.
+    assert!(out.metrics.merge(&out.metrics).unwrap().check().is_err());
+
+    let mut mask = x.mask.to_vec2::<f32>().unwrap();
+    mask[1][3] = 2.0;
+    let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+    let out = loss
+        .forward(
+            &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &mask)
+                .with_ref_log_probs(&x.reference),
+        )
+        .unwrap();
+    assert!(matches!(
+        out.metrics.read().unwrap_err(),
+        Error::InvalidValue { arg: "mask", .. }
+    ));
+    let mut reference = x.reference.to_vec2::<f32>().unwrap();
+    reference[1][1] = f32::INFINITY;
+    let reference = Tensor::new(reference, &Device::Cpu).unwrap();
+    let out = loss
+        .forward(
+            &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask)
+                .with_ref_log_probs(&reference),
+        )
+        .unwrap();
+    assert!(matches!(
+        out.metrics.read().unwrap_err(),
+        Error::InvalidValue {
+            arg: "ref_log_probs",
+            ..
+        }
+    ));
+    // Garbage at masked positions only: no error.
+    let clean =
+        PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
+    let out = loss.forward(&clean).unwrap();
+    out.metrics.check().unwrap();
+}
+
+#[test]
+fn simulated_cuda_handles_empty_batches() {
+    for (b, t) in [(0, 5), (3, 0)] {
+        let x = batch(b, t, DType::F32, false, 3);
+        for loss in [
+            Sapo::default().build().unwrap(),
+            Gspo::default().build().unwrap(),
+        ] {
+            let sim = run(
+                &loss,
+                &x,
+                &x.mask,
+                Normalizer::default(),
+                Backend::SimulatedCuda,
+            );
+            let cpu = run(&loss, &x, &x.mask, Normalizer::default(), Backend::Auto);
+            compare(&format!("[{b}x{t}]"), &sim, &cpu, 0.0);
+        }
+    }
+}
