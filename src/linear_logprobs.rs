@@ -157,7 +157,7 @@ fn check_inputs(
             });
         }
     }
-    check_targets(targets, &dims[..dims.len() - 1], v, hidden)?;
+    check_targets(targets, &dims[..dims.len() - 1], v, hidden, true)?;
     Ok((dims[..dims.len() - 1].iter().product(), h, v))
 }
 

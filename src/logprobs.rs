@@ -32,13 +32,14 @@ pub(crate) fn check_temperature(temperature: f64) -> Result<()> {
     )
 }
 
-/// Checks that `targets` has the shape `lead`, an integer dtype, `reference`'s device and ids in
-/// `[0, vocab)` (one host read).
+/// Checks that `targets` has the shape `lead`, an integer dtype, `reference`'s device and, with
+/// `read_ids`, ids in `[0, vocab)` (one host read; the GPU kernels check the ids themselves).
 pub(crate) fn check_targets(
     targets: &Tensor,
     lead: &[usize],
     vocab: usize,
     reference: &Tensor,
+    read_ids: bool,
 ) -> Result<()> {
     if targets.dims() != lead {
         return Err(Error::Shape {
@@ -55,7 +56,7 @@ pub(crate) fn check_targets(
             actual: targets.dtype(),
         });
     }
-    if targets.elem_count() > 0 {
+    if read_ids && targets.elem_count() > 0 {
         let flat = targets.flatten_all()?.to_dtype(DType::F64)?;
         let (min, max) = (
             flat.min(0)?.to_scalar::<f64>()?,
@@ -72,7 +73,7 @@ pub(crate) fn check_targets(
     Ok(())
 }
 
-fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<()> {
+fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64, read_ids: bool) -> Result<()> {
     check_temperature(temperature)?;
     check_float("logits", logits)?;
     let dims = logits.dims();
@@ -88,6 +89,7 @@ fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<(
         &dims[..dims.len() - 1],
         dims[dims.len() - 1],
         logits,
+        read_ids,
     )
 }
 
@@ -192,17 +194,18 @@ pub fn token_log_probs_and_entropy_with(
     temperature: f64,
     backend: Backend,
 ) -> Result<(Tensor, Tensor)> {
-    check_inputs(logits, targets, temperature)?;
+    // The GPU kernels check the target ids on the device (no host read).
+    let path = backend.path(logits.device(), logits.dtype(), true);
+    check_inputs(logits, targets, temperature, path != Path::Gpu)?;
     let dims = logits.dims();
     let (lead, vocab) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
     let rows: usize = lead.iter().product();
     let flat = logits.reshape((rows, vocab))?;
     let targets = targets.flatten_all()?.contiguous()?;
-    let (log_probs, entropy) = if backend.path(logits.device(), logits.dtype(), false) == Path::Cpu
-    {
-        FusedLogProbs::forward(&flat, &targets, temperature).map_err(from_kernel)?
-    } else {
-        composed(&flat, &targets, temperature)?
+    let (log_probs, entropy) = match path {
+        Path::Composed => composed(&flat, &targets, temperature)?,
+        path => FusedLogProbs::forward(&flat, &targets, temperature, path == Path::Gpu)
+            .map_err(from_kernel)?,
     };
     Ok((log_probs.reshape(lead)?, entropy.reshape(lead)?))
 }

@@ -357,3 +357,125 @@ fn simulated_cuda_handles_empty_batches() {
         }
     }
 }
+
+/// `(ℓ, H, ∂(Σ u·ℓ + Σ v·H)/∂logits)` of `[n, vocab]` logits on `backend`.
+fn log_probs_run(
+    logits: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    backend: Backend,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let var = Var::from_tensor(logits).unwrap();
+    let (lp, h) =
+        sapo::token_log_probs_and_entropy_with(var.as_tensor(), targets, temperature, backend)
+            .unwrap();
+    assert_eq!(lp.dtype(), DType::F32);
+    let n = lp.dim(0).unwrap();
+    let u = Tensor::from_vec(
+        noise(n, 11).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let v = Tensor::from_vec(
+        noise(n, 12).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+        n,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let objective =
+        ((&lp * &u).unwrap().sum_all().unwrap() + (&h * &v).unwrap().sum_all().unwrap()).unwrap();
+    let grads = objective.backward().unwrap();
+    let grad = grads.get(var.as_tensor()).unwrap();
+    assert_eq!(grad.dtype(), logits.dtype());
+    (common::f64s(&lp), common::f64s(&h), common::f64s(grad))
+}
+
+#[test]
+fn simulated_cuda_log_probs_match_the_cpu_kernel() {
+    let cases = [
+        (3, 7, DType::F32),
+        (4, 700, DType::F16),
+        (2, 5000, DType::BF16),
+        (5, 33, DType::F32),
+    ];
+    for (k, &(n, vocab, dtype)) in cases.iter().enumerate() {
+        // Some logits at −∞ (a masked vocabulary), a peak at the target of row 0.
+        let values: Vec<f32> = noise(n * vocab, 20 + k as u64)
+            .iter()
+            .enumerate()
+            .map(|(j, x)| {
+                if j % 11 == 3 {
+                    f32::NEG_INFINITY
+                } else {
+                    (6.0 * x) as f32
+                }
+            })
+            .collect();
+        let logits = Tensor::from_vec(values, (n, vocab), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 1) % vocab) as u32).collect();
+        let ids = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
+        let targets = match k % 3 {
+            0 => ids,
+            1 => ids.to_dtype(DType::I64).unwrap(),
+            _ => ids.to_dtype(DType::U8).unwrap(),
+        };
+        let temperature = [1.0, 0.7, 1.3][k % 3];
+        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+        let sim = log_probs_run(&logits, &targets, temperature, Backend::SimulatedCuda);
+        let cpu = log_probs_run(&logits, &targets, temperature, Backend::Auto);
+        let what = format!("[{n}x{vocab} {dtype:?}]");
+        for (name, a, b) in [
+            ("ℓ", &sim.0, &cpu.0),
+            ("H", &sim.1, &cpu.1),
+            ("grad", &sim.2, &cpu.2),
+        ] {
+            for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                close(&format!("{what} {name}[{j}]"), *x, *y, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn simulated_cuda_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
+    let logits = Tensor::from_vec(
+        noise(12, 3).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+        (3, 4),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let targets = Tensor::new(&[1u32, 9, 3], &Device::Cpu).unwrap();
+    // The CPU path reads the ids on the host and refuses them.
+    assert!(matches!(
+        sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, Backend::Auto),
+        Err(Error::InvalidValue { arg: "targets", .. })
+    ));
+    // The GPU kernel makes the row NaN; the policy loss then reports it as a typed error.
+    let (lp, h) =
+        sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, Backend::SimulatedCuda)
+            .unwrap();
+    let (lp, h) = (common::f64s(&lp), common::f64s(&h));
+    assert!(lp[1].is_nan() && h[1].is_nan());
+    assert!(lp[0].is_finite() && lp[2].is_finite() && h[0].is_finite());
+    let lp =
+        Tensor::from_vec(lp.iter().map(|x| *x as f32).collect(), (1, 3), &Device::Cpu).unwrap();
+    let adv = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+    let mask = Tensor::new(&[[1u8, 1, 1]], &Device::Cpu).unwrap();
+    let out = Grpo::default()
+        .build()
+        .unwrap()
+        .with_backend(Backend::SimulatedCuda)
+        .forward(&PolicyInputs::new(&lp, &lp.detach(), &adv, &mask))
+        .unwrap();
+    assert!(matches!(
+        out.metrics.check(),
+        Err(Error::InvalidValue {
+            arg: "log_probs",
+            ..
+        })
+    ));
+}

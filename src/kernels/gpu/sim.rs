@@ -110,7 +110,7 @@ pub(crate) fn storage_bytes(
     })
 }
 
-/// A contiguous CPU tensor's elements as bytes (f32, f16, bf16 or u8 storage).
+/// A CPU tensor's elements as bytes (f32, f16, bf16, u8, u32 or i64).
 pub(crate) fn tensor_bytes(t: &candle_core::Tensor) -> candle_core::Result<Vec<u8>> {
     use candle_core::DType;
     let flat = t.flatten_all()?;
@@ -131,6 +131,16 @@ pub(crate) fn tensor_bytes(t: &candle_core::Tensor) -> candle_core::Result<Vec<u
             .flat_map(|v| v.to_bits().to_le_bytes())
             .collect(),
         DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => flat
+            .to_vec1::<u32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::I64 => flat
+            .to_vec1::<i64>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
         other => candle_core::bail!("GPU simulation: unsupported dtype {other:?}"),
     })
 }

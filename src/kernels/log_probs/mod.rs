@@ -4,10 +4,16 @@
 //! [`LogProbsBackward`] takes the logits, that output and its upstream gradient, recomputes the
 //! softmax on the fly and writes the logits' gradient once; nothing is read on the host.
 //!
-//! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
-//! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
+//! Device files sit beside this one: `cpu.rs`; `log_probs.cu` with its host code `cuda.rs`
+//! (behind the `cuda` feature) and `gpu.rs` (launch geometry, and the CPU simulation of the same
+//! kernels that the tests run); on the GPU an out-of-range target id makes its row's `ℓ` and `H`
+//! NaN instead of a host-side check.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+pub(crate) mod gpu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
@@ -17,18 +23,23 @@ pub(crate) struct FusedLogProbs {
     /// `[N]`, contiguous, u8/u32/i64, ids already checked to be in `[0, V)`.
     targets: Tensor,
     temperature: f64,
+    /// Runs the GPU kernels (on a CUDA device; simulated on the CPU under `gpu-sim`).
+    gpu: bool,
 }
 
 impl FusedLogProbs {
-    /// Runs the op on `[N,V]` logits and `[N]` targets: `([N] log-probs, [N] entropies)`.
+    /// Runs the op on `[N,V]` logits and `[N]` targets: `([N] log-probs, [N] entropies)`; with
+    /// `gpu`, the GPU kernels.
     pub(crate) fn forward(
         logits: &Tensor,
         targets: &Tensor,
         temperature: f64,
+        gpu: bool,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let op = Self {
             targets: targets.contiguous()?,
             temperature,
+            gpu,
         };
         let out = logits.contiguous()?.apply_op1(op)?;
         Ok((out.get(0)?, out.get(1)?))
@@ -45,6 +56,12 @@ impl CustomOp1 for FusedLogProbs {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.gpu {
+            #[cfg(feature = "gpu-sim")]
+            return gpu::simulate_forward(&self.targets, self.temperature, storage, layout);
+            #[cfg(not(feature = "gpu-sim"))]
+            candle_core::bail!("the GPU kernels need a CUDA device");
+        }
         let (n, vocab) = layout.shape().dims2()?;
         let (start, end) = layout
             .contiguous_offsets()
@@ -69,6 +86,15 @@ impl CustomOp1 for FusedLogProbs {
         Ok((out, Shape::from((3, n))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(&self.targets, self.temperature, storage, layout)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -78,6 +104,7 @@ impl CustomOp1 for FusedLogProbs {
         let backward = LogProbsBackward {
             targets: self.targets.clone(),
             temperature: self.temperature,
+            gpu: self.gpu,
         };
         let grad =
             logits.apply_op3_no_bwd(&res.contiguous()?, &grad_res.contiguous()?, &backward)?;
@@ -90,6 +117,7 @@ impl CustomOp1 for FusedLogProbs {
 pub(crate) struct LogProbsBackward {
     targets: Tensor,
     temperature: f64,
+    gpu: bool,
 }
 
 impl CustomOp3 for LogProbsBackward {
@@ -106,6 +134,18 @@ impl CustomOp3 for LogProbsBackward {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if self.gpu {
+            #[cfg(feature = "gpu-sim")]
+            return gpu::simulate_backward(
+                &self.targets,
+                self.temperature,
+                (logits, logits_layout),
+                (res, res_layout),
+                (grad, grad_layout),
+            );
+            #[cfg(not(feature = "gpu-sim"))]
+            candle_core::bail!("the GPU kernels need a CUDA device");
+        }
         let shape = logits_layout.shape().clone();
         let (_, vocab) = shape.dims2()?;
         let targets = cpu::target_ids(&self.targets)?;
@@ -129,5 +169,23 @@ impl CustomOp3 for LogProbsBackward {
             other => candle_core::bail!("logits: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        logits: &candle_core::CudaStorage,
+        logits_layout: &Layout,
+        res: &candle_core::CudaStorage,
+        res_layout: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(
+            &self.targets,
+            self.temperature,
+            (logits, logits_layout),
+            ((res, res_layout), (grad, grad_layout)),
+        )
     }
 }

@@ -156,9 +156,11 @@ impl CustomOp1 for FusedPolicyLoss {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims().to_vec();
-        #[cfg(feature = "gpu-sim")]
         if self.gpu {
+            #[cfg(feature = "gpu-sim")]
             return gpu::simulate(self, storage, layout);
+            #[cfg(not(feature = "gpu-sim"))]
+            candle_core::bail!("the GPU kernels need a CUDA device");
         }
         let (start, end) = layout
             .contiguous_offsets()
