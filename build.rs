@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel sources, by op folder.
-const KERNELS: [&str; 2] = ["log_probs", "policy_loss"];
+const KERNELS: [&str; 3] = ["linear_log_probs", "log_probs", "policy_loss"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -95,25 +95,26 @@ impl<'a> LmHead<'a> {
         self
     }
 
-    /// Checks the head; returns `(N, H, V)`.
-    pub(crate) fn check(&self) -> Result<(usize, usize, usize)> {
+    /// Checks the head, and with `read_ids` the target ids (one host read); returns `(N, H, V)`.
+    pub(crate) fn check(&self, read_ids: bool) -> Result<(usize, usize, usize)> {
         check_inputs(
             self.hidden,
             self.weight,
             self.bias,
             self.targets,
-            self.temperature,
+            (self.temperature, read_ids),
         )
     }
 }
 
-/// Checks the shapes, dtypes and devices; returns `(N, H, V)`.
+/// Checks the shapes, dtypes and devices, and with `read_ids` the target ids (the GPU kernels
+/// check them on the device); returns `(N, H, V)`.
 fn check_inputs(
     hidden: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     targets: &Tensor,
-    temperature: f64,
+    (temperature, read_ids): (f64, bool),
 ) -> Result<(usize, usize, usize)> {
     check_temperature(temperature)?;
     check_float("hidden", hidden)?;
@@ -157,7 +158,7 @@ fn check_inputs(
             });
         }
     }
-    check_targets(targets, &dims[..dims.len() - 1], v, hidden, true)?;
+    check_targets(targets, &dims[..dims.len() - 1], v, hidden, read_ids)?;
     Ok((dims[..dims.len() - 1].iter().product(), h, v))
 }
 
@@ -213,9 +214,16 @@ pub fn linear_log_probs_and_entropy_with(
     temperature: f64,
     backend: Backend,
 ) -> Result<(Tensor, Tensor)> {
-    let (n, h, _) = check_inputs(hidden, weight, bias, targets, temperature)?;
-    let lead = &hidden.dims()[..hidden.rank() - 1];
     let dtype = compute_dtype(hidden.dtype());
+    let path = backend.path(hidden.device(), dtype, true);
+    let (n, h, _) = check_inputs(
+        hidden,
+        weight,
+        bias,
+        targets,
+        (temperature, path != Path::Gpu),
+    )?;
+    let lead = &hidden.dims()[..hidden.rank() - 1];
     let hidden_2d = hidden.reshape((n, h))?.to_dtype(dtype)?;
     let weight = weight.to_dtype(dtype)?;
     let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
@@ -224,11 +232,19 @@ pub fn linear_log_probs_and_entropy_with(
         // Empty batch: empty results, still connected to the hidden states.
         let empty = hidden_2d.sum(D::Minus1)?;
         (empty.clone(), empty)
-    } else if backend.path(hidden.device(), hidden.dtype(), false) == Path::Cpu {
-        FusedLinearLogProbs::forward(&hidden_2d, &weight, bias.as_ref(), &targets, temperature)
-            .map_err(from_kernel)?
     } else {
-        composed(&hidden_2d, &weight, bias.as_ref(), &targets, temperature)?
+        match path {
+            Path::Composed => composed(&hidden_2d, &weight, bias.as_ref(), &targets, temperature)?,
+            path => FusedLinearLogProbs::forward(
+                &hidden_2d,
+                &weight,
+                bias.as_ref(),
+                &targets,
+                temperature,
+                path == Path::Gpu,
+            )
+            .map_err(from_kernel)?,
+        }
     };
     Ok((log_probs.reshape(lead)?, entropy.reshape(lead)?))
 }

@@ -479,3 +479,154 @@ fn simulated_cuda_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
         })
     ));
 }
+
+/// `(ℓ, H, ∂h, ∂W, ∂b)` of the fused linear log-probs on `backend`, with `Σ u·ℓ + Σ v·H` as the
+/// objective.
+fn linear_run(
+    (hidden, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    targets: &Tensor,
+    backend: Backend,
+) -> Vec<Vec<f64>> {
+    let (h, w) = (
+        Var::from_tensor(hidden).unwrap(),
+        Var::from_tensor(weight).unwrap(),
+    );
+    let b = bias.map(|b| Var::from_tensor(b).unwrap());
+    let (lp, ent) = sapo::linear_log_probs_and_entropy_with(
+        h.as_tensor(),
+        w.as_tensor(),
+        b.as_ref().map(Var::as_tensor),
+        targets,
+        0.8,
+        backend,
+    )
+    .unwrap();
+    let n = lp.elem_count();
+    let weights = |seed| {
+        Tensor::from_vec(
+            noise(n, seed).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+            lp.shape(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let objective = ((&lp * weights(31)).unwrap().sum_all().unwrap()
+        + (&ent * weights(32)).unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = objective.backward().unwrap();
+    let mut out = vec![
+        common::f64s(&lp),
+        common::f64s(&ent),
+        common::f64s(grads.get(h.as_tensor()).unwrap()),
+        common::f64s(grads.get(w.as_tensor()).unwrap()),
+    ];
+    if let Some(b) = &b {
+        out.push(common::f64s(grads.get(b.as_tensor()).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn simulated_cuda_fused_linear_log_probs_match_the_cpu_kernel() {
+    // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
+    // chunks and tiles.
+    let (n, h, v) = (17, 12, 150);
+    let t = |len, seed, scale: f64| {
+        Tensor::from_vec(
+            noise(len, seed)
+                .iter()
+                .map(|x| (scale * x) as f32)
+                .collect::<Vec<_>>(),
+            len,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let hidden = t(n * h, 41, 1.0).reshape((1, n, h)).unwrap();
+    let weight = t(v * h, 42, 0.8).reshape((v, h)).unwrap();
+    let bias = t(v, 43, 0.5);
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % v) as u32).collect();
+    let targets = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+    for (half, bias) in [(false, Some(&bias)), (true, None)] {
+        // bf16 hidden states are computed in f32 on both paths.
+        let hidden = if half {
+            hidden.to_dtype(DType::BF16).unwrap()
+        } else {
+            hidden.clone()
+        };
+        let sim = linear_run((&hidden, &weight, bias), &targets, Backend::SimulatedCuda);
+        let cpu = linear_run((&hidden, &weight, bias), &targets, Backend::Auto);
+        let names = ["ℓ", "H", "∂hidden", "∂weight", "∂bias"];
+        for ((name, a), b) in names.iter().zip(&sim).zip(&cpu) {
+            assert_eq!(a.len(), b.len());
+            for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                close(
+                    &format!("bias {} {name}[{j}]", bias.is_some()),
+                    *x,
+                    *y,
+                    2e-4,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn simulated_cuda_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
+    let (b, t, h, v) = (2, 9, 8, 70);
+    let t_of = |len, seed, scale: f64| {
+        Tensor::from_vec(
+            noise(len, seed)
+                .iter()
+                .map(|x| (scale * x) as f32)
+                .collect::<Vec<_>>(),
+            len,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let hidden = Var::from_tensor(&t_of(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
+    let weight = Var::from_tensor(&t_of(v * h, 52, 0.7).reshape((v, h)).unwrap()).unwrap();
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 13 + 2) % v) as u32).collect();
+    let targets = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+    // Old log-probs near the current ones: the ratios stay around 1.
+    let (lp, _) = sapo::linear_log_probs_and_entropy(
+        hidden.as_tensor(),
+        weight.as_tensor(),
+        None,
+        &targets,
+        1.0,
+    )
+    .unwrap();
+    let old = (lp.detach() + t_of(b * t, 53, 0.3).reshape((b, t)).unwrap()).unwrap();
+    let adv = t_of(b, 54, 2.0);
+    let mask = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
+    let mut results = vec![];
+    for backend in [Backend::SimulatedCuda, Backend::Auto] {
+        let head = sapo::LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+        let inputs = PolicyInputs::new(head, &old, &adv, &mask);
+        let out = Sapo::default()
+            .build()
+            .unwrap()
+            .with_backend(backend)
+            .forward_from_hidden(&inputs)
+            .unwrap();
+        let grads = out.loss.backward().unwrap();
+        results.push((
+            common::f64s(&out.loss)[0],
+            common::f64s(grads.get(hidden.as_tensor()).unwrap()),
+            common::f64s(grads.get(weight.as_tensor()).unwrap()),
+        ));
+    }
+    let (sim, cpu) = (&results[0], &results[1]);
+    close("loss", sim.0, cpu.0, 2e-4);
+    for (j, (x, y)) in sim
+        .1
+        .iter()
+        .zip(&cpu.1)
+        .chain(sim.2.iter().zip(&cpu.2))
+        .enumerate()
+    {
+        close(&format!("grad[{j}]"), *x, *y, 2e-4);
+    }
+}

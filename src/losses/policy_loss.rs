@@ -285,7 +285,12 @@ impl PolicyLoss {
         inputs: &PolicyInputs<'_, LmHead<'_>>,
     ) -> Result<PolicyLossOutput> {
         let head = inputs.log_probs;
-        let (n, _, _) = head.check()?;
+        let gpu_path = self.backend.path(
+            head.hidden.device(),
+            compute_dtype(head.hidden.dtype()),
+            true,
+        ) == Path::Gpu;
+        let (n, _, _) = head.check(!gpu_path)?;
         let dims = match (head.hidden.rank(), head.targets.dims()) {
             (3, &[b, t]) => (b, t),
             _ => {

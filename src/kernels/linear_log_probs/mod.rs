@@ -2,10 +2,15 @@
 //! bias → `[3,N]` (`ℓ`, `H`, `lse`) without the `[N,V]` logits, and its backward, an op of its
 //! own that returns the three gradients at once.
 //!
-//! Device files sit beside this one: `cpu.rs` now; `cuda.rs` and `metal.rs` (behind the
-//! features) will plug into `cuda_fwd` / `metal_fwd` of both ops.
+//! Device files sit beside this one: `cpu.rs`; `linear_log_probs.cu` (the tile kernels) with its
+//! host code `cuda.rs` (cuBLAS GEMMs, behind the `cuda` feature) and `gpu.rs` (tiling, and the CPU
+//! simulation of the same loop that the tests run).
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+pub(crate) mod gpu;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -22,21 +27,26 @@ pub(crate) struct FusedLinearLogProbs {
     temperature: f64,
     /// Whether `bias` is the caller's (else zeros that are neither added nor differentiated).
     has_bias: bool,
+    /// Runs the GPU path (on a CUDA device; simulated on the CPU under `gpu-sim`).
+    gpu: bool,
 }
 
 impl FusedLinearLogProbs {
-    /// Runs the op: `([N] log-probs, [N] entropies)`.
+    /// Runs the op: `([N] log-probs, [N] entropies)`; with `gpu`, the GPU path (f32 inputs; an
+    /// out-of-range target id makes its row NaN instead of a host-side check).
     pub(crate) fn forward(
         hidden: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
         targets: &Tensor,
         temperature: f64,
+        gpu: bool,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let op = Self {
             targets: targets.contiguous()?,
             temperature,
             has_bias: bias.is_some(),
+            gpu,
         };
         let bias = match bias {
             Some(b) => b.contiguous()?,
@@ -101,12 +111,23 @@ impl CustomOp3 for FusedLinearLogProbs {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let targets = target_ids(&self.targets)?;
         let inputs = (
             (hidden, hidden_layout),
             (weight, weight_layout),
             (bias, bias_layout),
         );
+        if self.gpu {
+            #[cfg(feature = "gpu-sim")]
+            {
+                let n = hidden_layout.shape().dims2()?.0;
+                let options = (self.temperature, self.has_bias);
+                let out = gpu::simulate_forward(inputs, &self.targets, options)?;
+                return Ok((CpuStorage::F32(out), Shape::from((3, n))));
+            }
+            #[cfg(not(feature = "gpu-sim"))]
+            candle_core::bail!("the GPU kernels need a CUDA device");
+        }
+        let targets = target_ids(&self.targets)?;
         let t = (self.temperature, self.has_bias);
         let out = match hidden {
             CpuStorage::F32(_) => CpuStorage::F32(run::<f32>(inputs, &targets, t)?),
@@ -114,6 +135,25 @@ impl CustomOp3 for FusedLinearLogProbs {
             other => candle_core::bail!("hidden: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, Shape::from((3, targets.len()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        hidden: &candle_core::CudaStorage,
+        hidden_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::CudaStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(
+            &self.targets,
+            (self.temperature, self.has_bias),
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+        )
     }
 
     fn bwd(
@@ -131,6 +171,7 @@ impl CustomOp3 for FusedLinearLogProbs {
             temperature: self.temperature,
             has_bias: self.has_bias,
             bias: bias.clone(),
+            gpu: self.gpu,
         };
         let packed = Tensor::cat(&[res, grad_res], 0)?.contiguous()?;
         let flat = hidden.apply_op3_no_bwd(weight, &packed, &backward)?;
@@ -167,6 +208,7 @@ struct LinearBackward {
     temperature: f64,
     has_bias: bool,
     bias: Tensor,
+    gpu: bool,
 }
 
 fn run_backward<R: Real + Load<R> + Store<R> + candle_core::WithDType>(
@@ -195,7 +237,6 @@ impl CustomOp3 for LinearBackward {
         packed: &CpuStorage,
         packed_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let targets = target_ids(&self.targets)?;
         let (bias_guard, bias_layout) = self.bias.storage_and_layout();
         let candle_core::Storage::Cpu(bias) = &*bias_guard else {
             candle_core::bail!("bias must be on the CPU")
@@ -205,6 +246,20 @@ impl CustomOp3 for LinearBackward {
             (weight, weight_layout),
             (bias, bias_layout),
         );
+        let (n, h) = hidden_layout.shape().dims2()?;
+        let v = weight_layout.shape().dims2()?.0;
+        if self.gpu {
+            #[cfg(feature = "gpu-sim")]
+            {
+                let options = (self.temperature, self.has_bias);
+                let packed = (packed, packed_layout);
+                let out = gpu::simulate_backward(inputs, &self.targets, options, packed)?;
+                return Ok((CpuStorage::F32(out), Shape::from(n * h + v * h + v)));
+            }
+            #[cfg(not(feature = "gpu-sim"))]
+            candle_core::bail!("the GPU kernels need a CUDA device");
+        }
+        let targets = target_ids(&self.targets)?;
         let rows = RowStats::new(packed, packed_layout)?;
         let t = (self.temperature, self.has_bias);
         let out = match hidden {
@@ -212,8 +267,26 @@ impl CustomOp3 for LinearBackward {
             CpuStorage::F64(_) => CpuStorage::F64(run_backward::<f64>(inputs, &targets, t, rows)?),
             other => candle_core::bail!("hidden: unsupported dtype {:?}", other.dtype()),
         };
-        let (n, h) = hidden_layout.shape().dims2()?;
-        let v = weight_layout.shape().dims2()?.0;
         Ok((out, Shape::from(n * h + v * h + v)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        hidden: &candle_core::CudaStorage,
+        hidden_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        packed: &candle_core::CudaStorage,
+        packed_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::backward(
+            &self.targets,
+            (self.temperature, self.has_bias),
+            &self.bias,
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (packed, packed_layout),
+        )
     }
 }
