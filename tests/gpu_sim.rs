@@ -480,6 +480,15 @@ fn simulated_cuda_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
     ));
 }
 
+/// `len` pseudo-random f32 values in `[−scale, scale]`, as a `[len]` tensor.
+fn floats(len: usize, seed: u64, scale: f64) -> Tensor {
+    let values: Vec<f32> = noise(len, seed)
+        .iter()
+        .map(|x| (scale * x) as f32)
+        .collect();
+    Tensor::from_vec(values, len, &Device::Cpu).unwrap()
+}
+
 /// `(ℓ, H, ∂h, ∂W, ∂b)` of the fused linear log-probs on `backend`, with `Σ u·ℓ + Σ v·H` as the
 /// objective.
 fn linear_run(
@@ -531,20 +540,9 @@ fn simulated_cuda_fused_linear_log_probs_match_the_cpu_kernel() {
     // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
     // chunks and tiles.
     let (n, h, v) = (17, 12, 150);
-    let t = |len, seed, scale: f64| {
-        Tensor::from_vec(
-            noise(len, seed)
-                .iter()
-                .map(|x| (scale * x) as f32)
-                .collect::<Vec<_>>(),
-            len,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let hidden = t(n * h, 41, 1.0).reshape((1, n, h)).unwrap();
-    let weight = t(v * h, 42, 0.8).reshape((v, h)).unwrap();
-    let bias = t(v, 43, 0.5);
+    let hidden = floats(n * h, 41, 1.0).reshape((1, n, h)).unwrap();
+    let weight = floats(v * h, 42, 0.8).reshape((v, h)).unwrap();
+    let bias = floats(v, 43, 0.5);
     let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % v) as u32).collect();
     let targets = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
     for (half, bias) in [(false, Some(&bias)), (true, None)] {
@@ -574,19 +572,8 @@ fn simulated_cuda_fused_linear_log_probs_match_the_cpu_kernel() {
 #[test]
 fn simulated_cuda_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
     let (b, t, h, v) = (2, 9, 8, 70);
-    let t_of = |len, seed, scale: f64| {
-        Tensor::from_vec(
-            noise(len, seed)
-                .iter()
-                .map(|x| (scale * x) as f32)
-                .collect::<Vec<_>>(),
-            len,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let hidden = Var::from_tensor(&t_of(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
-    let weight = Var::from_tensor(&t_of(v * h, 52, 0.7).reshape((v, h)).unwrap()).unwrap();
+    let hidden = Var::from_tensor(&floats(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
+    let weight = Var::from_tensor(&floats(v * h, 52, 0.7).reshape((v, h)).unwrap()).unwrap();
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 13 + 2) % v) as u32).collect();
     let targets = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
     // Old log-probs near the current ones: the ratios stay around 1.
@@ -598,8 +585,8 @@ fn simulated_cuda_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
         1.0,
     )
     .unwrap();
-    let old = (lp.detach() + t_of(b * t, 53, 0.3).reshape((b, t)).unwrap()).unwrap();
-    let adv = t_of(b, 54, 2.0);
+    let old = (lp.detach() + floats(b * t, 53, 0.3).reshape((b, t)).unwrap()).unwrap();
+    let adv = floats(b, 54, 2.0);
     let mask = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
     let mut results = vec![];
     for backend in [Backend::SimulatedCuda, Backend::Auto] {

@@ -8,23 +8,12 @@
 //           targets [N] (i64), and for the backward the packed [6,N] forward output and gradient
 //   output: forward: [3,N]; backward: [N·H + V·H + V] (f32)
 #include "../gpu/shim.h"
+#include "../gpu/sim_io.h"
 #include "linear_log_probs.cu"
 
 #include <algorithm>
-#include <cstdio>
-#include <fstream>
-#include <iterator>
 
-static std::vector<char> input;
-static size_t at = 0;
-
-template <typename T> static std::vector<T> take(size_t n) {
-  if (at + n * sizeof(T) > input.size()) throw std::runtime_error("input too short");
-  std::vector<T> out(n);
-  std::memcpy(out.data(), input.data() + at, n * sizeof(T));
-  at += n * sizeof(T);
-  return out;
-}
+using sapo_sim::take;
 
 // cuBLAS's sgemm on column-major matrices: C = α·op(A)·op(B) + β·C.
 static void gemm(bool ta, bool tb, long m, long n, long k, const float* a, long lda,
@@ -42,12 +31,7 @@ static void gemm(bool ta, bool tb, long m, long n, long k, const float* a, long 
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <input> <output>\n", argv[0]);
-    return 2;
-  }
-  std::ifstream in(argv[1], std::ios::binary);
-  input.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (!sapo_sim::read_input(argc, argv)) return 2;
   std::vector<unsigned> head = take<unsigned>(4);
   std::vector<long> dims = take<long>(5);
   const unsigned mode = head[0], threads = head[2];
@@ -57,7 +41,7 @@ int main(int argc, char** argv) {
   std::vector<float> hidden = take<float>(n * h), weight = take<float>(v * h), bias = take<float>(v);
   std::vector<long long> targets = take<long long>(n);
   std::vector<float> packed = mode == 1 ? take<float>(6 * n) : std::vector<float>();
-  if (at != input.size()) throw std::runtime_error("input too long");
+  sapo_sim::expect_end();
   std::vector<float> logits((size_t)std::min(chunk, n) * std::min(tile, v));
   std::vector<float> out;
   if (mode == 0) {
@@ -102,6 +86,6 @@ int main(int argc, char** argv) {
     }
   }
   std::ofstream o(argv[2], std::ios::binary);
-  o.write(reinterpret_cast<const char*>(out.data()), out.size() * sizeof(float));
+  sapo_sim::write(o, out);
   return 0;
 }

@@ -7,22 +7,10 @@
 //           targets, and for the backward the forward's [3,N] output and its upstream gradient
 //   output: forward: [3,N] f32; backward: the logits' gradient in their storage type
 #include "../gpu/shim.h"
+#include "../gpu/sim_io.h"
 #include "log_probs.cu"
 
-#include <cstdio>
-#include <fstream>
-#include <iterator>
-
-static std::vector<char> input;
-static size_t at = 0;
-
-template <typename T> static std::vector<T> take(size_t n) {
-  if (at + n * sizeof(T) > input.size()) throw std::runtime_error("input too short");
-  std::vector<T> out(n);
-  std::memcpy(out.data(), input.data() + at, n * sizeof(T));
-  at += n * sizeof(T);
-  return out;
-}
+using sapo_sim::take;
 
 struct Header {
   unsigned mode, threads;
@@ -35,21 +23,21 @@ static void run(const Header& h, Fwd forward, Bwd backward, std::ofstream& out) 
   std::vector<F> logits = take<F>((size_t)h.rows * h.vocab);
   std::vector<I> targets = take<I>(h.rows);
   if (h.mode == 0) {
-    if (at != input.size()) throw std::runtime_error("input too long");
+    sapo_sim::expect_end();
     std::vector<float> result(3 * (size_t)h.rows);
     if (h.rows > 0)
       sapo_sim::launch(h.rows, h.threads, forward, (const F*)logits.data(),
                        (const I*)targets.data(), h.vocab, h.inv_t, h.rows, result.data());
-    out.write(reinterpret_cast<const char*>(result.data()), result.size() * sizeof(float));
+    sapo_sim::write(out, result);
   } else {
     std::vector<float> res = take<float>(3 * (size_t)h.rows), grad_res = take<float>(3 * (size_t)h.rows);
-    if (at != input.size()) throw std::runtime_error("input too long");
+    sapo_sim::expect_end();
     std::vector<F> grad((size_t)h.rows * h.vocab);
     if (h.rows > 0)
       sapo_sim::launch(h.rows, h.threads, backward, (const F*)logits.data(),
                        (const I*)targets.data(), h.vocab, h.inv_t, h.rows,
                        (const float*)res.data(), (const float*)grad_res.data(), grad.data());
-    out.write(reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(F));
+    sapo_sim::write(out, grad);
   }
 }
 
@@ -57,12 +45,7 @@ static void run(const Header& h, Fwd forward, Bwd backward, std::ofstream& out) 
   run<F, I>(h, sapo_log_probs_forward_##NAME, sapo_log_probs_backward_##NAME, out)
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <input> <output>\n", argv[0]);
-    return 2;
-  }
-  std::ifstream in(argv[1], std::ios::binary);
-  input.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  if (!sapo_sim::read_input(argc, argv)) return 2;
   Header h;
   h.mode = take<unsigned>(1)[0];
   unsigned dtype = take<unsigned>(1)[0], target = take<unsigned>(1)[0];

@@ -6,36 +6,21 @@
 //           then ℓ, ℓold, A, mask, [w], [ℓref], [flags] in their storage types
 //   output: the f32 output (OUT_LEN), then the gradient in ℓ's storage type
 #include "../gpu/shim.h"
+#include "../gpu/sim_io.h"
 #include "policy_loss.cu"
 
-#include <cstdio>
-#include <fstream>
-#include <iterator>
-
-static std::vector<char> input;
-static size_t at = 0;
-
-template <typename T> static const T* take(size_t n) {
-  if (at + n * sizeof(T) > input.size()) throw std::runtime_error("input too short");
-  const T* p = reinterpret_cast<const T*>(input.data() + at);
-  at += n * sizeof(T);
-  return p;
-}
+using sapo_sim::take;
 
 template <typename F, typename M, typename Prepass, typename Rows>
 static void run(const PolicyParams& p, Prepass prepass, Rows rows, std::ofstream& out) {
   const size_t bt = (size_t)p.rows * p.t;
-  // Copies, so that every buffer is suitably aligned.
-  auto copy = [](const F* src, size_t n) { return std::vector<F>(src, src + n); };
-  std::vector<F> lp = copy(take<F>(bt), bt), old = copy(take<F>(bt), bt);
-  size_t n_adv = p.per_token_advantages ? bt : p.rows;
-  std::vector<F> adv = copy(take<F>(n_adv), n_adv);
-  const M* mask_in = take<M>(bt);
-  std::vector<M> mask(mask_in, mask_in + bt);
-  std::vector<F> w = p.has_weights ? copy(take<F>(bt), bt) : lp;
-  std::vector<F> rf = p.has_reference ? copy(take<F>(bt), bt) : lp;
-  std::vector<F> flags = p.has_flags ? copy(take<F>(bt), bt) : lp;
-  if (at != input.size()) throw std::runtime_error("input too long");
+  std::vector<F> lp = take<F>(bt), old = take<F>(bt);
+  std::vector<F> adv = take<F>(p.per_token_advantages ? bt : p.rows);
+  std::vector<M> mask = take<M>(bt);
+  std::vector<F> w = p.has_weights ? take<F>(bt) : lp;
+  std::vector<F> rf = p.has_reference ? take<F>(bt) : lp;
+  std::vector<F> flags = p.has_flags ? take<F>(bt) : lp;
+  sapo_sim::expect_end();
 
   std::vector<float> row_stats((size_t)p.rows * 4), row_out((size_t)p.rows * ROW_LEN);
   std::vector<float> result(OUT_LEN);
@@ -49,24 +34,19 @@ static void run(const PolicyParams& p, Prepass prepass, Rows rows, std::ofstream
   }
   sapo_sim::launch(1, 256, sapo_policy_reduce, p, (const float*)row_stats.data(),
                    (const float*)row_out.data(), result.data());
-  out.write(reinterpret_cast<const char*>(result.data()), result.size() * sizeof(float));
-  out.write(reinterpret_cast<const char*>(grad.data()), grad.size() * sizeof(F));
+  sapo_sim::write(out, result);
+  sapo_sim::write(out, grad);
 }
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s <input> <output>\n", argv[0]);
-    return 2;
-  }
-  std::ifstream in(argv[1], std::ios::binary);
-  input.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  unsigned dtype = *take<unsigned>(1), mask_u8 = *take<unsigned>(1), size = *take<unsigned>(1);
+  if (!sapo_sim::read_input(argc, argv)) return 2;
+  unsigned dtype = take<unsigned>(1)[0], mask_u8 = take<unsigned>(1)[0], size = take<unsigned>(1)[0];
   if (size != sizeof(PolicyParams)) {
     std::fprintf(stderr, "PolicyParams: %u bytes from Rust, %zu in C++\n", size, sizeof(PolicyParams));
     return 3;
   }
   PolicyParams p;
-  std::memcpy(&p, take<char>(size), size);
+  std::memcpy(&p, take<char>(size).data(), size);
   std::ofstream out(argv[2], std::ios::binary);
   switch (dtype * 2 + (mask_u8 ? 0 : 1)) {
     case 0: run<float, unsigned char>(p, sapo_policy_prepass_f32_u8, sapo_policy_rows_f32_u8, out); break;
