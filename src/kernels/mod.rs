@@ -6,12 +6,16 @@
 //! - **composed**: candle ops, gradients from candle's autograd; runs on every device;
 //! - **fused**: one kernel per call that computes the loss, its metrics and its gradient in a
 //!   single parallel pass (handing the gradient to the backward), or the log-probs and entropy in
-//!   one streaming pass over the logits. Exists on the CPU; CUDA and Metal use the composed path
-//!   until their kernels land.
+//!   one streaming pass over the logits. On the CPU (`cpu.rs`) and, with the `cuda` feature, on
+//!   CUDA (`<op>.cu` + `cuda.rs`); Metal uses the composed path.
 //!
-//! [`Backend::Auto`] (the default) picks the fused kernel wherever one exists for the inputs'
-//! device; [`Backend::Composed`] forces the composed path (for checking, or to differentiate
-//! twice).
+//! [`Backend::path`] is the one dispatch point. [`Backend::Auto`] (the default) picks the fused
+//! kernels that have run on their hardware (the CPU's; the CUDA kernels have run in simulation
+//! only so far); [`Backend::Fused`] picks every fused kernel that exists for the device;
+//! [`Backend::Composed`] forces the composed path (for checking, or to differentiate twice).
+//!
+//! The CUDA sources are also compiled with g++ and the shim `gpu/shim.h` and run on the CPU by the
+//! tests (the `gpu-sim` feature), against the CPU kernels.
 
 use candle_core::{DType, Layout, Storage, WithDType};
 

@@ -146,16 +146,27 @@ impl PolicyLoss {
         if let Some(bypass) = &config.bypass {
             return self.forward_bypass(bypass, inputs, t);
         }
+        let path = self
+            .backend
+            .path(inputs.log_probs.device(), fused_input_dtype(inputs), true);
+        // The GPU kernels check the mask on the device: no host read for it here.
+        let mask_as = |dtype| -> Result<Tensor> {
+            if path == Path::Gpu {
+                Ok(inputs.mask.to_dtype(dtype)?)
+            } else {
+                checked_mask(inputs.mask, dtype)
+            }
+        };
         // Constants the objective derives from the batch: GMPO's geometric-mean weights, KL-Cov's
         // selection.
         let derived = match (&config.trust_region, inputs.is_weights(t)?) {
             (TrustRegion::GeometricClip(_), Some(w)) => {
-                let mask = checked_mask(inputs.mask, w.dtype())?;
+                let mask = mask_as(w.dtype())?;
                 Some(gmpo::row_weights(&w, &mask)?)
             }
             (TrustRegion::Vespo(_), Some(_)) => match inputs.is_weights {
                 Some(w) if w.dims() == [w.dim(0)?, 1] && t != 1 => {
-                    let mask = checked_mask(inputs.mask, w.dtype())?;
+                    let mask = mask_as(w.dtype())?;
                     Some(vespo::spread_row_weights(&w.detach(), &mask)?)
                 }
                 _ => None,
@@ -180,21 +191,17 @@ impl PolicyLoss {
             }
             _ => None,
         };
-        let dtype = fused_input_dtype(inputs);
-        let (mut loss, mut sums, extrema, checks) =
-            match self.backend.path(inputs.log_probs.device(), dtype, true) {
-                Path::Composed => {
-                    let (loss, sums, extrema) = composed(
-                        config,
-                        &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
-                        flags.as_ref(),
-                    )?;
-                    (loss, sums, extrema, None)
-                }
-                path => {
-                    FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path == Path::Gpu)?
-                }
-            };
+        let (mut loss, mut sums, extrema, checks) = match path {
+            Path::Composed => {
+                let (loss, sums, extrema) = composed(
+                    config,
+                    &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
+                    flags.as_ref(),
+                )?;
+                (loss, sums, extrema, None)
+            }
+            path => FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path == Path::Gpu)?,
+        };
         if let (Some(bonus), Some(entropy)) = (&config.entropy, inputs.entropy) {
             let value = entropy_term(bonus, entropy, inputs)?;
             let bonus_term = value.affine(bonus.coef, 0.0)?.to_dtype(loss.dtype())?;
