@@ -127,6 +127,11 @@ impl PolicyLoss {
     /// gradient or the metrics; a batch with no unmasked token gives a loss of 0 and a zero
     /// gradient. Only `log_probs` (and `entropy`, for the bonus) is differentiated.
     ///
+    /// With the CUDA kernels ([`Backend::Fused`] on a CUDA device) nothing is read back to the
+    /// host: mask values other than 0/1 and non-finite values at unmasked positions are counted
+    /// on the device and returned as the same typed error by [`PolicyMetrics::check`] (and
+    /// [`PolicyMetrics::read`]), not by this call.
+    ///
     /// Some objectives derive constants from the whole batch before the kernel runs: KL-Cov's
     /// selection (one host read of `ℓ`, `A` and the mask), GMPO's geometric-mean weights, and in
     /// bypass mode the rollout correction (on the host, once per call).
