@@ -110,9 +110,10 @@ pub(super) fn forward(
     let ids = ids_storage.as_cuda_slice::<i64>()?.slice(start..end);
     let (chunk, tile) = CUDA_TILING;
     let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
-    let mut state = dev.alloc_zeros::<f32>(3 * n)?;
-    let mut z_target = dev.alloc_zeros::<f32>(n)?;
-    let out = dev.alloc_zeros::<f32>(3 * n)?;
+    // At least one element: CUDA refuses zero-byte allocations (empty batches).
+    let mut state = dev.alloc_zeros::<f32>((3 * n).max(1))?;
+    let mut z_target = dev.alloc_zeros::<f32>(n.max(1))?;
+    let out = dev.alloc_zeros::<f32>((3 * n).max(1))?;
     let fold = dev.get_or_load_custom_func("sapo_linear_fold", MODULE, PTX)?;
     let inv_t = (1.0 / temperature) as f32;
     let has_bias = i32::from(has_bias);
@@ -192,7 +193,8 @@ pub(super) fn backward(
     let ids = ids_storage.as_cuda_slice::<i64>()?.slice(start..end);
     let (chunk, tile) = CUDA_TILING;
     let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
-    let mut out = dev.alloc_zeros::<f32>(n * h + v * h + v)?;
+    // At least one element: CUDA refuses zero-byte allocations (empty batches).
+    let mut out = dev.alloc_zeros::<f32>((n * h + v * h + v).max(1))?;
     let grad_tile = dev.get_or_load_custom_func("sapo_linear_grad_tile", MODULE, PTX)?;
     let bias_grad = dev.get_or_load_custom_func("sapo_linear_bias_grad", MODULE, PTX)?;
     let inv_t = (1.0 / temperature) as f32;

@@ -50,7 +50,8 @@ fn forward_with<F: CudaDType + DeviceRepr, I: CudaDType + DeviceRepr>(
         view::<F>(logits, layout)?,
         view::<I>(target_storage, target_layout)?,
     );
-    let out = dev.alloc_zeros::<f32>(3 * rows)?;
+    // At least one element: CUDA refuses zero-byte allocations (empty batches).
+    let out = dev.alloc_zeros::<f32>((3 * rows).max(1))?;
     if rows > 0 {
         let name = format!("sapo_log_probs_forward_{suffix}");
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
@@ -124,7 +125,8 @@ where
         view::<f32>(res, res_layout)?,
         view::<f32>(grad, grad_layout)?,
     );
-    let out = dev.alloc_zeros::<F>(rows * vocab)?;
+    // At least one element: CUDA refuses zero-byte allocations (empty batches).
+    let out = dev.alloc_zeros::<F>((rows * vocab).max(1))?;
     if rows > 0 {
         let name = format!("sapo_log_probs_backward_{suffix}");
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;

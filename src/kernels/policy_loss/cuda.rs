@@ -77,10 +77,11 @@ where
         None => storage.as_cuda_slice::<F>()?.slice(start..end),
     };
 
-    let row_stats = dev.alloc_zeros::<f32>(rows * ROW_STATS)?;
-    let row_out = dev.alloc_zeros::<f32>(rows * ROW_LEN)?;
+    // At least one element: CUDA refuses zero-byte allocations (empty batches).
+    let row_stats = dev.alloc_zeros::<f32>((rows * ROW_STATS).max(1))?;
+    let row_out = dev.alloc_zeros::<f32>((rows * ROW_LEN).max(1))?;
     let out = dev.alloc_zeros::<f32>(GPU_OUT_LEN)?;
-    let grad = dev.alloc_zeros::<F>(rows * t)?;
+    let grad = dev.alloc_zeros::<F>((rows * t).max(1))?;
     let per_row = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (params.threads as u32, 1, 1),
