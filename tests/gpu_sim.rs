@@ -617,3 +617,38 @@ fn simulated_cuda_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
         close(&format!("grad[{j}]"), *x, *y, 2e-4);
     }
 }
+
+#[test]
+fn simulated_cuda_results_do_not_depend_on_thread_scheduling() {
+    // The simulation's threads interleave differently on every run: fixed reduction orders must
+    // still give the same bits.
+    let x = batch(4, 300, DType::F32, false, 77);
+    let kl = KlPenalty::new(0.05, KlEstimator::K3).with_importance_weighting(true);
+    let loss = Gspo::default().config().with_kl(Some(kl)).build().unwrap();
+    let bits = || {
+        let r = run(
+            &loss,
+            &x,
+            &x.mask,
+            Normalizer::default(),
+            Backend::SimulatedCuda,
+        );
+        let metrics = [r.metrics.neg_log_ratio_sum, r.metrics.ratio_excess_sum];
+        std::iter::once(r.loss)
+            .chain(r.grad)
+            .chain(metrics)
+            .map(f64::to_bits)
+            .collect::<Vec<_>>()
+    };
+    let first = bits();
+    for _ in 0..2 {
+        assert_eq!(first, bits());
+    }
+    let logits = floats(3 * 2000, 61, 5.0).reshape((3, 2000)).unwrap();
+    let targets = Tensor::new(&[5u32, 1999, 0], &Device::Cpu).unwrap();
+    let once = log_probs_run(&logits, &targets, 1.0, Backend::SimulatedCuda);
+    assert_eq!(
+        once,
+        log_probs_run(&logits, &targets, 1.0, Backend::SimulatedCuda)
+    );
+}
