@@ -420,7 +420,7 @@ __device__ void policy_rows(const F* lp, const F* old, const F* adv, const M* ma
     // Every token shares ∂l/∂s (importance-weighted KL: and Σ k·∂s), known only now.
     float kl_share = p.kl && p.kl_importance ? coef_kl * acc[ACC_KRAW] : 0.0f;
     float shared = (coef_policy * acc[ACC_SLOPE] + kl_share) * seq.ds / (n < 1.0f ? 1.0f : n);
-    float unused[ACC_LEN];
+    float unused[ACC_LEN] = {};  // the sums were taken in the first sweep
     float unused_lo = SAPO_INF, unused_hi = -SAPO_INF;
     for (long j = threadIdx.x; j < p.t; j += blockDim.x) {
       Loaded x = load_token(p, row, j, lp, old, adv, mask, w, rf, flags);
