@@ -12,6 +12,7 @@ const KERNELS: [&str; 3] = ["linear_log_probs", "log_probs", "policy_loss"];
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=src/kernels/gpu/common.cuh");
+    println!("cargo::rerun-if-changed=src/kernels/gpu/softmax.cuh");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -9,21 +9,9 @@
 //             tile's share to the hidden states' and the weight's gradients.
 //
 // Tiles and rows are visited in a fixed order, with no atomics: the same bits on every run. The
-// scalar formulas restate `logprobs.rs` (`weighted_logit`, `finish_row`, `logit_gradient`), as
-// `log_probs.cu` does; the tests run this file in simulation against the CPU kernel.
-#include "../gpu/common.cuh"
-
-__device__ __forceinline__ float linear_weighted_logit(float e, float z) {
-  return e > 0.0f ? e * z : 0.0f;
-}
-
-__device__ __forceinline__ float linear_logit_gradient(float x, float inv_t, float lse,
-                                                       float entropy, float g_lp, float g_h) {
-  float z = x * inv_t;
-  float p = expf(z - lse);
-  float term = p > 0.0f ? p * (z - lse + entropy) : 0.0f;
-  return -(inv_t * (g_lp * p + g_h * term));
-}
+// formulas and the online softmax are those of `../gpu/softmax.cuh`, shared with `log_probs.cu`;
+// the tests run this file in simulation against the CPU kernel.
+#include "../gpu/softmax.cuh"
 
 // One block per row of the chunk. `tile` is `[rows_in_chunk, width]` row-major; the tile covers
 // vocabulary ids [v0, v0 + width). `state` is `[N, 3]` (max, sum, weighted), `z_target` `[N]`.
@@ -34,26 +22,10 @@ extern "C" __global__ void sapo_linear_fold(const float* tile, const float* bias
   __shared__ float scratch[3 * (SAPO_MAX_BLOCK / SAPO_WARP)];
   const long r = blockIdx.x, row = row0 + r;
   const float* x = tile + r * width;
-  float max = -SAPO_INF, sum = 0.0f, weighted = 0.0f;
-  for (long j = threadIdx.x; j < width; j += blockDim.x) {
-    float z = (x[j] + (has_bias ? bias[v0 + j] : 0.0f)) * inv_t;
-    if (z > max) {
-      float scale = expf(max - z);
-      sum *= scale;
-      weighted *= scale;
-      max = z;
-    }
-    if (max > -SAPO_INF) {
-      float e = expf(z - max);
-      sum += e;
-      weighted += linear_weighted_logit(e, z);
-    }
-  }
-  float lo = max, tile_max = max;
-  sapo_block_min_max(lo, tile_max, scratch);
-  float scale = max > -SAPO_INF ? expf(max - tile_max) : 0.0f;
-  float sums[2] = {sum * scale, weighted * scale};
-  sapo_block_sum<2>(sums, scratch);
+  OnlineSoftmax tile_state = online_empty();
+  for (long j = threadIdx.x; j < width; j += blockDim.x)
+    online_add(tile_state, (x[j] + (has_bias ? bias[v0 + j] : 0.0f)) * inv_t);
+  tile_state = online_block_combine(tile_state, scratch);
   if (threadIdx.x == 0) {
     float* s = state + 3 * row;
     if (v0 == 0) {
@@ -61,12 +33,13 @@ extern "C" __global__ void sapo_linear_fold(const float* tile, const float* bias
       z_target[row] = SAPO_NAN;  // stays NaN for an id outside [0, V)
     }
     // Merge the tile into the running state at the larger maximum.
+    const float tile_max = tile_state.max;
     float m = tile_max > s[0] ? tile_max : s[0];
     if (m > -SAPO_INF) {
       float old_scale = s[0] > -SAPO_INF ? expf(s[0] - m) : 0.0f;
       float new_scale = tile_max > -SAPO_INF ? expf(tile_max - m) : 0.0f;
-      s[1] = s[1] * old_scale + sums[0] * new_scale;
-      s[2] = s[2] * old_scale + sums[1] * new_scale;
+      s[1] = s[1] * old_scale + tile_state.sum * new_scale;
+      s[2] = s[2] * old_scale + tile_state.weighted * new_scale;
       s[0] = m;
     }
     long long target = targets[row];
@@ -80,17 +53,14 @@ extern "C" __global__ void sapo_linear_finish(const float* state, const float* z
                                               long rows, float* out) {
   long row = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (row >= rows) return;
-  const float* s = state + 3 * row;
-  float lse = s[0] + logf(s[1]);
-  float z = z_target[row];
-  float lp = SAPO_NAN, entropy = SAPO_NAN;
-  if (sapo_isfinite(lse) && z == z) {
-    lp = z - lse;
-    entropy = lse - s[2] / s[1];
-  }
-  out[row] = lp;
-  out[rows + row] = entropy;
-  out[2 * rows + row] = lse;
+  OnlineSoftmax s;
+  s.max = state[3 * row];
+  s.sum = state[3 * row + 1];
+  s.weighted = state[3 * row + 2];
+  RowLogProb r = finish_row(s, z_target[row]);
+  out[row] = r.log_prob;
+  out[rows + row] = r.entropy;
+  out[2 * rows + row] = r.lse;
 }
 
 // One block per row of the chunk: the tile's logits become their gradient, in place.
@@ -107,7 +77,7 @@ extern "C" __global__ void sapo_linear_grad_tile(float* tile, const float* bias,
   for (long j = threadIdx.x; j < width; j += blockDim.x) {
     float value = 0.0f;
     if (!silent) {
-      value = linear_logit_gradient(x[j] + (has_bias ? bias[v0 + j] : 0.0f), inv_t, lse, entropy,
+      value = logit_gradient(x[j] + (has_bias ? bias[v0 + j] : 0.0f), inv_t, lse, entropy,
                                     g_lp, g_h);
       if (v0 + j == target) value += inv_t * g_lp;
     }

@@ -6,20 +6,9 @@
 // NaN (the policy loss then reports non-finite log-probs): the check needs no host read.
 // Backward: the softmax recomputed on the fly, the logits' gradient written once.
 //
-// The scalar formulas restate those of `logprobs.rs` (`weighted_logit`, `finish_row`,
-// `logit_gradient`); the tests run this file in simulation against the CPU kernel.
-#include "../gpu/common.cuh"
-
-// ---- logprobs.rs ----
-__device__ __forceinline__ float weighted_logit(float e, float z) { return e > 0.0f ? e * z : 0.0f; }
-
-__device__ __forceinline__ float logit_gradient(float x, float inv_t, float lse, float entropy,
-                                                float grad_log_prob, float grad_entropy) {
-  float z = x * inv_t;
-  float p = expf(z - lse);
-  float term = p > 0.0f ? p * (z - lse + entropy) : 0.0f;
-  return -(inv_t * (grad_log_prob * p + grad_entropy * term));
-}
+// The scalar formulas (`logprobs.rs`) and the online softmax are in `../gpu/softmax.cuh`, shared
+// with the fused linear path; the tests run this file in simulation against the CPU kernel.
+#include "../gpu/softmax.cuh"
 
 // The target id of row `i` as a signed 64-bit value.
 template <typename I> __device__ __forceinline__ long long target_id(const I* targets, long i) {
@@ -32,40 +21,16 @@ __device__ void log_probs_forward(const F* logits, const I* targets, long vocab,
   __shared__ float scratch[3 * (SAPO_MAX_BLOCK / SAPO_WARP)];
   const long row = blockIdx.x;
   const F* x = logits + row * vocab;
-  float max = -SAPO_INF, sum = 0.0f, weighted = 0.0f;
-  for (long v = threadIdx.x; v < vocab; v += blockDim.x) {
-    float z = sapo_load(x, v) * inv_t;
-    if (z > max) {  // online maximum: rescale what was summed against the old one
-      float scale = expf(max - z);
-      sum *= scale;
-      weighted *= scale;
-      max = z;
-    }
-    if (max > -SAPO_INF) {
-      float e = expf(z - max);
-      sum += e;
-      weighted += weighted_logit(e, z);
-    }
-  }
-  // The row's maximum, then every thread's sums rescaled to it, summed in a fixed order.
-  float lo = max, row_max = max;
-  sapo_block_min_max(lo, row_max, scratch);
-  float scale = max > -SAPO_INF ? expf(max - row_max) : 0.0f;
-  float sums[2] = {sum * scale, weighted * scale};
-  sapo_block_sum<2>(sums, scratch);
+  OnlineSoftmax state = online_empty();
+  for (long v = threadIdx.x; v < vocab; v += blockDim.x) online_add(state, sapo_load(x, v) * inv_t);
+  state = online_block_combine(state, scratch);
   if (threadIdx.x == 0) {
     long long target = target_id(targets, row);
     bool valid = target >= 0 && target < vocab;
-    // logprobs.rs, finish_row.
-    float lse = row_max + logf(sums[0]);
-    float lp = SAPO_NAN, entropy = SAPO_NAN;
-    if (sapo_isfinite(lse) && valid) {
-      lp = sapo_load(x, (long)target) * inv_t - lse;
-      entropy = lse - sums[1] / sums[0];
-    }
-    out[row] = lp;
-    out[rows + row] = entropy;
-    out[2 * rows + row] = lse;
+    RowLogProb r = finish_row(state, valid ? sapo_load(x, (long)target) * inv_t : SAPO_NAN);
+    out[row] = r.log_prob;
+    out[rows + row] = r.entropy;
+    out[2 * rows + row] = r.lse;
   }
 }
 
