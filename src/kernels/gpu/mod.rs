@@ -4,5 +4,7 @@
 //! shim and runs it on the CPU, so that the tests compare the GPU kernels with the CPU kernels on
 //! any machine.
 
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 #[cfg(feature = "gpu-sim")]
 pub(crate) mod sim;

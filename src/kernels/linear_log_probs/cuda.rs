@@ -7,22 +7,18 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t;
 use candle_core::cuda_backend::cudarc::cublas::{Gemm, GemmConfig};
-use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Shape, Tensor};
 
 use super::gpu::CUDA_TILING;
+use crate::kernels::gpu::cuda::{storage_view, view};
 use crate::kernels::log_probs::gpu::block_threads;
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/linear_log_probs.ptx"));
 const MODULE: &str = "sapo_linear_log_probs";
-
-fn view<'a>(storage: &'a CudaStorage, layout: &Layout) -> candle_core::Result<CudaView<'a, f32>> {
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("CUDA fused linear log-probs: inputs must be contiguous".into())
-    })?;
-    Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
-}
 
 /// cuBLAS's `C = op(A)·op(B) + β·C` on column-major f32 matrices (`transpose_a`, `transpose_b`).
 #[allow(clippy::too_many_arguments)]
@@ -84,6 +80,45 @@ fn linear_config(count: usize) -> LaunchConfig {
     }
 }
 
+/// A tile of the walk: rows `c0..c0 + c` × vocabulary ids `v0..v0 + w`.
+#[derive(Clone, Copy)]
+struct Tile {
+    c0: usize,
+    c: usize,
+    v0: usize,
+    w: usize,
+}
+
+/// The walk both passes make over chunks of rows × tiles of the vocabulary: each tile's logits
+/// `h_chunk·W_tileᵀ` (cuBLAS) are written at the start of one reused buffer and handed to `body`.
+fn for_each_tile(
+    dev: &candle_core::CudaDevice,
+    (hidden, weight): (&CudaView<'_, f32>, &CudaView<'_, f32>),
+    (n, h, v): (usize, usize, usize),
+    mut body: impl FnMut(Tile, &mut CudaViewMut<'_, f32>) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let (chunk, tile) = CUDA_TILING;
+    let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
+    for c0 in (0..n).step_by(chunk) {
+        let c = chunk.min(n - c0);
+        for v0 in (0..v).step_by(tile) {
+            let w = tile.min(v - v0);
+            let mut tile_logits = logits.slice_mut(0..c * w);
+            gemm(
+                dev,
+                (true, false),
+                (w, c, h),
+                (&weight.slice(v0 * h..(v0 + w) * h), h),
+                (&hidden.slice(c0 * h..(c0 + c) * h), h),
+                0.0,
+                (&mut tile_logits, w),
+            )?;
+            body(Tile { c0, c, v0, w }, &mut tile_logits)?;
+        }
+    }
+    Ok(())
+}
+
 /// The forward: `[3, N]` (ℓ, H, lse), f32 inputs.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
@@ -97,19 +132,13 @@ pub(super) fn forward(
     let (n, h) = hidden_layout.shape().dims2()?;
     let v = weight_layout.shape().dims2()?.0;
     let (hidden, weight, bias) = (
-        view(hidden, hidden_layout)?,
-        view(weight, weight_layout)?,
-        view(bias, bias_layout)?,
+        view::<f32>(hidden, hidden_layout)?,
+        view::<f32>(weight, weight_layout)?,
+        view::<f32>(bias, bias_layout)?,
     );
     let ids = target_ids(targets)?;
     let (ids_guard, ids_layout) = ids.storage_and_layout();
-    let Storage::Cuda(ids_storage) = &*ids_guard else {
-        candle_core::bail!("CUDA fused linear log-probs: targets are not on the CUDA device")
-    };
-    let (start, end) = ids_layout.contiguous_offsets().unwrap_or((0, n));
-    let ids = ids_storage.as_cuda_slice::<i64>()?.slice(start..end);
-    let (chunk, tile) = CUDA_TILING;
-    let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
+    let ids = storage_view::<i64>(&ids_guard, ids_layout)?;
     // At least one element: CUDA refuses zero-byte allocations (empty batches).
     let mut state = dev.alloc_zeros::<f32>((3 * n).max(1))?;
     let mut z_target = dev.alloc_zeros::<f32>(n.max(1))?;
@@ -117,38 +146,23 @@ pub(super) fn forward(
     let fold = dev.get_or_load_custom_func("sapo_linear_fold", MODULE, PTX)?;
     let inv_t = (1.0 / temperature) as f32;
     let has_bias = i32::from(has_bias);
-    for c0 in (0..n).step_by(chunk) {
-        let c = chunk.min(n - c0);
-        for v0 in (0..v).step_by(tile) {
-            let w = tile.min(v - v0);
-            let tile_weight = weight.slice(v0 * h..(v0 + w) * h);
-            let tile_hidden = hidden.slice(c0 * h..(c0 + c) * h);
-            let mut tile_logits = logits.slice_mut(0..c * w);
-            gemm(
-                &dev,
-                (true, false),
-                (w, c, h),
-                (&tile_weight, h),
-                (&tile_hidden, h),
-                0.0,
-                (&mut tile_logits, w),
-            )?;
-            let mut b = fold.builder();
-            let (v0_arg, w_arg, c0_arg) = (v0 as i64, w as i64, c0 as i64);
-            b.arg(&mut tile_logits)
-                .arg(&bias)
-                .arg(&has_bias)
-                .arg(&v0_arg)
-                .arg(&w_arg);
-            b.arg(&c0_arg)
-                .arg(&ids)
-                .arg(&inv_t)
-                .arg(&mut state)
-                .arg(&mut z_target);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(rows_config(c, w)) }.w()?;
-        }
-    }
+    for_each_tile(&dev, (&hidden, &weight), (n, h, v), |t, tile_logits| {
+        let mut b = fold.builder();
+        let (v0_arg, w_arg, c0_arg) = (t.v0 as i64, t.w as i64, t.c0 as i64);
+        b.arg(tile_logits)
+            .arg(&bias)
+            .arg(&has_bias)
+            .arg(&v0_arg)
+            .arg(&w_arg);
+        b.arg(&c0_arg)
+            .arg(&ids)
+            .arg(&inv_t)
+            .arg(&mut state)
+            .arg(&mut z_target);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { b.launch(rows_config(t.c, t.w)) }.w()?;
+        Ok(())
+    })?;
     if n > 0 {
         let finish = dev.get_or_load_custom_func("sapo_linear_finish", MODULE, PTX)?;
         let mut b = finish.builder();
@@ -174,97 +188,73 @@ pub(super) fn backward(
     let (n, h) = hidden_layout.shape().dims2()?;
     let v = weight_layout.shape().dims2()?.0;
     let (hidden, weight, packed) = (
-        view(hidden, hidden_layout)?,
-        view(weight, weight_layout)?,
-        view(packed, packed_layout)?,
+        view::<f32>(hidden, hidden_layout)?,
+        view::<f32>(weight, weight_layout)?,
+        view::<f32>(packed, packed_layout)?,
     );
     let (res, grad_res) = (packed.slice(0..3 * n), packed.slice(3 * n..6 * n));
     let (bias_guard, bias_layout) = bias.storage_and_layout();
-    let Storage::Cuda(bias_storage) = &*bias_guard else {
-        candle_core::bail!("CUDA fused linear log-probs: the bias is not on the CUDA device")
-    };
-    let bias = view(bias_storage, bias_layout)?;
+    let bias = storage_view::<f32>(&bias_guard, bias_layout)?;
     let ids = target_ids(targets)?;
     let (ids_guard, ids_layout) = ids.storage_and_layout();
-    let Storage::Cuda(ids_storage) = &*ids_guard else {
-        candle_core::bail!("CUDA fused linear log-probs: targets are not on the CUDA device")
-    };
-    let (start, end) = ids_layout.contiguous_offsets().unwrap_or((0, n));
-    let ids = ids_storage.as_cuda_slice::<i64>()?.slice(start..end);
-    let (chunk, tile) = CUDA_TILING;
-    let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
+    let ids = storage_view::<i64>(&ids_guard, ids_layout)?;
     // At least one element: CUDA refuses zero-byte allocations (empty batches).
     let mut out = dev.alloc_zeros::<f32>((n * h + v * h + v).max(1))?;
     let grad_tile = dev.get_or_load_custom_func("sapo_linear_grad_tile", MODULE, PTX)?;
     let bias_grad = dev.get_or_load_custom_func("sapo_linear_bias_grad", MODULE, PTX)?;
     let inv_t = (1.0 / temperature) as f32;
     let has_bias_arg = i32::from(has_bias);
-    for c0 in (0..n).step_by(chunk) {
-        let c = chunk.min(n - c0);
-        for v0 in (0..v).step_by(tile) {
-            let w = tile.min(v - v0);
-            let tile_weight = weight.slice(v0 * h..(v0 + w) * h);
-            let tile_hidden = hidden.slice(c0 * h..(c0 + c) * h);
-            let mut tile_logits = logits.slice_mut(0..c * w);
-            gemm(
-                &dev,
-                (true, false),
-                (w, c, h),
-                (&tile_weight, h),
-                (&tile_hidden, h),
-                0.0,
-                (&mut tile_logits, w),
-            )?;
-            let mut b = grad_tile.builder();
-            let (v0_arg, w_arg, c0_arg, n_arg) = (v0 as i64, w as i64, c0 as i64, n as i64);
-            b.arg(&mut tile_logits)
-                .arg(&bias)
-                .arg(&has_bias_arg)
+    for_each_tile(&dev, (&hidden, &weight), (n, h, v), |t, tile_logits| {
+        let Tile { c0, c, v0, w } = t;
+        let mut b = grad_tile.builder();
+        let (v0_arg, w_arg, c0_arg, n_arg) = (v0 as i64, w as i64, c0 as i64, n as i64);
+        b.arg(&mut *tile_logits)
+            .arg(&bias)
+            .arg(&has_bias_arg)
+            .arg(&v0_arg)
+            .arg(&w_arg);
+        b.arg(&c0_arg)
+            .arg(&n_arg)
+            .arg(&ids)
+            .arg(&inv_t)
+            .arg(&res)
+            .arg(&grad_res);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { b.launch(rows_config(c, w)) }.w()?;
+        if has_bias {
+            let mut grad_bias = out.slice_mut(n * h + v * h..n * h + v * h + v);
+            let mut b = bias_grad.builder();
+            let c_arg = c as i64;
+            b.arg(&mut *tile_logits)
+                .arg(&c_arg)
+                .arg(&w_arg)
                 .arg(&v0_arg)
-                .arg(&w_arg);
-            b.arg(&c0_arg)
-                .arg(&n_arg)
-                .arg(&ids)
-                .arg(&inv_t)
-                .arg(&res)
-                .arg(&grad_res);
-            // SAFETY: the arguments match the kernel's signature.
-            unsafe { b.launch(rows_config(c, w)) }.w()?;
-            if has_bias {
-                let mut grad_bias = out.slice_mut(n * h + v * h..n * h + v * h + v);
-                let mut b = bias_grad.builder();
-                let c_arg = c as i64;
-                b.arg(&mut tile_logits)
-                    .arg(&c_arg)
-                    .arg(&w_arg)
-                    .arg(&v0_arg)
-                    .arg(&mut grad_bias);
-                // SAFETY: as above.
-                unsafe { b.launch(linear_config(w)) }.w()?;
-            }
-            // ∂h (this chunk) += ∂L·W_tile; ∂W (this tile) += ∂Lᵀ·h_chunk.
-            let mut grad_hidden = out.slice_mut(c0 * h..(c0 + c) * h);
-            gemm(
-                &dev,
-                (false, false),
-                (h, c, w),
-                (&tile_weight, h),
-                (&tile_logits, w),
-                1.0,
-                (&mut grad_hidden, h),
-            )?;
-            let mut grad_weight = out.slice_mut(n * h + v0 * h..n * h + (v0 + w) * h);
-            gemm(
-                &dev,
-                (false, true),
-                (h, w, c),
-                (&tile_hidden, h),
-                (&tile_logits, w),
-                1.0,
-                (&mut grad_weight, h),
-            )?;
+                .arg(&mut grad_bias);
+            // SAFETY: as above.
+            unsafe { b.launch(linear_config(w)) }.w()?;
         }
-    }
+        // ∂h (this chunk) += ∂L·W_tile; ∂W (this tile) += ∂Lᵀ·h_chunk.
+        let mut grad_hidden = out.slice_mut(c0 * h..(c0 + c) * h);
+        gemm(
+            &dev,
+            (false, false),
+            (h, c, w),
+            (&weight.slice(v0 * h..(v0 + w) * h), h),
+            (&*tile_logits, w),
+            1.0,
+            (&mut grad_hidden, h),
+        )?;
+        let mut grad_weight = out.slice_mut(n * h + v0 * h..n * h + (v0 + w) * h);
+        gemm(
+            &dev,
+            (false, true),
+            (h, w, c),
+            (&hidden.slice(c0 * h..(c0 + c) * h), h),
+            (&*tile_logits, w),
+            1.0,
+            (&mut grad_weight, h),
+        )
+    })?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev),
         Shape::from(n * h + v * h + v),

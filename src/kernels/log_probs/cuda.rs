@@ -4,26 +4,17 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CudaStorage, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CudaStorage, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use super::gpu::{block_threads, kernel_suffix};
+use crate::kernels::gpu::cuda::{storage_view, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/log_probs.ptx"));
 const MODULE: &str = "sapo_log_probs";
-
-fn view<'a, T: CudaDType>(
-    storage: &'a CudaStorage,
-    layout: &Layout,
-) -> candle_core::Result<CudaView<'a, T>> {
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("CUDA log-probs: inputs must be contiguous".into())
-    })?;
-    Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
-}
 
 fn config(rows: usize, vocab: usize) -> LaunchConfig {
     LaunchConfig {
@@ -43,12 +34,9 @@ fn forward_with<F: CudaDType + DeviceRepr, I: CudaDType + DeviceRepr>(
     let dev = logits.device().clone();
     let (rows, vocab) = layout.shape().dims2()?;
     let (guard, target_layout) = targets.storage_and_layout();
-    let Storage::Cuda(target_storage) = &*guard else {
-        candle_core::bail!("CUDA log-probs: targets are not on the CUDA device")
-    };
     let (x, ids) = (
         view::<F>(logits, layout)?,
-        view::<I>(target_storage, target_layout)?,
+        storage_view::<I>(&guard, target_layout)?,
     );
     // At least one element: CUDA refuses zero-byte allocations (empty batches).
     let out = dev.alloc_zeros::<f32>((3 * rows).max(1))?;
@@ -116,11 +104,8 @@ where
     let dev = logits.device().clone();
     let (rows, vocab) = layout.shape().dims2()?;
     let (guard, target_layout) = targets.storage_and_layout();
-    let Storage::Cuda(target_storage) = &*guard else {
-        candle_core::bail!("CUDA log-probs: targets are not on the CUDA device")
-    };
     let x = view::<F>(logits, layout)?;
-    let ids = view::<I>(target_storage, target_layout)?;
+    let ids = storage_view::<I>(&guard, target_layout)?;
     let (res, grad) = (
         view::<f32>(res, res_layout)?,
         view::<f32>(grad, grad_layout)?,

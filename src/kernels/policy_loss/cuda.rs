@@ -5,7 +5,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
@@ -14,6 +14,7 @@ use half::{bf16, f16};
 
 use super::gpu::{kernel_suffix, PolicyParams, GPU_OUT_LEN, ROW_LEN, ROW_STATS};
 use super::FusedPolicyLoss;
+use crate::kernels::gpu::cuda::{storage_view, view};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/policy_loss.ptx"));
 const MODULE: &str = "sapo_policy_loss";
@@ -21,20 +22,6 @@ const MODULE: &str = "sapo_policy_loss";
 // SAFETY: `PolicyParams` is #[repr(C)] plain data (4-byte fields, no padding), the layout of the
 // kernel's `PolicyParams`.
 unsafe impl DeviceRepr for PolicyParams {}
-
-/// The contiguous CUDA view of a tensor's storage.
-fn view<'a, T: CudaDType>(
-    storage: &'a Storage,
-    layout: &Layout,
-) -> candle_core::Result<CudaView<'a, T>> {
-    let Storage::Cuda(cuda) = storage else {
-        candle_core::bail!("CUDA policy loss: an input is not on the CUDA device")
-    };
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("CUDA policy loss: inputs must be contiguous".into())
-    })?;
-    Ok(cuda.as_cuda_slice::<T>()?.slice(start..end))
-}
 
 /// Runs the kernels for log-probs stored as `F` and a mask stored as `M`.
 fn launch<F, M>(
@@ -50,31 +37,28 @@ where
     let dev = storage.device().clone();
     let (rows, t) = layout.shape().dims2()?;
     let params = PolicyParams::new(op, rows, t);
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("log_probs must be contiguous".into()))?;
-    let log_probs = storage.as_cuda_slice::<F>()?.slice(start..end);
+    let log_probs = view::<F>(storage, layout)?;
     let old = op.old_log_probs.storage_and_layout();
     let adv = op.advantages.storage_and_layout();
     let mask = op.mask.storage_and_layout();
     let weights = op.is_weights.as_ref().map(Tensor::storage_and_layout);
     let reference = op.ref_log_probs.as_ref().map(Tensor::storage_and_layout);
     let flags = op.flags.as_ref().map(Tensor::storage_and_layout);
-    let old = view::<F>(&old.0, old.1)?;
-    let adv = view::<F>(&adv.0, adv.1)?;
-    let mask = view::<M>(&mask.0, mask.1)?;
+    let old = storage_view::<F>(&old.0, old.1)?;
+    let adv = storage_view::<F>(&adv.0, adv.1)?;
+    let mask = storage_view::<M>(&mask.0, mask.1)?;
     // Absent inputs are never read: the log-probs stand in.
     let weights = match &weights {
-        Some((guard, layout)) => view::<F>(guard, layout)?,
-        None => storage.as_cuda_slice::<F>()?.slice(start..end),
+        Some((guard, layout)) => storage_view::<F>(guard, layout)?,
+        None => view::<F>(storage, layout)?,
     };
     let reference = match &reference {
-        Some((guard, layout)) => view::<F>(guard, layout)?,
-        None => storage.as_cuda_slice::<F>()?.slice(start..end),
+        Some((guard, layout)) => storage_view::<F>(guard, layout)?,
+        None => view::<F>(storage, layout)?,
     };
     let flags = match &flags {
-        Some((guard, layout)) => view::<F>(guard, layout)?,
-        None => storage.as_cuda_slice::<F>()?.slice(start..end),
+        Some((guard, layout)) => storage_view::<F>(guard, layout)?,
+        None => view::<F>(storage, layout)?,
     };
 
     // At least one element: CUDA refuses zero-byte allocations (empty batches).
