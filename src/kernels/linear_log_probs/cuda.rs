@@ -120,7 +120,6 @@ fn for_each_tile(
 }
 
 /// The forward: `[3, N]` (ℓ, H, lse), f32 inputs.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     targets: &Tensor,
     (temperature, has_bias): (f64, bool),

@@ -16,6 +16,24 @@ use crate::kernels::gpu::cuda::{storage_view, view};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/log_probs.ptx"));
 const MODULE: &str = "sapo_log_probs";
 
+/// `$f::<F, I>` for logits stored as `F` (f32, f16, bf16) and targets as `I` (u8, u32, i64);
+/// the dtypes are known to be supported (`kernel_suffix`).
+macro_rules! by_storage_types {
+    ($f:ident, $dtype:expr, $ids:expr) => {
+        match ($dtype, $ids) {
+            (DType::F32, DType::U8) => $f::<f32, u8>,
+            (DType::F32, DType::U32) => $f::<f32, u32>,
+            (DType::F32, _) => $f::<f32, i64>,
+            (DType::F16, DType::U8) => $f::<f16, u8>,
+            (DType::F16, DType::U32) => $f::<f16, u32>,
+            (DType::F16, _) => $f::<f16, i64>,
+            (_, DType::U8) => $f::<bf16, u8>,
+            (_, DType::U32) => $f::<bf16, u32>,
+            _ => $f::<bf16, i64>,
+        }
+    };
+}
+
 fn config(rows: usize, vocab: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -69,17 +87,7 @@ pub(super) fn forward(
         candle_core::bail!("CUDA log-probs: unsupported dtypes {dtype:?}, {ids:?}")
     };
     let inv_t = (1.0 / temperature) as f32;
-    let run = match (dtype, ids) {
-        (DType::F32, DType::U8) => forward_with::<f32, u8>,
-        (DType::F32, DType::U32) => forward_with::<f32, u32>,
-        (DType::F32, _) => forward_with::<f32, i64>,
-        (DType::F16, DType::U8) => forward_with::<f16, u8>,
-        (DType::F16, DType::U32) => forward_with::<f16, u32>,
-        (DType::F16, _) => forward_with::<f16, i64>,
-        (_, DType::U8) => forward_with::<bf16, u8>,
-        (_, DType::U32) => forward_with::<bf16, u32>,
-        _ => forward_with::<bf16, i64>,
-    };
+    let run = by_storage_types!(forward_with, dtype, ids);
     let rows = layout.shape().dims2()?.0;
     Ok((
         run(logits, layout, targets, inv_t, suffix)?,
@@ -144,17 +152,7 @@ pub(super) fn backward(
         candle_core::bail!("CUDA log-probs backward: the row statistics must be f32")
     }
     let inv_t = (1.0 / temperature) as f32;
-    let run = match (dtype, ids) {
-        (DType::F32, DType::U8) => backward_with::<f32, u8>,
-        (DType::F32, DType::U32) => backward_with::<f32, u32>,
-        (DType::F32, _) => backward_with::<f32, i64>,
-        (DType::F16, DType::U8) => backward_with::<f16, u8>,
-        (DType::F16, DType::U32) => backward_with::<f16, u32>,
-        (DType::F16, _) => backward_with::<f16, i64>,
-        (_, DType::U8) => backward_with::<bf16, u8>,
-        (_, DType::U32) => backward_with::<bf16, u32>,
-        _ => backward_with::<bf16, i64>,
-    };
+    let run = by_storage_types!(backward_with, dtype, ids);
     let shape = logits.1.shape().clone();
     Ok((run(logits, rows, targets, inv_t, suffix)?, shape))
 }
