@@ -338,12 +338,15 @@ __device__ void policy_prepass(const F* lp, const F* old, const F* adv, const M*
 #define ACC_BAD 10  // 5 counts
 #define ACC_LEN 15
 
-// One token: accumulates its sums and returns its gradient (without the `Sequence` level's
-// row-shared part).
-__device__ __forceinline__ float token_step(const PolicyParams& p, const Loaded& x,
-                                            const SequenceRatio& seq, float coef_policy,
-                                            float coef_kl, float (&acc)[ACC_LEN], float& lo,
-                                            float& hi) {
+// What one token gives: its gradient without the `Sequence` level's row-shared part, and
+// ∂y/∂ℓ, its share of that part.
+struct Step { float g, factor; };
+
+// One token: accumulates its sums and returns its `Step`.
+__device__ __forceinline__ Step token_step(const PolicyParams& p, const Loaded& x,
+                                           const SequenceRatio& seq, float coef_policy,
+                                           float coef_kl, float (&acc)[ACC_LEN], float& lo,
+                                           float& hi) {
   RatioTerms rt = ratio_terms(p, x.lp, x.old, x.adv, seq);
   Token t;
   t.lp = x.lp; t.old = x.old; t.delta = rt.delta; t.r = rt.r; t.a = x.adv; t.row = seq.row;
@@ -369,7 +372,10 @@ __device__ __forceinline__ float token_step(const PolicyParams& p, const Loaded&
     acc[ACC_KRAW] += x.keep * k.v;
     g += x.keep * coef_kl * (weight_kl * k.d + k.v * dweight);
   }
-  return g;
+  Step step;
+  step.g = g;
+  step.factor = rt.factor;
+  return step;
 }
 
 template <typename F, typename M>
@@ -411,7 +417,7 @@ __device__ void policy_rows(const F* lp, const F* old, const F* adv, const M* ma
   for (long j = threadIdx.x; j < p.t; j += blockDim.x) {
     Loaded x = load_token(p, row, j, lp, old, adv, mask, w, rf, flags);
     for (int k = 0; k < 5; ++k) acc[ACC_BAD + k] += (float)x.bad[k];
-    float g = token_step(p, x, seq, coef_policy, coef_kl, acc, lo, hi);
+    float g = token_step(p, x, seq, coef_policy, coef_kl, acc, lo, hi).g;
     if (!sequence) grad[row * p.t + j] = Storage<F>::store(g);
   }
   sapo_block_sum<ACC_LEN>(acc, scratch);
@@ -424,9 +430,8 @@ __device__ void policy_rows(const F* lp, const F* old, const F* adv, const M* ma
     float unused_lo = SAPO_INF, unused_hi = -SAPO_INF;
     for (long j = threadIdx.x; j < p.t; j += blockDim.x) {
       Loaded x = load_token(p, row, j, lp, old, adv, mask, w, rf, flags);
-      float g = token_step(p, x, seq, coef_policy, coef_kl, unused, unused_lo, unused_hi);
-      RatioTerms rt = ratio_terms(p, x.lp, x.old, x.adv, seq);
-      grad[row * p.t + j] = Storage<F>::store(g + shared * x.keep * rt.factor);
+      Step step = token_step(p, x, seq, coef_policy, coef_kl, unused, unused_lo, unused_hi);
+      grad[row * p.t + j] = Storage<F>::store(step.g + shared * x.keep * step.factor);
     }
   }
   if (threadIdx.x == 0) {
