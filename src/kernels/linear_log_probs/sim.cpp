@@ -43,20 +43,26 @@ int main(int argc, char** argv) {
   std::vector<float> packed = mode == 1 ? take<float>(6 * n) : std::vector<float>();
   sapo_sim::expect_end();
   std::vector<float> logits((size_t)std::min(chunk, n) * std::min(tile, v));
-  std::vector<float> out;
-  if (mode == 0) {
-    std::vector<float> state(3 * n), z_target(n);
+  // The walk of `cuda.rs`'s `for_each_tile`: each tile's logits, then `body(c0, c, v0, w)`.
+  auto for_each_tile = [&](auto body) {
     for (long c0 = 0; c0 < n; c0 += chunk) {
       long c = std::min(chunk, n - c0);
       for (long v0 = 0; v0 < v; v0 += tile) {
         long w = std::min(tile, v - v0);
         gemm(true, false, w, c, h, weight.data() + v0 * h, h, hidden.data() + c0 * h, h, 0.0f,
              logits.data(), w);
-        sapo_sim::launch(c, threads, sapo_linear_fold, (const float*)logits.data(),
-                         (const float*)bias.data(), has_bias, v0, w, c0,
-                         (const long long*)targets.data(), inv_t, state.data(), z_target.data());
+        body(c0, c, v0, w);
       }
     }
+  };
+  std::vector<float> out;
+  if (mode == 0) {
+    std::vector<float> state(3 * n), z_target(n);
+    for_each_tile([&](long c0, long c, long v0, long w) {
+      sapo_sim::launch(c, threads, sapo_linear_fold, (const float*)logits.data(),
+                       (const float*)bias.data(), has_bias, v0, w, c0,
+                       (const long long*)targets.data(), inv_t, state.data(), z_target.data());
+    });
     out.assign(3 * n, 0.0f);
     if (n > 0)
       sapo_sim::launch((n + 255) / 256, 256, sapo_linear_finish, (const float*)state.data(),
@@ -66,24 +72,18 @@ int main(int argc, char** argv) {
     float *grad_hidden = out.data(), *grad_weight = out.data() + n * h,
           *grad_bias = out.data() + n * h + v * h;
     const float *res = packed.data(), *grad_res = packed.data() + 3 * n;
-    for (long c0 = 0; c0 < n; c0 += chunk) {
-      long c = std::min(chunk, n - c0);
-      for (long v0 = 0; v0 < v; v0 += tile) {
-        long w = std::min(tile, v - v0);
-        gemm(true, false, w, c, h, weight.data() + v0 * h, h, hidden.data() + c0 * h, h, 0.0f,
-             logits.data(), w);
-        sapo_sim::launch(c, threads, sapo_linear_grad_tile, logits.data(),
-                         (const float*)bias.data(), has_bias, v0, w, c0, n,
-                         (const long long*)targets.data(), inv_t, res, grad_res);
-        if (has_bias)
-          sapo_sim::launch((w + 255) / 256, 256, sapo_linear_bias_grad,
-                           (const float*)logits.data(), c, w, v0, grad_bias);
-        gemm(false, false, h, c, w, weight.data() + v0 * h, h, logits.data(), w, 1.0f,
-             grad_hidden + c0 * h, h);
-        gemm(false, true, h, w, c, hidden.data() + c0 * h, h, logits.data(), w, 1.0f,
-             grad_weight + v0 * h, h);
-      }
-    }
+    for_each_tile([&](long c0, long c, long v0, long w) {
+      sapo_sim::launch(c, threads, sapo_linear_grad_tile, logits.data(),
+                       (const float*)bias.data(), has_bias, v0, w, c0, n,
+                       (const long long*)targets.data(), inv_t, res, grad_res);
+      if (has_bias)
+        sapo_sim::launch((w + 255) / 256, 256, sapo_linear_bias_grad,
+                         (const float*)logits.data(), c, w, v0, grad_bias);
+      gemm(false, false, h, c, w, weight.data() + v0 * h, h, logits.data(), w, 1.0f,
+           grad_hidden + c0 * h, h);
+      gemm(false, true, h, w, c, hidden.data() + c0 * h, h, logits.data(), w, 1.0f,
+           grad_weight + v0 * h, h);
+    });
   }
   std::ofstream o(argv[2], std::ios::binary);
   sapo_sim::write(o, out);
