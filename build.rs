@@ -11,8 +11,8 @@ const KERNELS: [&str; 3] = ["linear_log_probs", "log_probs", "policy_loss"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
-    println!("cargo::rerun-if-changed=src/kernels/gpu/common.cuh");
-    println!("cargo::rerun-if-changed=src/kernels/gpu/softmax.cuh");
+    println!("cargo::rerun-if-changed=src/kernels/gpu/common.h");
+    println!("cargo::rerun-if-changed=src/kernels/gpu/softmax.h");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -26,6 +26,7 @@ fn main() {
     for op in KERNELS {
         let source = format!("src/kernels/{op}/{op}.cu");
         println!("cargo::rerun-if-changed={source}");
+        println!("cargo::rerun-if-changed=src/kernels/{op}/{op}.h");
         let ptx = out_dir.join(format!("{op}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-arch=compute_80", "-O3", "-o"])

@@ -221,7 +221,7 @@ pub fn linear_log_probs_and_entropy_with(
         weight,
         bias,
         targets,
-        (temperature, path != Path::Gpu),
+        (temperature, path.gpu().is_none()),
     )?;
     let lead = &hidden.dims()[..hidden.rank() - 1];
     let hidden_2d = hidden.reshape((n, h))?.to_dtype(dtype)?;
@@ -241,7 +241,7 @@ pub fn linear_log_probs_and_entropy_with(
                 bias.as_ref(),
                 &targets,
                 temperature,
-                path == Path::Gpu,
+                path.gpu(),
             )
             .map_err(from_kernel)?,
         }

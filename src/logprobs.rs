@@ -196,7 +196,7 @@ pub fn token_log_probs_and_entropy_with(
 ) -> Result<(Tensor, Tensor)> {
     // The GPU kernels check the target ids on the device (no host read).
     let path = backend.path(logits.device(), logits.dtype(), true);
-    check_inputs(logits, targets, temperature, path != Path::Gpu)?;
+    check_inputs(logits, targets, temperature, path.gpu().is_none())?;
     let dims = logits.dims();
     let (lead, vocab) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
     let rows: usize = lead.iter().product();
@@ -204,8 +204,9 @@ pub fn token_log_probs_and_entropy_with(
     let targets = targets.flatten_all()?.contiguous()?;
     let (log_probs, entropy) = match path {
         Path::Composed => composed(&flat, &targets, temperature)?,
-        path => FusedLogProbs::forward(&flat, &targets, temperature, path == Path::Gpu)
-            .map_err(from_kernel)?,
+        path => {
+            FusedLogProbs::forward(&flat, &targets, temperature, path.gpu()).map_err(from_kernel)?
+        }
     };
     Ok((log_probs.reshape(lead)?, entropy.reshape(lead)?))
 }

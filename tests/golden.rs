@@ -1,11 +1,12 @@
 //! Runs every golden case (computed by verl, TRL/Liger-Kernel and PyTorch themselves) through the
-//! crate: `tests/golden/*.json`, or every `*.json` in `$SAPO_GOLDEN_DIR` when it is set.
+//! crate: `tests/golden/*.json`, or every `*.json` in `$SAPO_GOLDEN_DIR` when it is set (several
+//! directories separated by `:`).
 //!
 //! Policy losses and token log-probs run through both paths — the fused kernels
 //! (`Backend::Auto` on the CPU) and the composed candle ops (`Backend::Composed`) — and, with the
-//! `gpu-sim` feature, through the CUDA kernel sources run on the CPU; a case passes when every
-//! path reproduces it. Prints each failure (case, path and field, max error) and ends
-//! with `golden: N passed, M failed`.
+//! `gpu-sim` feature, through the CUDA and Metal kernel sources run on the CPU; a case passes when every
+//! path reproduces it. Prints each failure (case, path and field, max error) and, per directory,
+//! `golden (DIR): N passed, M failed`.
 
 use std::path::PathBuf;
 
@@ -653,9 +654,14 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
     };
     #[allow(unused_mut)]
     let mut paths = vec![("fused", Backend::Auto), ("composed", Backend::Composed)];
-    // The CUDA kernel sources, run on the CPU by the GPU simulation.
+    // The CUDA and Metal kernel sources, run on the CPU by the GPU simulation (Metal's with SIMD
+    // groups of 32 and of 8).
     #[cfg(feature = "gpu-sim")]
-    paths.push(("simulated-cuda", Backend::SimulatedCuda));
+    paths.extend([
+        ("simulated-cuda", Backend::SimulatedCuda),
+        ("simulated-metal", Backend::SimulatedMetal),
+        ("simulated-metal-simd8", Backend::SimulatedMetalSimd8),
+    ]);
     let mut failures = vec![];
     for (path, backend) in paths {
         let mut check = Check {
@@ -684,12 +690,9 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
     Ok(failures)
 }
 
-fn main() {
-    let dir = match std::env::var_os("SAPO_GOLDEN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
-    };
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+/// Runs every `*.json` case of `dir`: `(passed, failed)`, failures printed.
+fn run_dir(dir: &std::path::Path) -> (usize, usize) {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read golden directory {}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
@@ -720,8 +723,25 @@ fn main() {
             }
         }
     }
-    println!("golden: {passed} passed, {failed} failed");
-    if failed > 0 || passed == 0 {
+    println!(
+        "golden ({}): {passed} passed, {failed} failed",
+        dir.display()
+    );
+    (passed, failed)
+}
+
+fn main() {
+    // `SAPO_GOLDEN_DIR` may list several directories, separated by `:`; every one must pass.
+    let dirs: Vec<PathBuf> = match std::env::var_os("SAPO_GOLDEN_DIR") {
+        Some(d) => std::env::split_paths(&d).collect(),
+        None => vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")],
+    };
+    let mut ok = true;
+    for dir in &dirs {
+        let (passed, failed) = run_dir(dir);
+        ok &= failed == 0 && passed > 0;
+    }
+    if !ok {
         std::process::exit(1);
     }
 }

@@ -1,6 +1,6 @@
-//! The CUDA kernel sources run on the CPU by the GPU simulation (`--features gpu-sim`; g++
-//! needed; `SAPO_SIM_TSAN=1` compiles them under ThreadSanitizer): the same results as the CPU
-//! kernels for every objective, level, aggregation, KL estimator, weights, dtype and mask dtype,
+//! The CUDA and Metal kernel sources run on the CPU by the GPU simulation (`--features gpu-sim`;
+//! g++ needed; `SAPO_SIM_TSAN=1` compiles them under ThreadSanitizer), the Metal ones with SIMD
+//! groups of 32 and of 8: the same results as the CPU kernels for every objective, level, aggregation, KL estimator, weights, dtype and mask dtype,
 //! with garbage at masked positions; invalid values counted on the device and raised as the
 //! typed error when the metrics are read.
 #![cfg(feature = "gpu-sim")]
@@ -13,6 +13,13 @@ use sapo::{
     Aggregation, Backend, Error, Grpo, Gspo, KlEstimator, KlPenalty, Normalizer, PolicyInputs,
     PolicyLoss, PolicyLossConfig, RatioLevel, Sapo, TrustRegion,
 };
+
+/// Every simulated GPU: the CUDA sources, the Metal sources at SIMD widths 32 and 8.
+const SIMULATIONS: [(&str, Backend); 3] = [
+    ("cuda", Backend::SimulatedCuda),
+    ("metal", Backend::SimulatedMetal),
+    ("metal-simd8", Backend::SimulatedMetalSimd8),
+];
 
 struct Batch {
     log_probs: Tensor,
@@ -235,125 +242,127 @@ fn compare(what: &str, sim: &Run, cpu: &Run, tol: f64) {
 }
 
 #[test]
-fn simulated_cuda_policy_loss_matches_the_cpu_kernel() {
-    let norms = [
-        Normalizer::default(),
-        Normalizer {
-            global_tokens: Some(500.0),
-            global_sequences: Some(9.0),
-            world_size: 4,
-        },
-    ];
-    // Every objective in every dtype, each at three row lengths (one warp; several warps with
-    // the tail of a warp; 256 threads striding over a row longer than the block).
-    let shapes = [(4, 300), (3, 7), (5, 40)];
-    let dtypes = [DType::F32, DType::F16, DType::BF16];
-    for (k, loss) in losses().iter().enumerate() {
-        for (d, &dtype) in dtypes.iter().enumerate() {
-            let case = (k * dtypes.len() + d) as u64;
-            let (b, t) = shapes[(k + d) % shapes.len()];
-            let tol = if dtype == DType::F32 { 2e-4 } else { 2e-2 };
-            let x = batch(b, t, dtype, k % 3 == 1, case);
-            let mask = if case.is_multiple_of(2) {
-                x.mask.to_dtype(DType::U8).unwrap()
-            } else {
-                x.mask.to_dtype(dtype).unwrap()
-            };
-            let norm = norms[(case % 2) as usize];
-            let what = format!("[{b}x{t} {dtype:?} loss {k}]");
-            let sim = run(loss, &x, &mask, norm, Backend::SimulatedCuda);
-            let cpu = run(loss, &x, &mask, norm, Backend::Auto);
-            compare(&what, &sim, &cpu, tol);
+fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
+    for (gpu, backend) in SIMULATIONS {
+        let norms = [
+            Normalizer::default(),
+            Normalizer {
+                global_tokens: Some(500.0),
+                global_sequences: Some(9.0),
+                world_size: 4,
+            },
+        ];
+        // Every objective in every dtype, each at three row lengths (one warp; several warps with
+        // the tail of a warp; 256 threads striding over a row longer than the block).
+        let shapes = [(4, 300), (3, 7), (5, 40)];
+        let dtypes = [DType::F32, DType::F16, DType::BF16];
+        for (k, loss) in losses().iter().enumerate() {
+            for (d, &dtype) in dtypes.iter().enumerate() {
+                let case = (k * dtypes.len() + d) as u64;
+                let (b, t) = shapes[(k + d) % shapes.len()];
+                let tol = if dtype == DType::F32 { 2e-4 } else { 2e-2 };
+                let x = batch(b, t, dtype, k % 3 == 1, case);
+                let mask = if case.is_multiple_of(2) {
+                    x.mask.to_dtype(DType::U8).unwrap()
+                } else {
+                    x.mask.to_dtype(dtype).unwrap()
+                };
+                let norm = norms[(case % 2) as usize];
+                let what = format!("{gpu} [{b}x{t} {dtype:?} loss {k}]");
+                let sim = run(loss, &x, &mask, norm, backend);
+                let cpu = run(loss, &x, &mask, norm, Backend::Auto);
+                compare(&what, &sim, &cpu, tol);
+            }
         }
     }
 }
 
 #[test]
-fn simulated_cuda_counts_invalid_values_and_raises_them_when_metrics_are_read() {
-    let x = batch(3, 50, DType::F32, false, 7);
-    let loss = Grpo::default()
-        .config()
-        .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K3)))
-        .build()
-        .unwrap()
-        .with_backend(Backend::SimulatedCuda);
-    let mut poisoned = x.log_probs.to_vec2::<f32>().unwrap();
-    poisoned[0][0] = f32::NAN; // unmasked: row 0 has every token
-    let lp = Tensor::new(poisoned, &Device::Cpu).unwrap();
-    let inputs = PolicyInputs::new(&lp, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
-    // The forward reads nothing back: it returns, and the check surfaces with the metrics.
-    let out = loss.forward(&inputs).unwrap();
-    for err in [
-        out.metrics.check().unwrap_err(),
-        out.metrics.read().unwrap_err(),
-    ] {
-        assert!(
-            matches!(
-                err,
-                Error::InvalidValue {
-                    arg: "log_probs",
-                    ..
-                }
-            ),
-            "{err:?}"
-        );
-    }
-    // A merged metric carries the flag on.
-    assert!(out.metrics.merge(&out.metrics).unwrap().check().is_err());
-
-    let mut mask = x.mask.to_vec2::<f32>().unwrap();
-    mask[1][3] = 2.0;
-    let mask = Tensor::new(mask, &Device::Cpu).unwrap();
-    let out = loss
-        .forward(
-            &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &mask)
-                .with_ref_log_probs(&x.reference),
-        )
-        .unwrap();
-    assert!(matches!(
-        out.metrics.read().unwrap_err(),
-        Error::InvalidValue { arg: "mask", .. }
-    ));
-    let mut reference = x.reference.to_vec2::<f32>().unwrap();
-    reference[1][1] = f32::INFINITY;
-    let reference = Tensor::new(reference, &Device::Cpu).unwrap();
-    let out = loss
-        .forward(
-            &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask)
-                .with_ref_log_probs(&reference),
-        )
-        .unwrap();
-    assert!(matches!(
-        out.metrics.read().unwrap_err(),
-        Error::InvalidValue {
-            arg: "ref_log_probs",
-            ..
-        }
-    ));
-    // Garbage at masked positions only: no error.
-    let clean =
-        PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
-    let out = loss.forward(&clean).unwrap();
-    out.metrics.check().unwrap();
-}
-
-#[test]
-fn simulated_cuda_handles_empty_batches() {
-    for (b, t) in [(0, 5), (3, 0)] {
-        let x = batch(b, t, DType::F32, false, 3);
-        for loss in [
-            Sapo::default().build().unwrap(),
-            Gspo::default().build().unwrap(),
+fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() {
+    for (gpu, backend) in SIMULATIONS {
+        let x = batch(3, 50, DType::F32, false, 7);
+        let loss = Grpo::default()
+            .config()
+            .with_kl(Some(KlPenalty::new(0.1, KlEstimator::K3)))
+            .build()
+            .unwrap()
+            .with_backend(backend);
+        let mut poisoned = x.log_probs.to_vec2::<f32>().unwrap();
+        poisoned[0][0] = f32::NAN; // unmasked: row 0 has every token
+        let lp = Tensor::new(poisoned, &Device::Cpu).unwrap();
+        let inputs =
+            PolicyInputs::new(&lp, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
+        // The forward reads nothing back: it returns, and the check surfaces with the metrics.
+        let out = loss.forward(&inputs).unwrap();
+        for err in [
+            out.metrics.check().unwrap_err(),
+            out.metrics.read().unwrap_err(),
         ] {
-            let sim = run(
-                &loss,
-                &x,
-                &x.mask,
-                Normalizer::default(),
-                Backend::SimulatedCuda,
+            eprintln!("{gpu}: {err}");
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidValue {
+                        arg: "log_probs",
+                        ..
+                    }
+                ),
+                "{err:?}"
             );
-            let cpu = run(&loss, &x, &x.mask, Normalizer::default(), Backend::Auto);
-            compare(&format!("[{b}x{t}]"), &sim, &cpu, 0.0);
+        }
+        // A merged metric carries the flag on.
+        assert!(out.metrics.merge(&out.metrics).unwrap().check().is_err());
+
+        let mut mask = x.mask.to_vec2::<f32>().unwrap();
+        mask[1][3] = 2.0;
+        let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+        let out = loss
+            .forward(
+                &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &mask)
+                    .with_ref_log_probs(&x.reference),
+            )
+            .unwrap();
+        assert!(matches!(
+            out.metrics.read().unwrap_err(),
+            Error::InvalidValue { arg: "mask", .. }
+        ));
+        let mut reference = x.reference.to_vec2::<f32>().unwrap();
+        reference[1][1] = f32::INFINITY;
+        let reference = Tensor::new(reference, &Device::Cpu).unwrap();
+        let out = loss
+            .forward(
+                &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask)
+                    .with_ref_log_probs(&reference),
+            )
+            .unwrap();
+        assert!(matches!(
+            out.metrics.read().unwrap_err(),
+            Error::InvalidValue {
+                arg: "ref_log_probs",
+                ..
+            }
+        ));
+        // Garbage at masked positions only: no error.
+        let clean = PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask)
+            .with_ref_log_probs(&x.reference);
+        let out = loss.forward(&clean).unwrap();
+        out.metrics.check().unwrap();
+    }
+}
+
+#[test]
+fn simulated_gpus_handles_empty_batches() {
+    for (gpu, backend) in SIMULATIONS {
+        for (b, t) in [(0, 5), (3, 0)] {
+            let x = batch(b, t, DType::F32, false, 3);
+            for loss in [
+                Sapo::default().build().unwrap(),
+                Gspo::default().build().unwrap(),
+            ] {
+                let sim = run(&loss, &x, &x.mask, Normalizer::default(), backend);
+                let cpu = run(&loss, &x, &x.mask, Normalizer::default(), Backend::Auto);
+                compare(&format!("{gpu} [{b}x{t}]"), &sim, &cpu, 0.0);
+            }
         }
     }
 }
@@ -392,92 +401,95 @@ fn log_probs_run(
 }
 
 #[test]
-fn simulated_cuda_log_probs_match_the_cpu_kernel() {
-    let cases = [
-        (3, 7, DType::F32),
-        (4, 700, DType::F16),
-        (2, 5000, DType::BF16),
-        (5, 33, DType::F32),
-    ];
-    for (k, &(n, vocab, dtype)) in cases.iter().enumerate() {
-        // Some logits at −∞ (a masked vocabulary), a peak at the target of row 0.
-        let values: Vec<f32> = noise(n * vocab, 20 + k as u64)
-            .iter()
-            .enumerate()
-            .map(|(j, x)| {
-                if j % 11 == 3 {
-                    f32::NEG_INFINITY
-                } else {
-                    (6.0 * x) as f32
+fn simulated_gpus_log_probs_match_the_cpu_kernel() {
+    for (gpu, backend) in SIMULATIONS {
+        let cases = [
+            (3, 7, DType::F32),
+            (4, 700, DType::F16),
+            (2, 5000, DType::BF16),
+            (5, 33, DType::F32),
+        ];
+        for (k, &(n, vocab, dtype)) in cases.iter().enumerate() {
+            // Some logits at −∞ (a masked vocabulary), a peak at the target of row 0.
+            let values: Vec<f32> = noise(n * vocab, 20 + k as u64)
+                .iter()
+                .enumerate()
+                .map(|(j, x)| {
+                    if j % 11 == 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        (6.0 * x) as f32
+                    }
+                })
+                .collect();
+            let logits = Tensor::from_vec(values, (n, vocab), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 1) % vocab) as u32).collect();
+            let ids = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
+            let targets = match k % 3 {
+                0 => ids,
+                1 => ids.to_dtype(DType::I64).unwrap(),
+                _ => ids.to_dtype(DType::U8).unwrap(),
+            };
+            let temperature = [1.0, 0.7, 1.3][k % 3];
+            let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+            let sim = log_probs_run(&logits, &targets, temperature, backend);
+            let cpu = log_probs_run(&logits, &targets, temperature, Backend::Auto);
+            let what = format!("{gpu} [{n}x{vocab} {dtype:?}]");
+            for (name, a, b) in [
+                ("ℓ", &sim.0, &cpu.0),
+                ("H", &sim.1, &cpu.1),
+                ("grad", &sim.2, &cpu.2),
+            ] {
+                for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                    close(&format!("{what} {name}[{j}]"), *x, *y, tol);
                 }
-            })
-            .collect();
-        let logits = Tensor::from_vec(values, (n, vocab), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let ids: Vec<u32> = (0..n).map(|i| ((i * 7919 + 1) % vocab) as u32).collect();
-        let ids = Tensor::from_vec(ids, n, &Device::Cpu).unwrap();
-        let targets = match k % 3 {
-            0 => ids,
-            1 => ids.to_dtype(DType::I64).unwrap(),
-            _ => ids.to_dtype(DType::U8).unwrap(),
-        };
-        let temperature = [1.0, 0.7, 1.3][k % 3];
-        let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-        let sim = log_probs_run(&logits, &targets, temperature, Backend::SimulatedCuda);
-        let cpu = log_probs_run(&logits, &targets, temperature, Backend::Auto);
-        let what = format!("[{n}x{vocab} {dtype:?}]");
-        for (name, a, b) in [
-            ("ℓ", &sim.0, &cpu.0),
-            ("H", &sim.1, &cpu.1),
-            ("grad", &sim.2, &cpu.2),
-        ] {
-            for (j, (x, y)) in a.iter().zip(b).enumerate() {
-                close(&format!("{what} {name}[{j}]"), *x, *y, tol);
             }
         }
     }
 }
 
 #[test]
-fn simulated_cuda_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
-    let logits = Tensor::from_vec(
-        noise(12, 3).iter().map(|x| *x as f32).collect::<Vec<_>>(),
-        (3, 4),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let targets = Tensor::new(&[1u32, 9, 3], &Device::Cpu).unwrap();
-    // The CPU path reads the ids on the host and refuses them.
-    assert!(matches!(
-        sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, Backend::Auto),
-        Err(Error::InvalidValue { arg: "targets", .. })
-    ));
-    // The GPU kernel makes the row NaN; the policy loss then reports it as a typed error.
-    let (lp, h) =
-        sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, Backend::SimulatedCuda)
-            .unwrap();
-    let (lp, h) = (common::f64s(&lp), common::f64s(&h));
-    assert!(lp[1].is_nan() && h[1].is_nan());
-    assert!(lp[0].is_finite() && lp[2].is_finite() && h[0].is_finite());
-    let lp =
-        Tensor::from_vec(lp.iter().map(|x| *x as f32).collect(), (1, 3), &Device::Cpu).unwrap();
-    let adv = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
-    let mask = Tensor::new(&[[1u8, 1, 1]], &Device::Cpu).unwrap();
-    let out = Grpo::default()
-        .build()
-        .unwrap()
-        .with_backend(Backend::SimulatedCuda)
-        .forward(&PolicyInputs::new(&lp, &lp.detach(), &adv, &mask))
+fn simulated_gpus_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
+    for (gpu, backend) in SIMULATIONS {
+        let logits = Tensor::from_vec(
+            noise(12, 3).iter().map(|x| *x as f32).collect::<Vec<_>>(),
+            (3, 4),
+            &Device::Cpu,
+        )
         .unwrap();
-    assert!(matches!(
-        out.metrics.check(),
-        Err(Error::InvalidValue {
-            arg: "log_probs",
-            ..
-        })
-    ));
+        let targets = Tensor::new(&[1u32, 9, 3], &Device::Cpu).unwrap();
+        // The CPU path reads the ids on the host and refuses them.
+        assert!(matches!(
+            sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, Backend::Auto),
+            Err(Error::InvalidValue { arg: "targets", .. })
+        ));
+        // The GPU kernel makes the row NaN; the policy loss then reports it as a typed error.
+        let (lp, h) =
+            sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, backend).unwrap();
+        let (lp, h) = (common::f64s(&lp), common::f64s(&h));
+        assert!(lp[1].is_nan() && h[1].is_nan(), "{gpu}: {lp:?} {h:?}");
+        assert!(lp[0].is_finite() && lp[2].is_finite() && h[0].is_finite());
+        let lp =
+            Tensor::from_vec(lp.iter().map(|x| *x as f32).collect(), (1, 3), &Device::Cpu).unwrap();
+        let adv = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u8, 1, 1]], &Device::Cpu).unwrap();
+        let out = Grpo::default()
+            .build()
+            .unwrap()
+            .with_backend(backend)
+            .forward(&PolicyInputs::new(&lp, &lp.detach(), &adv, &mask))
+            .unwrap();
+        assert!(matches!(
+            out.metrics.check(),
+            Err(Error::InvalidValue {
+                arg: "log_probs",
+                ..
+            })
+        ));
+    }
 }
 
 /// `len` pseudo-random f32 values in `[−scale, scale]`, as a `[len]` tensor.
@@ -536,119 +548,121 @@ fn linear_run(
 }
 
 #[test]
-fn simulated_cuda_fused_linear_log_probs_match_the_cpu_kernel() {
-    // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
-    // chunks and tiles.
-    let (n, h, v) = (17, 12, 150);
-    let hidden = floats(n * h, 41, 1.0).reshape((1, n, h)).unwrap();
-    let weight = floats(v * h, 42, 0.8).reshape((v, h)).unwrap();
-    let bias = floats(v, 43, 0.5);
-    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % v) as u32).collect();
-    let targets = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
-    for (half, bias) in [(false, Some(&bias)), (true, None)] {
-        // bf16 hidden states are computed in f32 on both paths.
-        let hidden = if half {
-            hidden.to_dtype(DType::BF16).unwrap()
-        } else {
-            hidden.clone()
-        };
-        let sim = linear_run((&hidden, &weight, bias), &targets, Backend::SimulatedCuda);
-        let cpu = linear_run((&hidden, &weight, bias), &targets, Backend::Auto);
-        let names = ["ℓ", "H", "∂hidden", "∂weight", "∂bias"];
-        for ((name, a), b) in names.iter().zip(&sim).zip(&cpu) {
-            assert_eq!(a.len(), b.len());
-            for (j, (x, y)) in a.iter().zip(b).enumerate() {
-                close(
-                    &format!("bias {} {name}[{j}]", bias.is_some()),
-                    *x,
-                    *y,
-                    2e-4,
-                );
+fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
+    for (gpu, backend) in SIMULATIONS {
+        // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
+        // chunks and tiles.
+        let (n, h, v) = (17, 12, 150);
+        let hidden = floats(n * h, 41, 1.0).reshape((1, n, h)).unwrap();
+        let weight = floats(v * h, 42, 0.8).reshape((v, h)).unwrap();
+        let bias = floats(v, 43, 0.5);
+        let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 5) % v) as u32).collect();
+        let targets = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
+        for (half, bias) in [(false, Some(&bias)), (true, None)] {
+            // bf16 hidden states are computed in f32 on both paths.
+            let hidden = if half {
+                hidden.to_dtype(DType::BF16).unwrap()
+            } else {
+                hidden.clone()
+            };
+            let sim = linear_run((&hidden, &weight, bias), &targets, backend);
+            let cpu = linear_run((&hidden, &weight, bias), &targets, Backend::Auto);
+            let names = ["ℓ", "H", "∂hidden", "∂weight", "∂bias"];
+            for ((name, a), b) in names.iter().zip(&sim).zip(&cpu) {
+                assert_eq!(a.len(), b.len());
+                for (j, (x, y)) in a.iter().zip(b).enumerate() {
+                    close(
+                        &format!("{gpu} bias {} {name}[{j}]", bias.is_some()),
+                        *x,
+                        *y,
+                        2e-4,
+                    );
+                }
             }
         }
     }
 }
 
 #[test]
-fn simulated_cuda_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
-    let (b, t, h, v) = (2, 9, 8, 70);
-    let hidden = Var::from_tensor(&floats(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
-    let weight = Var::from_tensor(&floats(v * h, 52, 0.7).reshape((v, h)).unwrap()).unwrap();
-    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 13 + 2) % v) as u32).collect();
-    let targets = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
-    // Old log-probs near the current ones: the ratios stay around 1.
-    let (lp, _) = sapo::linear_log_probs_and_entropy(
-        hidden.as_tensor(),
-        weight.as_tensor(),
-        None,
-        &targets,
-        1.0,
-    )
-    .unwrap();
-    let old = (lp.detach() + floats(b * t, 53, 0.3).reshape((b, t)).unwrap()).unwrap();
-    let adv = floats(b, 54, 2.0);
-    let mask = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
-    let mut results = vec![];
-    for backend in [Backend::SimulatedCuda, Backend::Auto] {
-        let head = sapo::LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
-        let inputs = PolicyInputs::new(head, &old, &adv, &mask);
-        let out = Sapo::default()
-            .build()
-            .unwrap()
-            .with_backend(backend)
-            .forward_from_hidden(&inputs)
-            .unwrap();
-        let grads = out.loss.backward().unwrap();
-        results.push((
-            common::f64s(&out.loss)[0],
-            common::f64s(grads.get(hidden.as_tensor()).unwrap()),
-            common::f64s(grads.get(weight.as_tensor()).unwrap()),
-        ));
-    }
-    let (sim, cpu) = (&results[0], &results[1]);
-    close("loss", sim.0, cpu.0, 2e-4);
-    for (j, (x, y)) in sim
-        .1
-        .iter()
-        .zip(&cpu.1)
-        .chain(sim.2.iter().zip(&cpu.2))
-        .enumerate()
-    {
-        close(&format!("grad[{j}]"), *x, *y, 2e-4);
+fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
+    for (gpu, backend) in SIMULATIONS {
+        let (b, t, h, v) = (2, 9, 8, 70);
+        let hidden =
+            Var::from_tensor(&floats(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
+        let weight = Var::from_tensor(&floats(v * h, 52, 0.7).reshape((v, h)).unwrap()).unwrap();
+        let ids: Vec<u32> = (0..b * t).map(|i| ((i * 13 + 2) % v) as u32).collect();
+        let targets = Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap();
+        // Old log-probs near the current ones: the ratios stay around 1.
+        let (lp, _) = sapo::linear_log_probs_and_entropy(
+            hidden.as_tensor(),
+            weight.as_tensor(),
+            None,
+            &targets,
+            1.0,
+        )
+        .unwrap();
+        let old = (lp.detach() + floats(b * t, 53, 0.3).reshape((b, t)).unwrap()).unwrap();
+        let adv = floats(b, 54, 2.0);
+        let mask = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
+        let mut results = vec![];
+        for backend in [backend, Backend::Auto] {
+            let head = sapo::LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+            let inputs = PolicyInputs::new(head, &old, &adv, &mask);
+            let out = Sapo::default()
+                .build()
+                .unwrap()
+                .with_backend(backend)
+                .forward_from_hidden(&inputs)
+                .unwrap();
+            let grads = out.loss.backward().unwrap();
+            results.push((
+                common::f64s(&out.loss)[0],
+                common::f64s(grads.get(hidden.as_tensor()).unwrap()),
+                common::f64s(grads.get(weight.as_tensor()).unwrap()),
+            ));
+        }
+        let (sim, cpu) = (&results[0], &results[1]);
+        close(&format!("{gpu} loss"), sim.0, cpu.0, 2e-4);
+        for (j, (x, y)) in sim
+            .1
+            .iter()
+            .zip(&cpu.1)
+            .chain(sim.2.iter().zip(&cpu.2))
+            .enumerate()
+        {
+            close(&format!("{gpu} grad[{j}]"), *x, *y, 2e-4);
+        }
     }
 }
 
 #[test]
-fn simulated_cuda_results_do_not_depend_on_thread_scheduling() {
-    // The simulation's threads interleave differently on every run: fixed reduction orders must
-    // still give the same bits.
-    let x = batch(4, 300, DType::F32, false, 77);
-    let kl = KlPenalty::new(0.05, KlEstimator::K3).with_importance_weighting(true);
-    let loss = Gspo::default().config().with_kl(Some(kl)).build().unwrap();
-    let bits = || {
-        let r = run(
-            &loss,
-            &x,
-            &x.mask,
-            Normalizer::default(),
-            Backend::SimulatedCuda,
+fn simulated_gpus_results_do_not_depend_on_thread_scheduling() {
+    for (gpu, backend) in SIMULATIONS {
+        // The simulation's threads interleave differently on every run: fixed reduction orders must
+        // still give the same bits.
+        let x = batch(4, 300, DType::F32, false, 77);
+        let kl = KlPenalty::new(0.05, KlEstimator::K3).with_importance_weighting(true);
+        let loss = Gspo::default().config().with_kl(Some(kl)).build().unwrap();
+        let bits = || {
+            let r = run(&loss, &x, &x.mask, Normalizer::default(), backend);
+            let metrics = [r.metrics.neg_log_ratio_sum, r.metrics.ratio_excess_sum];
+            std::iter::once(r.loss)
+                .chain(r.grad)
+                .chain(metrics)
+                .map(f64::to_bits)
+                .collect::<Vec<_>>()
+        };
+        let first = bits();
+        for _ in 0..2 {
+            assert_eq!(first, bits(), "{gpu}");
+        }
+        let logits = floats(3 * 2000, 61, 5.0).reshape((3, 2000)).unwrap();
+        let targets = Tensor::new(&[5u32, 1999, 0], &Device::Cpu).unwrap();
+        let once = log_probs_run(&logits, &targets, 1.0, backend);
+        assert_eq!(
+            once,
+            log_probs_run(&logits, &targets, 1.0, backend),
+            "{gpu}"
         );
-        let metrics = [r.metrics.neg_log_ratio_sum, r.metrics.ratio_excess_sum];
-        std::iter::once(r.loss)
-            .chain(r.grad)
-            .chain(metrics)
-            .map(f64::to_bits)
-            .collect::<Vec<_>>()
-    };
-    let first = bits();
-    for _ in 0..2 {
-        assert_eq!(first, bits());
     }
-    let logits = floats(3 * 2000, 61, 5.0).reshape((3, 2000)).unwrap();
-    let targets = Tensor::new(&[5u32, 1999, 0], &Device::Cpu).unwrap();
-    let once = log_probs_run(&logits, &targets, 1.0, Backend::SimulatedCuda);
-    assert_eq!(
-        once,
-        log_probs_run(&logits, &targets, 1.0, Backend::SimulatedCuda)
-    );
 }

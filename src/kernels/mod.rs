@@ -6,16 +6,19 @@
 //! - **composed**: candle ops, gradients from candle's autograd; runs on every device;
 //! - **fused**: one kernel per call that computes the loss, its metrics and its gradient in a
 //!   single parallel pass (handing the gradient to the backward), or the log-probs and entropy in
-//!   one streaming pass over the logits. On the CPU (`cpu.rs`) and, with the `cuda` feature, on
-//!   CUDA (`<op>.cu` + `cuda.rs`); Metal uses the composed path.
+//!   one streaming pass over the logits. On the CPU (`cpu.rs`), with the `cuda` feature on CUDA
+//!   (`<op>.cu` + `cuda.rs`), with the `metal` feature on Metal (`<op>.metal` + `metal.rs`). The
+//!   GPU kernels' bodies are one source (`<op>.h`, in the common subset of CUDA C++ and MSL,
+//!   `gpu/common.h`); `.cu` and `.metal` hold only each language's entry points.
 //!
 //! [`Backend::path`] is the one dispatch point. [`Backend::Auto`] (the default) picks the fused
-//! kernels that have run on their hardware (the CPU's; the CUDA kernels have run in simulation
-//! only so far); [`Backend::Fused`] picks every fused kernel that exists for the device;
-//! [`Backend::Composed`] forces the composed path (for checking, or to differentiate twice).
+//! kernels that have run on their hardware (the CPU's; the CUDA and Metal kernels have run in
+//! simulation only so far); [`Backend::Fused`] picks every fused kernel that exists for the
+//! device; [`Backend::Composed`] forces the composed path (for checking, or to differentiate
+//! twice).
 //!
-//! The CUDA sources are also compiled with g++ and the shim `gpu/shim.h` and run on the CPU by the
-//! tests (the `gpu-sim` feature), against the CPU kernels.
+//! The CUDA and Metal sources are also compiled with g++ and the shim `gpu/shim.h` and run on the
+//! CPU by the tests (the `gpu-sim` feature), against the CPU kernels.
 
 use candle_core::{DType, Layout, Storage, WithDType};
 
@@ -38,12 +41,14 @@ pub(crate) mod simd;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Backend {
-    /// The fused kernels that have run on their hardware: the CPU's. The CUDA kernels have so
-    /// far run in simulation only (see the README), so on CUDA `Auto` runs the composed ops.
+    /// The fused kernels that have run on their hardware: the CPU's. The CUDA and Metal kernels
+    /// have so far run in simulation only (see the README), so on CUDA and Metal `Auto` runs the
+    /// composed ops.
     #[default]
     Auto,
-    /// The fused kernel wherever one exists for the device and dtype: the CPU's, and with the
-    /// `cuda` feature the CUDA kernels (f32/f16/bf16 inputs; f64 runs composed).
+    /// The fused kernel wherever one exists for the device and dtype: the CPU's, with the `cuda`
+    /// feature the CUDA kernels and with the `metal` feature the Metal kernels (f32/f16/bf16
+    /// inputs; f64 runs composed).
     Fused,
     /// Composed candle ops and autograd, on every device.
     Composed,
@@ -51,6 +56,15 @@ pub enum Backend {
     #[cfg(feature = "gpu-sim")]
     #[doc(hidden)]
     SimulatedCuda,
+    /// The Metal kernel sources run on the CPU by the GPU simulation, SIMD groups of 32 (this
+    /// crate's tests only).
+    #[cfg(feature = "gpu-sim")]
+    #[doc(hidden)]
+    SimulatedMetal,
+    /// As `SimulatedMetal` with SIMD groups of 8 (this crate's tests only).
+    #[cfg(feature = "gpu-sim")]
+    #[doc(hidden)]
+    SimulatedMetalSimd8,
 }
 
 /// Where one call of an op runs.
@@ -58,10 +72,42 @@ pub enum Backend {
 pub(crate) enum Path {
     /// The CPU kernel.
     Cpu,
-    /// The GPU kernel: on a CUDA device, or simulated on the CPU.
-    Gpu,
+    /// The GPU kernels: on a CUDA or Metal device, or simulated on the CPU.
+    Gpu(Gpu),
     /// Composed candle ops.
     Composed,
+}
+
+/// Which GPU kernels a [`Path::Gpu`] call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gpu {
+    /// The device's own: CUDA or Metal, as the tensors' device.
+    Device,
+    /// Their sources, run on the CPU by the simulation.
+    #[cfg(feature = "gpu-sim")]
+    Simulated(gpu::sim::Target),
+}
+
+impl Path {
+    /// The GPU kernels this path runs, if any.
+    pub(crate) fn gpu(self) -> Option<Gpu> {
+        match self {
+            Path::Gpu(gpu) => Some(gpu),
+            _ => None,
+        }
+    }
+}
+
+impl Gpu {
+    /// The simulation target of a GPU call whose tensors are on the CPU: only the simulation
+    /// runs GPU kernels there.
+    #[cfg(feature = "gpu-sim")]
+    pub(crate) fn simulated(self) -> candle_core::Result<gpu::sim::Target> {
+        match self {
+            Gpu::Simulated(target) => Ok(target),
+            Gpu::Device => candle_core::bail!("the GPU kernels need a CUDA or Metal device"),
+        }
+    }
 }
 
 impl Backend {
@@ -83,12 +129,30 @@ impl Backend {
         match self {
             Backend::Composed => Path::Composed,
             Backend::Auto | Backend::Fused if device.is_cpu() => Path::Cpu,
-            Backend::Fused if device.is_cuda() && gpu_dtype && cfg!(feature = "cuda") => Path::Gpu,
+            Backend::Fused if device.is_cuda() && gpu_dtype && cfg!(feature = "cuda") => {
+                Path::Gpu(Gpu::Device)
+            }
+            Backend::Fused if device.is_metal() && gpu_dtype && cfg!(feature = "metal") => {
+                Path::Gpu(Gpu::Device)
+            }
             Backend::Auto | Backend::Fused => Path::Composed,
             #[cfg(feature = "gpu-sim")]
-            Backend::SimulatedCuda if device.is_cpu() && gpu_dtype => Path::Gpu,
-            #[cfg(feature = "gpu-sim")]
-            Backend::SimulatedCuda => Path::Composed,
+            simulated => match (simulated.simulation(), device.is_cpu() && gpu_dtype) {
+                (Some(target), true) => Path::Gpu(Gpu::Simulated(target)),
+                _ => Path::Composed,
+            },
+        }
+    }
+
+    /// The simulation a test backend runs.
+    #[cfg(feature = "gpu-sim")]
+    fn simulation(self) -> Option<gpu::sim::Target> {
+        use gpu::sim::Target;
+        match self {
+            Backend::SimulatedCuda => Some(Target::Cuda),
+            Backend::SimulatedMetal => Some(Target::Metal { simd_width: 32 }),
+            Backend::SimulatedMetalSimd8 => Some(Target::Metal { simd_width: 8 }),
+            _ => None,
         }
     }
 }

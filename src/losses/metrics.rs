@@ -125,7 +125,7 @@ impl PolicyMetrics {
     /// position), as the CPU path's error does.
     ///
     /// On the CPU every check has been made before [`crate::PolicyLoss::forward`] returns, and
-    /// this is `Ok(())` without a read. The CUDA kernels read nothing back to the host: their
+    /// this is `Ok(())` without a read. The GPU kernels (CUDA, Metal) read nothing back to the host: their
     /// checks are counted on the device and surface here, or in [`PolicyMetrics::read`] (which
     /// calls this). Until then an invalid input may have made the loss and gradient NaN; read
     /// the metrics (or call this) before stepping the optimizer.

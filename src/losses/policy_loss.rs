@@ -127,7 +127,7 @@ impl PolicyLoss {
     /// gradient or the metrics; a batch with no unmasked token gives a loss of 0 and a zero
     /// gradient. Only `log_probs` (and `entropy`, for the bonus) is differentiated.
     ///
-    /// With the CUDA kernels ([`Backend::Fused`] on a CUDA device) nothing is read back to the
+    /// With the GPU kernels ([`Backend::Fused`] on a CUDA or Metal device) nothing is read back to the
     /// host: mask values other than 0/1 and non-finite values at unmasked positions are counted
     /// on the device and returned as the same typed error by [`PolicyMetrics::check`] (and
     /// [`PolicyMetrics::read`]), not by this call.
@@ -156,7 +156,7 @@ impl PolicyLoss {
             .path(inputs.log_probs.device(), fused_input_dtype(inputs), true);
         // The GPU kernels check the mask on the device: no host read for it here.
         let mask_as = |dtype| -> Result<Tensor> {
-            if path == Path::Gpu {
+            if path.gpu().is_some() {
                 Ok(inputs.mask.to_dtype(dtype)?)
             } else {
                 checked_mask(inputs.mask, dtype)
@@ -205,7 +205,7 @@ impl PolicyLoss {
                 )?;
                 (loss, sums, extrema, None)
             }
-            path => FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path == Path::Gpu)?,
+            path => FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path.gpu())?,
         };
         if let (Some(bonus), Some(entropy)) = (&config.entropy, inputs.entropy) {
             let value = entropy_term(bonus, entropy, inputs)?;
@@ -297,11 +297,15 @@ impl PolicyLoss {
         inputs: &PolicyInputs<'_, LmHead<'_>>,
     ) -> Result<PolicyLossOutput> {
         let head = inputs.log_probs;
-        let gpu_path = self.backend.path(
-            head.hidden.device(),
-            compute_dtype(head.hidden.dtype()),
-            true,
-        ) == Path::Gpu;
+        let gpu_path = self
+            .backend
+            .path(
+                head.hidden.device(),
+                compute_dtype(head.hidden.dtype()),
+                true,
+            )
+            .gpu()
+            .is_some();
         let (n, _, _) = head.check(!gpu_path)?;
         let dims = match (head.hidden.rank(), head.targets.dims()) {
             (3, &[b, t]) => (b, t),

@@ -1,12 +1,15 @@
-// A CPU stand-in for the CUDA execution model, so that the very `.cu` sources sapo ships compile
-// with g++ and run in tests (under ThreadSanitizer in CI). Include it before a `.cu` file.
+// A CPU stand-in for the CUDA and Metal execution models, so that the very `.cu` and `.metal`
+// sources sapo ships compile with g++ and run in tests (under ThreadSanitizer in CI). Include it
+// before a `.cu` file, or with `SAPO_METAL` defined before a `.metal` file
+// (`SAPO_SIM_SIMD_WIDTH`: the SIMD-group width to simulate, 32 unless given).
 //
 // One std::thread per GPU thread; the blocks of a grid run one after another (a block's shared
-// memory, a function-local `static`, is therefore private to the running block); `__syncthreads`
-// is a std::barrier over the block; warp shuffles exchange values through a per-warp buffer
-// between two warp barriers, so every lane of a warp must take part (sapo's kernels only use
-// full-warp shuffles). This finds indexing, reduction and synchronisation errors; it does not
-// model timing or PTX-only compile errors.
+// memory, a function-local `static`, is therefore private to the running block);
+// `__syncthreads` / `threadgroup_barrier` is a std::barrier over the block; warp / SIMD-group
+// shuffles exchange values through per-warp slots and a warp barrier, so every lane of a warp
+// must take part (sapo's kernels only use full-warp shuffles). A Metal entry point gets
+// its place (`SAPO_METAL_PLACE`) as its last four arguments. This finds indexing, reduction and
+// synchronisation errors; it does not model timing, nor find PTX- or MSL-only compile errors.
 #pragma once
 
 #include <barrier>
@@ -16,28 +19,32 @@
 #include <cmath>
 #include <math.h>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <memory>
 #include <stdexcept>
 #include <thread>
 #include <vector>
 
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__ static
-#define __restrict__
-
-struct dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
-
 namespace sapo_sim {
+#ifdef SAPO_METAL
+#ifndef SAPO_SIM_SIMD_WIDTH
+#define SAPO_SIM_SIMD_WIDTH 32
+#endif
+constexpr unsigned simd_width = SAPO_SIM_SIMD_WIDTH;
+static_assert(simd_width == 8 || simd_width == 16 || simd_width == 32, "SIMD width 8, 16 or 32");
+#else
+constexpr unsigned simd_width = 32;
+#endif
+
 struct Warp {
   explicit Warp(int lanes) : barrier(lanes) {}
   std::barrier<> barrier;
-  uint64_t slot[32];
+  // Two sets of slots, used in turn by successive shuffles: a lane writes one set only after
+  // the barrier of the next shuffle, which every lane reaches after reading it.
+  uint64_t slot[2][32];
 };
 struct Block {
   explicit Block(int threads) : barrier(threads) {}
@@ -46,34 +53,30 @@ struct Block {
 };
 inline thread_local Block* block = nullptr;
 inline thread_local Warp* warp = nullptr;
-}  // namespace sapo_sim
+inline thread_local unsigned lane = 0;
+inline thread_local unsigned shuffles = 0;
 
-inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline void barrier() { block->barrier.arrive_and_wait(); }
 
-inline void __syncthreads() { sapo_sim::block->barrier.arrive_and_wait(); }
-
-template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+// Lane `lane ^ lane_mask`'s value of `v`: every lane of the warp takes part.
+template <typename T> T shuffle_xor(T v, unsigned lane_mask) {
   static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
-  sapo_sim::Warp& w = *sapo_sim::warp;
-  const int lane = threadIdx.x % 32;
-  std::memcpy(&w.slot[lane], &v, sizeof(T));
+  Warp& w = *warp;
+  uint64_t* slot = w.slot[shuffles++ % 2];
+  std::memcpy(&slot[lane], &v, sizeof(T));
   w.barrier.arrive_and_wait();
   T out;
-  std::memcpy(&out, &w.slot[lane ^ lane_mask], sizeof(T));
-  w.barrier.arrive_and_wait();
+  std::memcpy(&out, &slot[lane ^ lane_mask], sizeof(T));
   return out;
 }
 
-inline float sapo_bits_to_float(unsigned x) {
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
+template <typename To, typename From> To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between different sizes");
+  To out;
+  std::memcpy(&out, &x, sizeof(To));
+  return out;
 }
-inline unsigned sapo_float_to_bits(float f) {
-  unsigned x;
-  std::memcpy(&x, &f, 4);
-  return x;
-}
+}  // namespace sapo_sim
 
 
 namespace sapo_sim {
@@ -130,26 +133,83 @@ class Pool {
 };
 inline Pool pool;
 
+#ifndef SAPO_METAL
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+#endif
+
 // Runs `kernel(args...)` on a grid of `grid` blocks of `threads` threads (1-D launches; threads a
-// multiple of 32). Each GPU thread runs the blocks one after another, with a block barrier
-// between two blocks (the next block reuses the shared memory).
+// multiple of 32), on Metal with the thread's place appended to the arguments. Each GPU thread
+// runs the blocks one after another, with a block barrier between two blocks (the next block
+// reuses the shared memory).
 template <typename Kernel, typename... Args>
 void launch(unsigned grid, unsigned threads, Kernel kernel, Args... args) {
   if (threads == 0 || threads % 32 != 0 || threads > 1024)
     throw std::runtime_error("block size must be a multiple of 32, at most 1024");
   Block blk(threads);
-  for (unsigned w = 0; w < threads / 32; ++w) blk.warps.push_back(std::make_unique<Warp>(32));
+  for (unsigned w = 0; w < threads / simd_width; ++w)
+    blk.warps.push_back(std::make_unique<Warp>(simd_width));
   pool.run(threads, [&](unsigned t) {
+    block = &blk;
+    warp = blk.warps[t / simd_width].get();
+    lane = t % simd_width;
+    shuffles = 0;
+#ifndef SAPO_METAL
     threadIdx.x = t;
     blockDim.x = threads;
     gridDim.x = grid;
-    block = &blk;
-    warp = blk.warps[t / 32].get();
+#endif
     for (unsigned b = 0; b < grid; ++b) {
+#ifdef SAPO_METAL
+      kernel(args..., t, b, threads, simd_width);
+#else
       blockIdx.x = b;
       kernel(args...);
+#endif
       blk.barrier.arrive_and_wait();
     }
   });
 }
 }  // namespace sapo_sim
+
+#ifdef SAPO_METAL
+// ---- The Metal side: the MSL built-ins and keywords sapo's kernels use. ----
+typedef unsigned char uchar;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+enum class mem_flags { mem_none, mem_device, mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) { sapo_sim::barrier(); }
+template <typename T> T simd_shuffle_xor(T v, ushort mask) { return sapo_sim::shuffle_xor(v, mask); }
+template <typename To, typename From> To as_type(From x) { return sapo_sim::bit_cast<To>(x); }
+namespace precise {
+inline float exp(float x) { return std::exp(x); }
+inline float log(float x) { return std::log(x); }
+}  // namespace precise
+// Address spaces are plain C++ here; threadgroup arrays are shared by the block's threads.
+#define kernel
+#define device
+#define constant const
+#define thread
+#define threadgroup
+#define SAPO_SHARED_DECL static
+#else
+// ---- The CUDA side. ----
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __restrict__
+using sapo_sim::blockDim;
+using sapo_sim::blockIdx;
+using sapo_sim::gridDim;
+using sapo_sim::threadIdx;
+inline void __syncthreads() { sapo_sim::barrier(); }
+template <typename T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  return sapo_sim::shuffle_xor(v, (unsigned)lane_mask);
+}
+inline float __uint_as_float(unsigned x) { return sapo_sim::bit_cast<float>(x); }
+inline unsigned __float_as_uint(float x) { return sapo_sim::bit_cast<unsigned>(x); }
+#endif

@@ -1,34 +1,58 @@
-//! Runs a kernel's `.cu` source on the CPU: its host driver (`sim.cpp`, in the op's folder) is
-//! compiled once per process with g++ and `shim.h` (one thread per GPU thread), then run on an
-//! input file. With `SAPO_SIM_TSAN=1` it is compiled under ThreadSanitizer and a data race fails
-//! the run. For this crate's tests only (the `gpu-sim` feature).
+//! Runs a kernel's `.cu` or `.metal` source on the CPU: its host driver (`sim.cpp`, in the op's
+//! folder) is compiled once per process and [`Target`] with g++ and `shim.h` (one thread per GPU
+//! thread), then run on an input file. With `SAPO_SIM_TSAN=1` it is compiled under
+//! ThreadSanitizer and a data race fails the run. For this crate's tests only (the `gpu-sim`
+//! feature).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
+use super::program::Program;
+
 /// The kernels' source folder.
 const KERNELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/kernels");
+
+/// Which kernel sources the simulation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Target {
+    /// The `.cu` files (warps of 32).
+    Cuda,
+    /// The `.metal` files, with SIMD groups of `simd_width` threads (32 on Apple GPUs; 8 also
+    /// runs, to show the kernels do not depend on it).
+    Metal { simd_width: u32 },
+}
 
 fn failed(what: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("GPU simulation: {what}"))
 }
 
-/// The executable built from `<op>/sim.cpp`, compiled on first use.
-fn executable(op: &str) -> candle_core::Result<PathBuf> {
-    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+/// The executable built from `<op>/sim.cpp` for `target`, compiled on first use. For Metal the
+/// driver includes the op's program as the host code hands it to Apple's compiler (one string,
+/// [`Program::source`]), written next to the executable.
+fn executable(program: &Program, target: Target) -> candle_core::Result<PathBuf> {
+    let op = program.op;
+    static BUILT: OnceLock<Mutex<HashMap<(String, Target), PathBuf>>> = OnceLock::new();
     let mut built = BUILT
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.get(op) {
+    let key = (op.to_string(), target);
+    if let Some(path) = built.get(&key) {
         return Ok(path.clone());
     }
     let tsan = std::env::var("SAPO_SIM_TSAN").is_ok_and(|v| v == "1");
     let dir = std::env::temp_dir().join(format!("sapo-gpu-sim-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
-    let exe = dir.join(format!("{op}{}", if tsan { "-tsan" } else { "" }));
+    let language = match target {
+        Target::Cuda => "cuda".to_string(),
+        Target::Metal { simd_width } => format!("metal{simd_width}"),
+    };
+    let exe = dir.join(format!(
+        "{op}-{language}{}",
+        if tsan { "-tsan" } else { "" }
+    ));
     let source = Path::new(KERNELS).join(op).join("sim.cpp");
     let mut cmd = Command::new(std::env::var("CXX").unwrap_or_else(|_| "g++".into()));
     cmd.args(["-std=c++20", "-g", "-pthread", "-Wall", "-Werror"]);
@@ -36,6 +60,15 @@ fn executable(op: &str) -> candle_core::Result<PathBuf> {
         cmd.args(["-O1", "-fsanitize=thread"]);
     } else {
         cmd.arg("-O2");
+    }
+    if let Target::Metal { simd_width } = target {
+        let metal = dir.join(format!("{op}.metal"));
+        std::fs::write(&metal, program.source())
+            .map_err(|e| failed(format!("{}: {e}", metal.display())))?;
+        // MSL's attributes (`[[buffer(0)]]`) mean nothing to g++.
+        cmd.args(["-DSAPO_METAL", "-Wno-attributes"]);
+        cmd.arg(format!("-DSAPO_SIM_SIMD_WIDTH={simd_width}"));
+        cmd.arg(format!("-DSAPO_SIM_METAL_SOURCE=\"{}\"", metal.display()));
     }
     let out = cmd
         .arg(&source)
@@ -50,14 +83,15 @@ fn executable(op: &str) -> candle_core::Result<PathBuf> {
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    built.insert(op.to_string(), exe.clone());
+    built.insert(key, exe.clone());
     Ok(exe)
 }
 
-/// Runs op `op`'s simulation on `input`; returns what it wrote.
-pub(crate) fn run(op: &str, input: &[u8]) -> candle_core::Result<Vec<u8>> {
+/// Runs the simulation of `program`'s op for `target` on `input`; returns what it wrote.
+pub(crate) fn run(program: &Program, target: Target, input: &[u8]) -> candle_core::Result<Vec<u8>> {
     static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let exe = executable(op)?;
+    let op = program.op;
+    let exe = executable(program, target)?;
     let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (in_path, out_path) = (
         PathBuf::from(format!("{}.{call}.in", exe.display())),

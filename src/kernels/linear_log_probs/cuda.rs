@@ -1,6 +1,6 @@
 //! The fused linear log-probs on CUDA: chunks of rows × tiles of the vocabulary, each tile's
 //! logits multiplied by cuBLAS (f32) into one reused buffer, the tile kernels of
-//! `linear_log_probs.cu` folding or differentiating them; the `[N, V]` logits never exist.
+//! `linear_log_probs.h` (entry points in `linear_log_probs.cu`) folding or differentiating them; the `[N, V]` logits never exist.
 //! Nothing is read on the host. The simulation (`gpu.rs`, `sim.cpp`) runs the same loop on the CPU
 //! with a plain GEMM.
 
@@ -13,7 +13,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, DType, Layout, Shape, Tensor};
 
-use super::gpu::CUDA_TILING;
+use super::gpu::{tiles, Tile, CUDA_TILING};
 use crate::kernels::gpu::cuda::{storage_view, view};
 use crate::kernels::log_probs::gpu::block_threads;
 
@@ -80,15 +80,6 @@ fn linear_config(count: usize) -> LaunchConfig {
     }
 }
 
-/// A tile of the walk: rows `c0..c0 + c` × vocabulary ids `v0..v0 + w`.
-#[derive(Clone, Copy)]
-struct Tile {
-    c0: usize,
-    c: usize,
-    v0: usize,
-    w: usize,
-}
-
 /// The walk both passes make over chunks of rows × tiles of the vocabulary: each tile's logits
 /// `h_chunk·W_tileᵀ` (cuBLAS) are written at the start of one reused buffer and handed to `body`.
 fn for_each_tile(
@@ -99,22 +90,19 @@ fn for_each_tile(
 ) -> candle_core::Result<()> {
     let (chunk, tile) = CUDA_TILING;
     let mut logits = dev.alloc_zeros::<f32>(chunk.min(n).max(1) * tile.min(v).max(1))?;
-    for c0 in (0..n).step_by(chunk) {
-        let c = chunk.min(n - c0);
-        for v0 in (0..v).step_by(tile) {
-            let w = tile.min(v - v0);
-            let mut tile_logits = logits.slice_mut(0..c * w);
-            gemm(
-                dev,
-                (true, false),
-                (w, c, h),
-                (&weight.slice(v0 * h..(v0 + w) * h), h),
-                (&hidden.slice(c0 * h..(c0 + c) * h), h),
-                0.0,
-                (&mut tile_logits, w),
-            )?;
-            body(Tile { c0, c, v0, w }, &mut tile_logits)?;
-        }
+    for t in tiles(n, v, CUDA_TILING) {
+        let Tile { c0, c, v0, w } = t;
+        let mut tile_logits = logits.slice_mut(0..c * w);
+        gemm(
+            dev,
+            (true, false),
+            (w, c, h),
+            (&weight.slice(v0 * h..(v0 + w) * h), h),
+            (&hidden.slice(c0 * h..(c0 + c) * h), h),
+            0.0,
+            (&mut tile_logits, w),
+        )?;
+        body(t, &mut tile_logits)?;
     }
     Ok(())
 }

@@ -1,10 +1,44 @@
-//! What the GPU path of the fused linear log-probs (`linear_log_probs.cu` + GEMMs) takes, for the
-//! CUDA host code and for the CPU simulation that tests it: the tiling and the simulation's runs.
+//! What the GPU path of the fused linear log-probs (`linear_log_probs.h` + GEMMs) takes, for the
+//! CUDA and Metal host code and for the CPU simulation that tests it: the tiling and the
+//! simulation's runs.
 
 /// Rows per chunk and vocabulary ids per tile on CUDA: one `[2048, 8192]` f32 logits buffer
 /// (64 MiB) at a time.
 #[cfg(feature = "cuda")]
 pub(crate) const CUDA_TILING: (usize, usize) = (2048, 8192);
+
+/// Rows per chunk and vocabulary ids per tile on Metal: one `[1024, 8192]` f32 logits buffer
+/// (32 MiB) at a time.
+#[cfg(feature = "metal")]
+pub(crate) const METAL_TILING: (usize, usize) = (1024, 8192);
+
+/// A tile of the walk: rows `c0..c0 + c` × vocabulary ids `v0..v0 + w`.
+#[cfg(any(feature = "cuda", feature = "metal"))]
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub(crate) c0: usize,
+    pub(crate) c: usize,
+    pub(crate) v0: usize,
+    pub(crate) w: usize,
+}
+
+/// The walk both passes make over `n` rows × `v` ids, in order: chunks of `chunk` rows, each in
+/// tiles of `tile` ids (the simulation driver `sim.cpp` walks the same way).
+#[cfg(any(feature = "cuda", feature = "metal"))]
+pub(crate) fn tiles(
+    n: usize,
+    v: usize,
+    (chunk, tile): (usize, usize),
+) -> impl Iterator<Item = Tile> {
+    (0..n).step_by(chunk).flat_map(move |c0| {
+        (0..v).step_by(tile).map(move |v0| Tile {
+            c0,
+            c: chunk.min(n - c0),
+            v0,
+            w: tile.min(v - v0),
+        })
+    })
+}
 
 /// The simulation's tiling: small, so that the tests cross chunk and tile boundaries.
 #[cfg(feature = "gpu-sim")]
@@ -20,6 +54,8 @@ pub(crate) type Storages<'a> = (
 
 /// The simulation's input: mode, bias flag, block size, dims, tiling, `1/T`, then the data.
 #[cfg(feature = "gpu-sim")]
+use crate::kernels::gpu::sim;
+#[cfg(feature = "gpu-sim")]
 use candle_core::backend::BackendStorage;
 
 #[cfg(feature = "gpu-sim")]
@@ -29,7 +65,6 @@ fn input(
     targets: &candle_core::Tensor,
     (temperature, has_bias): (f64, bool),
 ) -> candle_core::Result<Vec<u8>> {
-    use crate::kernels::gpu::sim;
     use crate::kernels::log_probs::gpu::block_threads;
     let (n, h) = hidden.1.shape().dims2()?;
     let v = weight.1.shape().dims2()?.0;
@@ -62,12 +97,14 @@ fn input(
 /// The forward run on the CPU by the simulation: `[3, N]` (f32).
 #[cfg(feature = "gpu-sim")]
 pub(crate) fn simulate_forward(
+    target: sim::Target,
     inputs: Storages<'_>,
     targets: &candle_core::Tensor,
     options: (f64, bool),
 ) -> candle_core::Result<Vec<f32>> {
-    let bytes = crate::kernels::gpu::sim::run(
-        "linear_log_probs",
+    let bytes = sim::run(
+        &METAL_PROGRAM,
+        target,
         &input(false, inputs, targets, options)?,
     )?;
     Ok(floats(&bytes))
@@ -77,15 +114,15 @@ pub(crate) fn simulate_forward(
 /// `[6, N]` forward output and upstream gradient.
 #[cfg(feature = "gpu-sim")]
 pub(crate) fn simulate_backward(
+    target: sim::Target,
     inputs: Storages<'_>,
     targets: &candle_core::Tensor,
     options: (f64, bool),
     (packed, layout): (&candle_core::CpuStorage, &candle_core::Layout),
 ) -> candle_core::Result<Vec<f32>> {
-    use crate::kernels::gpu::sim;
     let mut bytes = input(true, inputs, targets, options)?;
     bytes.extend(sim::storage_bytes(packed, layout)?);
-    Ok(floats(&sim::run("linear_log_probs", &bytes)?))
+    Ok(floats(&sim::run(&METAL_PROGRAM, target, &bytes)?))
 }
 
 #[cfg(feature = "gpu-sim")]
@@ -95,3 +132,16 @@ fn floats(bytes: &[u8]) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+/// The Metal program of these kernels (`metal.rs` compiles it; the simulation runs it).
+#[cfg(any(feature = "metal", feature = "gpu-sim"))]
+pub(crate) const METAL_PROGRAM: crate::kernels::gpu::program::Program =
+    crate::kernels::gpu::program::Program {
+        op: "linear_log_probs",
+        files: &[
+            crate::kernels::gpu::program::COMMON,
+            crate::kernels::gpu::program::SOFTMAX,
+            include_str!("linear_log_probs.h"),
+            include_str!("linear_log_probs.metal"),
+        ],
+    };

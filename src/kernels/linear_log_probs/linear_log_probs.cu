@@ -1,96 +1,29 @@
-// The tile kernels of the fused linear log-probs on CUDA. The host (`cuda.rs`) walks chunks of
-// rows × tiles of the vocabulary; cuBLAS multiplies each tile's logits `L = h·Wᵀ` (f32) into a
-// `[rows, tile]` buffer, never the whole `[N, V]`; these kernels then
-//
-//   forward:  fold the tile into each row's online (max, Σe^{z−max}, Σe^{z−max}·z) and pick the
-//             target's logit (`sapo_linear_fold`), then finish (ℓ, H, lse) (`sapo_linear_finish`);
-//   backward: overwrite the tile with the logits' gradient (`sapo_linear_grad_tile`) and add its
-//             column sums to the bias gradient (`sapo_linear_bias_grad`); cuBLAS then adds the
-//             tile's share to the hidden states' and the weight's gradients.
-//
-// Tiles and rows are visited in a fixed order, with no atomics: the same bits on every run. The
-// formulas and the online softmax are those of `../gpu/softmax.cuh`, shared with `log_probs.cu`;
-// the tests run this file in simulation against the CPU kernel.
-#include "../gpu/softmax.cuh"
+// The fused linear path's CUDA entry points; the kernels are `linear_log_probs.h`'s.
+#include "linear_log_probs.h"
 
-// One block per row of the chunk. `tile` is `[rows_in_chunk, width]` row-major; the tile covers
-// vocabulary ids [v0, v0 + width). `state` is `[N, 3]` (max, sum, weighted), `z_target` `[N]`.
 extern "C" __global__ void sapo_linear_fold(const float* tile, const float* bias, int has_bias,
                                             long v0, long width, long row0,
-                                            const long long* targets, float inv_t, float* state,
+                                            const sapo_i64* targets, float inv_t, float* state,
                                             float* z_target) {
-  __shared__ float scratch[3 * (SAPO_MAX_BLOCK / SAPO_WARP)];
-  const long r = blockIdx.x, row = row0 + r;
-  const float* x = tile + r * width;
-  OnlineSoftmax tile_state = online_empty();
-  for (long j = threadIdx.x; j < width; j += blockDim.x)
-    online_add(tile_state, (x[j] + (has_bias ? bias[v0 + j] : 0.0f)) * inv_t);
-  tile_state = online_block_combine(tile_state, scratch);
-  if (threadIdx.x == 0) {
-    float* s = state + 3 * row;
-    if (v0 == 0) {
-      s[0] = -SAPO_INF; s[1] = 0.0f; s[2] = 0.0f;
-      z_target[row] = SAPO_NAN;  // stays NaN for an id outside [0, V)
-    }
-    // Merge the tile into the running state at the larger maximum.
-    const float tile_max = tile_state.max;
-    float m = tile_max > s[0] ? tile_max : s[0];
-    if (m > -SAPO_INF) {
-      float old_scale = s[0] > -SAPO_INF ? expf(s[0] - m) : 0.0f;
-      float new_scale = tile_max > -SAPO_INF ? expf(tile_max - m) : 0.0f;
-      s[1] = s[1] * old_scale + tile_state.sum * new_scale;
-      s[2] = s[2] * old_scale + tile_state.weighted * new_scale;
-      s[0] = m;
-    }
-    long long target = targets[row];
-    if (target >= v0 && target < v0 + width)
-      z_target[row] = (x[target - v0] + (has_bias ? bias[target] : 0.0f)) * inv_t;
-  }
+  SAPO_SHARED_DECL float scratch[2 * SAPO_MAX_WARPS];
+  linear_fold(sapo_cuda_thread(), tile, bias, has_bias, v0, width, row0, targets, inv_t, state,
+              z_target, scratch);
 }
 
-// One thread per row: `out` is `[3, N]` (ℓ, H, lse), as `finish_row`.
 extern "C" __global__ void sapo_linear_finish(const float* state, const float* z_target,
                                               long rows, float* out) {
-  long row = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (row >= rows) return;
-  OnlineSoftmax s;
-  s.max = state[3 * row];
-  s.sum = state[3 * row + 1];
-  s.weighted = state[3 * row + 2];
-  RowLogProb r = finish_row(s, z_target[row]);
-  out[row] = r.log_prob;
-  out[rows + row] = r.entropy;
-  out[2 * rows + row] = r.lse;
+  linear_finish(sapo_cuda_thread(), state, z_target, rows, out);
 }
 
-// One block per row of the chunk: the tile's logits become their gradient, in place.
 extern "C" __global__ void sapo_linear_grad_tile(float* tile, const float* bias, int has_bias,
                                                  long v0, long width, long row0, long rows,
-                                                 const long long* targets, float inv_t,
+                                                 const sapo_i64* targets, float inv_t,
                                                  const float* res, const float* grad_res) {
-  const long r = blockIdx.x, row = row0 + r;
-  float* x = tile + r * width;
-  float lse = res[2 * rows + row], entropy = res[rows + row];
-  float g_lp = grad_res[row], g_h = grad_res[rows + row];
-  long long target = targets[row];
-  bool silent = (g_lp == 0.0f && g_h == 0.0f) || !sapo_isfinite(lse);
-  for (long j = threadIdx.x; j < width; j += blockDim.x) {
-    float value = 0.0f;
-    if (!silent) {
-      value = logit_gradient(x[j] + (has_bias ? bias[v0 + j] : 0.0f), inv_t, lse, entropy,
-                                    g_lp, g_h);
-      if (v0 + j == target) value += inv_t * g_lp;
-    }
-    x[j] = value;
-  }
+  linear_grad_tile(sapo_cuda_thread(), tile, bias, has_bias, v0, width, row0, rows, targets,
+                   inv_t, res, grad_res);
 }
 
-// One thread per column of the tile: adds the column's sum (rows in order) to the bias gradient.
 extern "C" __global__ void sapo_linear_bias_grad(const float* tile, long chunk_rows, long width,
                                                  long v0, float* grad_bias) {
-  long j = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= width) return;
-  float s = 0.0f;
-  for (long r = 0; r < chunk_rows; ++r) s += tile[r * width + j];
-  grad_bias[v0 + j] += s;
+  linear_bias_grad(sapo_cuda_thread(), tile, chunk_rows, width, v0, grad_bias);
 }

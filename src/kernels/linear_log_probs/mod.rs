@@ -2,21 +2,26 @@
 //! bias → `[3,N]` (`ℓ`, `H`, `lse`) without the `[N,V]` logits, and its backward, an op of its
 //! own that returns the three gradients at once.
 //!
-//! Device files sit beside this one: `cpu.rs`; `linear_log_probs.cu` (the tile kernels) with its
-//! host code `cuda.rs` (cuBLAS GEMMs, behind the `cuda` feature) and `gpu.rs` (tiling, and the CPU
-//! simulation of the same loop that the tests run).
+//! Device files sit beside this one: `cpu.rs`; the tile kernels `linear_log_probs.h` with their
+//! CUDA entry points `linear_log_probs.cu` and host code `cuda.rs` (cuBLAS GEMMs, behind the
+//! `cuda` feature), their Metal entry points `linear_log_probs.metal` and host code `metal.rs`
+//! (MLX's GEMMs, behind the `metal` feature), and `gpu.rs` (tiling, and the CPU simulation of the
+//! same loop that the tests run).
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+#[cfg(any(feature = "cuda", feature = "metal", feature = "gpu-sim"))]
 pub(crate) mod gpu;
+#[cfg(feature = "metal")]
+mod metal;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use crate::kernels::log_probs::cpu::{target_ids, RowStats};
 use crate::kernels::simd::{Load, Store};
+use crate::kernels::Gpu;
 use crate::real::Real;
 
 /// `(hidden [N,H], weight [V,H], bias [V])` → `[3,N]`; the targets ride along. The inputs are
@@ -27,8 +32,8 @@ pub(crate) struct FusedLinearLogProbs {
     temperature: f64,
     /// Whether `bias` is the caller's (else zeros that are neither added nor differentiated).
     has_bias: bool,
-    /// Runs the GPU path (on a CUDA device; simulated on the CPU under `gpu-sim`).
-    gpu: bool,
+    /// Runs the GPU path (on a CUDA or Metal device; simulated on the CPU under `gpu-sim`).
+    gpu: Option<Gpu>,
 }
 
 impl FusedLinearLogProbs {
@@ -40,7 +45,7 @@ impl FusedLinearLogProbs {
         bias: Option<&Tensor>,
         targets: &Tensor,
         temperature: f64,
-        gpu: bool,
+        gpu: Option<Gpu>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let op = Self {
             targets: targets.contiguous()?,
@@ -116,16 +121,17 @@ impl CustomOp3 for FusedLinearLogProbs {
             (weight, weight_layout),
             (bias, bias_layout),
         );
-        if self.gpu {
+        if let Some(kernels) = self.gpu {
             #[cfg(feature = "gpu-sim")]
             {
                 let n = hidden_layout.shape().dims2()?.0;
                 let options = (self.temperature, self.has_bias);
-                let out = gpu::simulate_forward(inputs, &self.targets, options)?;
+                let out =
+                    gpu::simulate_forward(kernels.simulated()?, inputs, &self.targets, options)?;
                 return Ok((CpuStorage::F32(out), Shape::from((3, n))));
             }
             #[cfg(not(feature = "gpu-sim"))]
-            candle_core::bail!("the GPU kernels need a CUDA device");
+            candle_core::bail!("the GPU kernels ({kernels:?}) need a CUDA or Metal device");
         }
         let targets = target_ids(&self.targets)?;
         let t = (self.temperature, self.has_bias);
@@ -148,6 +154,25 @@ impl CustomOp3 for FusedLinearLogProbs {
         bias_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::forward(
+            &self.targets,
+            (self.temperature, self.has_bias),
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (bias, bias_layout),
+        )
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        hidden: &candle_core::MetalStorage,
+        hidden_layout: &Layout,
+        weight: &candle_core::MetalStorage,
+        weight_layout: &Layout,
+        bias: &candle_core::MetalStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        metal::forward(
             &self.targets,
             (self.temperature, self.has_bias),
             (hidden, hidden_layout),
@@ -208,7 +233,7 @@ struct LinearBackward {
     temperature: f64,
     has_bias: bool,
     bias: Tensor,
-    gpu: bool,
+    gpu: Option<Gpu>,
 }
 
 fn run_backward<R: Real + Load<R> + Store<R> + candle_core::WithDType>(
@@ -248,16 +273,22 @@ impl CustomOp3 for LinearBackward {
         );
         let (n, h) = hidden_layout.shape().dims2()?;
         let v = weight_layout.shape().dims2()?.0;
-        if self.gpu {
+        if let Some(kernels) = self.gpu {
             #[cfg(feature = "gpu-sim")]
             {
                 let options = (self.temperature, self.has_bias);
                 let packed = (packed, packed_layout);
-                let out = gpu::simulate_backward(inputs, &self.targets, options, packed)?;
+                let out = gpu::simulate_backward(
+                    kernels.simulated()?,
+                    inputs,
+                    &self.targets,
+                    options,
+                    packed,
+                )?;
                 return Ok((CpuStorage::F32(out), Shape::from(n * h + v * h + v)));
             }
             #[cfg(not(feature = "gpu-sim"))]
-            candle_core::bail!("the GPU kernels need a CUDA device");
+            candle_core::bail!("the GPU kernels ({kernels:?}) need a CUDA or Metal device");
         }
         let targets = target_ids(&self.targets)?;
         let rows = RowStats::new(packed, packed_layout)?;
@@ -281,6 +312,26 @@ impl CustomOp3 for LinearBackward {
         packed_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::backward(
+            &self.targets,
+            (self.temperature, self.has_bias),
+            &self.bias,
+            (hidden, hidden_layout),
+            (weight, weight_layout),
+            (packed, packed_layout),
+        )
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        hidden: &candle_core::MetalStorage,
+        hidden_layout: &Layout,
+        weight: &candle_core::MetalStorage,
+        weight_layout: &Layout,
+        packed: &candle_core::MetalStorage,
+        packed_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        metal::backward(
             &self.targets,
             (self.temperature, self.has_bias),
             &self.bias,

@@ -1,6 +1,7 @@
 // The fused linear log-probs' host sequence for the CPU simulation (tests only): the loop of
-// `cuda.rs` over chunks of rows × tiles of the vocabulary, with a plain column-major GEMM in place
-// of cuBLAS (same arguments), and buffers read from and written to files.
+// `cuda.rs` / `metal.rs` over chunks of rows × tiles of the vocabulary, with a plain
+// column-major GEMM in place of cuBLAS / MLX's (same products), and buffers read from and
+// written to files.
 //
 //   sim <input> <output>
 //   input:  u32 mode (0 forward, 1 backward), u32 has_bias, u32 threads, u32 0, i64 N, H, V,
@@ -9,7 +10,12 @@
 //   output: forward: [3,N]; backward: [N·H + V·H + V] (f32)
 #include "../gpu/shim.h"
 #include "../gpu/sim_io.h"
+#ifdef SAPO_METAL
+// The Metal program as one string, as `metal.rs` hands it to Apple's compiler (`sim.rs`).
+#include SAPO_SIM_METAL_SOURCE
+#else
 #include "linear_log_probs.cu"
+#endif
 
 #include <algorithm>
 
@@ -39,7 +45,7 @@ int main(int argc, char** argv) {
   const long n = dims[0], h = dims[1], v = dims[2], chunk = dims[3], tile = dims[4];
   const float inv_t = take<float>(1)[0];
   std::vector<float> hidden = take<float>(n * h), weight = take<float>(v * h), bias = take<float>(v);
-  std::vector<long long> targets = take<long long>(n);
+  std::vector<sapo_i64> targets = take<sapo_i64>(n);
   std::vector<float> packed = mode == 1 ? take<float>(6 * n) : std::vector<float>();
   sapo_sim::expect_end();
   std::vector<float> logits((size_t)std::min(chunk, n) * std::min(tile, v));
@@ -61,7 +67,7 @@ int main(int argc, char** argv) {
     for_each_tile([&](long c0, long c, long v0, long w) {
       sapo_sim::launch(c, threads, sapo_linear_fold, (const float*)logits.data(),
                        (const float*)bias.data(), has_bias, v0, w, c0,
-                       (const long long*)targets.data(), inv_t, state.data(), z_target.data());
+                       (const sapo_i64*)targets.data(), inv_t, state.data(), z_target.data());
     });
     out.assign(3 * n, 0.0f);
     if (n > 0)
@@ -72,17 +78,30 @@ int main(int argc, char** argv) {
     float *grad_hidden = out.data(), *grad_weight = out.data() + n * h,
           *grad_bias = out.data() + n * h + v * h;
     const float *res = packed.data(), *grad_res = packed.data() + 3 * n;
+    std::vector<float> product((size_t)std::max(std::min(chunk, n), std::min(tile, v)) * h);
     for_each_tile([&](long c0, long c, long v0, long w) {
       sapo_sim::launch(c, threads, sapo_linear_grad_tile, logits.data(),
                        (const float*)bias.data(), has_bias, v0, w, c0, n,
-                       (const long long*)targets.data(), inv_t, res, grad_res);
+                       (const sapo_i64*)targets.data(), inv_t, res, grad_res);
       if (has_bias)
         sapo_sim::launch((w + 255) / 256, 256, sapo_linear_bias_grad,
                          (const float*)logits.data(), c, w, v0, grad_bias);
+#ifdef SAPO_METAL
+      // metal.rs: MLX's GEMM writes each product, `sapo_linear_accumulate` adds it.
+      gemm(false, false, h, c, w, weight.data() + v0 * h, h, logits.data(), w, 0.0f,
+           product.data(), h);
+      sapo_sim::launch((c * h + 255) / 256, 256, sapo_linear_accumulate, grad_hidden + c0 * h,
+                       (const float*)product.data(), c * h);
+      gemm(false, true, h, w, c, hidden.data() + c0 * h, h, logits.data(), w, 0.0f,
+           product.data(), h);
+      sapo_sim::launch((w * h + 255) / 256, 256, sapo_linear_accumulate, grad_weight + v0 * h,
+                       (const float*)product.data(), w * h);
+#else
       gemm(false, false, h, c, w, weight.data() + v0 * h, h, logits.data(), w, 1.0f,
            grad_hidden + c0 * h, h);
       gemm(false, true, h, w, c, hidden.data() + c0 * h, h, logits.data(), w, 1.0f,
            grad_weight + v0 * h, h);
+#endif
     });
   }
   std::ofstream o(argv[2], std::ios::binary);

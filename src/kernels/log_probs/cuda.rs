@@ -1,4 +1,5 @@
-//! Token log-probs and entropy on CUDA: the launches of `log_probs.cu` (PTX compiled by
+//! Token log-probs and entropy on CUDA: the launches of `log_probs.h`'s kernels through the entry
+//! points of `log_probs.cu` (PTX compiled by
 //! `build.rs` for `compute_80`, loaded once per device); nothing is read on the host. The
 //! simulation (`gpu.rs`, `sim.cpp`) runs the same launches on the CPU.
 

@@ -1,6 +1,8 @@
-//! What the GPU kernels of the token log-probs (`log_probs.cu`) take, for every GPU backend and
+//! What the GPU kernels of the token log-probs (`log_probs.h`) take, for every GPU backend and
 //! for the CPU simulation that tests them: the launch geometry and the kernels' names.
 
+#[cfg(feature = "gpu-sim")]
+use crate::kernels::gpu::sim;
 use candle_core::DType;
 
 /// Threads per block for rows of `vocab` logits: about 16 logits per thread, 32 to 1024.
@@ -60,6 +62,7 @@ fn header(
 /// The forward kernel run on the CPU by the simulation: `[3, N]` (f32).
 #[cfg(feature = "gpu-sim")]
 pub(crate) fn simulate_forward(
+    target: sim::Target,
     targets: &candle_core::Tensor,
     temperature: f64,
     storage: &candle_core::CpuStorage,
@@ -67,7 +70,6 @@ pub(crate) fn simulate_forward(
 ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
     use candle_core::backend::BackendStorage;
 
-    use crate::kernels::gpu::sim;
     let (rows, vocab) = layout.shape().dims2()?;
     let inv_t = (1.0 / temperature) as f32;
     let mut input = header(
@@ -79,7 +81,7 @@ pub(crate) fn simulate_forward(
     )?;
     input.extend(sim::storage_bytes(storage, layout)?);
     input.extend(sim::tensor_bytes(targets)?);
-    let out = sim::run("log_probs", &input)?;
+    let out = sim::run(&METAL_PROGRAM, target, &input)?;
     let values = sim::tensor_from_bytes(&out, DType::F32, 3 * rows, &candle_core::Device::Cpu)?
         .to_vec1::<f32>()?;
     Ok((
@@ -91,6 +93,7 @@ pub(crate) fn simulate_forward(
 /// The backward kernel run on the CPU by the simulation: the logits' gradient.
 #[cfg(feature = "gpu-sim")]
 pub(crate) fn simulate_backward(
+    target: sim::Target,
     targets: &candle_core::Tensor,
     temperature: f64,
     (logits, logits_layout): (&candle_core::CpuStorage, &candle_core::Layout),
@@ -99,7 +102,6 @@ pub(crate) fn simulate_backward(
 ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
     use candle_core::backend::BackendStorage;
 
-    use crate::kernels::gpu::sim;
     let shape = logits_layout.shape().clone();
     let (rows, vocab) = shape.dims2()?;
     let dtype = logits.dtype();
@@ -109,7 +111,7 @@ pub(crate) fn simulate_backward(
     input.extend(sim::tensor_bytes(targets)?);
     input.extend(sim::storage_bytes(res, res_layout)?);
     input.extend(sim::storage_bytes(grad, grad_layout)?);
-    let out = sim::run("log_probs", &input)?;
+    let out = sim::run(&METAL_PROGRAM, target, &input)?;
     let grad = sim::tensor_from_bytes(&out, dtype, (rows, vocab), &candle_core::Device::Cpu)?;
     let (storage, _) = grad.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -117,3 +119,16 @@ pub(crate) fn simulate_backward(
     };
     Ok((cpu.clone(), shape))
 }
+
+/// The Metal program of these kernels (`metal.rs` compiles it; the simulation runs it).
+#[cfg(any(feature = "metal", feature = "gpu-sim"))]
+pub(crate) const METAL_PROGRAM: crate::kernels::gpu::program::Program =
+    crate::kernels::gpu::program::Program {
+        op: "log_probs",
+        files: &[
+            crate::kernels::gpu::program::COMMON,
+            crate::kernels::gpu::program::SOFTMAX,
+            include_str!("log_probs.h"),
+            include_str!("log_probs.metal"),
+        ],
+    };

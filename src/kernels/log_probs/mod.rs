@@ -4,27 +4,33 @@
 //! [`LogProbsBackward`] takes the logits, that output and its upstream gradient, recomputes the
 //! softmax on the fly and writes the logits' gradient once; nothing is read on the host.
 //!
-//! Device files sit beside this one: `cpu.rs`; `log_probs.cu` with its host code `cuda.rs`
-//! (behind the `cuda` feature) and `gpu.rs` (launch geometry, and the CPU simulation of the same
-//! kernels that the tests run); on the GPU an out-of-range target id makes its row's `ℓ` and `H`
-//! NaN instead of a host-side check.
+//! Device files sit beside this one: `cpu.rs`; the GPU kernels `log_probs.h` with their CUDA
+//! entry points `log_probs.cu` and host code `cuda.rs` (behind the `cuda` feature), their Metal
+//! entry points `log_probs.metal` and host code `metal.rs` (behind the `metal` feature), and
+//! `gpu.rs` (launch geometry, and the CPU simulation of the same kernels that the tests run); on
+//! the GPU an out-of-range target id makes its row's `ℓ` and `H` NaN instead of a host-side
+//! check.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+#[cfg(any(feature = "cuda", feature = "metal", feature = "gpu-sim"))]
 pub(crate) mod gpu;
+#[cfg(feature = "metal")]
+mod metal;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
+
+use super::Gpu;
 
 /// `[N, V]` logits → `[3, N]` (`ℓ`, `H`, `lse`); the targets ride along.
 pub(crate) struct FusedLogProbs {
     /// `[N]`, contiguous, u8/u32/i64, ids already checked to be in `[0, V)`.
     targets: Tensor,
     temperature: f64,
-    /// Runs the GPU kernels (on a CUDA device; simulated on the CPU under `gpu-sim`).
-    gpu: bool,
+    /// Runs the GPU kernels (on a CUDA or Metal device; simulated on the CPU under `gpu-sim`).
+    gpu: Option<Gpu>,
 }
 
 impl FusedLogProbs {
@@ -34,7 +40,7 @@ impl FusedLogProbs {
         logits: &Tensor,
         targets: &Tensor,
         temperature: f64,
-        gpu: bool,
+        gpu: Option<Gpu>,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let op = Self {
             targets: targets.contiguous()?,
@@ -56,11 +62,17 @@ impl CustomOp1 for FusedLogProbs {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if self.gpu {
+        if let Some(kernels) = self.gpu {
             #[cfg(feature = "gpu-sim")]
-            return gpu::simulate_forward(&self.targets, self.temperature, storage, layout);
+            return gpu::simulate_forward(
+                kernels.simulated()?,
+                &self.targets,
+                self.temperature,
+                storage,
+                layout,
+            );
             #[cfg(not(feature = "gpu-sim"))]
-            candle_core::bail!("the GPU kernels need a CUDA device");
+            candle_core::bail!("the GPU kernels ({kernels:?}) need a CUDA or Metal device");
         }
         let (n, vocab) = layout.shape().dims2()?;
         let (start, end) = layout
@@ -95,6 +107,15 @@ impl CustomOp1 for FusedLogProbs {
         cuda::forward(&self.targets, self.temperature, storage, layout)
     }
 
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        metal::forward(&self.targets, self.temperature, storage, layout)
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -117,7 +138,7 @@ impl CustomOp1 for FusedLogProbs {
 pub(crate) struct LogProbsBackward {
     targets: Tensor,
     temperature: f64,
-    gpu: bool,
+    gpu: Option<Gpu>,
 }
 
 impl CustomOp3 for LogProbsBackward {
@@ -134,9 +155,10 @@ impl CustomOp3 for LogProbsBackward {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if self.gpu {
+        if let Some(kernels) = self.gpu {
             #[cfg(feature = "gpu-sim")]
             return gpu::simulate_backward(
+                kernels.simulated()?,
                 &self.targets,
                 self.temperature,
                 (logits, logits_layout),
@@ -144,7 +166,7 @@ impl CustomOp3 for LogProbsBackward {
                 (grad, grad_layout),
             );
             #[cfg(not(feature = "gpu-sim"))]
-            candle_core::bail!("the GPU kernels need a CUDA device");
+            candle_core::bail!("the GPU kernels ({kernels:?}) need a CUDA or Metal device");
         }
         let shape = logits_layout.shape().clone();
         let (_, vocab) = shape.dims2()?;
@@ -182,6 +204,24 @@ impl CustomOp3 for LogProbsBackward {
         grad_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::backward(
+            &self.targets,
+            self.temperature,
+            (logits, logits_layout),
+            ((res, res_layout), (grad, grad_layout)),
+        )
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        logits: &candle_core::MetalStorage,
+        logits_layout: &Layout,
+        res: &candle_core::MetalStorage,
+        res_layout: &Layout,
+        grad: &candle_core::MetalStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        metal::backward(
             &self.targets,
             self.temperature,
             (logits, logits_layout),

@@ -8,7 +8,12 @@
 //   output: forward: [3,N] f32; backward: the logits' gradient in their storage type
 #include "../gpu/shim.h"
 #include "../gpu/sim_io.h"
+#ifdef SAPO_METAL
+// The Metal program as one string, as `metal.rs` hands it to Apple's compiler (`sim.rs`).
+#include SAPO_SIM_METAL_SOURCE
+#else
 #include "log_probs.cu"
+#endif
 
 using sapo_sim::take;
 
@@ -57,13 +62,13 @@ int main(int argc, char** argv) {
   switch (dtype * 3 + target) {
     case 0: SAPO_RUN(float, unsigned char, f32_u8); break;
     case 1: SAPO_RUN(float, unsigned int, f32_u32); break;
-    case 2: SAPO_RUN(float, long long, f32_i64); break;
+    case 2: SAPO_RUN(float, sapo_i64, f32_i64); break;
     case 3: SAPO_RUN(F16, unsigned char, f16_u8); break;
     case 4: SAPO_RUN(F16, unsigned int, f16_u32); break;
-    case 5: SAPO_RUN(F16, long long, f16_i64); break;
+    case 5: SAPO_RUN(F16, sapo_i64, f16_i64); break;
     case 6: SAPO_RUN(BF16, unsigned char, bf16_u8); break;
     case 7: SAPO_RUN(BF16, unsigned int, bf16_u32); break;
-    case 8: SAPO_RUN(BF16, long long, bf16_i64); break;
+    case 8: SAPO_RUN(BF16, sapo_i64, bf16_i64); break;
     default: std::fprintf(stderr, "unknown dtype %u / target type %u\n", dtype, target); return 2;
   }
   return 0;

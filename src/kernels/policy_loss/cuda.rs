@@ -1,4 +1,5 @@
-//! The policy loss on CUDA: the three launches of `policy_loss.cu` (PTX compiled by `build.rs`
+//! The policy loss on CUDA: the three launches of `policy_loss.h`'s kernels through the entry
+//! points of `policy_loss.cu` (PTX compiled by `build.rs`
 //! for `compute_80`, loaded once per device), with no host read: the value checks come back in
 //! the output (see [`crate::PolicyMetrics::check`]). The simulation (`gpu.rs`, `sim.cpp`) runs the
 //! same launches on the CPU.

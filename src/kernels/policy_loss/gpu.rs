@@ -1,5 +1,5 @@
-//! What the GPU kernels of the policy loss (`policy_loss.cu`) take, built once for every GPU
-//! backend and for the CPU simulation that tests them: the per-call constants as one `#[repr(C)]`
+//! What the GPU kernels of the policy loss (`policy_loss.h`) take, built once for every GPU
+//! backend (CUDA, Metal) and for the CPU simulation that tests them: the per-call constants as one `#[repr(C)]`
 //! struct passed by value, the launch geometry, and the kernels' names.
 
 use candle_core::DType;
@@ -17,11 +17,11 @@ use crate::losses::vespo::{VESPO_LOG_W_MAX, VESPO_LOG_W_MIN};
 pub(crate) const GPU_OUT_LEN: usize = super::OUT_LEN + CHECKS;
 /// The number of value-check counts at the end of the GPU output.
 pub(crate) const CHECKS: usize = 6;
-/// Floats per row in the `rows` kernel's record (`ROW_LEN` in `policy_loss.cu`).
-#[cfg(feature = "cuda")]
+/// Floats per row in the `rows` kernel's record (`ROW_LEN` in `policy_loss.h`).
+#[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) const ROW_LEN: usize = 28;
 /// Floats per row in the `prepass` kernel's record.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "metal"))]
 pub(crate) const ROW_STATS: usize = 4;
 
 /// An aggregation's [`CoefficientParts`] as the kernel reads them.
@@ -57,7 +57,7 @@ impl From<CoefficientParts> for AggregationParams {
     }
 }
 
-/// The per-call constants of `policy_loss.cu` (its `PolicyParams`, field for field).
+/// The per-call constants of `policy_loss.h` (its `PolicyParams`, field for field).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub(crate) struct PolicyParams {
@@ -89,7 +89,7 @@ pub(crate) fn block_threads(t: usize) -> u32 {
     (t.div_ceil(32) * 32).clamp(32, 256) as u32
 }
 
-/// `(id, flag, parameters)` of a trust region as `shape_eval` in `policy_loss.cu` reads them,
+/// `(id, flag, parameters)` of a trust region as `shape_eval` in `policy_loss.h` reads them,
 /// taken from the shape's scalar form (the constants the CPU kernel runs).
 fn shape_params(trust_region: &TrustRegion) -> (i32, i32, [f32; 8]) {
     let mut s = [0.0f32; 8];
@@ -227,6 +227,7 @@ pub(crate) fn kernel_suffix(dtype: DType, mask_u8: bool) -> Option<&'static str>
 /// gradient is kept for the backward as on a device.
 #[cfg(feature = "gpu-sim")]
 pub(crate) fn simulate(
+    target: crate::kernels::gpu::sim::Target,
     op: &FusedPolicyLoss,
     storage: &candle_core::CpuStorage,
     layout: &candle_core::Layout,
@@ -269,7 +270,7 @@ pub(crate) fn simulate(
     for tensor in constants.into_iter().flatten() {
         input.extend(sim::tensor_bytes(tensor)?);
     }
-    let output = sim::run("policy_loss", &input)?;
+    let output = sim::run(&METAL_PROGRAM, target, &input)?;
     let (out, grad) = output.split_at(4 * GPU_OUT_LEN);
     let out: Vec<f32> = out
         .chunks_exact(4)
@@ -282,3 +283,15 @@ pub(crate) fn simulate(
         candle_core::Shape::from(GPU_OUT_LEN),
     ))
 }
+
+/// The Metal program of these kernels (`metal.rs` compiles it; the simulation runs it).
+#[cfg(any(feature = "metal", feature = "gpu-sim"))]
+pub(crate) const METAL_PROGRAM: crate::kernels::gpu::program::Program =
+    crate::kernels::gpu::program::Program {
+        op: "policy_loss",
+        files: &[
+            crate::kernels::gpu::program::COMMON,
+            include_str!("policy_loss.h"),
+            include_str!("policy_loss.metal"),
+        ],
+    };

@@ -3,16 +3,20 @@
 //! forward to the backward.
 //!
 //! Device files sit beside this one: `cpu.rs` (the CPU implementation, [`CustomOp1::cpu_fwd`]);
-//! the CUDA and Metal implementations will be `cuda.rs` and `metal.rs`, behind the features, and
-//! plug into `cuda_fwd` / `metal_fwd`. The backward reads nothing on the host: it hands over the
+//! the GPU kernels `policy_loss.h` with their CUDA entry points `policy_loss.cu` and host code
+//! `cuda.rs` (`cuda_fwd`, behind the `cuda` feature) and their Metal entry points
+//! `policy_loss.metal` and host code `metal.rs` (`metal_fwd`, behind the `metal` feature);
+//! `gpu.rs`, what both take and the CPU simulation of the same kernels. The backward reads nothing on the host: it hands over the
 //! kept gradient, scaled by the upstream gradient in place on the CPU (no copy, no pass when it is
 //! 1) and with a tensor op on other devices.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
-#[cfg(any(feature = "cuda", feature = "gpu-sim"))]
+#[cfg(any(feature = "cuda", feature = "metal", feature = "gpu-sim"))]
 pub(crate) mod gpu;
+#[cfg(feature = "metal")]
+mod metal;
 
 use std::sync::Mutex;
 
@@ -21,7 +25,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tenso
 use half::{bf16, f16};
 
 use super::simd::{Load, Store};
-use super::{cpu_slice, from_kernel};
+use super::{cpu_slice, from_kernel, Gpu};
 use crate::aggregation::Normalizer;
 use crate::error::Result;
 use crate::losses::config::PolicyLossConfig;
@@ -48,8 +52,8 @@ pub(crate) struct FusedPolicyLoss {
     /// `[B,T]` KL-Cov selection, the kernel's input dtype.
     flags: Option<Tensor>,
     normalizer: Normalizer,
-    /// Runs the GPU kernels (on a CUDA device; simulated on the CPU under `gpu-sim`).
-    gpu: bool,
+    /// Runs the GPU kernels (on a CUDA or Metal device; simulated on the CPU under `gpu-sim`).
+    gpu: Option<Gpu>,
     /// `∂loss/∂log_probs`, written by the forward pass.
     grad: Mutex<Option<Tensor>>,
 }
@@ -67,7 +71,7 @@ impl FusedPolicyLoss {
         inputs: &PolicyInputs<'_>,
         t: usize,
         flags: Option<&Tensor>,
-        gpu: bool,
+        gpu: Option<Gpu>,
     ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let dtype = fused_input_dtype(inputs);
         let mut op = Self::new(config, inputs, t, dtype)?;
@@ -76,7 +80,7 @@ impl FusedPolicyLoss {
         let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
         let out = log_probs.apply_op1(op).map_err(from_kernel)?;
         let (loss, sums, extrema) = split_output(&out)?;
-        let checks = if gpu {
+        let checks = if gpu.is_some() {
             Some(out.narrow(0, OUT_LEN, out.dim(0)? - OUT_LEN)?.detach())
         } else {
             None
@@ -109,7 +113,7 @@ impl FusedPolicyLoss {
             is_weights: inputs.is_weights(t)?.as_ref().map(same).transpose()?,
             flags: None,
             normalizer: inputs.normalizer,
-            gpu: false,
+            gpu: None,
             grad: Mutex::new(None),
         })
     }
@@ -156,11 +160,11 @@ impl CustomOp1 for FusedPolicyLoss {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dims = layout.shape().dims().to_vec();
-        if self.gpu {
+        if let Some(kernels) = self.gpu {
             #[cfg(feature = "gpu-sim")]
-            return gpu::simulate(self, storage, layout);
+            return gpu::simulate(kernels.simulated()?, self, storage, layout);
             #[cfg(not(feature = "gpu-sim"))]
-            candle_core::bail!("the GPU kernels need a CUDA device");
+            candle_core::bail!("the GPU kernels ({kernels:?}) need a CUDA or Metal device");
         }
         let (start, end) = layout
             .contiguous_offsets()
@@ -182,6 +186,15 @@ impl CustomOp1 for FusedPolicyLoss {
         layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         cuda::forward(self, storage, layout)
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        storage: &candle_core::MetalStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::MetalStorage, Shape)> {
+        metal::forward(self, storage, layout)
     }
 
     fn bwd(

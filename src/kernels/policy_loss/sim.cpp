@@ -7,7 +7,12 @@
 //   output: the f32 output (OUT_LEN), then the gradient in ℓ's storage type
 #include "../gpu/shim.h"
 #include "../gpu/sim_io.h"
+#ifdef SAPO_METAL
+// The Metal program as one string, as `metal.rs` hands it to Apple's compiler (`sim.rs`).
+#include SAPO_SIM_METAL_SOURCE
+#else
 #include "policy_loss.cu"
+#endif
 
 using sapo_sim::take;
 

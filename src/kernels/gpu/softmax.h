@@ -1,21 +1,21 @@
-// The online softmax of a row of logits on the GPU, shared by the token log-probs
-// (`log_probs/log_probs.cu`) and the fused linear path's tile kernels
-// (`linear_log_probs/linear_log_probs.cu`). The scalar formulas restate `logprobs.rs`
+// The online softmax of a row of logits on the GPU (CUDA and Metal, see `common.h`), shared by
+// the token log-probs (`log_probs/log_probs.h`) and the fused linear path's tile kernels
+// (`linear_log_probs/linear_log_probs.h`). The scalar formulas restate `logprobs.rs`
 // (`weighted_logit`, `finish_row`, `logit_gradient`); the tests run both kernels in simulation
 // against the CPU kernels, which run those.
 #pragma once
 
-#include "common.cuh"
+#include "common.h"
 
 // logprobs.rs, weighted_logit: p_v·z_v up to the normaliser; 0 where e = 0 (z = −∞).
-__device__ __forceinline__ float weighted_logit(float e, float z) { return e > 0.0f ? e * z : 0.0f; }
+SAPO_INLINE float weighted_logit(float e, float z) { return e > 0.0f ? e * z : 0.0f; }
 
 // logprobs.rs, logit_gradient: ∂(g_ℓ·ℓ + g_H·H)/∂x of one logit x (z = x/T), without the
 // target's own g_ℓ/T.
-__device__ __forceinline__ float logit_gradient(float x, float inv_t, float lse, float entropy,
+SAPO_INLINE float logit_gradient(float x, float inv_t, float lse, float entropy,
                                                 float grad_log_prob, float grad_entropy) {
   float z = x * inv_t;
-  float p = expf(z - lse);
+  float p = sapo_exp(z - lse);
   float term = p > 0.0f ? p * (z - lse + entropy) : 0.0f;
   return -(inv_t * (grad_log_prob * p + grad_entropy * term));
 }
@@ -25,7 +25,7 @@ struct OnlineSoftmax {
   float max, sum, weighted;
 };
 
-__device__ __forceinline__ OnlineSoftmax online_empty() {
+SAPO_INLINE OnlineSoftmax online_empty() {
   OnlineSoftmax s;
   s.max = -SAPO_INF;
   s.sum = 0.0f;
@@ -35,15 +35,15 @@ __device__ __forceinline__ OnlineSoftmax online_empty() {
 
 // Folds one scaled logit z into a thread's state (online maximum: what was summed against the
 // old maximum is rescaled).
-__device__ __forceinline__ void online_add(OnlineSoftmax& s, float z) {
+SAPO_INLINE void online_add(SAPO_THREAD OnlineSoftmax& s, float z) {
   if (z > s.max) {
-    float scale = expf(s.max - z);
+    float scale = sapo_exp(s.max - z);
     s.sum *= scale;
     s.weighted *= scale;
     s.max = z;
   }
   if (s.max > -SAPO_INF) {
-    float e = expf(z - s.max);
+    float e = sapo_exp(z - s.max);
     s.sum += e;
     s.weighted += weighted_logit(e, z);
   }
@@ -51,13 +51,14 @@ __device__ __forceinline__ void online_add(OnlineSoftmax& s, float z) {
 
 // The block's state from every thread's: the block maximum, then every thread's sums rescaled to
 // it and summed in a fixed order. Every thread gets the result. `scratch`: shared memory of
-// 2·(SAPO_MAX_BLOCK/32) floats.
-__device__ __forceinline__ OnlineSoftmax online_block_combine(OnlineSoftmax s, float* scratch) {
+// 2·SAPO_MAX_WARPS floats.
+SAPO_INLINE OnlineSoftmax online_block_combine(OnlineSoftmax s, SAPO_SHARED float* scratch,
+                                               SapoThread th) {
   float lo = s.max, block_max = s.max;
-  sapo_block_min_max(lo, block_max, scratch);
-  float scale = s.max > -SAPO_INF ? expf(s.max - block_max) : 0.0f;
+  sapo_block_min_max(lo, block_max, scratch, th);
+  float scale = s.max > -SAPO_INF ? sapo_exp(s.max - block_max) : 0.0f;
   float sums[2] = {s.sum * scale, s.weighted * scale};
-  sapo_block_sum<2>(sums, scratch);
+  sapo_block_sum<2>(sums, scratch, th);
   OnlineSoftmax out;
   out.max = block_max;
   out.sum = sums[0];
@@ -71,9 +72,9 @@ struct RowLogProb {
   float log_prob, entropy, lse;
 };
 
-__device__ __forceinline__ RowLogProb finish_row(const OnlineSoftmax& s, float z_target) {
+SAPO_INLINE RowLogProb finish_row(OnlineSoftmax s, float z_target) {
   RowLogProb r;
-  r.lse = s.max + logf(s.sum);
+  r.lse = s.max + sapo_log(s.sum);
   r.log_prob = SAPO_NAN;
   r.entropy = SAPO_NAN;
   if (sapo_isfinite(r.lse) && z_target == z_target) {
