@@ -57,39 +57,26 @@ impl Load<f64> for u8 {
 }
 
 /// Whether the kernels' AVX-512 builds can run here (see [`has_avx2`]).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            has_avx2()
-                && std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
 }
 
 /// Whether the kernels' AVX2 + FMA builds can run here. Every build performs the same
 /// operations in the same order (nothing is contracted into FMA without fast-math, and the
 /// reductions run in fixed lanes), so their results are identical; the wider builds only use
-/// wider and more registers.
+/// wider and more registers. (Other architectures run the portable build.)
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
 }
 
 /// A kernel body that [`dispatch`] compiles for the widest instruction set the CPU has.
