@@ -7,7 +7,8 @@
 // The dialect is chosen by the compiler: nvcc (`build.rs`) gives CUDA, Apple's Metal compiler
 // (`__METAL_VERSION__`, the source bundled at run time by `gpu/metal.rs`) gives MSL. For tests,
 // g++ compiles both with the shim `shim.h` (`SAPO_METAL` selects the Metal side), which runs one
-// std::thread per GPU thread on the CPU.
+// std::thread per GPU thread on the CPU; before that, clang checks the Metal program's address
+// spaces and built-ins against `msl/metal_stdlib` (`sim.rs`).
 //
 // What differs between the dialects is named here once: address spaces (`SAPO_GLOBAL` device
 // memory, `SAPO_SHARED` block/threadgroup memory, `SAPO_THREAD` a thread's own), the thread's
@@ -176,28 +177,42 @@ SAPO_INLINE sapo_bf16 sapo_f32_to_bf16(float f) {
   return (sapo_bf16)(x >> 16);
 }
 
-// Storage types: `Load<T>::f(x)` reads a value as f32, `Store<T>::f(v)` writes one.
+// Storage types: `sapo_load(p, i)` reads element `i` as f32, `sapo_store(p, i, v)` writes one.
+// f16/bf16 elements are read and written through their bits: no struct is copied between
+// address spaces (which upstream clang's check of the MSL program, `gpu/msl/metal_stdlib`,
+// cannot follow).
 template <typename T> struct Storage;
 template <> struct Storage<float> {
-  static SAPO_INLINE float load(float x) { return x; }
-  static SAPO_INLINE float store(float v) { return v; }
+  static SAPO_INLINE float load(SAPO_GLOBAL const float* p, long i) { return p[i]; }
+  static SAPO_INLINE void store(SAPO_GLOBAL float* p, long i, float v) { p[i] = v; }
 };
 template <> struct Storage<unsigned char> {
-  static SAPO_INLINE float load(unsigned char x) { return (float)x; }
+  static SAPO_INLINE float load(SAPO_GLOBAL const unsigned char* p, long i) { return (float)p[i]; }
 };
 struct F16 { sapo_half bits; };
 struct BF16 { sapo_bf16 bits; };
 template <> struct Storage<F16> {
-  static SAPO_INLINE float load(F16 x) { return sapo_f16_to_f32(x.bits); }
-  static SAPO_INLINE F16 store(float v) { F16 h; h.bits = sapo_f32_to_f16(v); return h; }
+  static SAPO_INLINE float load(SAPO_GLOBAL const F16* p, long i) {
+    return sapo_f16_to_f32(p[i].bits);
+  }
+  static SAPO_INLINE void store(SAPO_GLOBAL F16* p, long i, float v) {
+    p[i].bits = sapo_f32_to_f16(v);
+  }
 };
 template <> struct Storage<BF16> {
-  static SAPO_INLINE float load(BF16 x) { return sapo_bf16_to_f32(x.bits); }
-  static SAPO_INLINE BF16 store(float v) { BF16 h; h.bits = sapo_f32_to_bf16(v); return h; }
+  static SAPO_INLINE float load(SAPO_GLOBAL const BF16* p, long i) {
+    return sapo_bf16_to_f32(p[i].bits);
+  }
+  static SAPO_INLINE void store(SAPO_GLOBAL BF16* p, long i, float v) {
+    p[i].bits = sapo_f32_to_bf16(v);
+  }
 };
 
 template <typename T> SAPO_INLINE float sapo_load(SAPO_GLOBAL const T* p, long i) {
-  return Storage<T>::load(p[i]);
+  return Storage<T>::load(p, i);
+}
+template <typename T> SAPO_INLINE void sapo_store(SAPO_GLOBAL T* p, long i, float v) {
+  Storage<T>::store(p, i, v);
 }
 
 // ---- Deterministic reductions: every thread of the block gets the same bits. ----

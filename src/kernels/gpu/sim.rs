@@ -65,26 +65,58 @@ fn executable(program: &Program, target: Target) -> candle_core::Result<PathBuf>
         let metal = dir.join(format!("{op}.metal"));
         std::fs::write(&metal, program.source())
             .map_err(|e| failed(format!("{}: {e}", metal.display())))?;
+        check_msl(&metal)?;
         // MSL's attributes (`[[buffer(0)]]`) mean nothing to g++.
         cmd.args(["-DSAPO_METAL", "-Wno-attributes"]);
         cmd.arg(format!("-DSAPO_SIM_SIMD_WIDTH={simd_width}"));
         cmd.arg(format!("-DSAPO_SIM_METAL_SOURCE=\"{}\"", metal.display()));
     }
+    cmd.arg(&source).arg("-o").arg(&exe);
+    compile(cmd, &format!("compiling {}", source.display()))?;
+    built.insert(key, exe.clone());
+    Ok(exe)
+}
+
+/// Runs a compiler; its diagnostics become the error, after `what`.
+fn compile(mut cmd: Command, what: &str) -> candle_core::Result<()> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let out = cmd
-        .arg(&source)
-        .arg("-o")
-        .arg(&exe)
         .output()
-        .map_err(|e| failed(format!("running g++: {e}")))?;
+        .map_err(|e| failed(format!("running {program} ({what}): {e}")))?;
     if !out.status.success() {
         return Err(failed(format!(
-            "compiling {}:\n{}",
-            source.display(),
+            "{what}:\n{}",
             String::from_utf8_lossy(&out.stderr)
         )));
     }
-    built.insert(key, exe.clone());
-    Ok(exe)
+    Ok(())
+}
+
+/// Checks a Metal program with clang (`$SAPO_MSL_CHECK_CXX`, else `clang++`) as Apple's compiler
+/// would see it (`__METAL_VERSION__` set), against the stand-in `gpu/msl/metal_stdlib`: MSL's
+/// address spaces, its built-ins only, no `double`, no exceptions or RTTI. What g++ compiles
+/// through the shim, which makes the address spaces plain C++, must pass this first.
+fn check_msl(metal: &Path) -> candle_core::Result<()> {
+    let mut cmd =
+        Command::new(std::env::var("SAPO_MSL_CHECK_CXX").unwrap_or_else(|_| "clang++".into()));
+    cmd.args([
+        "-x",
+        "c++",
+        "-std=c++17",
+        "-fsyntax-only",
+        "-fno-exceptions",
+        "-fno-rtti",
+    ])
+    .args([
+        "-D__METAL_VERSION__=300",
+        "-Wall",
+        "-Werror",
+        "-Wno-unknown-attributes",
+    ])
+    .arg("-I")
+    .arg(Path::new(KERNELS).join("gpu/msl"))
+    .arg(metal);
+    compile(cmd, &format!("the MSL check of {}", metal.display()))
 }
 
 /// Runs the simulation of `program`'s op for `target` on `input`; returns what it wrote.

@@ -60,7 +60,7 @@ SAPO_INLINE void log_probs_backward(SapoThread th, SAPO_GLOBAL const F* logits,
       value = logit_gradient(sapo_load(x, v), inv_t, lse, entropy, g_lp, g_h);
       if (v == target) value += inv_t * g_lp;
     }
-    g[v] = Storage<F>::store(value);
+    sapo_store(g, v, value);
   }
 }
 

@@ -427,7 +427,7 @@ SAPO_INLINE void policy_rows(SapoThread th, SAPO_GLOBAL const F* lp, SAPO_GLOBAL
     Loaded x = load_token(p, row, j, lp, old, adv, mask, w, rf, flags);
     for (int k = 0; k < 5; ++k) acc[ACC_BAD + k] += (float)x.bad[k];
     float g = token_step(p, x, seq, coef_policy, coef_kl, acc, lo, hi).g;
-    if (!sequence) grad[row * p.t + j] = Storage<F>::store(g);
+    if (!sequence) sapo_store(grad, row * p.t + j, g);
   }
   sapo_block_sum<ACC_LEN>(acc, scratch, th);
   sapo_block_min_max(lo, hi, scratch, th);
@@ -440,7 +440,7 @@ SAPO_INLINE void policy_rows(SapoThread th, SAPO_GLOBAL const F* lp, SAPO_GLOBAL
     for (long j = th.index; j < p.t; j += th.threads) {
       Loaded x = load_token(p, row, j, lp, old, adv, mask, w, rf, flags);
       Step step = token_step(p, x, seq, coef_policy, coef_kl, unused, unused_lo, unused_hi);
-      grad[row * p.t + j] = Storage<F>::store(step.g + shared * x.keep * step.factor);
+      sapo_store(grad, row * p.t + j, step.g + shared * x.keep * step.factor);
     }
   }
   if (th.index == 0) {
