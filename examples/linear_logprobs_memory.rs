@@ -19,7 +19,7 @@
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{Backend, LmHead, PolicyInputs, Sapo};
 
-fn main() -> sapo::Result<()> {
+fn main() -> sapo::error::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).map_or("fused", String::as_str);
     let dim =
@@ -67,7 +67,7 @@ fn main() -> sapo::Result<()> {
         loss.forward(&PolicyInputs::new(&log_probs, &old, &adv, &mask))?
     };
     let grads = out.loss.backward()?;
-    let norm = |t: &Var| -> sapo::Result<f32> {
+    let norm = |t: &Var| -> sapo::error::Result<f32> {
         let g = grads.get(t.as_tensor()).expect("gradient");
         Ok(g.abs()?.sum_all()?.to_scalar::<f32>()?)
     };

@@ -14,7 +14,7 @@
 use candle_core::{Device, Tensor, Var};
 use sapo::Backend;
 
-fn main() -> sapo::Result<()> {
+fn main() -> sapo::error::Result<()> {
     let path = std::env::args().nth(1).unwrap_or_else(|| "fused".into());
     let (n, v) = (1024usize, 32768usize);
     let dev = Device::Cpu;

@@ -1,4 +1,5 @@
 //! Group-relative advantages from outcome rewards.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! Responses to the same prompt share a group; with `mean_g`, `std_g` the group's mean and sample
 //! standard deviation (n−1):

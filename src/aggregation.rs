@@ -1,5 +1,6 @@
 //! Reducing a `[B,T]` per-token loss to a scalar (verl's `agg_loss` semantics), with global
 //! normalizers for data parallelism and gradient accumulation.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! | mode | scalar |
 //! |---|---|
@@ -15,7 +16,9 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
+use crate::error::{
+    check_config, check_device, check_float, check_shape, Error, Result, ValueCheck,
+};
 use crate::real::accumulation_dtype;
 
 /// How per-token losses become one scalar. The names are verl's `loss_agg_mode`.
@@ -105,6 +108,18 @@ impl Aggregation {
         }
         Ok(())
     }
+
+    /// The batch count the mode divides by.
+    pub(crate) fn batch_count(&self) -> BatchCount {
+        match self {
+            Self::TokenMean => BatchCount::Tokens,
+            Self::TokenSum => BatchCount::One,
+            Self::SeqMeanTokenMean | Self::SeqMeanTokenSum | Self::SeqMeanTokenSumNorm { .. } => {
+                BatchCount::Sequences
+            }
+            Self::SeqMean => BatchCount::Rows,
+        }
+    }
 }
 
 /// Global counts for data parallelism and gradient accumulation.
@@ -167,6 +182,98 @@ impl Normalizer {
         self.world_size = world_size;
         self
     }
+    /// The normalizer of one of `W` micro-batches (gradient accumulation) or of one rank's shard
+    /// of a batch split evenly: the global counts taken from every micro-batch's `[B,T]` 0/1 mask
+    /// (`global_tokens` = `Σ N_tok`, `global_sequences` = `Σ B'`, the non-empty rows — or `Σ B`,
+    /// every row, for [`Aggregation::SeqMean`]) and `world_size = W`. Each micro-batch's loss is
+    /// then its share of the global batch's loss times `W`: `backward()` on each loss divided by
+    /// `W` (or the mean of the losses) accumulates the full batch's gradient. One host read per
+    /// mask.
+    ///
+    /// Across ranks the counts must be summed over every rank's masks (an all-reduce of
+    /// [`Normalizer::global_tokens`] and [`Normalizer::global_sequences`]), with `world_size` the
+    /// number of ranks × micro-batches per rank.
+    ///
+    /// Errors: no mask, a mask that is not `[B,T]`, holds values other than 0/1.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor};
+    /// use sapo::{Aggregation, Normalizer};
+    /// let a = Tensor::new(&[[1u8, 1, 0], [0, 0, 0]], &Device::Cpu)?;
+    /// let b = Tensor::new(&[[1u8, 1, 1]], &Device::Cpu)?;
+    /// let n = Normalizer::for_micro_batches(&[&a, &b], Aggregation::SeqMeanTokenMean)?;
+    /// assert_eq!((n.global_tokens, n.global_sequences, n.world_size), (Some(5.0), Some(2.0), 2));
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn for_micro_batches(masks: &[&Tensor], aggregation: Aggregation) -> Result<Self> {
+        if masks.is_empty() {
+            return Err(Error::InvalidValue {
+                arg: "masks",
+                expected: "at least one micro-batch's mask".into(),
+                actual: "none".into(),
+            });
+        }
+        let (mut tokens, mut sequences) = (0.0, 0.0);
+        for mask in masks {
+            if mask.rank() != 2 {
+                return Err(Error::Shape {
+                    arg: "masks",
+                    expected: "[B, T] for every micro-batch".into(),
+                    actual: mask.dims().to_vec(),
+                });
+            }
+            let mask = crate::losses::inputs::checked_mask(mask, DType::F64)?;
+            let row_tokens = mask.sum(D::Minus1)?.to_vec1::<f64>()?;
+            tokens += row_tokens.iter().sum::<f64>();
+            sequences += match aggregation.batch_count() {
+                BatchCount::Rows => row_tokens.len() as f64,
+                _ => row_tokens.iter().filter(|&&n| n > 0.0).count() as f64,
+            };
+        }
+        Ok(Self {
+            global_tokens: Some(tokens),
+            global_sequences: Some(sequences),
+            world_size: masks.len(),
+        })
+    }
+
+    /// Checks the normalizer ([`Normalizer::validate`]) and that, with `world_size > 1`, it gives
+    /// the global count `aggregation` divides by (`global_tokens` for `token-mean`,
+    /// `global_sequences` for the `seq-mean*` modes): without it each shard would be divided by
+    /// its own count and multiplied by `W`, `W` times the loss.
+    ///
+    /// ```
+    /// use sapo::{Aggregation, Normalizer};
+    /// let n = Normalizer::default().with_global_tokens(4096.0).with_world_size(4);
+    /// assert!(n.validate_for(Aggregation::TokenMean).is_ok());
+    /// assert!(n.validate_for(Aggregation::SeqMeanTokenMean).is_err()); // needs global_sequences
+    /// ```
+    pub fn validate_for(&self, aggregation: Aggregation) -> Result<()> {
+        self.validate()?;
+        if self.world_size == 1 {
+            return Ok(());
+        }
+        let (name, given) = match aggregation.batch_count() {
+            BatchCount::One => return Ok(()),
+            BatchCount::Tokens => ("normalizer.global_tokens", self.global_tokens),
+            BatchCount::Sequences | BatchCount::Rows => {
+                ("normalizer.global_sequences", self.global_sequences)
+            }
+        };
+        if given.is_none() {
+            return Err(Error::InvalidConfig {
+                name,
+                expected: "a global count whenever world_size > 1 (the aggregation divides by it)",
+                actual: format!(
+                    "None with world_size {} and {}",
+                    self.world_size,
+                    aggregation.name()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Rejects negative or non-finite counts and a world size of 0.
     ///
     /// ```
@@ -415,7 +522,7 @@ pub fn aggregate(
     normalizer: &Normalizer,
 ) -> Result<Tensor> {
     aggregation.validate()?;
-    normalizer.validate()?;
+    normalizer.validate_for(aggregation)?;
     check_float("loss_mat", loss_mat)?;
     let dims = loss_mat.dims();
     if dims.len() != 2 {
@@ -435,6 +542,42 @@ pub fn aggregate(
     let mask = crate::losses::inputs::checked_mask(mask, dtype)?;
     let keep = mask.ne(0.0)?;
     let loss_mat = loss_mat.to_dtype(dtype)?;
+    crate::losses::inputs::check_finite_where("loss_mat", &loss_mat, &mask)?;
+    let counts = MaskCounts::new(&mask)?;
+    check_global_counts(&counts, aggregation, normalizer)?;
     let masked = keep.where_cond(&loss_mat, &loss_mat.zeros_like()?)?;
-    aggregate_masked(&masked, &MaskCounts::new(&mask)?, aggregation, normalizer)
+    aggregate_masked(&masked, &counts, aggregation, normalizer)
+}
+
+/// Checks that the normalizer's global counts are at least this batch's (one host read).
+fn check_global_counts(
+    counts: &MaskCounts,
+    aggregation: Aggregation,
+    normalizer: &Normalizer,
+) -> Result<()> {
+    let read = |x: &Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+    let sequences = match aggregation.batch_count() {
+        BatchCount::Rows => &counts.rows,
+        _ => &counts.sequences,
+    };
+    for (check, global, local) in [
+        (
+            ValueCheck::GlobalTokens,
+            normalizer.global_tokens,
+            &counts.tokens,
+        ),
+        (
+            ValueCheck::GlobalSequences,
+            normalizer.global_sequences,
+            sequences,
+        ),
+    ] {
+        if let Some(global) = global {
+            let local = read(local)?;
+            if local > global {
+                return Err(check.error(local));
+            }
+        }
+    }
+    Ok(())
 }

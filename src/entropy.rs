@@ -1,4 +1,5 @@
 //! The entropy bonus `− c·agg(H)` of a policy loss, and TRL's adaptive coefficient.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! ```text
 //! loss = pg_loss − c·agg(H) + β·agg(k)          ∂loss/∂H = −c·∂agg(H)/∂H
@@ -165,7 +166,13 @@ impl AdaptiveEntropy {
     /// ```
     pub fn update(&mut self, entropy: f64) -> Result<f64> {
         self.validate()?;
-        check_config(entropy.is_finite(), "entropy", "finite", entropy)?;
+        // An entropy is ≥ 0: a negative one is a caller's bug (a sign or a merged sum gone wrong).
+        check_config(
+            entropy.is_finite() && entropy >= 0.0,
+            "entropy",
+            "finite and >= 0",
+            entropy,
+        )?;
         let step = if entropy < self.target {
             self.delta
         } else {

@@ -78,7 +78,7 @@ pub enum Error {
 /// `Result` with [`Error`].
 ///
 /// ```
-/// fn build() -> sapo::Result<sapo::PolicyLoss> { sapo::Sapo::default().build() }
+/// fn build() -> sapo::error::Result<sapo::PolicyLoss> { sapo::Sapo::default().build() }
 /// assert!(build().is_ok());
 /// ```
 pub type Result<T> = std::result::Result<T, Error>;
@@ -105,6 +105,85 @@ pub(crate) fn check_config(
         Err(Error::InvalidConfig {
             name,
             expected,
+            actual: format!("{value:?}"),
+        })
+    }
+}
+
+/// The value checks that need the data beyond finiteness, made the same way on every path (see
+/// `losses/checks.rs`), in the order their counts are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ValueCheck {
+    /// `is_weights < 0` at unmasked positions.
+    NegativeWeights,
+    /// Unclamped k3: `ℓref − ℓ` beyond `ln(max)` of the compute dtype.
+    K3Overflow,
+    /// This batch's unmasked tokens above `normalizer.global_tokens`.
+    GlobalTokens,
+    /// This batch's counted rows above `normalizer.global_sequences`.
+    GlobalSequences,
+    /// A non-finite loss.
+    Loss,
+}
+
+impl ValueCheck {
+    /// Every check, in the order of the counts.
+    pub(crate) const ALL: [Self; 5] = [
+        Self::NegativeWeights,
+        Self::K3Overflow,
+        Self::GlobalTokens,
+        Self::GlobalSequences,
+        Self::Loss,
+    ];
+
+    /// The error of this check for a count `count` (> 0).
+    pub(crate) fn error(self, count: f64) -> Error {
+        let (arg, expected, what) = match self {
+            Self::NegativeWeights => ("is_weights", ">= 0 at unmasked positions", "negative"),
+            Self::K3Overflow => (
+                "ref_log_probs",
+                "ℓref − ℓ <= ln(max) of the compute dtype (88.72 in f32, 709.78 in f64) at \
+                 unmasked positions, so that the unclamped k3's e^(ℓref − ℓ) is finite (clamp it \
+                 with KlPenalty::with_clamp(true), or compute in f64)",
+                "above the bound",
+            ),
+            Self::GlobalTokens => (
+                "normalizer.global_tokens",
+                "at least this batch's unmasked-token count",
+                "unmasked tokens in this batch, more than the global count",
+            ),
+            Self::GlobalSequences => (
+                "normalizer.global_sequences",
+                "at least this batch's non-empty rows (all its rows for seq-mean)",
+                "rows in this batch, more than the global count",
+            ),
+            Self::Loss => (
+                "loss",
+                "finite (the inputs overflow the compute dtype)",
+                "non-finite",
+            ),
+        };
+        Error::InvalidValue {
+            arg,
+            expected: expected.into(),
+            actual: format!("{count} {what}"),
+        }
+    }
+}
+
+/// Checks that a scalar argument's value is in its domain, or returns [`Error::InvalidValue`].
+pub(crate) fn check_value(
+    ok: bool,
+    arg: &'static str,
+    expected: &str,
+    value: impl std::fmt::Debug,
+) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidValue {
+            arg,
+            expected: expected.into(),
             actual: format!("{value:?}"),
         })
     }

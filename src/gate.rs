@@ -1,4 +1,5 @@
 //! SAPO's soft trust-region gate: the one source of its formula, for every path.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! ```text
 //! f(ρ; τ) = σ(τ·(ρ − 1)) · 4/τ          the gate value (replaces PPO's clip(ρ))
@@ -16,9 +17,25 @@ use candle_core::Tensor;
 use crate::error::{check_float, check_positive_scale, Result};
 use crate::real::Real;
 
-/// Checks that a temperature `τ` is finite and > 0, and that `4/τ` is finite, in f32.
+/// The finest ratio change the gate must resolve in f32, the dtype the kernels compute in: the
+/// gate's values lie in `(0, 4/τ)` and move by `f'(1) = 1` per unit of `ρ`, so f32's spacing at
+/// `4/τ` (`4/τ · 2⁻²³`) must not exceed it. This bounds `τ` below by `4·2⁻²³/10⁻⁴ ≈ 4.8e-3`;
+/// smaller temperatures make `−f(ρ)·A` a sum of near-equal constants `±(2/τ)·A` that f32 cannot
+/// tell apart (τ = 1e-6: loss −0.0625 in f32 where f64 gives −0.0319).
+pub const GATE_RESOLUTION: f64 = 1e-4;
+
+/// Checks that a temperature `τ` is finite and > 0, that `4/τ` is finite in f32, and that f32
+/// resolves the gate's values to [`GATE_RESOLUTION`].
 pub(crate) fn check_tau(name: &'static str, tau: f64) -> Result<()> {
-    check_positive_scale(name, tau, 4.0, "finite and > 0, with 4/tau finite in f32")
+    const EXPECTED: &str = "finite and > 0, with 4/tau finite in f32 and 4/tau * 2^-23 <= 1e-4 \
+                            (tau >= 4.8e-3: f32 must resolve the gate's values)";
+    check_positive_scale(name, tau, 4.0, EXPECTED)?;
+    crate::error::check_config(
+        4.0 / tau * f64::from(f32::EPSILON) <= GATE_RESOLUTION,
+        name,
+        EXPECTED,
+        tau,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -38,25 +55,43 @@ pub(crate) fn value_and_weight<R: Real>(rho: R, tau: R) -> (R, R) {
     (p * (four / tau), four * p * q)
 }
 
+/// Checks a scalar form's arguments as the tensor forms do: `ρ` finite and ≥ 0 (a ratio), `τ` as
+/// [`check_tau`].
+fn check_scalar<R: Real>(rho: R, tau: R) -> Result<()> {
+    check_tau("tau", tau.to_f64())?;
+    let r = rho.to_f64();
+    crate::error::check_value(r.is_finite() && r >= 0.0, "rho", "finite and >= 0", r)
+}
+
 /// The gate value `f(ρ; τ) = σ(τ(ρ−1))·4/τ` on a scalar.
 ///
+/// Errors: `τ` out of range (as [`value`]), `ρ` negative or not finite.
+///
 /// ```
-/// let f = sapo::gate::value_scalar(1.0f64, 1.0);
+/// let f = sapo::gate::value_scalar(1.0f64, 1.0)?;
 /// assert!((f - 2.0).abs() < 1e-12); // σ(0)·4/1
-/// assert!(sapo::gate::value_scalar(20f32.exp(), 1000.0).is_finite());
+/// assert!(sapo::gate::value_scalar(20f32.exp(), 1000.0)?.is_finite());
+/// assert!(sapo::gate::value_scalar(1.0f32, 0.0).is_err());
+/// # Ok::<(), sapo::Error>(())
 /// ```
-pub fn value_scalar<R: Real>(rho: R, tau: R) -> R {
-    value_and_weight(rho, tau).0
+pub fn value_scalar<R: Real>(rho: R, tau: R) -> Result<R> {
+    check_scalar(rho, tau)?;
+    Ok(value_and_weight(rho, tau).0)
 }
 
 /// The gradient weight `f'(ρ; τ) = 4·p·(1−p)`, `p = σ(τ(ρ−1))`, on a scalar.
 ///
+/// Errors: as [`value_scalar`].
+///
 /// ```
-/// assert_eq!(sapo::gate::weight_scalar(1.0f32, 1.05), 1.0);
-/// assert!(sapo::gate::weight_scalar(2.0f64, 1.0) < 1.0);
+/// assert_eq!(sapo::gate::weight_scalar(1.0f32, 1.05)?, 1.0);
+/// assert!(sapo::gate::weight_scalar(2.0f64, 1.0)? < 1.0);
+/// assert!(sapo::gate::weight_scalar(1.0f64, -1.0).is_err());
+/// # Ok::<(), sapo::Error>(())
 /// ```
-pub fn weight_scalar<R: Real>(rho: R, tau: R) -> R {
-    value_and_weight(rho, tau).1
+pub fn weight_scalar<R: Real>(rho: R, tau: R) -> Result<R> {
+    check_scalar(rho, tau)?;
+    Ok(value_and_weight(rho, tau).1)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,14 +155,14 @@ mod tests {
     fn scalar_values_match_hand_computation() {
         // σ(0.5)·4 = 4/(1+e^-0.5)
         let want = 4.0 / (1.0 + (-0.5f64).exp());
-        assert_relative_eq!(value_scalar(1.5f64, 1.0), want, max_relative = 1e-14);
+        assert_relative_eq!(value_and_weight(1.5f64, 1.0).0, want, max_relative = 1e-14);
         // τ = 2: σ(2·(0.5−1))·2 = 2·σ(−1)
         let want = 2.0 / (1.0 + 1f64.exp());
-        assert_relative_eq!(value_scalar(0.5f64, 2.0), want, max_relative = 1e-14);
+        assert_relative_eq!(value_and_weight(0.5f64, 2.0).0, want, max_relative = 1e-14);
         // weight at ρ = 1.5, τ = 1: 4 σ(.5) σ(−.5)
         let p = 1.0 / (1.0 + (-0.5f64).exp());
         assert_relative_eq!(
-            weight_scalar(1.5f64, 1.0),
+            value_and_weight(1.5f64, 1.0).1,
             4.0 * p * (1.0 - p),
             max_relative = 1e-14
         );
@@ -137,8 +172,9 @@ mod tests {
     fn weight_is_derivative_of_value() {
         for &(rho, tau) in &[(0.3f64, 1.0), (1.0, 1.05), (1.7, 0.5), (2.5, 8.0)] {
             let h = 1e-6;
-            let fd = (value_scalar(rho + h, tau) - value_scalar(rho - h, tau)) / (2.0 * h);
-            assert_relative_eq!(weight_scalar(rho, tau), fd, max_relative = 1e-6);
+            let fd =
+                (value_and_weight(rho + h, tau).0 - value_and_weight(rho - h, tau).0) / (2.0 * h);
+            assert_relative_eq!(value_and_weight(rho, tau).1, fd, max_relative = 1e-6);
         }
     }
 
@@ -146,8 +182,8 @@ mod tests {
     fn scalar_gate_is_finite_on_extremes() {
         for &rho in &[0.0f32, 1e-30, 1.0, 20f32.exp(), f32::MAX_EXP_ARG.exp()] {
             for &tau in &[1e-6f32, 0.5, 1.0, 1000.0] {
-                let v = value_scalar(rho, tau);
-                let w = weight_scalar(rho, tau);
+                let v = value_and_weight(rho, tau).0;
+                let w = value_and_weight(rho, tau).1;
                 assert!(v.is_finite() && v >= 0.0, "value({rho},{tau}) = {v}");
                 assert!(
                     w.is_finite() && (0.0..=1.0).contains(&w),
@@ -156,10 +192,10 @@ mod tests {
             }
         }
         // Far below the trust region the weight underflows to 0 but never to NaN.
-        assert_eq!(weight_scalar(20f64.exp(), 1000.0), 0.0);
+        assert_eq!(value_and_weight(20f64.exp(), 1000.0).1, 0.0);
         // Small deviations keep full relative accuracy in f32.
         let x = 1e-4f32;
-        assert_relative_eq!(weight_scalar(1.0 + x, 1.0), 1.0, max_relative = 1e-7);
+        assert_relative_eq!(value_and_weight(1.0 + x, 1.0).1, 1.0, max_relative = 1e-7);
     }
 
     #[test]
@@ -170,10 +206,10 @@ mod tests {
             let v = value(&rho, tau)?.to_vec1::<f32>()?;
             let w = weight(&rho, tau)?.to_vec1::<f32>()?;
             for (i, &r) in rhos.iter().enumerate() {
-                assert_relative_eq!(v[i], value_scalar(r, tau as f32), max_relative = 1e-5);
+                assert_relative_eq!(v[i], value_and_weight(r, tau as f32).0, max_relative = 1e-5);
                 assert_relative_eq!(
                     w[i],
-                    weight_scalar(r, tau as f32),
+                    value_and_weight(r, tau as f32).1,
                     max_relative = 1e-5,
                     epsilon = 1e-30
                 );

@@ -1,4 +1,5 @@
 //! KL penalty to a frozen reference policy (Schulman's estimators, as verl and TRL name them).
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! With `d = ℓ − ℓref`:
 //!
@@ -18,7 +19,10 @@
 use candle_core::Tensor;
 
 use crate::aggregation::Aggregation;
-use crate::error::{check_config, check_device, check_float, check_shape, Error, Result};
+use crate::error::{
+    check_config, check_device, check_float, check_shape, Error, Result, ValueCheck,
+};
+use crate::losses::inputs::check_finite_where;
 use crate::piecewise::{self, abs_scalar, clamp_scalar};
 use crate::real::Real;
 
@@ -201,7 +205,10 @@ pub(crate) fn value_and_slope<R: Real>(estimator: KlEstimator, clamp: bool, d: R
 /// Per-token KL estimate `k(ℓ, ℓref)`, differentiable with respect to `log_probs` (`ref_log_probs`
 /// is a constant: it is detached and converted to `log_probs`' dtype).
 ///
-/// Errors: a non-float tensor, or `ref_log_probs` of another shape or device than `log_probs`.
+/// Errors: a non-float tensor, `ref_log_probs` of another shape or device than `log_probs`, a
+/// non-finite value in either (there is no mask here: every element counts), and with k3 or k3+
+/// unclamped, `ℓref − ℓ` beyond `ln(max)` of the compute dtype (88.72 in f32), where `e^{ℓref−ℓ}`
+/// overflows (one host read for these value checks).
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -224,7 +231,31 @@ pub fn kl_penalty(
     check_device("ref_log_probs", ref_log_probs, log_probs)?;
     check_shape("ref_log_probs", ref_log_probs, log_probs.dims())?;
     let reference = ref_log_probs.detach().to_dtype(log_probs.dtype())?;
-    let diff = log_probs.sub(&reference)?;
+    let every = log_probs.ones_like()?;
+    check_finite_where("log_probs", log_probs, &every)?;
+    check_finite_where("ref_log_probs", &reference, &every)?;
+    if !clamp && matches!(estimator, KlEstimator::K3 | KlEstimator::K3Plus) {
+        let d = (&reference - log_probs.detach())?;
+        let above = d
+            .gt(crate::real::ln_max(log_probs.dtype()))?
+            .to_dtype(candle_core::DType::F64)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        if above > 0.0 {
+            return Err(ValueCheck::K3Overflow.error(above));
+        }
+    }
+    kl_values(log_probs, &reference, estimator, clamp)
+}
+
+/// [`kl_penalty`] on inputs already checked: `reference` detached, of `log_probs`' dtype.
+pub(crate) fn kl_values(
+    log_probs: &Tensor,
+    reference: &Tensor,
+    estimator: KlEstimator,
+    clamp: bool,
+) -> Result<Tensor> {
+    let diff = log_probs.sub(reference)?;
     let bound = |c: f64| clamp.then_some(c);
     let k3 = || -> Result<Tensor> {
         let (lo, hi) = (bound(-K3_LOG_RATIO_BOUND), bound(K3_LOG_RATIO_BOUND));

@@ -5,6 +5,8 @@ pub mod advantages;
 pub mod aggregation;
 pub mod entropy;
 pub mod error;
+#[doc = include_str!("../docs/formulas.md")]
+pub mod formulas {}
 pub mod gate;
 mod kernels;
 pub mod kl;
@@ -18,7 +20,9 @@ pub mod rollout_correction;
 pub use advantages::{group_advantages, group_advantages_vec, AdvantageEstimator, Groups};
 pub use aggregation::{aggregate, Aggregation, Normalizer};
 pub use entropy::{AdaptiveEntropy, EntropyBonus};
-pub use error::{Error, Result};
+// `Result` stays in `sapo::error`: a glob import (`use sapo::*`, as the README's examples do)
+// must not shadow the prelude's `Result`.
+pub use error::Error;
 pub use kernels::Backend;
 pub use kl::{kl_penalty, KlEstimator, KlPenalty};
 pub use linear_logprobs::{

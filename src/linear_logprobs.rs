@@ -1,5 +1,6 @@
 //! Token log-probs and entropy straight from hidden states through the lm_head, without the
 //! `[N,V]` logits: `logits = hidden·Wᵀ + b` exists one tile of rows × vocabulary at a time.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! ```text
 //! x = hidden·Wᵀ + b,  z = x/τ,  ℓ = z_y − lse(z),  H = lse(z) − Σ_v p_v z_v
@@ -43,7 +44,9 @@ pub struct LmHead<'a> {
     pub weight: &'a Tensor,
     /// The lm_head's bias, `[V]`, if it has one.
     pub bias: Option<&'a Tensor>,
-    /// The sampled tokens, `[B,T]` (u8/u32/i64, ids in `[0, V)`).
+    /// The sampled tokens, `[B,T]` (u8/u32/i64, ids in `[0, V)`; in
+    /// [`crate::PolicyLoss::forward_from_hidden`] masked positions are padding and may hold any id,
+    /// Hugging Face's −100 included).
     pub targets: &'a Tensor,
     /// The sampling temperature `τ` (1.0 by default).
     pub temperature: f64,

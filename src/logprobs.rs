@@ -1,4 +1,5 @@
 //! Token log-probs and entropy from logits, without a softmax tensor in the result.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! With temperature `τ`, `z = logits/τ`, `lse = log Σ_v e^{z_v}`:
 //!

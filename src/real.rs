@@ -43,9 +43,11 @@ pub trait Real:
     const INFINITY: Self;
     /// Not a number.
     const NAN: Self;
-    /// Where exponentials saturate: `e^x` of this is finite with room to spare (88 for `f32`,
-    /// 709 for `f64`). Ratios `e^δ` are computed as `e^{min(δ, MAX_EXP_ARG)}`, so that no ratio is
-    /// `inf` and no gradient is `0·inf`.
+    /// Where exponentials saturate: 88 in every dtype, where `e^x` is finite in f32 with room to
+    /// spare. Ratios `e^δ` are computed as `e^{min(δ, MAX_EXP_ARG)}`, so that no ratio is `inf`
+    /// and no gradient is `0·inf`; the same point in f64 keeps the results of every dtype alike
+    /// (a ratio of `e^709` would overflow any sum it enters: f64 losses went `+inf` where f32
+    /// ones saturated).
     const MAX_EXP_ARG: Self;
     /// Converts from `f64` (rounding for `f32`).
     fn from_f64(v: f64) -> Self;
@@ -116,7 +118,7 @@ impl Real for f64 {
     const ONE: Self = 1.0;
     const INFINITY: Self = f64::INFINITY;
     const NAN: Self = f64::NAN;
-    const MAX_EXP_ARG: Self = 709.0;
+    const MAX_EXP_ARG: Self = 88.0;
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
@@ -135,12 +137,22 @@ impl Real for f64 {
     }
 }
 
-/// `MAX_EXP_ARG` of the compute dtype that `dtype` is computed in (f64 for f64, else f32).
+/// `MAX_EXP_ARG` of the compute dtype that `dtype` is computed in (the same, 88, in every one).
 pub(crate) fn max_exp_arg(dtype: candle_core::DType) -> f64 {
     if dtype == candle_core::DType::F64 {
         f64::MAX_EXP_ARG
     } else {
         f32::MAX_EXP_ARG as f64
+    }
+}
+
+/// `ln(max)` of the dtype `dtype` is computed in (f64 for f64, else f32): the largest `x` whose
+/// `e^x` is finite there.
+pub(crate) fn ln_max(dtype: candle_core::DType) -> f64 {
+    if dtype == candle_core::DType::F64 {
+        f64::MAX.ln()
+    } else {
+        f64::from(f32::MAX).ln()
     }
 }
 

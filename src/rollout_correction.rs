@@ -1,5 +1,6 @@
 //! Rollout correction between the inference engine and the trainer (verl's
 //! `rollout_corr_helper.py`): importance weights, rejection filters and their diagnostics.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! With `d = ℓold − ℓroll` (the log of π_train/π_rollout), `d̃ = clamp(d, ±20)`, `S_i = Σ_t m·d`:
 //!
@@ -492,6 +493,26 @@ pub struct RolloutCorrectionOutput {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Every diagnostic is finite, or the log-probs that make it overflow f64 are named: the
+/// perplexities exponentiate row means of `−ℓ`, `k3_kl` and `ppl_ratio` exponentiate log-ratios,
+/// so `|ℓold − ℓrollout|` (or `−ℓ`) beyond about 709 has no finite value.
+fn check_metrics_finite(metrics: &BTreeMap<String, f64>) -> Result<()> {
+    match metrics.iter().find(|(_, v)| !v.is_finite()) {
+        None => Ok(()),
+        Some((name, value)) => Err(Error::InvalidValue {
+            arg: if name.starts_with("training") {
+                "old_log_probs"
+            } else {
+                "rollout_log_probs"
+            },
+            expected: "log-probs and log-ratios whose diagnostics are finite in f64 (|log-ratio| \
+                       and -log-prob row means below about 709)"
+                .into(),
+            actual: format!("{name} = {value}"),
+        }),
+    }
+}
+
 /// Computes the rollout correction of a batch: importance weights, the rejection-filtered mask and
 /// verl's diagnostics, from the trainer's `old_log_probs`, the engine's `rollout_log_probs` and
 /// the `[B,T]` 0/1 `mask`.
@@ -602,6 +623,7 @@ pub fn rollout_correction(
         );
     }
     batch.off_policy(&mut metrics);
+    check_metrics_finite(&metrics)?;
     let device = old_log_probs.device();
     let new_mask: Vec<f64> = batch.m.iter().zip(&keep).map(|(m, k)| m * k).collect();
     Ok(RolloutCorrectionOutput {

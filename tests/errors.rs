@@ -32,7 +32,7 @@ fn assert_shape_error(err: Error, want_arg: &str) {
     }
 }
 
-fn assert_config_error(result: sapo::Result<sapo::PolicyLoss>, want: &str) {
+fn assert_config_error(result: sapo::error::Result<sapo::PolicyLoss>, want: &str) {
     match result {
         Err(Error::InvalidConfig { name, .. }) => assert_eq!(name, want),
         Err(other) => panic!("expected InvalidConfig({want}), got {other}"),

@@ -246,9 +246,10 @@ fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
     for (gpu, backend) in SIMULATIONS {
         let norms = [
             Normalizer::default(),
+            // Global counts of 4 shards, each at most 1,200 tokens and 5 rows.
             Normalizer {
-                global_tokens: Some(500.0),
-                global_sequences: Some(9.0),
+                global_tokens: Some(5000.0),
+                global_sequences: Some(20.0),
                 world_size: 4,
             },
         ];

@@ -439,7 +439,7 @@ fn rollout_correction_errors_are_typed() {
     let x = t2(&[&[-1.0, -0.5]]);
     let ones = t2(&[&[1.0, 1.0]]);
     let rc = RolloutCorrection::new();
-    let err = |r: sapo::Result<RolloutCorrectionOutput>| r.unwrap_err();
+    let err = |r: sapo::error::Result<RolloutCorrectionOutput>| r.unwrap_err();
     assert!(matches!(
         err(rollout_correction(&x, &x, &t2(&[&[0.0, 0.0]]), &rc)),
         Error::InvalidValue { arg: "mask", .. }
@@ -504,7 +504,7 @@ fn entropy_inputs_are_checked() {
     let short = t2(&[&[1.0, 1.0]]);
     for backend in BACKENDS {
         let inputs = PolicyInputs::new(&x, &x, &adv, &ones);
-        let arg = |r: sapo::Result<PolicyLossOutput>| match r.unwrap_err() {
+        let arg = |r: sapo::error::Result<PolicyLossOutput>| match r.unwrap_err() {
             Error::InvalidValue { arg, .. } | Error::Shape { arg, .. } => arg,
             other => panic!("{other:?}"),
         };

@@ -159,7 +159,7 @@ impl Objective {
         }
     }
     /// The papers' defaults, from the crate's presets.
-    fn loss(self, kl_coef: f64) -> sapo::Result<PolicyLoss> {
+    fn loss(self, kl_coef: f64) -> sapo::error::Result<PolicyLoss> {
         let config = match self {
             Self::Sapo => sapo::Sapo::default().config(),
             Self::Gspo => sapo::Gspo::default().config(),
@@ -333,7 +333,7 @@ fn completion_log_probs(
     targets: &Tensor,
     k: usize,
     temperature: f64,
-) -> sapo::Result<(Tensor, Tensor)> {
+) -> sapo::error::Result<(Tensor, Tensor)> {
     let hidden = model.hidden_states(inputs)?.narrow(1, k + 1, k)?;
     let weight = model.lm_head_weight();
     sapo::linear_log_probs_and_entropy(&hidden, weight, None, targets, temperature)

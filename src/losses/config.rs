@@ -34,13 +34,18 @@ pub struct PolicyLossConfig {
     pub trust_region: TrustRegion,
     /// `c` in `δ = clamp(ℓ − ℓold, −c, c)` (verl: 20); `None` disables it (TRL).
     pub log_ratio_clamp: Option<f64>,
-    /// Upper clamp on `log s` at the sequence levels (verl's GSPO: 10); `None`: none.
+    /// Upper clamp on `log s` at the sequence levels (verl's GSPO: 10), finite and > 0; `None`:
+    /// none.
     pub seq_log_ratio_max: Option<f64>,
     /// How per-token policy losses become a scalar.
     pub aggregation: Aggregation,
     /// Optional KL penalty to a reference policy.
     pub kl: Option<KlPenalty>,
-    /// Optional entropy bonus `− c·agg(H)` (needs [`crate::PolicyInputs::with_entropy`]).
+    /// Optional entropy bonus `− c·agg(H)`. With [`PolicyLoss::forward`] it needs the per-token
+    /// entropy ([`crate::PolicyInputs::with_entropy`], e.g. from
+    /// [`crate::token_log_probs_and_entropy`]); with [`PolicyLoss::forward_from_hidden`] leave
+    /// `entropy` unset: it is computed from the hidden states with the log-probs (passing one
+    /// is an error there).
     pub entropy: Option<EntropyBonus>,
     /// verl's bypass mode: the rollout correction run by the loss itself.
     pub bypass: Option<Bypass>,
@@ -154,7 +159,13 @@ impl PolicyLossConfig {
             )?;
         }
         if let Some(m) = self.seq_log_ratio_max {
-            check_config(m.is_finite(), "seq_log_ratio_max", "finite", m)?;
+            // s = 1 (on-policy) must pass the bound: a bound ≤ 0 would clip every sequence.
+            check_config(
+                m.is_finite() && m > 0.0,
+                "seq_log_ratio_max",
+                "finite and > 0",
+                m,
+            )?;
         }
         self.aggregation.validate()?;
         if let Some(kl) = &self.kl {

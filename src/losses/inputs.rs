@@ -15,7 +15,9 @@ use crate::error::{check_device, check_float, check_shape, Error, Result};
 /// | `advantages` | `[B]`, `[B,1]` or `[B,T]` | `A`; `[B]` and `[B,1]` (TRL's) are broadcast over the row's tokens |
 /// | `mask` | `[B,T]` | 0/1 in any dtype; masked positions may hold anything (NaN, ±inf) |
 /// | `ref_log_probs` | `[B,T]` | `ℓref`, required exactly when the config has a KL penalty |
-/// | `is_weights` | `[B,T]` | rollout-correction weights `w` multiplying the per-token policy loss |
+/// | `is_weights` | `[B,T]` or `[B,1]` | rollout-correction weights `w ≥ 0` multiplying the per-token policy loss; `[B,1]` (one per sequence) is broadcast over the row |
+/// | `entropy` | `[B,T]` | per-token entropy `H`, required exactly when the config has an entropy bonus ([`crate::PolicyLoss::forward`] only: [`crate::PolicyLoss::forward_from_hidden`] computes it) |
+/// | `normalizer` | — | global counts for data parallelism and gradient accumulation ([`Normalizer::for_micro_batches`]); default: this batch alone |
 ///
 /// Floats may be f16, bf16, f32 or f64; the loss is computed in f32 (f64 stays f64). Every tensor
 /// lives on `log_probs`' device. Only `log_probs` is differentiated: the crate detaches every other

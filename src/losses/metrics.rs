@@ -63,7 +63,37 @@ impl MetricKind {
     fn has(self, slot: usize) -> bool {
         self.0 & (1 << slot) != 0
     }
+    /// The metrics an objective keeps beyond the common ones, in words (for errors).
+    fn describe(self) -> String {
+        let names: Vec<&str> = SLOT_NAMES
+            .iter()
+            .filter(|(slot, _)| self.has(*slot))
+            .map(|(_, name)| *name)
+            .collect();
+        if names.is_empty() {
+            "no objective-specific metric".into()
+        } else {
+            format!("[{}]", names.join(", "))
+        }
+    }
 }
+
+/// The objective-specific slots, named as [`MetricSums`]' fields.
+const SLOT_NAMES: [(usize, &str); 13] = [
+    (CLIPPED, "clipped_count"),
+    (DUAL_CLIPPED, "dual_clipped_count"),
+    (CLIP_LOW, "clip_low_count"),
+    (CLIP_HIGH, "clip_high_count"),
+    (GATE_WEIGHT, "gate_weight_sum"),
+    (GATE_VALUE, "gate_value_sum"),
+    (KL, "kl_sum"),
+    (CLIPPED_POS, "clipped_pos_count"),
+    (CLIPPED_NEG, "clipped_neg_count"),
+    (TRUNCATED, "truncated_count"),
+    (ABS_LOG_RATIO, "abs_log_ratio_sum"),
+    (KL_LOSS, "kl_loss"),
+    (ENTROPY_LOSS, "entropy_loss"),
+];
 
 /// Metric sums of one or more batches, on the loss's device.
 ///
@@ -94,8 +124,9 @@ pub struct PolicyMetrics {
     checks: Option<Tensor>,
 }
 
-/// What the GPU kernels' value checks count, in order.
-const CHECKED: [(&str, &str); 6] = [
+/// What the GPU kernels' own value checks count, in order (then come the counts of
+/// `losses/checks.rs`, in the order of `ValueCheck::ALL`).
+const KERNEL_CHECKED: [(&str, &str); 6] = [
     ("mask", "only 0 and 1"),
     ("log_probs", "finite values at unmasked positions"),
     ("old_log_probs", "finite values at unmasked positions"),
@@ -144,7 +175,8 @@ impl PolicyMetrics {
             return Ok(());
         };
         let counts = checks.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        for (&count, (arg, expected)) in counts.iter().zip(CHECKED) {
+        let (kernel, value_checks) = counts.split_at(KERNEL_CHECKED.len().min(counts.len()));
+        for (&count, (arg, expected)) in kernel.iter().zip(KERNEL_CHECKED) {
             if count > 0.0 {
                 let actual = if arg == "mask" {
                     format!("{count} other values")
@@ -158,7 +190,7 @@ impl PolicyMetrics {
                 });
             }
         }
-        Ok(())
+        crate::losses::checks::first_violation(value_checks, 0)
     }
 
     /// Merges the metrics of two batches of the same objective (sums add, extrema combine), on
@@ -179,19 +211,36 @@ impl PolicyMetrics {
     pub fn merge(&self, other: &Self) -> Result<Self> {
         if self.kind != other.kind {
             return Err(Error::MetricsMismatch(format!(
-                "{:?} vs {:?}",
-                self.kind, other.kind
+                "the metrics of two objectives: one keeps {}, the other {}",
+                self.kind.describe(),
+                other.kind.describe()
             )));
         }
-        let (a, b) = (&self.extrema, &other.extrema);
+        if !self.sums.device().same_device(other.sums.device()) {
+            return Err(Error::MetricsMismatch(format!(
+                "metrics on two devices: {:?} and {:?}",
+                self.sums.device().location(),
+                other.sums.device().location()
+            )));
+        }
+        // Batches of two dtypes (an f32 and an f64 loss): merged in the wider one.
+        let dtype = if self.sums.dtype() == other.sums.dtype() {
+            self.sums.dtype()
+        } else {
+            DType::F64
+        };
+        let (a, b) = (
+            self.extrema.to_dtype(dtype)?,
+            other.extrema.to_dtype(dtype)?,
+        );
         let min = a.narrow(0, 0, 1)?.minimum(&b.narrow(0, 0, 1)?)?;
         let max = a.narrow(0, 1, 1)?.maximum(&b.narrow(0, 1, 1)?)?;
         let checks = match (&self.checks, &other.checks) {
-            (Some(a), Some(b)) => Some((a + b)?),
+            (Some(a), Some(b)) => Some((a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?)?),
             (a, b) => a.clone().or_else(|| b.clone()),
         };
         Ok(Self {
-            sums: (&self.sums + &other.sums)?,
+            sums: (self.sums.to_dtype(dtype)? + other.sums.to_dtype(dtype)?)?,
             extrema: Tensor::cat(&[min, max], 0)?,
             kind: self.kind,
             checks,
@@ -253,7 +302,7 @@ impl PolicyMetrics {
 /// assert_eq!(ab.approx_kl(), Some(0.1));
 /// assert_eq!(ab.ratio_mean(), Some(1.0));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MetricSums {
     /// Number of unmasked tokens.
     pub token_count: f64,
@@ -287,12 +336,49 @@ pub struct MetricSums {
     pub truncated_count: Option<f64>,
     /// KL-Cov: `Σ |ℓ − ℓold|`.
     pub abs_log_ratio_sum: Option<f64>,
-    /// The KL term before `β`, with its own aggregation (verl `kl_loss`); merging adds the
-    /// shards' values, as their losses add.
+    /// The KL term before `β`, with its own aggregation (verl `kl_loss`). With a
+    /// [`crate::Normalizer`] of world size `W` it is this shard's share of the global batch's
+    /// value (the shard's term divided by `W`), so that merging the shards' sums gives the
+    /// global batch's value.
     pub kl_loss: Option<f64>,
     /// The entropy term before its coefficient, with its own aggregation (verl
-    /// `actor/entropy_loss`); merging adds, as for `kl_loss`.
+    /// `actor/entropy_loss`); a shard's share as for `kl_loss`, so that merged it is the global
+    /// batch's entropy.
     pub entropy_loss: Option<f64>,
+}
+
+/// The empty sums, the identity of [`MetricSums::merge`]: no token, no metric, extrema `+inf` and
+/// `−inf`, so that a fold can start from it.
+///
+/// ```
+/// let m = sapo::MetricSums { token_count: 2.0, lowest_ratio: 0.9, highest_ratio: 1.2,
+///     gate_weight_sum: Some(1.8), gate_value_sum: Some(4.0), ..Default::default() };
+/// assert_eq!(sapo::MetricSums::default().merge(&m)?, m);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+impl Default for MetricSums {
+    fn default() -> Self {
+        Self {
+            token_count: 0.0,
+            neg_log_ratio_sum: 0.0,
+            ratio_excess_sum: 0.0,
+            lowest_ratio: f64::INFINITY,
+            highest_ratio: f64::NEG_INFINITY,
+            clipped_count: None,
+            dual_clipped_count: None,
+            clip_low_count: None,
+            clip_high_count: None,
+            gate_weight_sum: None,
+            gate_value_sum: None,
+            kl_sum: None,
+            clipped_pos_count: None,
+            clipped_neg_count: None,
+            truncated_count: None,
+            abs_log_ratio_sum: None,
+            kl_loss: None,
+            entropy_loss: None,
+        }
+    }
 }
 
 fn add(a: Option<f64>, b: Option<f64>) -> Option<f64> {
@@ -324,10 +410,38 @@ impl MetricSums {
                 m.entropy_loss.is_some(),
             ]
         };
+        // The empty sums (`default()`) are the identity, whatever the objective.
+        let empty = Self::default();
+        if *self == empty {
+            return Ok(*other);
+        }
+        if *other == empty {
+            return Ok(*self);
+        }
         if shape(self) != shape(other) {
-            return Err(Error::MetricsMismatch(
-                "metric sums of different objectives".into(),
-            ));
+            let names = |m: &Self| -> String {
+                let keeps = [
+                    "clip counts",
+                    "gate sums",
+                    "kl_sum",
+                    "clipped_pos/neg counts",
+                    "truncated_count",
+                    "abs_log_ratio_sum",
+                    "entropy_loss",
+                ];
+                let kept: Vec<&str> = shape(m)
+                    .iter()
+                    .zip(keeps)
+                    .filter(|(on, _)| **on)
+                    .map(|(_, name)| name)
+                    .collect();
+                format!("[{}]", kept.join(", "))
+            };
+            return Err(Error::MetricsMismatch(format!(
+                "the sums of two objectives: one keeps {}, the other {}",
+                names(self),
+                names(other)
+            )));
         }
         Ok(Self {
             token_count: self.token_count + other.token_count,

@@ -1,6 +1,7 @@
 //! The policy-optimization objectives: one surrogate `loss = −f(ρ)·Â`, parametrized by the ratio
 //! level ([`RatioLevel`]) and the trust-region shape ([`TrustRegion`]), with [`Sapo`], [`Gspo`]
 //! and [`Grpo`] as presets carrying the papers' defaults.
+//! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
 //! | file | what |
 //! |---|---|
@@ -26,6 +27,7 @@
 //! ```
 
 pub(crate) mod bypass;
+pub(crate) mod checks;
 pub(crate) mod cispo;
 pub(crate) mod clip;
 pub(crate) mod config;
@@ -51,7 +53,7 @@ pub use gmpo::GeometricClip;
 pub use inputs::PolicyInputs;
 pub use kl_cov::KlCov;
 pub use metrics::{MetricSums, PolicyMetrics};
-pub use policy_loss::{PolicyLoss, PolicyLossOutput};
+pub use policy_loss::{LogProbsSource, PolicyLoss, PolicyLossOutput};
 pub use presets::{Cispo, Gmpo, Gpg, Grpo, Gspo, Luspo, Sapo};
 pub use ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP, GSPO_SEQ_LOG_RATIO_MAX};
 pub use trust_region::TrustRegion;

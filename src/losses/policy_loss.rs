@@ -16,9 +16,10 @@ use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
 use crate::kernels::{policy_loss::FusedPolicyLoss, Backend, Path};
-use crate::kl::kl_penalty;
+use crate::kl::kl_values;
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
+use crate::losses::checks;
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::gmpo;
 use crate::losses::inputs::{check_finite_where, checked_mask, compute_dtype};
@@ -53,6 +54,34 @@ use crate::rollout_correction::rollout_correction;
 pub struct PolicyLoss {
     config: PolicyLossConfig,
     backend: Backend,
+}
+
+/// Where [`PolicyLoss::forward`] takes the log-probs `ℓ` from: a `&Tensor` or a `&Var` (the
+/// policy's trainable log-probs, as a test or a toy model holds them).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// let lp = Var::new(&[[-1.0f32, -2.0]], &Device::Cpu)?;
+/// let (old, adv, mask) = (lp.detach(), Tensor::new(&[1f32], &Device::Cpu)?, lp.ones_like()?);
+/// let out = sapo::Grpo::default().build()?.forward(&sapo::PolicyInputs::new(&lp, &old, &adv, &mask))?;
+/// assert!(out.loss.backward()?.get(lp.as_tensor()).is_some());
+/// # Ok::<(), sapo::Error>(())
+/// ```
+pub trait LogProbsSource<'a>: Copy {
+    /// The log-probs tensor.
+    fn log_probs(self) -> &'a Tensor;
+}
+
+impl<'a> LogProbsSource<'a> for &'a Tensor {
+    fn log_probs(self) -> &'a Tensor {
+        self
+    }
+}
+
+impl<'a> LogProbsSource<'a> for &'a candle_core::Var {
+    fn log_probs(self) -> &'a Tensor {
+        self.as_tensor()
+    }
 }
 
 /// What [`PolicyLoss::forward`] returns (the bypass mode's correction metrics included).
@@ -107,6 +136,30 @@ impl PolicyLoss {
         self.backend
     }
 
+    /// The same loss with the entropy bonus's coefficient set to `coef` (the config's bonus, or a
+    /// `token-mean` one if it had none): what [`crate::AdaptiveEntropy::update`] returns each
+    /// step, without rebuilding the loss from its config.
+    ///
+    /// Errors: a non-finite `coef`.
+    ///
+    /// ```
+    /// let mut adaptive = sapo::AdaptiveEntropy::new(0.01)?;
+    /// let mut loss = sapo::Grpo::default().config().with_entropy(Some(adaptive.bonus(sapo::Aggregation::TokenMean))).build()?;
+    /// // ... after a step whose mean entropy was 0.05:
+    /// loss = loss.with_entropy_coef(adaptive.update(0.05)?)?;
+    /// assert_eq!(loss.config().entropy.unwrap().coef, adaptive.coef);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn with_entropy_coef(mut self, coef: f64) -> Result<Self> {
+        let bonus = match self.config.entropy {
+            Some(bonus) => EntropyBonus { coef, ..bonus },
+            None => EntropyBonus::new(coef),
+        };
+        bonus.validate()?;
+        self.config.entropy = Some(bonus);
+        Ok(self)
+    }
+
     /// The configuration this loss was built from.
     ///
     /// ```
@@ -145,15 +198,28 @@ impl PolicyLoss {
     /// assert_eq!(out.loss.to_scalar::<f32>()?, -1.0); // −ρ·A at ρ = 1
     /// # Ok::<(), sapo::Error>(())
     /// ```
-    pub fn forward(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
+    pub fn forward<'a, L: LogProbsSource<'a>>(
+        &self,
+        inputs: &PolicyInputs<'a, L>,
+    ) -> Result<PolicyLossOutput> {
+        self.forward_tensors(&inputs.with_log_probs(inputs.log_probs.log_probs()))
+    }
+
+    /// [`PolicyLoss::forward`] on log-probs given as a tensor.
+    fn forward_tensors(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
         let config = &self.config;
-        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
+        let (b, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
+        checks::check_normalizer(config, &inputs.normalizer)?;
         if let Some(bypass) = &config.bypass {
             return self.forward_bypass(bypass, inputs, t);
         }
         let path = self
             .backend
             .path(inputs.log_probs.device(), fused_input_dtype(inputs), true);
+        let pre_checks = checks::pre_checks(config, inputs, Some(inputs.log_probs), (b, t))?;
+        if path.gpu().is_none() {
+            checks::check_now(pre_checks.as_ref())?;
+        }
         // The GPU kernels check the mask on the device: no host read for it here.
         let mask_as = |dtype| -> Result<Tensor> {
             if path.gpu().is_some() {
@@ -213,9 +279,24 @@ impl PolicyLoss {
             loss = (loss - bonus_term)?;
             sums = set_slot(&sums, metrics::ENTROPY_LOSS, &value.detach())?;
         }
+        let checks = match checks {
+            Some(kernel) => Some(Tensor::cat(
+                &[
+                    kernel.to_dtype(DType::F32)?,
+                    checks::deferred(pre_checks, &loss)?,
+                ],
+                0,
+            )?),
+            None => {
+                checks::check_loss_now(&loss)?;
+                None
+            }
+        };
         Ok(PolicyLossOutput {
             loss,
-            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()).with_checks(checks),
+            metrics: self
+                .metrics(sums, extrema, inputs.normalizer.world_size)?
+                .with_checks(checks),
             rollout_correction: None,
         })
     }
@@ -296,6 +377,25 @@ impl PolicyLoss {
         &self,
         inputs: &PolicyInputs<'_, LmHead<'_>>,
     ) -> Result<PolicyLossOutput> {
+        // Target ids at masked positions are padding (Hugging Face's −100, ids past the
+        // vocabulary): they are replaced by 0 before anything reads them, so only unmasked ids
+        // are checked and looked up.
+        let padded_targets = inputs.log_probs.targets;
+        let targets = if inputs.mask.dims() == padded_targets.dims()
+            && inputs.mask.device().same_device(padded_targets.device())
+        {
+            inputs
+                .mask
+                .ne(0.0)?
+                .where_cond(padded_targets, &padded_targets.zeros_like()?)?
+        } else {
+            // Shapes or devices that do not match: reported by the checks below.
+            padded_targets.clone()
+        };
+        let inputs = &inputs.with_log_probs(LmHead {
+            targets: &targets,
+            ..inputs.log_probs
+        });
         let head = inputs.log_probs;
         let gpu_path = self
             .backend
@@ -332,6 +432,7 @@ impl PolicyLoss {
             self.config.kl.is_some(),
             false,
         )?;
+        checks::check_normalizer(&self.config, &inputs.normalizer)?;
         let config = &self.config;
         // The one pass needs neither a row pre-pass nor batch-level constants.
         let one_pass = self
@@ -362,21 +463,37 @@ impl PolicyLoss {
             return self.forward(&composed);
         }
         let dtype = compute_dtype(head.hidden.dtype());
+        checks::check_now(checks::pre_checks(config, inputs, None, dims)?.as_ref())?;
         let (loss, sums, extrema) =
             FusedLinearPolicyLoss::forward(&self.config, inputs, dims, dtype)?;
+        checks::check_loss_now(&loss)?;
         Ok(PolicyLossOutput {
             loss,
-            metrics: PolicyMetrics::new(sums, extrema, self.metric_kind()),
+            metrics: self.metrics(sums, extrema, inputs.normalizer.world_size)?,
             rollout_correction: None,
         })
     }
 
-    fn metric_kind(&self) -> MetricKind {
-        MetricKind::new(
+    /// The metrics of sums and extrema from any path. The `kl_loss` and `entropy_loss` slots hold
+    /// aggregated values, which every path multiplies by the world size `W` as it does the loss;
+    /// as metrics they are kept as this shard's share of the global batch's value (divided by
+    /// `W`), so that merging the shards' metrics (a sum) gives the global batch's value.
+    fn metrics(&self, sums: Tensor, extrema: Tensor, world_size: usize) -> Result<PolicyMetrics> {
+        let sums = if world_size > 1 {
+            let mut share = vec![1f64; metrics::NUM_SLOTS];
+            share[metrics::KL_LOSS] = 1.0 / world_size as f64;
+            share[metrics::ENTROPY_LOSS] = 1.0 / world_size as f64;
+            let share = Tensor::new(share, sums.device())?.to_dtype(sums.dtype())?;
+            sums.mul(&share)?
+        } else {
+            sums
+        };
+        let kind = MetricKind::new(
             self.config.trust_region.metric_slots(),
             self.config.kl.is_some(),
             self.config.entropy.is_some(),
-        )
+        );
+        Ok(PolicyMetrics::new(sums, extrema, kind))
     }
 }
 
@@ -463,7 +580,7 @@ fn composed(
         sums[slot] = masked_sum(&values, &p.mask)?;
     }
     if let (Some(kl), Some(ref_log_probs)) = (&config.kl, &p.ref_log_probs) {
-        let mut k = kl_penalty(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?;
+        let mut k = kl_values(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?;
         if kl.importance_weighted {
             k = k.mul(&ratios.ratio)?;
         }

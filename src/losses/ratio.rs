@@ -133,7 +133,9 @@ pub(crate) fn ratios(
     let n = p.counts.row_tokens.to_dtype(acc)?.maximum(1.0)?;
     let mean = y.mul(&p.mask)?.to_dtype(acc)?.sum(D::Minus1)?.div(&n)?;
     let log_s = piecewise::clamp(&mean, None, seq_max)?;
-    let excess_sum = (log_s.detach().exp()? - 1.0)?
+    // Saturating as the ratio does.
+    let excess_sum = (piecewise::clamp(&log_s.detach(), None, Some(max_exp_arg(acc)))?.exp()?
+        - 1.0)?
         .mul(&p.counts.row_tokens.to_dtype(acc)?)?
         .sum_all()?
         .to_dtype(dtype)?;

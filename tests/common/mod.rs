@@ -69,7 +69,7 @@ pub fn run_crate(
     normalizer: Normalizer,
     dtype: DType,
     backend: Backend,
-) -> sapo::Result<CrateResult> {
+) -> sapo::error::Result<CrateResult> {
     let dev = Device::Cpu;
     let mat = |v: &Vec<f64>| -> candle_core::Result<Tensor> {
         Tensor::from_vec(v.clone(), (batch.b, batch.t), &dev)?.to_dtype(dtype)

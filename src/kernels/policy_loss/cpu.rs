@@ -317,7 +317,8 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
     SequenceRatio {
         s,
         ds: ds * R::from_f64(dseq),
-        excess: n * log_s.exp_m1(),
+        // Saturating as the ratio does.
+        excess: n * log_s.min(R::MAX_EXP_ARG.to_f64()).exp_m1(),
         row: R::from_f64(total(&stat)),
     }
 }

@@ -416,7 +416,7 @@ SAPO_INLINE void policy_rows(SapoThread th, SAPO_GLOBAL const F* lp, SAPO_GLOBAL
     Pair s = ratio_d(log_s.v);
     seq.s = s.v;
     seq.ds = s.d * log_s.d;
-    seq.excess = n * sapo_expm1(log_s.v);
+    seq.excess = n * sapo_expm1(log_s.v < SAPO_MAX_EXP_ARG ? log_s.v : SAPO_MAX_EXP_ARG);  // saturating as the ratio
     seq.row = row_stats[row * 4 + 3];
   }
   const bool sequence = p.level == 1;
