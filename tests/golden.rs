@@ -4,8 +4,9 @@
 //!
 //! Policy losses and token log-probs run through both paths — the fused kernels
 //! (`Backend::Auto` on the CPU) and the composed candle ops (`Backend::Composed`) — and, with the
-//! `gpu-sim` feature, through the CUDA and Metal kernel sources run on the CPU; a case passes when every
-//! path reproduces it. Prints each failure (case, path and field, max error) and, per directory,
+//! `gpu-sim` feature, through the CUDA and Metal kernel sources run on the CPU, and with the `cuda`
+//! feature and `SAPO_TEST_DEVICE=cuda` on a machine with a GPU, through the CUDA kernels and the
+//! composed ops on the device; a case passes when every path reproduces it. Prints each failure (case, path and field, max error) and, per directory,
 //! `golden (DIR): N passed, M failed`.
 
 use std::path::PathBuf;
@@ -104,6 +105,11 @@ fn tensor(obj: &Value, key: &str) -> Res<Tensor> {
     Tensor::from_vec(numbers(v)?, shape_of(v), &Device::Cpu)
         .and_then(|t| t.to_dtype(DType::F32))
         .map_err(|e| e.to_string())
+}
+
+/// [`tensor`] on `device`.
+fn tensor_on(obj: &Value, key: &str, device: &Device) -> Res<Tensor> {
+    tensor(obj, key)?.to_device(device).map_err(err)
 }
 
 fn to_f64(t: &Tensor) -> Res<Vec<f64>> {
@@ -416,7 +422,12 @@ fn field_map<'a>(cfg: &'a Map<String, Value>, key: &str) -> Res<&'a Value> {
     cfg.get(key).ok_or_else(|| format!("missing `{key}`"))
 }
 
-fn run_policy_loss(case: &Value, check: &mut Check, backend: Backend) -> Res<()> {
+fn run_policy_loss(
+    case: &Value,
+    check: &mut Check,
+    (backend, device): (Backend, &Device),
+) -> Res<()> {
+    let tensor = |obj: &Value, key: &str| tensor_on(obj, key, device);
     let cfg = field(case, "config")?.as_object().ok_or("config")?;
     let loss_fn = policy_config(cfg)?
         .build()
@@ -570,7 +581,12 @@ fn run_rollout_correction(case: &Value, check: &mut Check) -> Res<()> {
     Ok(())
 }
 
-fn run_token_logprobs(case: &Value, check: &mut Check, backend: Backend) -> Res<()> {
+fn run_token_logprobs(
+    case: &Value,
+    check: &mut Check,
+    (backend, device): (Backend, &Device),
+) -> Res<()> {
+    let tensor = |obj: &Value, key: &str| tensor_on(obj, key, device);
     let cfg = field(case, "config")?.as_object().ok_or("config")?;
     check_keys(cfg, &["temperature"], "config")?;
     let temperature = req_f64(cfg, "temperature")?;
@@ -637,6 +653,41 @@ fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
     Ok(())
 }
 
+/// Every path a case runs on: `(name, backend, device)`.
+fn paths() -> Vec<(&'static str, Backend, Device)> {
+    #[allow(unused_mut)]
+    let mut paths = vec![
+        ("fused", Backend::Auto, Device::Cpu),
+        ("composed", Backend::Composed, Device::Cpu),
+    ];
+    // The CUDA and Metal kernel sources, run on the CPU by the GPU simulation (Metal's with SIMD
+    // groups of 32 and of 8).
+    #[cfg(feature = "gpu-sim")]
+    paths.extend([
+        ("simulated-cuda", Backend::SimulatedCuda, Device::Cpu),
+        ("simulated-metal", Backend::SimulatedMetal, Device::Cpu),
+        (
+            "simulated-metal-simd8",
+            Backend::SimulatedMetalSimd8,
+            Device::Cpu,
+        ),
+    ]);
+    // The CUDA kernels and the composed ops on the device (scripts/gpu-check.sh).
+    #[cfg(feature = "cuda")]
+    if std::env::var("SAPO_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
+        // One device (its context and streams) for every case.
+        static CUDA: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+        let cuda = CUDA
+            .get_or_init(|| Device::new_cuda(0).expect("SAPO_TEST_DEVICE=cuda, but no CUDA device"))
+            .clone();
+        paths.extend([
+            ("cuda-fused", Backend::Fused, cuda.clone()),
+            ("cuda-composed", Backend::Composed, cuda),
+        ]);
+    }
+    paths
+}
+
 fn run_case(case: &Value) -> Res<Vec<String>> {
     if case.get("schema").and_then(Value::as_u64) != Some(1) {
         return Err("unsupported schema".into());
@@ -652,18 +703,8 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             .and_then(Value::as_f64)
             .ok_or("tolerance.rel")?,
     };
-    #[allow(unused_mut)]
-    let mut paths = vec![("fused", Backend::Auto), ("composed", Backend::Composed)];
-    // The CUDA and Metal kernel sources, run on the CPU by the GPU simulation (Metal's with SIMD
-    // groups of 32 and of 8).
-    #[cfg(feature = "gpu-sim")]
-    paths.extend([
-        ("simulated-cuda", Backend::SimulatedCuda),
-        ("simulated-metal", Backend::SimulatedMetal),
-        ("simulated-metal-simd8", Backend::SimulatedMetalSimd8),
-    ]);
     let mut failures = vec![];
-    for (path, backend) in paths {
+    for (path, backend, device) in paths() {
         let mut check = Check {
             tol: &tol,
             path,
@@ -671,9 +712,11 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
         };
         let tagged = |e: String| format!("[{path}] {e}");
         match field(case, "kind")?.as_str() {
-            Some("policy_loss") => run_policy_loss(case, &mut check, backend).map_err(tagged)?,
+            Some("policy_loss") => {
+                run_policy_loss(case, &mut check, (backend, &device)).map_err(tagged)?
+            }
             Some("token_logprobs") => {
-                run_token_logprobs(case, &mut check, backend).map_err(tagged)?
+                run_token_logprobs(case, &mut check, (backend, &device)).map_err(tagged)?
             }
             // One implementation: advantages are computed on the host.
             Some("advantages") if path == "fused" => run_advantages(case, &mut check)?,

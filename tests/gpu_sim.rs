@@ -1,9 +1,11 @@
-//! The CUDA and Metal kernel sources run on the CPU by the GPU simulation (`--features gpu-sim`;
-//! g++ needed; `SAPO_SIM_TSAN=1` compiles them under ThreadSanitizer), the Metal ones with SIMD
-//! groups of 32 and of 8: the same results as the CPU kernels for every objective, level, aggregation, KL estimator, weights, dtype and mask dtype,
-//! with garbage at masked positions; invalid values counted on the device and raised as the
-//! typed error when the metrics are read.
-#![cfg(feature = "gpu-sim")]
+//! The GPU kernels against the CPU kernels: the CUDA and Metal kernel sources run on the CPU by the
+//! GPU simulation (`--features gpu-sim`; g++ and clang++ needed; `SAPO_SIM_TSAN=1` compiles them
+//! under ThreadSanitizer), the Metal ones with SIMD groups of 32 and of 8, and — with `--features
+//! cuda` and `SAPO_TEST_DEVICE=cuda` on a machine with a GPU (`scripts/gpu-check.sh`) — the CUDA
+//! kernels on the device itself: the same results as the CPU kernels for every objective, level,
+//! aggregation, KL estimator, weights, dtype and mask dtype, with garbage at masked positions;
+//! invalid values counted on the device and raised as the typed error when the metrics are read.
+#![cfg(any(feature = "gpu-sim", feature = "cuda"))]
 
 mod common;
 
@@ -14,12 +16,69 @@ use sapo::{
     PolicyLoss, PolicyLossConfig, RatioLevel, Sapo, TrustRegion,
 };
 
-/// Every simulated GPU: the CUDA sources, the Metal sources at SIMD widths 32 and 8.
-const SIMULATIONS: [(&str, Backend); 3] = [
-    ("cuda", Backend::SimulatedCuda),
-    ("metal", Backend::SimulatedMetal),
-    ("metal-simd8", Backend::SimulatedMetalSimd8),
-];
+/// Where a GPU kernel runs: its backend and the device its tensors live on.
+#[derive(Debug, Clone)]
+struct Gpu {
+    name: &'static str,
+    backend: Backend,
+    device: Device,
+}
+
+impl Gpu {
+    /// The CPU kernels, the reference.
+    fn cpu() -> Self {
+        Self {
+            name: "cpu",
+            backend: Backend::Auto,
+            device: Device::Cpu,
+        }
+    }
+
+    /// `x` on this GPU's device.
+    fn put(&self, x: &Tensor) -> Tensor {
+        x.to_device(&self.device).unwrap()
+    }
+}
+
+/// Every GPU at hand: the simulated CUDA sources and Metal sources at SIMD widths 32 and 8 (under
+/// `gpu-sim`), and the CUDA device (under `cuda`, when `SAPO_TEST_DEVICE=cuda`). None at hand:
+/// the tests say so and check nothing.
+fn gpus() -> Vec<Gpu> {
+    #[allow(unused_mut)]
+    let mut all: Vec<Gpu> = vec![];
+    #[cfg(feature = "gpu-sim")]
+    all.extend(
+        [
+            ("cuda", Backend::SimulatedCuda),
+            ("metal", Backend::SimulatedMetal),
+            ("metal-simd8", Backend::SimulatedMetalSimd8),
+        ]
+        .map(|(name, backend)| Gpu {
+            name,
+            backend,
+            device: Device::Cpu,
+        }),
+    );
+    #[cfg(feature = "cuda")]
+    if std::env::var("SAPO_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
+        all.push(Gpu {
+            name: "cuda-device",
+            backend: Backend::Fused,
+            device: Device::new_cuda(0).expect("SAPO_TEST_DEVICE=cuda, but no CUDA device"),
+        });
+    }
+    if all.is_empty() {
+        // Written to stderr itself, past the test harness's capture: a passing test's captured
+        // output is never shown.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "gpu_sim: no GPU at hand (build with --features gpu-sim, or run with --features cuda \
+             and SAPO_TEST_DEVICE=cuda on a GPU machine): this test checked nothing"
+        );
+    }
+    all
+}
 
 struct Batch {
     log_probs: Tensor,
@@ -28,6 +87,20 @@ struct Batch {
     mask: Tensor,
     reference: Tensor,
     weights: Tensor,
+}
+
+impl Batch {
+    /// The batch on `gpu`'s device.
+    fn on(&self, gpu: &Gpu) -> Batch {
+        Batch {
+            log_probs: gpu.put(&self.log_probs),
+            old: gpu.put(&self.old),
+            adv: gpu.put(&self.adv),
+            mask: gpu.put(&self.mask),
+            reference: gpu.put(&self.reference),
+            weights: gpu.put(&self.weights),
+        }
+    }
 }
 
 /// A `[b,t]` batch whose masked positions hold NaN and ±inf; advantages per row, or per token.
@@ -175,7 +248,8 @@ struct Run {
     metrics: sapo::MetricSums,
 }
 
-fn run(loss: &PolicyLoss, x: &Batch, mask: &Tensor, norm: Normalizer, backend: Backend) -> Run {
+fn run(loss: &PolicyLoss, x: &Batch, mask: &Tensor, norm: Normalizer, gpu: &Gpu) -> Run {
+    let (x, mask, backend) = (&x.on(gpu), &gpu.put(mask), gpu.backend);
     let lp = Var::from_tensor(&x.log_probs).unwrap();
     let mut inputs = PolicyInputs::new(lp.as_tensor(), &x.old, &x.adv, mask)
         .with_is_weights(&x.weights)
@@ -243,7 +317,8 @@ fn compare(what: &str, sim: &Run, cpu: &Run, tol: f64) {
 
 #[test]
 fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let gpu = target.name;
         let norms = [
             Normalizer::default(),
             // Global counts of 4 shards, each at most 1,200 tokens and 5 rows.
@@ -270,8 +345,8 @@ fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
                 };
                 let norm = norms[(case % 2) as usize];
                 let what = format!("{gpu} [{b}x{t} {dtype:?} loss {k}]");
-                let sim = run(loss, &x, &mask, norm, backend);
-                let cpu = run(loss, &x, &mask, norm, Backend::Auto);
+                let sim = run(loss, &x, &mask, norm, &target);
+                let cpu = run(loss, &x, &mask, norm, &Gpu::cpu());
                 compare(&what, &sim, &cpu, tol);
             }
         }
@@ -280,7 +355,8 @@ fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
 
 #[test]
 fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let (gpu, backend) = (target.name, target.backend);
         let x = batch(3, 50, DType::F32, false, 7);
         let loss = Grpo::default()
             .config()
@@ -290,7 +366,8 @@ fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() 
             .with_backend(backend);
         let mut poisoned = x.log_probs.to_vec2::<f32>().unwrap();
         poisoned[0][0] = f32::NAN; // unmasked: row 0 has every token
-        let lp = Tensor::new(poisoned, &Device::Cpu).unwrap();
+        let lp = Tensor::new(poisoned, &target.device).unwrap();
+        let x = x.on(&target);
         let inputs =
             PolicyInputs::new(&lp, &x.old, &x.adv, &x.mask).with_ref_log_probs(&x.reference);
         // The forward reads nothing back: it returns, and the check surfaces with the metrics.
@@ -316,7 +393,7 @@ fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() 
 
         let mut mask = x.mask.to_vec2::<f32>().unwrap();
         mask[1][3] = 2.0;
-        let mask = Tensor::new(mask, &Device::Cpu).unwrap();
+        let mask = Tensor::new(mask, &target.device).unwrap();
         let out = loss
             .forward(
                 &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &mask)
@@ -329,7 +406,7 @@ fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() 
         ));
         let mut reference = x.reference.to_vec2::<f32>().unwrap();
         reference[1][1] = f32::INFINITY;
-        let reference = Tensor::new(reference, &Device::Cpu).unwrap();
+        let reference = Tensor::new(reference, &target.device).unwrap();
         let out = loss
             .forward(
                 &PolicyInputs::new(&x.log_probs, &x.old, &x.adv, &x.mask)
@@ -353,44 +430,46 @@ fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() 
 
 #[test]
 fn simulated_gpus_handles_empty_batches() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let gpu = target.name;
         for (b, t) in [(0, 5), (3, 0)] {
             let x = batch(b, t, DType::F32, false, 3);
             for loss in [
                 Sapo::default().build().unwrap(),
                 Gspo::default().build().unwrap(),
             ] {
-                let sim = run(&loss, &x, &x.mask, Normalizer::default(), backend);
-                let cpu = run(&loss, &x, &x.mask, Normalizer::default(), Backend::Auto);
+                let sim = run(&loss, &x, &x.mask, Normalizer::default(), &target);
+                let cpu = run(&loss, &x, &x.mask, Normalizer::default(), &Gpu::cpu());
                 compare(&format!("{gpu} [{b}x{t}]"), &sim, &cpu, 0.0);
             }
         }
     }
 }
 
-/// `(ℓ, H, ∂(Σ u·ℓ + Σ v·H)/∂logits)` of `[n, vocab]` logits on `backend`.
+/// `(ℓ, H, ∂(Σ u·ℓ + Σ v·H)/∂logits)` of `[n, vocab]` logits on `gpu`.
 fn log_probs_run(
     logits: &Tensor,
     targets: &Tensor,
     temperature: f64,
-    backend: Backend,
+    gpu: &Gpu,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let var = Var::from_tensor(logits).unwrap();
+    let var = Var::from_tensor(&gpu.put(logits)).unwrap();
+    let targets = &gpu.put(targets);
     let (lp, h) =
-        sapo::token_log_probs_and_entropy_with(var.as_tensor(), targets, temperature, backend)
+        sapo::token_log_probs_and_entropy_with(var.as_tensor(), targets, temperature, gpu.backend)
             .unwrap();
     assert_eq!(lp.dtype(), DType::F32);
     let n = lp.dim(0).unwrap();
     let u = Tensor::from_vec(
         noise(n, 11).iter().map(|x| *x as f32).collect::<Vec<_>>(),
         n,
-        &Device::Cpu,
+        &gpu.device,
     )
     .unwrap();
     let v = Tensor::from_vec(
         noise(n, 12).iter().map(|x| *x as f32).collect::<Vec<_>>(),
         n,
-        &Device::Cpu,
+        &gpu.device,
     )
     .unwrap();
     let objective =
@@ -403,7 +482,8 @@ fn log_probs_run(
 
 #[test]
 fn simulated_gpus_log_probs_match_the_cpu_kernel() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let gpu = target.name;
         let cases = [
             (3, 7, DType::F32),
             (4, 700, DType::F16),
@@ -436,8 +516,8 @@ fn simulated_gpus_log_probs_match_the_cpu_kernel() {
             };
             let temperature = [1.0, 0.7, 1.3][k % 3];
             let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
-            let sim = log_probs_run(&logits, &targets, temperature, backend);
-            let cpu = log_probs_run(&logits, &targets, temperature, Backend::Auto);
+            let sim = log_probs_run(&logits, &targets, temperature, &target);
+            let cpu = log_probs_run(&logits, &targets, temperature, &Gpu::cpu());
             let what = format!("{gpu} [{n}x{vocab} {dtype:?}]");
             for (name, a, b) in [
                 ("ℓ", &sim.0, &cpu.0),
@@ -454,7 +534,8 @@ fn simulated_gpus_log_probs_match_the_cpu_kernel() {
 
 #[test]
 fn simulated_gpus_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let (gpu, backend) = (target.name, target.backend);
         let logits = Tensor::from_vec(
             noise(12, 3).iter().map(|x| *x as f32).collect::<Vec<_>>(),
             (3, 4),
@@ -468,15 +549,20 @@ fn simulated_gpus_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
             Err(Error::InvalidValue { arg: "targets", .. })
         ));
         // The GPU kernel makes the row NaN; the policy loss then reports it as a typed error.
-        let (lp, h) =
-            sapo::token_log_probs_and_entropy_with(&logits, &targets, 1.0, backend).unwrap();
+        let (lp, h) = sapo::token_log_probs_and_entropy_with(
+            &target.put(&logits),
+            &target.put(&targets),
+            1.0,
+            backend,
+        )
+        .unwrap();
         let (lp, h) = (common::f64s(&lp), common::f64s(&h));
         assert!(lp[1].is_nan() && h[1].is_nan(), "{gpu}: {lp:?} {h:?}");
         assert!(lp[0].is_finite() && lp[2].is_finite() && h[0].is_finite());
-        let lp =
-            Tensor::from_vec(lp.iter().map(|x| *x as f32).collect(), (1, 3), &Device::Cpu).unwrap();
-        let adv = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
-        let mask = Tensor::new(&[[1u8, 1, 1]], &Device::Cpu).unwrap();
+        let dev = &target.device;
+        let lp = Tensor::from_vec(lp.iter().map(|x| *x as f32).collect(), (1, 3), dev).unwrap();
+        let adv = Tensor::new(&[1.0f32], dev).unwrap();
+        let mask = Tensor::new(&[[1u8, 1, 1]], dev).unwrap();
         let out = Grpo::default()
             .build()
             .unwrap()
@@ -502,18 +588,19 @@ fn floats(len: usize, seed: u64, scale: f64) -> Tensor {
     Tensor::from_vec(values, len, &Device::Cpu).unwrap()
 }
 
-/// `(ℓ, H, ∂h, ∂W, ∂b)` of the fused linear log-probs on `backend`, with `Σ u·ℓ + Σ v·H` as the
+/// `(ℓ, H, ∂h, ∂W, ∂b)` of the fused linear log-probs on `gpu`, with `Σ u·ℓ + Σ v·H` as the
 /// objective.
 fn linear_run(
     (hidden, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     targets: &Tensor,
-    backend: Backend,
+    gpu: &Gpu,
 ) -> Vec<Vec<f64>> {
     let (h, w) = (
-        Var::from_tensor(hidden).unwrap(),
-        Var::from_tensor(weight).unwrap(),
+        Var::from_tensor(&gpu.put(hidden)).unwrap(),
+        Var::from_tensor(&gpu.put(weight)).unwrap(),
     );
-    let b = bias.map(|b| Var::from_tensor(b).unwrap());
+    let b = bias.map(|b| Var::from_tensor(&gpu.put(b)).unwrap());
+    let (targets, backend) = (&gpu.put(targets), gpu.backend);
     let (lp, ent) = sapo::linear_log_probs_and_entropy_with(
         h.as_tensor(),
         w.as_tensor(),
@@ -528,7 +615,7 @@ fn linear_run(
         Tensor::from_vec(
             noise(n, seed).iter().map(|x| *x as f32).collect::<Vec<_>>(),
             lp.shape(),
-            &Device::Cpu,
+            &gpu.device,
         )
         .unwrap()
     };
@@ -550,7 +637,8 @@ fn linear_run(
 
 #[test]
 fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let gpu = target.name;
         // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
         // chunks and tiles.
         let (n, h, v) = (17, 12, 150);
@@ -566,8 +654,8 @@ fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
             } else {
                 hidden.clone()
             };
-            let sim = linear_run((&hidden, &weight, bias), &targets, backend);
-            let cpu = linear_run((&hidden, &weight, bias), &targets, Backend::Auto);
+            let sim = linear_run((&hidden, &weight, bias), &targets, &target);
+            let cpu = linear_run((&hidden, &weight, bias), &targets, &Gpu::cpu());
             let names = ["ℓ", "H", "∂hidden", "∂weight", "∂bias"];
             for ((name, a), b) in names.iter().zip(&sim).zip(&cpu) {
                 assert_eq!(a.len(), b.len());
@@ -586,7 +674,8 @@ fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
 
 #[test]
 fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
-    for (gpu, backend) in SIMULATIONS {
+    for target in gpus() {
+        let gpu = target.name;
         let (b, t, h, v) = (2, 9, 8, 70);
         let hidden =
             Var::from_tensor(&floats(b * t * h, 51, 1.0).reshape((b, t, h)).unwrap()).unwrap();
@@ -606,13 +695,17 @@ fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
         let adv = floats(b, 54, 2.0);
         let mask = Tensor::ones((b, t), DType::U8, &Device::Cpu).unwrap();
         let mut results = vec![];
-        for backend in [backend, Backend::Auto] {
+        for on in [&target, &Gpu::cpu()] {
+            let hidden = Var::from_tensor(&on.put(hidden.as_tensor())).unwrap();
+            let weight = Var::from_tensor(&on.put(weight.as_tensor())).unwrap();
+            let targets = on.put(&targets);
             let head = sapo::LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+            let (old, adv, mask) = (on.put(&old), on.put(&adv), on.put(&mask));
             let inputs = PolicyInputs::new(head, &old, &adv, &mask);
             let out = Sapo::default()
                 .build()
                 .unwrap()
-                .with_backend(backend)
+                .with_backend(on.backend)
                 .forward_from_hidden(&inputs)
                 .unwrap();
             let grads = out.loss.backward().unwrap();
@@ -638,14 +731,16 @@ fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
 
 #[test]
 fn simulated_gpus_results_do_not_depend_on_thread_scheduling() {
-    for (gpu, backend) in SIMULATIONS {
+    // The device's own scheduling too: the same bits run after run.
+    for target in gpus() {
+        let gpu = target.name;
         // The simulation's threads interleave differently on every run: fixed reduction orders must
         // still give the same bits.
         let x = batch(4, 300, DType::F32, false, 77);
         let kl = KlPenalty::new(0.05, KlEstimator::K3).with_importance_weighting(true);
         let loss = Gspo::default().config().with_kl(Some(kl)).build().unwrap();
         let bits = || {
-            let r = run(&loss, &x, &x.mask, Normalizer::default(), backend);
+            let r = run(&loss, &x, &x.mask, Normalizer::default(), &target);
             let metrics = [r.metrics.neg_log_ratio_sum, r.metrics.ratio_excess_sum];
             std::iter::once(r.loss)
                 .chain(r.grad)
@@ -659,10 +754,10 @@ fn simulated_gpus_results_do_not_depend_on_thread_scheduling() {
         }
         let logits = floats(3 * 2000, 61, 5.0).reshape((3, 2000)).unwrap();
         let targets = Tensor::new(&[5u32, 1999, 0], &Device::Cpu).unwrap();
-        let once = log_probs_run(&logits, &targets, 1.0, backend);
+        let once = log_probs_run(&logits, &targets, 1.0, &target);
         assert_eq!(
             once,
-            log_probs_run(&logits, &targets, 1.0, backend),
+            log_probs_run(&logits, &targets, 1.0, &target),
             "{gpu}"
         );
     }

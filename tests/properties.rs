@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::DType;
-use common::{assert_close, reference, run_crate, Batch, BACKENDS};
+use common::{assert_close, backends, reference, run_crate, Batch};
 use proptest::prelude::*;
 use sapo::{
     Aggregation, Divergence, Dppo, Dro, GeometricClip, HardClip, IsWeightClip, KlCov, KlEstimator,
@@ -221,7 +221,7 @@ proptest! {
     fn autograd_gradient_equals_closed_form((cfg, batch) in config_and_batch(8.0)) {
         let norm = Normalizer::default();
         let (loss, grad) = reference(&cfg, &batch, &norm);
-        for backend in BACKENDS {
+        for backend in backends() {
             let got = run_crate(&cfg, &batch, norm, DType::F64, backend).unwrap();
             assert_close(&format!("{backend:?} loss"), &[got.loss], &[loss], 1e-9, 1e-9);
             assert_close(&format!("{backend:?} grad"), &got.grad, &grad, 1e-9, 1e-8);
@@ -235,7 +235,7 @@ proptest! {
 
     #[test]
     fn outputs_stay_finite_in_f32((cfg, batch) in config_and_batch(1000.0)) {
-        for backend in BACKENDS {
+        for backend in backends() {
             let got = run_crate(&cfg, &batch, Normalizer::default(), DType::F32, backend).unwrap();
             prop_assert!(got.loss.is_finite(), "{:?} loss {}", backend, got.loss);
             prop_assert!(got.grad.iter().all(|g| g.is_finite()));
@@ -254,7 +254,7 @@ proptest! {
         (cfg, batch) in config_and_batch(8.0),
         pieces in 1usize..=4,
     ) {
-        for backend in BACKENDS {
+        for backend in backends() {
             let full = run_crate(&cfg, &batch, Normalizer::default(), DType::F64, backend).unwrap();
             let n: Vec<f64> = batch.mask.chunks(batch.t).map(|r| r.iter().sum()).collect();
             let pieces = pieces.min(batch.b);
@@ -306,7 +306,7 @@ proptest! {
         garbage in prop_oneof![Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY),
                                Just(1e30), -50.0..50.0f64],
     ) {
-        for backend in BACKENDS {
+        for backend in backends() {
             let clean = run_crate(&cfg, &batch, Normalizer::default(), DType::F32, backend).unwrap();
             let mut dirty = batch.clone();
             let spoil = |v: &mut Vec<f64>| {
@@ -369,10 +369,10 @@ proptest! {
         )),
         tau in 0.3..3.0f64,
     ) {
-        let dev = candle_core::Device::Cpu;
+        let dev = common::device();
         let x = candle_core::Var::from_vec(logits.clone(), (n, v), &dev).unwrap();
         let y = candle_core::Tensor::from_vec(targets.iter().map(|&t| t as u32).collect::<Vec<_>>(), n, &dev).unwrap();
-        for backend in BACKENDS {
+        for backend in backends() {
         let (lp, h) = sapo::token_log_probs_and_entropy_with(x.as_tensor(), &y, tau, backend).unwrap();
         let wl_t = candle_core::Tensor::from_vec(wl.clone(), n, &dev).unwrap();
         let wh_t = candle_core::Tensor::from_vec(wh.clone(), n, &dev).unwrap();

@@ -53,8 +53,31 @@ impl Batch {
     }
 }
 
-/// Both implementations: the fused kernel and the composed ops.
+/// Both implementations on the CPU: the fused kernel and the composed ops.
 pub const BACKENDS: [Backend; 2] = [Backend::Auto, Backend::Composed];
+
+/// The device the shared helpers put tensors on: the CPU, or — with the `cuda` feature and
+/// `SAPO_TEST_DEVICE=cuda`, on a machine with a GPU (`scripts/gpu-check.sh`) — the CUDA device.
+pub fn device() -> Device {
+    #[cfg(feature = "cuda")]
+    if std::env::var("SAPO_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
+        static CUDA: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+        return CUDA
+            .get_or_init(|| Device::new_cuda(0).expect("SAPO_TEST_DEVICE=cuda, but no CUDA device"))
+            .clone();
+    }
+    Device::Cpu
+}
+
+/// Both implementations on [`device`]: the fused kernel (the CPU's, or on the CUDA device its
+/// kernels) and the composed ops.
+pub fn backends() -> [Backend; 2] {
+    if device().is_cpu() {
+        [Backend::Auto, Backend::Composed]
+    } else {
+        [Backend::Fused, Backend::Composed]
+    }
+}
 
 /// The crate's loss, gradient and metric sums on `batch`, in `dtype`.
 pub struct CrateResult {
@@ -70,7 +93,7 @@ pub fn run_crate(
     dtype: DType,
     backend: Backend,
 ) -> sapo::error::Result<CrateResult> {
-    let dev = Device::Cpu;
+    let dev = device();
     let mat = |v: &Vec<f64>| -> candle_core::Result<Tensor> {
         Tensor::from_vec(v.clone(), (batch.b, batch.t), &dev)?.to_dtype(dtype)
     };

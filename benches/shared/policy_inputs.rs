@@ -1,0 +1,95 @@
+//! The policy-loss benchmarks' inputs and objectives, shared by `benches/policy_loss.rs` (on the
+//! CPU) and `examples/gpu_bench.rs` (on a CUDA device): the inputs and settings of
+//! `../shared/bench/torch_baseline.py`. Old log-probs `log(U·0.96 + 0.02)`, log-probs
+//! `old + 0.05·N(0,1)`, one `N(0,1)` advantage per row, prefix masks of random length; SAPO τ
+//! 1.0/1.05 with seq-mean-token-mean, GSPO-token ε 3e-4/4e-4 with `log s ≤ 10`, GRPO ε 0.2/0.2
+//! with dual clip 3 and token-mean, then the later objectives.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor, Var};
+use sapo::{Aggregation, Grpo, Gspo, PolicyLoss, RatioLevel, Sapo};
+
+/// A splitmix64 stream.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+    pub fn normal(&mut self) -> f64 {
+        let u = self.uniform().max(f64::MIN_POSITIVE);
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * self.uniform()).cos()
+    }
+}
+
+/// One batch: `[B,T]` tensors (advantages broadcast over the row).
+pub struct Inputs {
+    pub log_probs: Var,
+    pub old: Tensor,
+    pub advantages: Tensor,
+    pub mask: Tensor,
+}
+
+pub fn inputs(b: usize, t: usize, dev: &Device) -> Inputs {
+    let mut rng = Rng(0);
+    let old: Vec<f32> = (0..b * t)
+        .map(|_| (rng.uniform() * 0.96 + 0.02).ln() as f32)
+        .collect();
+    let lp: Vec<f32> = old.iter().map(|o| o + 0.05 * rng.normal() as f32).collect();
+    let adv: Vec<f32> = (0..b).map(|_| rng.normal() as f32).collect();
+    let adv: Vec<f32> = (0..b * t).map(|j| adv[j / t]).collect();
+    let lengths: Vec<usize> = (0..b)
+        .map(|_| 1 + (rng.uniform() * t as f64) as usize)
+        .collect();
+    let mask: Vec<f32> = (0..b * t)
+        .map(|j| f32::from(u8::from(j % t < lengths[j / t])))
+        .collect();
+    let m = |v: Vec<f32>| Tensor::from_vec(v, (b, t), dev).unwrap();
+    Inputs {
+        log_probs: Var::from_tensor(&m(lp)).unwrap(),
+        old: m(old),
+        advantages: m(adv),
+        mask: m(mask),
+    }
+}
+
+/// The benchmarked objectives, SAPO, GSPO-token and GRPO first.
+pub fn objectives() -> Vec<(&'static str, PolicyLoss)> {
+    vec![
+        ("sapo", Sapo::default().build().unwrap()),
+        (
+            "gspo",
+            Gspo::default()
+                .config()
+                .with_ratio_level(RatioLevel::SequenceToken)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "grpo",
+            Grpo {
+                dual_clip: Some(3.0),
+                ..Grpo::default()
+            }
+            .config()
+            .with_aggregation(Aggregation::TokenMean)
+            .build()
+            .unwrap(),
+        ),
+        // The later objectives, on the same kernel.
+        ("cispo", sapo::Cispo::default().build().unwrap()),
+        ("gmpo", sapo::Gmpo::default().build().unwrap()),
+        (
+            "dppo_kl",
+            sapo::Dppo::new(sapo::Divergence::BinaryKl, 0.05, 0.05, 3.0)
+                .build()
+                .unwrap(),
+        ),
+        ("vespo", sapo::Vespo::default().build().unwrap()),
+        ("kl_cov", sapo::KlCov::default().build().unwrap()),
+    ]
+}
