@@ -262,7 +262,7 @@ impl PolicyLoss {
             }
             _ => None,
         };
-        let (mut loss, mut sums, extrema, checks) = match path {
+        let (mut loss, mut sums, extrema, kernel_checks) = match path {
             Path::Composed => {
                 let (loss, sums, extrema) = composed(
                     config,
@@ -279,7 +279,8 @@ impl PolicyLoss {
             loss = (loss - bonus_term)?;
             sums = set_slot(&sums, metrics::ENTROPY_LOSS, &value.detach())?;
         }
-        let checks = match checks {
+        // The GPU kernels' counts, then this module's: read by `PolicyMetrics::check`.
+        let deferred_checks = match kernel_checks {
             Some(kernel) => Some(Tensor::cat(
                 &[
                     kernel.to_dtype(DType::F32)?,
@@ -296,7 +297,7 @@ impl PolicyLoss {
             loss,
             metrics: self
                 .metrics(sums, extrema, inputs.normalizer.world_size)?
-                .with_checks(checks),
+                .with_checks(deferred_checks),
             rollout_correction: None,
         })
     }
