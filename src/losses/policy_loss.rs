@@ -175,15 +175,23 @@ impl PolicyLoss {
     ///
     /// Errors: shapes, dtypes or devices that do not match, a mask with values other than 0/1,
     /// a non-finite value at an unmasked position, a missing (or unexpected) `ref_log_probs` or
-    /// `entropy`; in bypass mode, caller-given `is_weights` and the rollout correction's errors
-    /// ([`crate::rollout_correction()`]). Values at masked positions never reach the loss, its
-    /// gradient or the metrics; a batch with no unmasked token gives a loss of 0 and a zero
-    /// gradient. Only `log_probs` (and `entropy`, for the bonus) is differentiated.
+    /// `entropy`; a negative `is_weights` value at an unmasked position; with k3 or k3+ unclamped,
+    /// `ℓref − ℓ` beyond `ln(max)` of the compute dtype (88.72 in f32), where `e^{ℓref−ℓ}`
+    /// overflows; a [`crate::Normalizer`] with `world_size > 1` but without the global count an
+    /// aggregation divides by, or with a global count below this batch's; and, as a last guard, a
+    /// loss that is not finite (`arg: "loss"`). In bypass mode, caller-given `is_weights` and the
+    /// rollout correction's errors ([`crate::rollout_correction()`]). The same inputs give the
+    /// same error on every path (see [the formulas page](crate::formulas), §10).
     ///
-    /// With the GPU kernels ([`Backend::Fused`] on a CUDA or Metal device) nothing is read back to the
-    /// host: mask values other than 0/1 and non-finite values at unmasked positions are counted
-    /// on the device and returned as the same typed error by [`PolicyMetrics::check`] (and
-    /// [`PolicyMetrics::read`]), not by this call.
+    /// Values at masked positions never reach the loss, its gradient or the metrics; a batch with
+    /// no unmasked token gives a loss of 0 and a zero gradient. Only `log_probs` (and `entropy`,
+    /// for the bonus) is differentiated.
+    ///
+    /// With the GPU kernels ([`Backend::Fused`] on a CUDA or Metal device) nothing is read back
+    /// to the host: mask values other than 0/1, non-finite values at unmasked positions and the
+    /// value checks above (all but the normalizer's missing count, a configuration error) are
+    /// counted on the device and returned as the same typed error by [`PolicyMetrics::check`]
+    /// (and [`PolicyMetrics::read`]), not by this call.
     ///
     /// Some objectives derive constants from the whole batch before the kernel runs: KL-Cov's
     /// selection (one host read of `ℓ`, `A` and the mask), GMPO's geometric-mean weights, and in
