@@ -142,9 +142,10 @@ impl ValueCheck {
             Self::NegativeWeights => ("is_weights", ">= 0 at unmasked positions", "negative"),
             Self::K3Overflow => (
                 "ref_log_probs",
-                "ℓref − ℓ <= ln(max) of the compute dtype (88.72 in f32, 709.78 in f64) at \
-                 unmasked positions, so that the unclamped k3's e^(ℓref − ℓ) is finite (clamp it \
-                 with KlPenalty::with_clamp(true), or compute in f64)",
+                "ℓref − ℓ <= ln(max) of the dtype it is computed in (88.72 in f32, 709.78 in \
+                 f64; 11.09 in f16) at unmasked positions, so that the unclamped k3's \
+                 e^(ℓref − ℓ) is finite (clamp it with KlPenalty::with_clamp(true), or compute \
+                 in f64)",
                 "above the bound",
             ),
             Self::GlobalTokens => (

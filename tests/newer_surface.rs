@@ -526,6 +526,16 @@ fn public_forms_never_return_a_silent_nan_or_inf() {
     let err = kl_penalty(&lp, &far_ref, KlEstimator::K3, false).unwrap_err();
     assert_eq!(invalid_value_arg(&err), "ref_log_probs");
     assert!(kl_penalty(&lp, &far_ref, KlEstimator::K3, true).is_ok());
+    // f16 computes in f16: e^12 overflows it, so ℓref − ℓ = 14 is out of range there.
+    let lp16 = lp.to_dtype(DType::F16).unwrap();
+    let near_ref = Tensor::new(&[-1.0f32, 12.0], &dev())
+        .unwrap()
+        .to_dtype(DType::F16)
+        .unwrap();
+    let err = kl_penalty(&lp16, &near_ref, KlEstimator::K3Plus, false).unwrap_err();
+    assert_eq!(invalid_value_arg(&err), "ref_log_probs");
+    let k = kl_penalty(&lp16, &near_ref, KlEstimator::K3, true).unwrap();
+    assert!(k.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[1].is_finite());
 
     assert!(gate::value_scalar(1.0f32, 0.0).is_err());
     assert!(gate::value_scalar(1.0f64, -1.0).is_err());

@@ -142,7 +142,7 @@ pub(crate) fn check_loss_now(loss: &Tensor) -> Result<()> {
     }
 }
 
-/// On the GPU: every count of this module as a `[VALUE_CHECKS]` tensor on the device (the
+/// On the GPU: every count of this module as a `[PRE_CHECKS + 1]` tensor on the device (the
 /// pre-checks', zeros where none applied, then the loss's), to be read with the kernels' own.
 pub(crate) fn deferred(pre: Option<Tensor>, loss: &Tensor) -> Result<Tensor> {
     let device = loss.device();
