@@ -543,41 +543,54 @@ pub fn aggregate(
     let keep = mask.ne(0.0)?;
     let loss_mat = loss_mat.to_dtype(dtype)?;
     crate::losses::inputs::check_finite_where("loss_mat", &loss_mat, &mask)?;
-    let counts = MaskCounts::new(&mask)?;
-    check_global_counts(&counts, aggregation, normalizer)?;
-    let masked = keep.where_cond(&loss_mat, &loss_mat.zeros_like()?)?;
-    aggregate_masked(&masked, &counts, aggregation, normalizer)
-}
-
-/// Checks that the normalizer's global counts are at least this batch's (one host read).
-fn check_global_counts(
-    counts: &MaskCounts,
-    aggregation: Aggregation,
-    normalizer: &Normalizer,
-) -> Result<()> {
-    let read = |x: &Tensor| -> Result<f64> { Ok(x.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let sequences = match aggregation.batch_count() {
-        BatchCount::Rows => &counts.rows,
-        _ => &counts.sequences,
-    };
-    for (check, global, local) in [
-        (
-            ValueCheck::GlobalTokens,
-            normalizer.global_tokens,
-            &counts.tokens,
-        ),
-        (
-            ValueCheck::GlobalSequences,
-            normalizer.global_sequences,
-            sequences,
-        ),
-    ] {
-        if let Some(global) = global {
-            let local = read(local)?;
-            if local > global {
-                return Err(check.error(local));
-            }
+    let every_row = aggregation.batch_count() == BatchCount::Rows;
+    let excess = global_count_excess(&mask.to_dtype(DType::F32)?, every_row, normalizer)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    for (check, count) in [ValueCheck::GlobalTokens, ValueCheck::GlobalSequences]
+        .into_iter()
+        .zip(excess)
+    {
+        if count > 0.0 {
+            return Err(check.error(count));
         }
     }
-    Ok(())
+    let masked = keep.where_cond(&loss_mat, &loss_mat.zeros_like()?)?;
+    aggregate_masked(&masked, &MaskCounts::new(&mask)?, aggregation, normalizer)
+}
+
+/// The global-count rule's two counts as a `[2]` f32 tensor on `keep`'s device: this batch's
+/// unmasked tokens where they exceed `normalizer.global_tokens`, and its counted rows (every row
+/// when `every_row`, the `seq-mean` count; else the non-empty ones) where they exceed
+/// `normalizer.global_sequences`; 0 where the rule holds or no global count is given. `keep` is
+/// a `[B,T]` f32 0/1 mask. Shared by the policy loss's checks and [`aggregate`].
+pub(crate) fn global_count_excess(
+    keep: &Tensor,
+    every_row: bool,
+    normalizer: &Normalizer,
+) -> Result<Tensor> {
+    let device = keep.device();
+    // A count above its global value: the count itself, else 0.
+    let beyond = |count: Tensor, global: Option<f64>| -> Result<Tensor> {
+        Ok(match global {
+            Some(g) => count.gt(g)?.to_dtype(DType::F32)?.mul(&count)?,
+            None => Tensor::zeros((), DType::F32, device)?,
+        })
+    };
+    let tokens = keep.sum_all()?;
+    let rows = if every_row {
+        Tensor::new(keep.dim(0)? as f32, device)?
+    } else {
+        keep.sum(D::Minus1)?
+            .gt(0.0)?
+            .to_dtype(DType::F32)?
+            .sum_all()?
+    };
+    Ok(Tensor::stack(
+        &[
+            beyond(tokens, normalizer.global_tokens)?,
+            beyond(rows, normalizer.global_sequences)?,
+        ],
+        0,
+    )?)
 }

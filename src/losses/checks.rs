@@ -14,9 +14,9 @@
 //! error. The GPU kernels read nothing back: their counts join the kernels' own and surface in
 //! [`crate::PolicyMetrics::check`].
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
-use crate::aggregation::{Aggregation, BatchCount};
+use crate::aggregation::{global_count_excess, Aggregation, BatchCount};
 use crate::error::{Result, ValueCheck};
 use crate::kl::KlEstimator;
 use crate::losses::config::PolicyLossConfig;
@@ -67,7 +67,7 @@ pub(crate) fn pre_checks<L>(
     config: &PolicyLossConfig,
     inputs: &PolicyInputs<'_, L>,
     log_probs: Option<&Tensor>,
-    (b, t): (usize, usize),
+    t: usize,
 ) -> Result<Option<Tensor>> {
     let normalizer = &inputs.normalizer;
     let k3 = unclamped_k3(config) && log_probs.is_some();
@@ -96,31 +96,11 @@ pub(crate) fn pre_checks<L>(
         }
         _ => zero()?,
     };
-    // A count above its global value: the count itself, else 0.
-    let beyond = |count: Tensor, global: Option<f64>| -> Result<Tensor> {
-        Ok(match global {
-            Some(g) => count.gt(g)?.to_dtype(DType::F32)?.mul(&count)?,
-            None => zero()?,
-        })
-    };
-    let tokens = keep.sum_all()?;
-    let rows_counted = aggregations(config)
+    let every_row = aggregations(config)
         .into_iter()
         .any(|a| a.batch_count() == BatchCount::Rows);
-    let sequences = if rows_counted {
-        Tensor::new(b as f32, mask.device())?
-    } else {
-        keep.sum(D::Minus1)?
-            .gt(0.0)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-    };
-    let counts = [
-        negative,
-        above,
-        beyond(tokens, normalizer.global_tokens)?,
-        beyond(sequences, normalizer.global_sequences)?,
-    ];
+    let excess = global_count_excess(&keep, every_row, normalizer)?;
+    let counts = [negative, above, excess.get(0)?, excess.get(1)?];
     Ok(Some(Tensor::stack(&counts, 0)?))
 }
 

@@ -216,7 +216,7 @@ impl PolicyLoss {
     /// [`PolicyLoss::forward`] on log-probs given as a tensor.
     fn forward_tensors(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
         let config = &self.config;
-        let (b, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
+        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
         checks::check_normalizer(config, &inputs.normalizer)?;
         if let Some(bypass) = &config.bypass {
             return self.forward_bypass(bypass, inputs, t);
@@ -224,7 +224,7 @@ impl PolicyLoss {
         let path = self
             .backend
             .path(inputs.log_probs.device(), fused_input_dtype(inputs), true);
-        let pre_checks = checks::pre_checks(config, inputs, Some(inputs.log_probs), (b, t))?;
+        let pre_checks = checks::pre_checks(config, inputs, Some(inputs.log_probs), t)?;
         if path.gpu().is_none() {
             checks::check_now(pre_checks.as_ref())?;
         }
@@ -472,7 +472,7 @@ impl PolicyLoss {
             return self.forward(&composed);
         }
         let dtype = compute_dtype(head.hidden.dtype());
-        checks::check_now(checks::pre_checks(config, inputs, None, dims)?.as_ref())?;
+        checks::check_now(checks::pre_checks(config, inputs, None, dims.1)?.as_ref())?;
         let (loss, sums, extrema) =
             FusedLinearPolicyLoss::forward(&self.config, inputs, dims, dtype)?;
         checks::check_loss_now(&loss)?;
