@@ -45,6 +45,18 @@ fn grpo(aggregation: Aggregation, backend: Backend) -> PolicyLoss {
         .with_backend(backend)
 }
 
+/// GRPO with TRL's unclamped k3 penalty (β 0.04) on `backend`.
+fn grpo_unclamped_k3(backend: Backend) -> PolicyLoss {
+    Grpo::default()
+        .config()
+        .with_kl(Some(
+            KlPenalty::new(0.04, KlEstimator::K3).with_clamp(false),
+        ))
+        .build()
+        .unwrap()
+        .with_backend(backend)
+}
+
 fn invalid_value_arg(err: &Error) -> &'static str {
     match err {
         Error::InvalidValue { arg, .. } => arg,
@@ -98,14 +110,7 @@ fn unclamped_k3_overflow_is_a_typed_error_on_every_path() {
     let lp = Var::new(&[[-88.0f32, -1.0]], &dev()).unwrap();
     let reference = Tensor::new(&[[0.0f32, -1.0]], &dev()).unwrap();
     for (name, backend) in backends() {
-        let loss = Grpo::default()
-            .config()
-            .with_kl(Some(
-                KlPenalty::new(0.04, KlEstimator::K3).with_clamp(false),
-            ))
-            .build()
-            .unwrap()
-            .with_backend(backend);
+        let loss = grpo_unclamped_k3(backend);
         let old = lp.detach();
         let inputs =
             PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask).with_ref_log_probs(&reference);
@@ -121,14 +126,7 @@ fn unclamped_k3_overflow_is_a_typed_error_on_every_path() {
         let lp = Tensor::new(&[[-gap - 1.0, -1.0]], &dev()).unwrap();
         let reference = Tensor::new(&[[-1.0f64, -1.0]], &dev()).unwrap();
         for backend in [Backend::Auto, Backend::Composed] {
-            let loss = Grpo::default()
-                .config()
-                .with_kl(Some(
-                    KlPenalty::new(0.04, KlEstimator::K3).with_clamp(false),
-                ))
-                .build()
-                .unwrap()
-                .with_backend(backend);
+            let loss = grpo_unclamped_k3(backend);
             let inputs = PolicyInputs::new(&lp, &lp, &adv64, &mask).with_ref_log_probs(&reference);
             assert_eq!(run(&loss, &inputs).is_ok(), ok, "gap {gap} {backend:?}");
         }
