@@ -32,9 +32,10 @@ pub use logprobs::{
     token_log_probs, token_log_probs_and_entropy, token_log_probs_and_entropy_with,
 };
 pub use losses::{
-    Bypass, BypassLoss, Cispo, Divergence, Dppo, Dro, GeometricClip, Gmpo, Gpg, Grpo, Gspo,
-    HardClip, IsWeightClip, KlCov, Luspo, MetricSums, PolicyInputs, PolicyLoss, PolicyLossConfig,
-    PolicyLossOutput, PolicyMetrics, RatioLevel, Sapo, TrustRegion, Vespo,
+    Bypass, BypassLoss, Cispo, Divergence, Dppo, Dro, GeometricClip, Gmpo, Gpg,
+    GradientWeightSummary, GradientWeights, Grpo, Gspo, HardClip, IsWeightClip, KlCov, Luspo,
+    MetricSums, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyLossOutput, PolicyMetrics,
+    RatioLevel, Sapo, TrustRegion, Vespo,
 };
 pub use rollout_correction::{
     rollout_correction, FilterDivergence, FilterStatistic, ImportanceWeights, RejectionFilter,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::Row;
+use crate::train::Row;
 
 const COLORS: [RGBColor; 3] = [
     RGBColor(214, 39, 40),

@@ -34,6 +34,7 @@ pub(crate) mod config;
 pub(crate) mod dppo;
 pub(crate) mod dro;
 pub(crate) mod gmpo;
+pub(crate) mod gradient_weights;
 pub(crate) mod inputs;
 pub(crate) mod kl_cov;
 pub(crate) mod metrics;
@@ -50,6 +51,9 @@ pub use config::PolicyLossConfig;
 pub use dppo::{Divergence, Dppo};
 pub use dro::Dro;
 pub use gmpo::GeometricClip;
+pub use gradient_weights::{
+    GradientWeightSummary, GradientWeights, ACTIVE_WEIGHT, SILENCED_WEIGHT,
+};
 pub use inputs::PolicyInputs;
 pub use kl_cov::KlCov;
 pub use metrics::{MetricSums, PolicyMetrics};
