@@ -14,6 +14,9 @@ use crate::{Setting, TAUS};
 
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
+/// A series' mean and the low and high edges of its band, per step.
+type Band = (Vec<f64>, Vec<f64>, Vec<f64>);
+
 /// The objectives drawn, in order, each with its colour (SAPO at the paper's temperatures).
 const DRAWN: [(Objective, RGBColor); 7] = [
     (Objective::Sapo, RGBColor(214, 39, 40)),
@@ -47,7 +50,7 @@ fn runs_of(results: &Results, setting: Setting, objective: Objective) -> Vec<&Ru
 }
 
 /// Mean over runs of a smoothed column, with its 95 % t-interval: `(mean, low, high)` per step.
-fn band(runs: &[&RunResult], column: &str) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn band(runs: &[&RunResult], column: &str) -> Band {
     let curves: Vec<Vec<f64>> = runs
         .iter()
         .map(|r| smooth_finite(&r.series(column)))
@@ -101,7 +104,7 @@ fn smooth_finite(values: &[f64]) -> Vec<f64> {
 fn line_panel(
     area: &Area,
     title: &str,
-    series: &[(&str, RGBColor, (Vec<f64>, Vec<f64>, Vec<f64>))],
+    series: &[(&str, RGBColor, Band)],
     y_range: Option<(f64, f64)>,
     bands: bool,
 ) -> AnyResult<()> {

@@ -160,6 +160,10 @@ fn seed_of(text: &str) -> u64 {
     })
 }
 
+/// A paired comparison with SAPO: `(pairs, mean difference, its interval, wins, losses, sign-test
+/// p)`.
+pub type Paired = (usize, f64, (f64, f64), usize, usize, f64);
+
 /// What `summary.csv` says of one group and metric.
 #[derive(Debug, Clone)]
 pub struct Stat {
@@ -170,7 +174,7 @@ pub struct Stat {
     pub collapsed: usize,
     /// Paired with SAPO (default temperatures) on the same seeds: `(pairs, mean difference, its
     /// interval, wins, losses, sign-test p)`; `None` for SAPO itself.
-    pub paired: Option<(usize, f64, (f64, f64), usize, usize, f64)>,
+    pub paired: Option<Paired>,
 }
 
 pub const METRICS: [&str; 2] = ["final_reward", "area"];
