@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::output::{Results, RunResult};
+use crate::output::{Results, RunResult, Stats};
 use crate::stats;
 use crate::train::{AnyResult, Objective};
 use crate::{Setting, TAUS};
@@ -194,7 +194,7 @@ fn curves(path: &Path, results: &Results) -> AnyResult<()> {
     Ok(())
 }
 
-fn final_reward(path: &Path, results: &Results) -> AnyResult<()> {
+fn final_reward(path: &Path, results: &Results, stats: &Stats) -> AnyResult<()> {
     let root = BitMapBackend::new(path, (1500, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let panels = root.split_evenly((2, 3));
@@ -228,9 +228,16 @@ fn final_reward(path: &Path, results: &Results) -> AnyResult<()> {
             }
             let x = i as f64;
             let values: Vec<f64> = runs.iter().map(|r| r.summary.final_reward).collect();
-            let seed = 0x5eed ^ (i as u64) ^ ((*setting as u64) << 8);
-            let (lo, hi) = stats::bootstrap_ci(&values, seed);
-            let m = stats::mean(&values);
+            // The interval of summary.csv, not a second bootstrap.
+            let Some((_, _, stat)) = stats.iter().find(|(k, metric, _)| {
+                k.setting == *setting
+                    && k.objective == *objective
+                    && !k.variant
+                    && *metric == "final_reward"
+            }) else {
+                continue;
+            };
+            let ((lo, hi), m) = (stat.ci, stat.mean);
             chart
                 .draw_series(values.iter().enumerate().map(|(k, v)| {
                     let jitter = (k as f64 / values.len() as f64 - 0.5) * 0.3;
@@ -364,9 +371,9 @@ fn mechanism(path: &Path, results: &Results) -> AnyResult<()> {
 }
 
 /// Draws the four figures into `out`.
-pub fn draw(out: &Path, results: &Results) -> AnyResult<()> {
+pub fn draw(out: &Path, results: &Results, stats: &Stats) -> AnyResult<()> {
     curves(&out.join("curves.png"), results)?;
-    final_reward(&out.join("final_reward.png"), results)?;
+    final_reward(&out.join("final_reward.png"), results, stats)?;
     tau_heatmap(&out.join("tau_heatmap.png"), results)?;
     mechanism(&out.join("mechanism.png"), results)?;
     Ok(())

@@ -297,9 +297,10 @@ fn main() -> AnyResult<()> {
         started.elapsed().as_secs_f64()
     );
     let results = output::Results::read(&out, &runs)?;
-    results.write(&out)?;
-    figures::draw(&out, &results)?;
-    results.print_verdict_tables();
+    let stats = results.stats();
+    let markdown = results.write(&out, &stats)?;
+    figures::draw(&out, &results, &stats)?;
+    println!("{markdown}");
     println!(
         "wrote {0}/runs.csv, curves.csv, mechanism.csv, summary.csv and {0}/*.png",
         out.display()

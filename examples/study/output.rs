@@ -164,6 +164,9 @@ fn seed_of(text: &str) -> u64 {
 /// p)`.
 pub type Paired = (usize, f64, (f64, f64), usize, usize, f64);
 
+/// Every group's statistics, per metric.
+pub type Stats = Vec<(Key, &'static str, Stat)>;
+
 /// What `summary.csv` says of one group and metric.
 #[derive(Debug, Clone)]
 pub struct Stat {
@@ -186,9 +189,10 @@ fn metric(r: &RunResult, name: &str) -> f64 {
     }
 }
 
-fn taus_text(run: &Run) -> (String, String) {
-    match run.objective {
-        Objective::Sapo | Objective::SapoSeq => (run.taus.0.to_string(), run.taus.1.to_string()),
+/// The `tau_pos`, `tau_neg` columns: SAPO's temperatures for both SAPO forms, empty otherwise.
+fn taus_columns(objective: Objective, taus: (f64, f64)) -> (String, String) {
+    match objective {
+        Objective::Sapo | Objective::SapoSeq => (taus.0.to_string(), taus.1.to_string()),
         _ => (String::new(), String::new()),
     }
 }
@@ -228,8 +232,9 @@ impl Results {
         groups
     }
 
-    /// Per group and metric: the statistics of `summary.csv`.
-    pub fn stats(&self) -> Vec<(Key, &'static str, Stat)> {
+    /// Per group and metric: the statistics of `summary.csv`, `summary.md` and the final-reward
+    /// figure (computed once: the bootstrap is the study's costliest table).
+    pub fn stats(&self) -> Stats {
         let groups = self.groups();
         let mut out = Vec::new();
         for (key, runs) in &groups {
@@ -271,12 +276,15 @@ impl Results {
         out
     }
 
-    pub fn write(&self, out: &Path) -> std::io::Result<()> {
+    /// Writes the tables; returns `summary.md`'s text.
+    pub fn write(&self, out: &Path, stats: &Stats) -> std::io::Result<String> {
         std::fs::write(out.join("runs.csv"), self.runs_csv())?;
         std::fs::write(out.join("curves.csv"), self.curves_csv())?;
         std::fs::write(out.join("mechanism.csv"), self.mechanism_csv())?;
-        std::fs::write(out.join("summary.csv"), self.summary_csv())?;
-        std::fs::write(out.join("summary.md"), self.summary_md())
+        std::fs::write(out.join("summary.csv"), summary_csv(stats))?;
+        let markdown = summary_md(stats);
+        std::fs::write(out.join("summary.md"), &markdown)?;
+        Ok(markdown)
     }
 
     fn runs_csv(&self) -> String {
@@ -285,7 +293,7 @@ impl Results {
              peak_reward,collapsed,final_approx_kl,seconds\n",
         );
         for r in &self.runs {
-            let (tp, tn) = taus_text(&r.run);
+            let (tp, tn) = taus_columns(r.run.objective, r.run.taus);
             let s = &r.summary;
             let _ = writeln!(
                 text,
@@ -312,7 +320,7 @@ impl Results {
             COLUMNS.join(",")
         );
         for r in &self.runs {
-            let (tp, tn) = taus_text(&r.run);
+            let (tp, tn) = taus_columns(r.run.objective, r.run.taus);
             for (step, row) in r.curve.iter().enumerate() {
                 let v: Vec<String> = row.iter().map(|x| opt(*x)).collect();
                 let _ = writeln!(
@@ -381,83 +389,76 @@ impl Results {
         }
         text
     }
-
-    fn summary_csv(&self) -> String {
-        let mut text = String::from(
-            "setting,objective,tau_pos,tau_neg,metric,n,mean,std,ci_low,ci_high,collapsed,\
-             pairs,diff_vs_sapo,diff_ci_low,diff_ci_high,wins,losses,sign_p\n",
-        );
-        for (key, metric, s) in self.stats() {
-            let (tp, tn) = key_taus(&key);
-            let paired = match s.paired {
-                Some((pairs, diff, (lo, hi), wins, losses, p)) => {
-                    format!("{pairs},{diff:.6},{lo:.6},{hi:.6},{wins},{losses},{p:.4}")
-                }
-                None => ",,,,,,".to_string(),
-            };
-            let _ = writeln!(
-                text,
-                "{},{},{tp},{tn},{metric},{},{:.6},{:.6},{:.6},{:.6},{},{paired}",
-                key.setting.name(),
-                key.objective.name(),
-                s.n,
-                s.mean,
-                s.std,
-                s.ci.0,
-                s.ci.1,
-                s.collapsed,
-            );
-        }
-        text
-    }
-
-    /// The final-reward table per setting, as Markdown (for the README).
-    pub fn summary_md(&self) -> String {
-        let mut text = String::new();
-        let stats = self.stats();
-        for setting in Setting::ALL {
-            let rows: Vec<_> = stats
-                .iter()
-                .filter(|(k, m, _)| k.setting == setting && *m == "final_reward")
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            let _ = writeln!(
-                text,
-                "\n**{}** — final reward (mean of the last 10 % of steps)\n\n\
-                 | objective | seeds | mean [95 % CI] | − SAPO, paired [95 % CI] | wins/losses | sign p | collapsed |\n\
-                 |---|---|---|---|---|---|---|",
-                setting.name()
-            );
-            for (key, _, s) in rows {
-                let paired = match s.paired {
-                    Some((_, d, (lo, hi), w, l, p)) => {
-                        format!("{d:+.3} [{lo:+.3}, {hi:+.3}] | {w}/{l} | {p:.3}")
-                    }
-                    None => "— | — | —".to_string(),
-                };
-                let _ = writeln!(
-                    text,
-                    "| {} | {} | {:.3} [{:.3}, {:.3}] | {paired} | {} |",
-                    key.label, s.n, s.mean, s.ci.0, s.ci.1, s.collapsed
-                );
-            }
-        }
-        text
-    }
-
-    pub fn print_verdict_tables(&self) {
-        println!("{}", self.summary_md());
-    }
 }
 
 fn key_taus(key: &Key) -> (String, String) {
-    match key.objective {
-        Objective::Sapo | Objective::SapoSeq => (
-            (key.taus.0 as f64 / 100.0).to_string(),
-            (key.taus.1 as f64 / 100.0).to_string(),
-        ),
-        _ => (String::new(), String::new()),
+    let hundredths = |t: i64| t as f64 / 100.0;
+    taus_columns(
+        key.objective,
+        (hundredths(key.taus.0), hundredths(key.taus.1)),
+    )
+}
+
+fn summary_csv(stats: &Stats) -> String {
+    let mut text = String::from(
+        "setting,objective,tau_pos,tau_neg,metric,n,mean,std,ci_low,ci_high,collapsed,\
+         pairs,diff_vs_sapo,diff_ci_low,diff_ci_high,wins,losses,sign_p\n",
+    );
+    for (key, metric, s) in stats {
+        let (tp, tn) = key_taus(key);
+        let paired = match s.paired {
+            Some((pairs, diff, (lo, hi), wins, losses, p)) => {
+                format!("{pairs},{diff:.6},{lo:.6},{hi:.6},{wins},{losses},{p:.4}")
+            }
+            None => ",,,,,,".to_string(),
+        };
+        let _ = writeln!(
+            text,
+            "{},{},{tp},{tn},{metric},{},{:.6},{:.6},{:.6},{:.6},{},{paired}",
+            key.setting.name(),
+            key.objective.name(),
+            s.n,
+            s.mean,
+            s.std,
+            s.ci.0,
+            s.ci.1,
+            s.collapsed,
+        );
     }
+    text
+}
+
+/// The final-reward table per setting, as Markdown (for the README).
+fn summary_md(stats: &Stats) -> String {
+    let mut text = String::new();
+    for setting in Setting::ALL {
+        let rows: Vec<_> = stats
+            .iter()
+            .filter(|(k, m, _)| k.setting == setting && *m == "final_reward")
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            text,
+            "\n**{}** — final reward (mean of the last 10 % of steps)\n\n\
+             | objective | seeds | mean [95 % CI] | − SAPO, paired [95 % CI] | wins/losses | sign p | collapsed |\n\
+             |---|---|---|---|---|---|---|",
+            setting.name()
+        );
+        for (key, _, s) in rows {
+            let paired = match s.paired {
+                Some((_, d, (lo, hi), w, l, p)) => {
+                    format!("{d:+.3} [{lo:+.3}, {hi:+.3}] | {w}/{l} | {p:.3}")
+                }
+                None => "— | — | —".to_string(),
+            };
+            let _ = writeln!(
+                text,
+                "| {} | {} | {:.3} [{:.3}, {:.3}] | {paired} | {} |",
+                key.label, s.n, s.mean, s.ci.0, s.ci.1, s.collapsed
+            );
+        }
+    }
+    text
 }
