@@ -12,6 +12,7 @@
 
 mod model;
 mod plot;
+mod series;
 mod task;
 // Shared with the study runner (examples/study), which uses what this example does not.
 #[allow(dead_code)]

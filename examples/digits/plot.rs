@@ -5,6 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use crate::series::moving_average;
 use crate::train::Row;
 
 const COLORS: [RGBColor; 3] = [
@@ -14,22 +15,6 @@ const COLORS: [RGBColor; 3] = [
 ];
 
 type Series<'a> = (&'a str, &'a [Row]);
-
-/// Trailing moving average over `window` steps.
-fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
-    let mut sum = 0.0;
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            sum += v;
-            if i >= window {
-                sum -= values[i - window];
-            }
-            sum / (i + 1).min(window) as f64
-        })
-        .collect()
-}
 
 const WINDOW: usize = 25;
 

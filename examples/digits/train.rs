@@ -14,6 +14,7 @@ use sapo::{
 };
 
 use crate::model::{Decoder, ModelConfig};
+use crate::series::quantile_sorted;
 use crate::task::{self, Rng};
 
 /// Any error, boxed: the examples' error plumbing.
@@ -183,17 +184,6 @@ impl MechanismSums {
             }
         };
         self.log_ratios.sort_by(f64::total_cmp);
-        let quantile = |q: f64| {
-            let n = self.log_ratios.len();
-            if n == 0 {
-                return f64::NAN;
-            }
-            // Linear interpolation between order statistics (numpy's default).
-            let pos = q * (n - 1) as f64;
-            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-            let frac = pos - lo as f64;
-            self.log_ratios[lo] * (1.0 - frac) + self.log_ratios[hi] * frac
-        };
         Mechanism {
             mean_weight: if self.tokens == 0 {
                 f64::NAN
@@ -204,7 +194,7 @@ impl MechanismSums {
             silenced_sequence_share: share(self.silenced_sequences, self.sequences),
             off_policy_sequence_share: share(self.off_policy_sequences, self.sequences),
             bystander_active_share: share(self.active_bystanders, self.bystanders),
-            log_ratio_quantiles: LOG_RATIO_QUANTILES.map(quantile),
+            log_ratio_quantiles: LOG_RATIO_QUANTILES.map(|q| quantile_sorted(&self.log_ratios, q)),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! exact sign test, moving averages and the per-run summaries (final reward, area, first step to
 //! 0.5, collapse).
 
+pub use crate::series::{moving_average, quantile_sorted};
 use crate::task::Rng;
 
 /// Bootstrap resamples per interval.
@@ -39,17 +40,6 @@ pub fn bootstrap_ci(values: &[f64], seed: u64) -> (f64, f64) {
     )
 }
 
-/// The `q` quantile of sorted values, interpolating linearly between order statistics.
-pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let pos = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    let frac = pos - lo as f64;
-    sorted[lo] * (1.0 - frac) + sorted[hi] * frac
-}
-
 /// The exact two-sided sign test of paired differences: `(positive, negative, p)`, ties dropped.
 pub fn sign_test(differences: &[f64]) -> (usize, usize, f64) {
     let plus = differences.iter().filter(|d| **d > 0.0).count();
@@ -67,23 +57,6 @@ pub fn sign_test(differences: &[f64]) -> (usize, usize, f64) {
         tail += term;
     }
     (plus, minus, (2.0 * tail).min(1.0))
-}
-
-/// Trailing moving average over `window` values.
-pub fn moving_average(values: &[f64], window: usize) -> Vec<f64> {
-    let window = window.max(1);
-    let mut sum = 0.0;
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            sum += v;
-            if i >= window {
-                sum -= values[i - window];
-            }
-            sum / (i + 1).min(window) as f64
-        })
-        .collect()
 }
 
 /// The last 10 % of a run's steps (at least one).
