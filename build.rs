@@ -13,6 +13,9 @@ fn main() {
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed=src/kernels/gpu/common.h");
     println!("cargo::rerun-if-changed=src/kernels/gpu/softmax.h");
+    // The objectives' device functions (`losses/<name>.h`, included by the generated
+    // `policy_loss/objectives.h`).
+    println!("cargo::rerun-if-changed=src/losses");
     println!("cargo::rerun-if-env-changed=NVCC");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -27,6 +30,7 @@ fn main() {
         let source = format!("src/kernels/{op}/{op}.cu");
         println!("cargo::rerun-if-changed={source}");
         println!("cargo::rerun-if-changed=src/kernels/{op}/{op}.h");
+        println!("cargo::rerun-if-changed=src/kernels/{op}");
         let ptx = out_dir.join(format!("{op}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-arch=compute_80", "-O3", "-o"])

@@ -222,7 +222,7 @@ impl Normalizer {
                     actual: mask.dims().to_vec(),
                 });
             }
-            let mask = crate::losses::inputs::checked_mask(mask, DType::F64)?;
+            let mask = crate::checks::checked_mask(mask, DType::F64)?;
             let row_tokens = mask.sum(D::Minus1)?.to_vec1::<f64>()?;
             tokens += row_tokens.iter().sum::<f64>();
             sequences += match aggregation.batch_count() {
@@ -539,10 +539,10 @@ pub fn aggregate(
     } else {
         DType::F32
     };
-    let mask = crate::losses::inputs::checked_mask(mask, dtype)?;
+    let mask = crate::checks::checked_mask(mask, dtype)?;
     let keep = mask.ne(0.0)?;
     let loss_mat = loss_mat.to_dtype(dtype)?;
-    crate::losses::inputs::check_finite_where("loss_mat", &loss_mat, &mask)?;
+    crate::checks::check_finite_where("loss_mat", &loss_mat, &mask)?;
     let every_row = aggregation.batch_count() == BatchCount::Rows;
     let excess = global_count_excess(&mask.to_dtype(DType::F32)?, every_row, normalizer)?
         .to_dtype(DType::F64)?

@@ -239,3 +239,11 @@ pub(crate) fn check_float(arg: &'static str, tensor: &Tensor) -> Result<()> {
         }),
     }
 }
+
+/// The first violated check of `counts` (in [`ValueCheck::ALL`]'s order from `first`), if any.
+pub(crate) fn first_violation(counts: &[f64], first: usize) -> Result<()> {
+    match counts.iter().position(|&c| c > 0.0) {
+        Some(k) => Err(ValueCheck::ALL[first + k].error(counts[k])),
+        None => Ok(()),
+    }
+}

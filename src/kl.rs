@@ -19,10 +19,10 @@
 use candle_core::Tensor;
 
 use crate::aggregation::Aggregation;
+use crate::checks::check_finite_where;
 use crate::error::{
     check_config, check_device, check_float, check_shape, Error, Result, ValueCheck,
 };
-use crate::losses::inputs::check_finite_where;
 use crate::piecewise::{self, abs_scalar, clamp_scalar};
 use crate::real::Real;
 

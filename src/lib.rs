@@ -3,6 +3,7 @@
 
 pub mod advantages;
 pub mod aggregation;
+mod checks;
 pub mod entropy;
 pub mod error;
 #[doc = include_str!("../docs/formulas.md")]
@@ -11,11 +12,16 @@ pub mod gate;
 mod kernels;
 pub mod kl;
 pub mod linear_logprobs;
+mod lm_head;
 pub mod logprobs;
 pub mod losses;
 mod piecewise;
 pub mod real;
 pub mod rollout_correction;
+#[cfg(feature = "gpu-sim")]
+#[doc(hidden)]
+pub mod simulation;
+mod softmax;
 
 pub use advantages::{group_advantages, group_advantages_vec, AdvantageEstimator, Groups};
 pub use aggregation::{aggregate, Aggregation, Normalizer};

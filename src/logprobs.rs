@@ -17,11 +17,10 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::checks::compute_dtype;
 use crate::error::{check_device, check_float, check_positive_scale, Error, Result};
 use crate::kernels::log_probs::FusedLogProbs;
 use crate::kernels::{from_kernel, Backend, Path};
-use crate::losses::inputs::compute_dtype;
-use crate::real::Real;
 
 /// Checks that the sampling temperature `T` is finite and > 0 with `1/T` finite in f32.
 pub(crate) fn check_temperature(temperature: f64) -> Result<()> {
@@ -92,44 +91,6 @@ fn check_inputs(logits: &Tensor, targets: &Tensor, temperature: f64, read_ids: b
         logits,
         read_ids,
     )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Scalar forms (the kernels').
-
-/// `p_v·z_v` from `e = e^{z−max}` (proportional to `p_v`): 0 where `e = 0`, so that `z = −∞`
-/// contributes nothing.
-#[inline(always)]
-pub(crate) fn weighted_logit<R: Real>(e: R, z: R) -> R {
-    R::select(e > R::ZERO, e * z, R::ZERO)
-}
-
-/// `(ℓ, H, lse)` of a row from its running maximum, `Σ e^{z−max}`, `Σ e^{z−max}·z` and the
-/// target's `z_y`; NaN log-prob and entropy when `lse` is not finite.
-#[inline(always)]
-pub(crate) fn finish_row<R: Real>(max: R, sum: R, weighted: R, z_target: R) -> (R, R, R) {
-    let lse = max + sum.ln();
-    if lse.is_finite_value() {
-        (z_target - lse, lse - weighted / sum, lse)
-    } else {
-        (R::NAN, R::NAN, lse)
-    }
-}
-
-/// `∂(g_ℓ·ℓ + g_H·H)/∂x_v` of one logit `x` (`z = x/τ`), without the target's own `g_ℓ/τ`.
-#[inline(always)]
-pub(crate) fn logit_gradient<R: Real>(
-    x: R,
-    inv_t: R,
-    lse: R,
-    entropy: R,
-    grad_log_prob: R,
-    grad_entropy: R,
-) -> R {
-    let z = x * inv_t;
-    let p = (z - lse).exp();
-    let term = R::select(p > R::ZERO, p * (z - lse + entropy), R::ZERO);
-    -(inv_t * (grad_log_prob * p + grad_entropy * term))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@
 //! composed ops on the device; a case passes when every path reproduces it. Prints each failure (case, path and field, max error) and, per directory,
 //! `golden (DIR): N passed, M failed`.
 
+#[path = "common/sim.rs"]
+mod sim;
+use sim::Sim;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -653,25 +656,39 @@ fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
     Ok(())
 }
 
-/// Every path a case runs on: `(name, backend, device)`.
-fn paths() -> Vec<(&'static str, Backend, Device)> {
+/// Every path a case runs on: `(name, backend, device, simulated GPU)`.
+fn paths() -> Vec<(&'static str, Backend, Device, Sim)> {
     #[allow(unused_mut)]
     let mut paths = vec![
-        ("fused", Backend::Auto, Device::Cpu),
-        ("composed", Backend::Composed, Device::Cpu),
+        ("fused", Backend::Auto, Device::Cpu, Sim::none()),
+        ("composed", Backend::Composed, Device::Cpu, Sim::none()),
     ];
     // The CUDA and Metal kernel sources, run on the CPU by the GPU simulation (Metal's with SIMD
     // groups of 32 and of 8).
     #[cfg(feature = "gpu-sim")]
-    paths.extend([
-        ("simulated-cuda", Backend::SimulatedCuda, Device::Cpu),
-        ("simulated-metal", Backend::SimulatedMetal, Device::Cpu),
-        (
-            "simulated-metal-simd8",
-            Backend::SimulatedMetalSimd8,
-            Device::Cpu,
-        ),
-    ]);
+    {
+        use sapo::simulation::Gpu;
+        paths.extend([
+            (
+                "simulated-cuda",
+                Backend::Fused,
+                Device::Cpu,
+                Sim::gpu(Gpu::Cuda),
+            ),
+            (
+                "simulated-metal",
+                Backend::Fused,
+                Device::Cpu,
+                Sim::gpu(Gpu::Metal),
+            ),
+            (
+                "simulated-metal-simd8",
+                Backend::Fused,
+                Device::Cpu,
+                Sim::gpu(Gpu::MetalSimd8),
+            ),
+        ]);
+    }
     // The CUDA kernels and the composed ops on the device (scripts/gpu-check.sh).
     #[cfg(feature = "cuda")]
     if std::env::var("SAPO_TEST_DEVICE").is_ok_and(|d| d == "cuda") {
@@ -681,8 +698,8 @@ fn paths() -> Vec<(&'static str, Backend, Device)> {
             .get_or_init(|| Device::new_cuda(0).expect("SAPO_TEST_DEVICE=cuda, but no CUDA device"))
             .clone();
         paths.extend([
-            ("cuda-fused", Backend::Fused, cuda.clone()),
-            ("cuda-composed", Backend::Composed, cuda),
+            ("cuda-fused", Backend::Fused, cuda.clone(), Sim::none()),
+            ("cuda-composed", Backend::Composed, cuda, Sim::none()),
         ]);
     }
     paths
@@ -704,7 +721,8 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             .ok_or("tolerance.rel")?,
     };
     let mut failures = vec![];
-    for (path, backend, device) in paths() {
+    for (path, backend, device, sim) in paths() {
+        let _gpu = sim.enter();
         let mut check = Check {
             tol: &tol,
             path,

@@ -9,12 +9,15 @@
 
 mod common;
 
+#[path = "common/sim.rs"]
+mod sim;
 use candle_core::{DType, Device, Tensor, Var};
 use common::noise;
 use sapo::{
     Aggregation, Backend, Error, Grpo, Gspo, KlEstimator, KlPenalty, Normalizer, PolicyInputs,
     PolicyLoss, PolicyLossConfig, RatioLevel, Sapo, TrustRegion,
 };
+use sim::Sim;
 
 /// Where a GPU kernel runs: its backend and the device its tensors live on.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ struct Gpu {
     name: &'static str,
     backend: Backend,
     device: Device,
+    /// The GPU this thread simulates while the path runs.
+    sim: Sim,
 }
 
 impl Gpu {
@@ -31,6 +36,7 @@ impl Gpu {
             name: "cpu",
             backend: Backend::Auto,
             device: Device::Cpu,
+            sim: Sim::none(),
         }
     }
 
@@ -49,14 +55,15 @@ fn gpus() -> Vec<Gpu> {
     #[cfg(feature = "gpu-sim")]
     all.extend(
         [
-            ("cuda", Backend::SimulatedCuda),
-            ("metal", Backend::SimulatedMetal),
-            ("metal-simd8", Backend::SimulatedMetalSimd8),
+            ("cuda", sapo::simulation::Gpu::Cuda),
+            ("metal", sapo::simulation::Gpu::Metal),
+            ("metal-simd8", sapo::simulation::Gpu::MetalSimd8),
         ]
-        .map(|(name, backend)| Gpu {
+        .map(|(name, gpu)| Gpu {
             name,
-            backend,
+            backend: Backend::Fused,
             device: Device::Cpu,
+            sim: Sim::gpu(gpu),
         }),
     );
     #[cfg(feature = "cuda")]
@@ -65,6 +72,7 @@ fn gpus() -> Vec<Gpu> {
             name: "cuda-device",
             backend: Backend::Fused,
             device: Device::new_cuda(0).expect("SAPO_TEST_DEVICE=cuda, but no CUDA device"),
+            sim: Sim::none(),
         });
     }
     if all.is_empty() {
@@ -318,6 +326,7 @@ fn compare(what: &str, sim: &Run, cpu: &Run, tol: f64) {
 #[test]
 fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         let norms = [
             Normalizer::default(),
@@ -356,6 +365,7 @@ fn simulated_gpus_policy_loss_matches_the_cpu_kernel() {
 #[test]
 fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let (gpu, backend) = (target.name, target.backend);
         let x = batch(3, 50, DType::F32, false, 7);
         let loss = Grpo::default()
@@ -431,6 +441,7 @@ fn simulated_gpus_counts_invalid_values_and_raises_them_when_metrics_are_read() 
 #[test]
 fn simulated_gpus_handles_empty_batches() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         for (b, t) in [(0, 5), (3, 0)] {
             let x = batch(b, t, DType::F32, false, 3);
@@ -483,6 +494,7 @@ fn log_probs_run(
 #[test]
 fn simulated_gpus_log_probs_match_the_cpu_kernel() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         let cases = [
             (3, 7, DType::F32),
@@ -535,6 +547,7 @@ fn simulated_gpus_log_probs_match_the_cpu_kernel() {
 #[test]
 fn simulated_gpus_log_probs_turn_bad_target_ids_into_nan_without_a_host_read() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let (gpu, backend) = (target.name, target.backend);
         let logits = Tensor::from_vec(
             noise(12, 3).iter().map(|x| *x as f32).collect::<Vec<_>>(),
@@ -638,6 +651,7 @@ fn linear_run(
 #[test]
 fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         // 17 rows and 150 ids: the simulation's chunks of 7 rows and tiles of 64 ids leave partial
         // chunks and tiles.
@@ -675,6 +689,7 @@ fn simulated_gpus_fused_linear_log_probs_match_the_cpu_kernel() {
 #[test]
 fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         let (b, t, h, v) = (2, 9, 8, 70);
         let hidden =
@@ -733,6 +748,7 @@ fn simulated_gpus_policy_loss_from_hidden_states_matches_the_cpu_one_pass() {
 fn simulated_gpus_results_do_not_depend_on_thread_scheduling() {
     // The device's own scheduling too: the same bits run after run.
     for target in gpus() {
+        let _gpu = target.sim.enter();
         let gpu = target.name;
         // The simulation's threads interleave differently on every run: fixed reduction orders must
         // still give the same bits.

@@ -4,19 +4,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
-use sapo::{Backend, Cispo, GradientWeightSummary, Grpo, Gspo, PolicyInputs, PolicyLoss, Sapo};
+use sapo::{Cispo, GradientWeightSummary, Grpo, Gspo, PolicyInputs, PolicyLoss, Sapo};
 
-/// Every path a policy loss runs on here: `(name, backend)`.
-fn backends() -> Vec<(&'static str, Backend)> {
-    #[allow(unused_mut)]
-    let mut all = vec![("fused", Backend::Auto), ("composed", Backend::Composed)];
-    #[cfg(feature = "gpu-sim")]
-    all.extend([
-        ("simulated-cuda", Backend::SimulatedCuda),
-        ("simulated-metal", Backend::SimulatedMetal),
-    ]);
-    all
-}
+#[path = "common/sim.rs"]
+mod sim;
+use sim::paths as backends;
 
 struct Batch {
     log_probs: Tensor,
@@ -84,7 +76,8 @@ fn close(what: &str, got: f32, want: f64) {
 #[test]
 fn sapo_weights_are_rho_times_the_gate_weight() {
     let batch = batch();
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = Sapo::default().build().unwrap().with_backend(backend);
         let (relative, defined) = weights(&loss, &batch);
         for (i, t) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] {
@@ -108,7 +101,8 @@ fn sapo_weights_are_rho_times_the_gate_weight() {
 #[test]
 fn grpo_weights_are_rho_inside_the_clip_and_zero_where_it_holds() {
     let batch = batch();
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = Grpo::default().build().unwrap().with_backend(backend);
         let (relative, _) = weights(&loss, &batch);
         // Row 0 (A > 0): ρ = 1 → 1; ρ = e^0.8 > 1.2 → clipped; ρ = e^-0.5 < 0.8 with A > 0 → ρ.
@@ -156,7 +150,8 @@ fn gspo_gives_one_weight_to_a_whole_row_and_silences_rows_outside_its_clip() {
         &[1.0, 1.0],
         &[[1, 1, 1], [1, 1, 1]],
     );
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = Gspo::default().build().unwrap().with_backend(backend);
         let w = loss.gradient_weights(&batch.inputs()).unwrap();
         let relative = w.relative.to_vec2::<f32>().unwrap();
@@ -230,7 +225,8 @@ proptest! {
         let mask_t = Tensor::from_vec(mask_u8, (3, 4), &dev).unwrap();
         let inputs = PolicyInputs::new(&old, &old, &adv_t, &mask_t);
         for (name, preset) in presets() {
-            for (path, backend) in backends() {
+            for (path, backend, sim) in backends() {
+ let _gpu = sim.enter();
                 let w = preset.with_backend(backend).gradient_weights(&inputs).unwrap();
                 let relative = w.relative.to_vec2::<f32>().unwrap();
                 let defined = w.defined.to_vec2::<f32>().unwrap();

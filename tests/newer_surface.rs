@@ -15,17 +15,9 @@ fn dev() -> Device {
     Device::Cpu
 }
 
-/// Every path a policy loss runs on here: `(name, backend)`.
-fn backends() -> Vec<(&'static str, Backend)> {
-    #[allow(unused_mut)]
-    let mut all = vec![("fused", Backend::Auto), ("composed", Backend::Composed)];
-    #[cfg(feature = "gpu-sim")]
-    all.extend([
-        ("simulated-cuda", Backend::SimulatedCuda),
-        ("simulated-metal", Backend::SimulatedMetal),
-    ]);
-    all
-}
+#[path = "common/sim.rs"]
+mod sim;
+use sim::paths as backends;
 
 /// The forward's result with the GPU paths' deferred checks applied, as a user who reads the
 /// metrics before stepping sees it.
@@ -86,7 +78,8 @@ fn unclamped_k3_overflow_is_a_typed_error_on_every_path() {
             .with_importance_weighting(importance);
         for estimator in [KlEstimator::K3, KlEstimator::K3Plus] {
             let kl = KlPenalty { estimator, ..kl };
-            for (name, backend) in backends() {
+            for (name, backend, sim) in backends() {
+                let _gpu = sim.enter();
                 let loss = Grpo::default()
                     .config()
                     .with_kl(Some(kl))
@@ -109,7 +102,8 @@ fn unclamped_k3_overflow_is_a_typed_error_on_every_path() {
     // Just inside the f32 bound: finite loss and gradient, on both CPU paths.
     let lp = Var::new(&[[-88.0f32, -1.0]], &dev()).unwrap();
     let reference = Tensor::new(&[[0.0f32, -1.0]], &dev()).unwrap();
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = grpo_unclamped_k3(backend);
         let old = lp.detach();
         let inputs =
@@ -165,7 +159,8 @@ fn merged_kl_and_entropy_losses_equal_the_full_batch() {
         .config()
         .with_kl(Some(KlPenalty::new(0.04, KlEstimator::K3)))
         .with_entropy(Some(EntropyBonus::new(0.01)));
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = config.build().unwrap().with_backend(backend);
         let full = loss
             .forward(
@@ -247,7 +242,8 @@ fn world_size_without_the_needed_global_count_is_rejected() {
     let sequences_only = Normalizer::default()
         .with_global_sequences(4.0)
         .with_world_size(4);
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         // SAPO: seq-mean-token-mean needs global_sequences.
         let sapo = Sapo::default().build().unwrap().with_backend(backend);
         let err = sapo
@@ -316,7 +312,8 @@ fn impossible_global_counts_are_rejected() {
         ),
     ];
     for (aggregation, normalizer, arg) in cases {
-        for (name, backend) in backends() {
+        for (name, backend, sim) in backends() {
+            let _gpu = sim.enter();
             let loss = grpo(aggregation, backend);
             let inputs = PolicyInputs::new(&lp, &lp, &adv, &mask).with_normalizer(normalizer);
             let err = run(&loss, &inputs).unwrap_err();
@@ -333,7 +330,8 @@ fn impossible_global_counts_are_rejected() {
     let exact = Normalizer::default()
         .with_global_tokens(3.0)
         .with_global_sequences(2.0);
-    for (_, backend) in backends() {
+    for (_, backend, sim) in backends() {
+        let _gpu = sim.enter();
         let loss = Sapo::default().build().unwrap().with_backend(backend);
         run(
             &loss,
@@ -372,7 +370,8 @@ fn padding_target_ids_are_accepted_where_masked() {
     )
     .unwrap();
     let old = old.detach();
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         for loss in [
             Sapo::default().build().unwrap(),
             Gspo::default().build().unwrap(),
@@ -406,7 +405,8 @@ fn values_without_meaning_are_rejected() {
     let mask = Tensor::ones((1, 2), DType::U8, &dev()).unwrap();
     let negative = Tensor::new(&[[1.0f32, -0.5]], &dev()).unwrap();
     let negative_row = Tensor::new(&[[-1.0f32]], &dev()).unwrap();
-    for (name, backend) in backends() {
+    for (name, backend, sim) in backends() {
+        let _gpu = sim.enter();
         for loss in [
             Sapo::default().build().unwrap(),
             Grpo::default().build().unwrap(),

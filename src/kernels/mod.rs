@@ -18,7 +18,8 @@
 //! twice).
 //!
 //! The CUDA and Metal sources are also compiled with g++ and the shim `gpu/shim.h` and run on the
-//! CPU by the tests (the `gpu-sim` feature), against the CPU kernels.
+//! CPU by the tests (the internal `gpu-sim` feature, [`crate::simulation`]: `Backend::Fused`
+//! calls on a thread that simulates a GPU), against the CPU kernels.
 
 use candle_core::{DType, Layout, Storage, WithDType};
 
@@ -52,19 +53,6 @@ pub enum Backend {
     Fused,
     /// Composed candle ops and autograd, on every device.
     Composed,
-    /// The CUDA kernel sources run on the CPU by the GPU simulation (this crate's tests only).
-    #[cfg(feature = "gpu-sim")]
-    #[doc(hidden)]
-    SimulatedCuda,
-    /// The Metal kernel sources run on the CPU by the GPU simulation, SIMD groups of 32 (this
-    /// crate's tests only).
-    #[cfg(feature = "gpu-sim")]
-    #[doc(hidden)]
-    SimulatedMetal,
-    /// As `SimulatedMetal` with SIMD groups of 8 (this crate's tests only).
-    #[cfg(feature = "gpu-sim")]
-    #[doc(hidden)]
-    SimulatedMetalSimd8,
 }
 
 /// Where one call of an op runs.
@@ -126,6 +114,16 @@ impl Backend {
     /// Where an op runs on `device` for inputs of `dtype`, given whether it has a GPU kernel.
     pub(crate) fn path(self, device: &candle_core::Device, dtype: DType, gpu_kernel: bool) -> Path {
         let gpu_dtype = gpu_kernel && matches!(dtype, DType::F32 | DType::F16 | DType::BF16);
+        // This crate's tests: the GPU kernel sources simulated on the CPU (`crate::simulation`),
+        // fused where a GPU would be.
+        #[cfg(feature = "gpu-sim")]
+        if let (Backend::Fused, true, Some(target)) = (self, device.is_cpu(), gpu::sim::current()) {
+            return if gpu_dtype {
+                Path::Gpu(Gpu::Simulated(target))
+            } else {
+                Path::Composed
+            };
+        }
         match self {
             Backend::Composed => Path::Composed,
             Backend::Auto | Backend::Fused if device.is_cpu() => Path::Cpu,
@@ -136,23 +134,6 @@ impl Backend {
                 Path::Gpu(Gpu::Device)
             }
             Backend::Auto | Backend::Fused => Path::Composed,
-            #[cfg(feature = "gpu-sim")]
-            simulated => match (simulated.simulation(), device.is_cpu() && gpu_dtype) {
-                (Some(target), true) => Path::Gpu(Gpu::Simulated(target)),
-                _ => Path::Composed,
-            },
-        }
-    }
-
-    /// The simulation a test backend runs.
-    #[cfg(feature = "gpu-sim")]
-    fn simulation(self) -> Option<gpu::sim::Target> {
-        use gpu::sim::Target;
-        match self {
-            Backend::SimulatedCuda => Some(Target::Cuda),
-            Backend::SimulatedMetal => Some(Target::Metal { simd_width: 32 }),
-            Backend::SimulatedMetalSimd8 => Some(Target::Metal { simd_width: 8 }),
-            _ => None,
         }
     }
 }

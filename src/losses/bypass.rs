@@ -9,13 +9,9 @@
 //!
 //! The correction's metrics come back in [`crate::PolicyLossOutput::rollout_correction`].
 
-use crate::aggregation::Aggregation;
 use crate::error::{check_config, Result};
-use crate::losses::clip::HardClip;
-use crate::losses::config::PolicyLossConfig;
-use crate::losses::ratio::RatioLevel;
 use crate::losses::trust_region::TrustRegion;
-use crate::rollout_correction::RolloutCorrection;
+use crate::rollout_correction::config::RolloutCorrection;
 
 /// The loss bypass mode computes on the corrected batch (verl `loss_type`).
 ///
@@ -49,35 +45,6 @@ pub struct Bypass {
 }
 
 impl Bypass {
-    /// REINFORCE with the correction's weights and mask, `token-mean` (verl's actor default), no
-    /// log-ratio clamp (its `approx_kl` is of the raw `ℓ − ℓold`).
-    ///
-    /// ```
-    /// let cfg = sapo::Bypass::reinforce(sapo::RolloutCorrection::new());
-    /// assert_eq!(cfg.trust_region, sapo::TrustRegion::PolicyGradient);
-    /// ```
-    pub fn reinforce(correction: RolloutCorrection) -> PolicyLossConfig {
-        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::PolicyGradient)
-            .with_log_ratio_clamp(None)
-            .with_bypass(Some(Self {
-                correction,
-                loss: BypassLoss::Reinforce,
-            }))
-    }
-    /// PPO-clip on the correction's mask, `token-mean`, log-ratio clamp 20.
-    ///
-    /// ```
-    /// let cfg = sapo::Bypass::ppo_clip(sapo::RolloutCorrection::new(), sapo::HardClip::new(0.2, 0.2));
-    /// assert!(cfg.validate().is_ok());
-    /// ```
-    pub fn ppo_clip(correction: RolloutCorrection, clip: HardClip) -> PolicyLossConfig {
-        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::HardClip(clip))
-            .with_aggregation(Aggregation::TokenMean)
-            .with_bypass(Some(Self {
-                correction,
-                loss: BypassLoss::PpoClip,
-            }))
-    }
     /// Checks the correction and that the trust region is the loss's (`PolicyGradient` for
     /// REINFORCE, `HardClip` for PPO-clip).
     ///

@@ -17,21 +17,14 @@
 use candle_core::{DType, Tensor};
 
 use crate::aggregation::{global_count_excess, Aggregation, BatchCount};
+use crate::checks::compute_dtype;
 use crate::error::{Result, ValueCheck};
 use crate::kl::KlEstimator;
 use crate::losses::config::PolicyLossConfig;
-use crate::losses::inputs::{compute_dtype, PolicyInputs};
+use crate::losses::inputs::PolicyInputs;
 
 /// The checks made before the loss (`[PRE_CHECKS]` counts); the loss's comes after them.
 pub(crate) const PRE_CHECKS: usize = 4;
-
-/// The first violated check of `counts` (in [`ValueCheck::ALL`]'s order from `first`), if any.
-pub(crate) fn first_violation(counts: &[f64], first: usize) -> Result<()> {
-    match counts.iter().position(|&c| c > 0.0) {
-        Some(k) => Err(ValueCheck::ALL[first + k].error(counts[k])),
-        None => Ok(()),
-    }
-}
 
 /// Whether the config's KL penalty exponentiates `ℓref − ℓ` without verl's clamps.
 fn unclamped_k3(config: &PolicyLossConfig) -> bool {
@@ -53,7 +46,7 @@ pub(crate) fn aggregations(config: &PolicyLossConfig) -> Vec<Aggregation> {
 /// loss).
 pub(crate) fn check_normalizer(
     config: &PolicyLossConfig,
-    inputs_normalizer: &crate::Normalizer,
+    inputs_normalizer: &crate::aggregation::Normalizer,
 ) -> Result<()> {
     for aggregation in aggregations(config) {
         inputs_normalizer.validate_for(aggregation)?;
@@ -107,7 +100,9 @@ pub(crate) fn pre_checks<L>(
 /// Off the GPU: reads the pre-checks' counts and returns the first violation.
 pub(crate) fn check_now(pre: Option<&Tensor>) -> Result<()> {
     match pre {
-        Some(counts) => first_violation(&counts.to_dtype(DType::F64)?.to_vec1::<f64>()?, 0),
+        Some(counts) => {
+            crate::error::first_violation(&counts.to_dtype(DType::F64)?.to_vec1::<f64>()?, 0)
+        }
         None => Ok(()),
     }
 }

@@ -12,7 +12,9 @@
 
 use crate::error::{check_config, Result};
 use crate::losses::metrics::{CLIPPED, CLIP_HIGH, CLIP_LOW};
-use crate::losses::trust_region::{indicator, Eval, PerToken, Shape, Token, TokenTensors};
+use crate::losses::objective::{
+    indicator, Eval, GpuShape, Objective, PerToken, Shape, Token, TokenTensors,
+};
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::Real;
 
@@ -137,4 +139,25 @@ pub(crate) fn per_token(clip: &IsWeightClip, x: &TokenTensors<'_>) -> Result<Per
             (CLIP_HIGH, above.mul(&positive)?),
         ],
     })
+}
+
+impl Objective for IsWeightClip {
+    const NAME: &'static str = "cispo";
+    const ID: i32 = 4;
+    const DEVICE: &'static str = include_str!("cispo.h");
+    type Scalar<R: Real> = CispoBounds<R>;
+
+    fn validate(&self) -> Result<()> {
+        IsWeightClip::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> CispoBounds<R> {
+        self.bounds()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x)
+    }
+    fn gpu(&self) -> GpuShape {
+        let b = self.bounds::<f32>();
+        GpuShape::new(&[b.low, b.high])
+    }
 }

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use crate::error::{check_config, Result};
 use crate::losses::metrics::{CLIPPED, CLIP_HIGH, CLIP_LOW, DUAL_CLIPPED};
-use crate::losses::trust_region::{Eval, PerToken, Shape, Token};
+use crate::losses::objective::{Eval, GpuShape, Objective, PerToken, Shape, Token, TokenTensors};
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::Real;
 
@@ -208,4 +208,28 @@ pub(crate) fn per_token(clip: &HardClip, ratio: &Tensor, advantages: &Tensor) ->
             (CLIP_HIGH, both(r.gt(high)?, adv.gt(0.0)?)?),
         ],
     })
+}
+
+impl Objective for HardClip {
+    const NAME: &'static str = "clip";
+    const ID: i32 = 1;
+    const DEVICE: &'static str = include_str!("clip.h");
+    type Scalar<R: Real> = ClipBounds<R>;
+
+    fn validate(&self) -> Result<()> {
+        HardClip::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> ClipBounds<R> {
+        self.bounds()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x.ratio, x.advantages)
+    }
+    fn gpu(&self) -> GpuShape {
+        let b = self.bounds::<f32>();
+        GpuShape {
+            flag: i32::from(b.dual.is_some()),
+            ..GpuShape::new(&[b.low, b.high, b.delta, b.dual.unwrap_or(0.0)])
+        }
+    }
 }

@@ -10,11 +10,10 @@ use crate::entropy::EntropyBonus;
 use crate::error::{check_config, Result};
 use crate::kl::KlPenalty;
 use crate::losses::bypass::Bypass;
-use crate::losses::policy_loss::PolicyLoss;
 use crate::losses::ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP};
 use crate::losses::trust_region::TrustRegion;
 
-/// Full configuration of the unified surrogate. Build it into a [`PolicyLoss`] with
+/// Full configuration of the unified surrogate. Build it into a [`PolicyLoss`](crate::PolicyLoss) with
 /// [`PolicyLossConfig::build`], which rejects invalid values.
 ///
 /// ```
@@ -41,9 +40,9 @@ pub struct PolicyLossConfig {
     pub aggregation: Aggregation,
     /// Optional KL penalty to a reference policy.
     pub kl: Option<KlPenalty>,
-    /// Optional entropy bonus `− c·agg(H)`. With [`PolicyLoss::forward`] it needs the per-token
+    /// Optional entropy bonus `− c·agg(H)`. With [`PolicyLoss::forward`](crate::PolicyLoss::forward) it needs the per-token
     /// entropy ([`crate::PolicyInputs::with_entropy`], e.g. from
-    /// [`crate::token_log_probs_and_entropy`]); with [`PolicyLoss::forward_from_hidden`] leave
+    /// [`crate::token_log_probs_and_entropy`]); with [`PolicyLoss::forward_from_hidden`](crate::PolicyLoss::forward_from_hidden) leave
     /// `entropy` unset: it is computed from the hidden states with the log-probs (passing one
     /// is an error there).
     pub entropy: Option<EntropyBonus>,
@@ -178,30 +177,12 @@ impl PolicyLossConfig {
             bypass.validate(&self.trust_region)?;
         }
         // The objectives whose formula is per token (they weigh ℓ by a token quantity).
-        let token_only = matches!(
-            self.trust_region,
-            TrustRegion::PolicyGradient
-                | TrustRegion::Dro(_)
-                | TrustRegion::KlCov(_)
-                | TrustRegion::Dppo(_)
-                | TrustRegion::Vespo(_)
-        );
         check_config(
-            !token_only || self.ratio_level == RatioLevel::Token,
+            !self.trust_region.objective().token_only() || self.ratio_level == RatioLevel::Token,
             "ratio_level",
             "RatioLevel::Token for GPG, DRO, KL-Cov, DPPO and VESPO",
             self.ratio_level,
         )?;
         Ok(())
-    }
-    /// Validates the configuration and returns the loss.
-    ///
-    /// ```
-    /// let loss = sapo::Grpo::default().config().build()?;
-    /// # Ok::<(), sapo::Error>(())
-    /// ```
-    pub fn build(self) -> Result<PolicyLoss> {
-        self.validate()?;
-        Ok(PolicyLoss::from_validated(self))
     }
 }

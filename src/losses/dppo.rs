@@ -13,7 +13,9 @@
 
 use crate::error::{check_config, Result};
 use crate::losses::metrics::{CLIPPED, TRUNCATED};
-use crate::losses::trust_region::{indicator, Eval, PerToken, Shape, Token, TokenTensors};
+use crate::losses::objective::{
+    indicator, Eval, GpuShape, Objective, PerToken, Shape, Token, TokenTensors,
+};
 use crate::real::Real;
 
 /// The divergence of DPPO's trust region.
@@ -195,3 +197,28 @@ pub(crate) fn per_token(dppo: &Dppo, x: &TokenTensors<'_>) -> Result<PerToken> {
 }
 
 use candle_core::Tensor;
+
+impl Objective for Dppo {
+    const NAME: &'static str = "dppo";
+    const ID: i32 = 7;
+    const DEVICE: &'static str = include_str!("dppo.h");
+    const TOKEN_ONLY: bool = true;
+    type Scalar<R: Real> = DppoShape<R>;
+
+    fn validate(&self) -> Result<()> {
+        Dppo::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> DppoShape<R> {
+        self.shape()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x)
+    }
+    fn gpu(&self) -> GpuShape {
+        let b = self.shape::<f32>();
+        GpuShape {
+            flag: i32::from(b.kl),
+            ..GpuShape::new(&[b.low, b.high, b.cap])
+        }
+    }
+}

@@ -6,7 +6,7 @@
 //! ```
 
 use crate::error::{check_config, Result};
-use crate::losses::trust_region::{Eval, PerToken, Shape, Token, TokenTensors};
+use crate::losses::objective::{Eval, GpuShape, Objective, PerToken, Shape, Token, TokenTensors};
 use crate::real::Real;
 
 /// DRO's penalty coefficient `β > 0` (verl `policy_loss.dro_beta`).
@@ -75,4 +75,25 @@ pub(crate) fn per_token(dro: &Dro, x: &TokenTensors<'_>) -> Result<PerToken> {
         loss: (x.advantages.mul(x.log_probs)? - penalty)?.neg()?,
         metrics: vec![],
     })
+}
+
+impl Objective for Dro {
+    const NAME: &'static str = "dro";
+    const ID: i32 = 5;
+    const DEVICE: &'static str = include_str!("dro.h");
+    const TOKEN_ONLY: bool = true;
+    type Scalar<R: Real> = DroShape<R>;
+
+    fn validate(&self) -> Result<()> {
+        Dro::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> DroShape<R> {
+        self.shape()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x)
+    }
+    fn gpu(&self) -> GpuShape {
+        GpuShape::new(&[self.shape::<f32>().beta])
+    }
 }

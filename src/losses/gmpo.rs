@@ -18,7 +18,9 @@ use candle_core::{Tensor, D};
 
 use crate::error::{check_config, Result};
 use crate::losses::metrics::{CLIPPED_NEG, CLIPPED_POS};
-use crate::losses::trust_region::{indicator, Eval, Shape, Token, TokenTensors};
+use crate::losses::objective::{
+    indicator, Batch, Eval, GpuShape, Objective, PerToken, Prepass, Shape, Token, TokenTensors,
+};
 use crate::piecewise::{self, clamp_scalar};
 use crate::real::Real;
 
@@ -88,6 +90,7 @@ pub(crate) struct LogClip<R> {
 
 impl<R: Real> Shape<R> for LogClip<R> {
     const SLOTS: &'static [usize] = &[CLIPPED_POS, CLIPPED_NEG];
+    const TRANSFORMS_LOG_RATIO: bool = true;
 
     /// `y` and `∂y/∂x`: the clamp's value where it is the pessimistic one, ties split.
     #[inline(always)]
@@ -128,7 +131,7 @@ impl<R: Real> Shape<R> for LogClip<R> {
 // Tensor form (the composed path's).
 
 /// `y` of a `[B,T]` log-ratio `x` (differentiable) under advantages `A`.
-pub(crate) fn log_ratio(clip: &GeometricClip, x: &Tensor, advantages: &Tensor) -> Result<Tensor> {
+fn log_ratio_tensor(clip: &GeometricClip, x: &Tensor, advantages: &Tensor) -> Result<Tensor> {
     let clamped = piecewise::clamp(x, Some(-clip.log_clip_low), Some(clip.log_clip_high))?;
     // candle's minimum/maximum split the gradient at ties, as PyTorch's do.
     let pos = x.minimum(&clamped)?;
@@ -140,7 +143,7 @@ pub(crate) fn log_ratio(clip: &GeometricClip, x: &Tensor, advantages: &Tensor) -
 }
 
 /// The clip counts per token (detached).
-pub(crate) fn metrics(clip: &GeometricClip, x: &TokenTensors<'_>) -> Result<Vec<(usize, Tensor)>> {
+fn metrics(clip: &GeometricClip, x: &TokenTensors<'_>) -> Result<Vec<(usize, Tensor)>> {
     let d = x.log_ratio.detach();
     let clipped = indicator(
         &d.lt(-clip.log_clip_low)?
@@ -152,4 +155,44 @@ pub(crate) fn metrics(clip: &GeometricClip, x: &TokenTensors<'_>) -> Result<Vec<
         (CLIPPED_POS, sign(x.advantages.gt(0.0)?)?),
         (CLIPPED_NEG, sign(x.advantages.lt(0.0)?)?),
     ])
+}
+
+impl Objective for GeometricClip {
+    const NAME: &'static str = "gmpo";
+    const ID: i32 = 9;
+    const DEVICE: &'static str = include_str!("gmpo.h");
+    const BATCH_PREPASS: bool = true;
+    type Scalar<R: Real> = LogClip<R>;
+
+    fn validate(&self) -> Result<()> {
+        GeometricClip::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> LogClip<R> {
+        self.shape()
+    }
+    /// `f(S) = S` of the clipped log-ratio (its transform is [`Objective::log_ratio`]).
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        Ok(PerToken {
+            loss: x.ratio.mul(x.advantages)?.neg()?,
+            metrics: metrics(self, x)?,
+        })
+    }
+    fn log_ratio(&self, log_ratio: &Tensor, advantages: &Tensor) -> Result<Tensor> {
+        log_ratio_tensor(self, log_ratio, advantages)
+    }
+    fn gpu(&self) -> GpuShape {
+        let b = self.shape::<f32>();
+        GpuShape::new(&[b.low, b.high])
+    }
+    /// The rows' geometric-mean rollout weights.
+    fn prepass(&self, batch: &Batch<'_>) -> Result<Prepass> {
+        let is_weights = match batch.inputs.is_weights(batch.t)? {
+            Some(w) => Some(row_weights(&w, &(batch.mask_as)(w.dtype())?)?),
+            None => None,
+        };
+        Ok(Prepass {
+            is_weights,
+            flags: None,
+        })
+    }
 }

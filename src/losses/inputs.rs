@@ -4,6 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::aggregation::{MaskCounts, Normalizer};
+use crate::checks::{bad_mask_count, compute_dtype, mask_error, unmasked_non_finite};
 use crate::error::{check_device, check_float, check_shape, Error, Result};
 
 /// The inputs of [`crate::PolicyLoss::forward`].
@@ -160,69 +161,6 @@ pub(crate) struct Prepared {
     pub is_weights: Option<Tensor>,
     pub counts: MaskCounts,
     pub normalizer: Normalizer,
-}
-
-/// f64 stays f64, everything else is computed in f32.
-pub(crate) fn compute_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
-/// Number of elements of `mask` that are neither 0 nor 1, as a scalar tensor.
-fn bad_mask_count(mask: &Tensor) -> Result<Tensor> {
-    // Compared in the mask's own dtype, counted in f32 (a u8 count would wrap at 256).
-    let not = |v: f64| -> Result<Tensor> { Ok(mask.ne(v)?.to_dtype(DType::F32)?) };
-    Ok(not(0.0)?.mul(&not(1.0)?)?.sum_all()?)
-}
-
-/// Checks, in the mask's own dtype, that it holds only 0 and 1 (one host read).
-pub(crate) fn check_mask_values(mask: &Tensor) -> Result<()> {
-    let bad = bad_mask_count(mask)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    if bad > 0.0 {
-        return Err(mask_error(bad));
-    }
-    Ok(())
-}
-
-/// Converts a mask to `dtype` and checks that it holds only 0 and 1 (one host read).
-pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
-    check_mask_values(mask)?;
-    Ok(mask.to_dtype(dtype)?)
-}
-
-pub(crate) fn mask_error(bad: f64) -> Error {
-    Error::InvalidValue {
-        arg: "mask",
-        expected: "only 0 and 1".into(),
-        actual: format!("{bad} other values"),
-    }
-}
-
-/// Number of unmasked non-finite values of `x`, as a scalar tensor.
-fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    // NaN fails `< inf` as well.
-    let finite = x.abs()?.lt(f64::INFINITY)?.to_dtype(mask.dtype())?;
-    Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
-}
-
-/// Errors when `x` has a non-finite value where `mask` (a float 0/1 tensor) is 1 (one host read).
-pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -> Result<()> {
-    let bad = unmasked_non_finite(x, mask)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
-    if bad > 0.0 {
-        return Err(Error::InvalidValue {
-            arg,
-            expected: "finite values at unmasked positions".into(),
-            actual: format!("{bad} non-finite"),
-        });
-    }
-    Ok(())
 }
 
 fn check_matrix(arg: &'static str, x: &Tensor, shape: &[usize], device: &Tensor) -> Result<()> {
@@ -434,5 +372,22 @@ impl PolicyInputs<'_> {
             keep,
             normalizer: self.normalizer,
         })
+    }
+}
+
+/// The dtype of the fused kernel's inputs: `log_probs`' when every float input shares it, else
+/// the compute dtype (so that no input loses precision).
+pub(crate) fn fused_input_dtype(inputs: &PolicyInputs<'_>) -> DType {
+    let floats = [
+        Some(inputs.old_log_probs),
+        Some(inputs.advantages),
+        inputs.ref_log_probs,
+        inputs.is_weights,
+    ];
+    let lp_dtype = inputs.log_probs.dtype();
+    if floats.iter().flatten().all(|x| x.dtype() == lp_dtype) {
+        lp_dtype
+    } else {
+        compute_dtype(lp_dtype)
     }
 }

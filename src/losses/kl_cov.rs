@@ -16,9 +16,12 @@ use std::collections::BinaryHeap;
 
 use candle_core::{DType, Tensor};
 
+use crate::checks::compute_dtype;
 use crate::error::{check_config, Result};
 use crate::losses::metrics::ABS_LOG_RATIO;
-use crate::losses::trust_region::{Eval, PerToken, Shape, Token, TokenTensors};
+use crate::losses::objective::{
+    Batch, Eval, GpuShape, Objective, PerToken, Prepass, Shape, Token, TokenTensors,
+};
 use crate::piecewise::{self, abs_scalar};
 use crate::real::Real;
 
@@ -190,4 +193,42 @@ pub(crate) fn per_token(kl_cov: &KlCov, x: &TokenTensors<'_>) -> Result<PerToken
         loss,
         metrics: vec![(ABS_LOG_RATIO, abs.detach())],
     })
+}
+
+impl Objective for KlCov {
+    const NAME: &'static str = "kl_cov";
+    const ID: i32 = 6;
+    const DEVICE: &'static str = include_str!("kl_cov.h");
+    const TOKEN_ONLY: bool = true;
+    const BATCH_PREPASS: bool = true;
+    type Scalar<R: Real> = KlCovShape<R>;
+
+    fn validate(&self) -> Result<()> {
+        KlCov::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> KlCovShape<R> {
+        self.shape()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x)
+    }
+    fn gpu(&self) -> GpuShape {
+        GpuShape::new(&[self.shape::<f32>().coef])
+    }
+    /// The selected tokens, as flags.
+    fn prepass(&self, batch: &Batch<'_>) -> Result<Prepass> {
+        let inputs = batch.inputs;
+        let advantages = inputs.advantages(batch.t)?;
+        let dtype = compute_dtype(inputs.log_probs.dtype());
+        Ok(Prepass {
+            is_weights: None,
+            flags: Some(selection(
+                self,
+                inputs.log_probs,
+                &advantages,
+                inputs.mask,
+                dtype,
+            )?),
+        })
+    }
 }

@@ -190,7 +190,7 @@ impl PolicyMetrics {
                 });
             }
         }
-        crate::losses::checks::first_violation(value_checks, 0)
+        crate::error::first_violation(value_checks, 0)
     }
 
     /// Merges the metrics of two batches of the same objective (sums add, extrema combine), on

@@ -38,10 +38,14 @@ pub(crate) mod gradient_weights;
 pub(crate) mod inputs;
 pub(crate) mod kl_cov;
 pub(crate) mod metrics;
+pub(crate) mod objective;
+pub(crate) mod policy_gradient;
 pub(crate) mod policy_loss;
 pub(crate) mod presets;
 pub(crate) mod ratio;
+pub(crate) mod soft_gate;
 pub(crate) mod trust_region;
+pub(crate) mod unclipped;
 pub(crate) mod vespo;
 
 pub use bypass::{Bypass, BypassLoss};

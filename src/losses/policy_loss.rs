@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor};
 
 use crate::aggregation::aggregate_masked;
 use crate::aggregation::MaskCounts;
+use crate::checks::{check_finite_where, checked_mask, compute_dtype};
 use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
@@ -21,15 +22,11 @@ use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::checks;
 use crate::losses::config::PolicyLossConfig;
-use crate::losses::gmpo;
-use crate::losses::inputs::{check_finite_where, checked_mask, compute_dtype};
-use crate::losses::inputs::{PolicyInputs, Prepared};
-use crate::losses::kl_cov;
+use crate::losses::inputs::{fused_input_dtype, PolicyInputs, Prepared};
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
+use crate::losses::objective::{Batch, TokenTensors};
 use crate::losses::ratio::ratios;
 use crate::losses::ratio::RatioLevel;
-use crate::losses::trust_region::{TokenTensors, TrustRegion};
-use crate::losses::vespo;
 use crate::real::accumulation_dtype;
 use crate::rollout_correction::rollout_correction;
 
@@ -54,6 +51,19 @@ use crate::rollout_correction::rollout_correction;
 pub struct PolicyLoss {
     config: PolicyLossConfig,
     backend: Backend,
+}
+
+impl PolicyLossConfig {
+    /// Validates the configuration and returns the loss.
+    ///
+    /// ```
+    /// let loss = sapo::Grpo::default().config().build()?;
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn build(self) -> Result<PolicyLoss> {
+        self.validate()?;
+        Ok(PolicyLoss::from_validated(self))
+    }
 }
 
 /// Where [`PolicyLoss::forward`] takes the log-probs `ℓ` from: a `&Tensor` or a `&Var` (the
@@ -236,40 +246,18 @@ impl PolicyLoss {
                 checked_mask(inputs.mask, dtype)
             }
         };
-        // Constants the objective derives from the batch: GMPO's geometric-mean weights, KL-Cov's
-        // selection.
-        let derived = match (&config.trust_region, inputs.is_weights(t)?) {
-            (TrustRegion::GeometricClip(_), Some(w)) => {
-                let mask = mask_as(w.dtype())?;
-                Some(gmpo::row_weights(&w, &mask)?)
-            }
-            (TrustRegion::Vespo(_), Some(_)) => match inputs.is_weights {
-                Some(w) if w.dims() == [w.dim(0)?, 1] && t != 1 => {
-                    let mask = mask_as(w.dtype())?;
-                    Some(vespo::spread_row_weights(&w.detach(), &mask)?)
-                }
-                _ => None,
-            },
-            _ => None,
-        };
+        // Constants the objective derives from the batch (GMPO's geometric-mean weights, KL-Cov's
+        // selection): the same tensors for every path.
+        let prepass = config.trust_region.objective().prepass(&Batch {
+            inputs,
+            t,
+            mask_as: &mask_as,
+        })?;
         let inputs = &PolicyInputs {
-            is_weights: derived.as_ref().or(inputs.is_weights),
+            is_weights: prepass.is_weights.as_ref().or(inputs.is_weights),
             ..*inputs
         };
-        let flags = match &config.trust_region {
-            TrustRegion::KlCov(k) => {
-                let adv = inputs.advantages(t)?;
-                let dtype = compute_dtype(inputs.log_probs.dtype());
-                Some(kl_cov::selection(
-                    k,
-                    inputs.log_probs,
-                    &adv,
-                    inputs.mask,
-                    dtype,
-                )?)
-            }
-            _ => None,
-        };
+        let flags = prepass.flags;
         let (mut loss, mut sums, extrema, kernel_checks) = match path {
             Path::Composed => {
                 let (loss, sums, extrema) = composed(
@@ -451,10 +439,7 @@ impl PolicyLoss {
             && config.ratio_level == RatioLevel::Token
             && config.entropy.is_none()
             && config.bypass.is_none()
-            && !matches!(
-                config.trust_region,
-                TrustRegion::KlCov(_) | TrustRegion::Vespo(_) | TrustRegion::GeometricClip(_)
-            )
+            && !config.trust_region.objective().batch_prepass()
             && n > 0;
         if !one_pass {
             let (log_probs, entropy) = linear_log_probs_and_entropy_with(
@@ -498,7 +483,7 @@ impl PolicyLoss {
             sums
         };
         let kind = MetricKind::new(
-            self.config.trust_region.metric_slots(),
+            self.config.trust_region.objective().metric_slots(),
             self.config.kl.is_some(),
             self.config.entropy.is_some(),
         );
@@ -566,7 +551,8 @@ fn composed(
         p,
     )?;
     let flags = flags.map(|f| f.to_dtype(p.mask.dtype())).transpose()?;
-    let per_token = config.trust_region.per_token(&TokenTensors {
+    let objective = config.trust_region.objective();
+    let per_token = objective.per_token(&TokenTensors {
         log_probs: &p.log_probs,
         old_log_probs: &p.old_log_probs,
         log_ratio: &ratios.log_ratio,
@@ -577,7 +563,7 @@ fn composed(
         flags: flags.as_ref(),
     })?;
     let mut loss_mat = per_token.loss;
-    if let (Some(w), true) = (&p.is_weights, config.trust_region.weights_multiply()) {
+    if let (Some(w), true) = (&p.is_weights, objective.weights_multiply()) {
         loss_mat = loss_mat.mul(w)?;
     }
     let masked = loss_mat.mul(&p.mask)?;
@@ -623,21 +609,4 @@ fn composed(
         0,
     )?;
     Ok((loss, Tensor::stack(&sums, 0)?, extrema))
-}
-
-/// The dtype of the fused kernel's inputs: `log_probs`' when every float input shares it, else
-/// the compute dtype (so that no input loses precision).
-pub(crate) fn fused_input_dtype(inputs: &PolicyInputs<'_>) -> DType {
-    let floats = [
-        Some(inputs.old_log_probs),
-        Some(inputs.advantages),
-        inputs.ref_log_probs,
-        inputs.is_weights,
-    ];
-    let lp_dtype = inputs.log_probs.dtype();
-    if floats.iter().flatten().all(|x| x.dtype() == lp_dtype) {
-        lp_dtype
-    } else {
-        crate::losses::inputs::compute_dtype(lp_dtype)
-    }
 }

@@ -21,6 +21,7 @@
 
 use crate::aggregation::Aggregation;
 use crate::error::Result;
+use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
 use crate::losses::config::PolicyLossConfig;
@@ -33,6 +34,7 @@ use crate::losses::ratio::DEFAULT_LOG_RATIO_CLAMP;
 use crate::losses::ratio::{RatioLevel, GSPO_SEQ_LOG_RATIO_MAX};
 use crate::losses::trust_region::TrustRegion;
 use crate::losses::vespo::Vespo;
+use crate::rollout_correction::RolloutCorrection;
 
 /// `config()` and `build()` of a preset that converts into a [`PolicyLossConfig`].
 macro_rules! preset_methods {
@@ -371,5 +373,38 @@ impl From<Luspo> for PolicyLossConfig {
         )
         .with_log_ratio_clamp(None)
         .with_aggregation(Aggregation::SeqMeanTokenSum)
+    }
+}
+
+/// The bypass mode's two losses as configurations (verl's `bypass_mode`).
+impl Bypass {
+    /// REINFORCE with the correction's weights and mask, `token-mean` (verl's actor default), no
+    /// log-ratio clamp (its `approx_kl` is of the raw `ℓ − ℓold`).
+    ///
+    /// ```
+    /// let cfg = sapo::Bypass::reinforce(sapo::RolloutCorrection::new());
+    /// assert_eq!(cfg.trust_region, sapo::TrustRegion::PolicyGradient);
+    /// ```
+    pub fn reinforce(correction: RolloutCorrection) -> PolicyLossConfig {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::PolicyGradient)
+            .with_log_ratio_clamp(None)
+            .with_bypass(Some(Self {
+                correction,
+                loss: BypassLoss::Reinforce,
+            }))
+    }
+    /// PPO-clip on the correction's mask, `token-mean`, log-ratio clamp 20.
+    ///
+    /// ```
+    /// let cfg = sapo::Bypass::ppo_clip(sapo::RolloutCorrection::new(), sapo::HardClip::new(0.2, 0.2));
+    /// assert!(cfg.validate().is_ok());
+    /// ```
+    pub fn ppo_clip(correction: RolloutCorrection, clip: HardClip) -> PolicyLossConfig {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::HardClip(clip))
+            .with_aggregation(Aggregation::TokenMean)
+            .with_bypass(Some(Self {
+                correction,
+                loss: BypassLoss::PpoClip,
+            }))
     }
 }

@@ -116,7 +116,9 @@ pub(crate) fn ratios(
         clamp.map(|c| -c),
         clamp,
     )?;
-    let y = trust_region.log_ratio(&log_ratio, &p.advantages)?;
+    let y = trust_region
+        .objective()
+        .log_ratio(&log_ratio, &p.advantages)?;
     if level == RatioLevel::Token {
         let ratio = saturating_exp(&y)?;
         let excess_sum = ((ratio.detach() - 1.0)?.mul(&p.mask)?)

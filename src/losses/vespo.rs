@@ -17,7 +17,9 @@
 use candle_core::{Tensor, D};
 
 use crate::error::{check_config, Result};
-use crate::losses::trust_region::{Eval, PerToken, Shape, Token, TokenTensors};
+use crate::losses::objective::{
+    Batch, Eval, GpuShape, Objective, PerToken, Prepass, Shape, Token, TokenTensors,
+};
 use crate::piecewise;
 use crate::real::Real;
 
@@ -221,4 +223,50 @@ pub(crate) fn per_token(vespo: &Vespo, x: &TokenTensors<'_>) -> Result<PerToken>
         loss: phi.mul(x.advantages)?.mul(x.log_probs)?.neg()?,
         metrics: vec![],
     })
+}
+
+impl Objective for Vespo {
+    const NAME: &'static str = "vespo";
+    const ID: i32 = 8;
+    const DEVICE: &'static str = include_str!("vespo.h");
+    const TOKEN_ONLY: bool = true;
+    const BATCH_PREPASS: bool = true;
+    type Scalar<R: Real> = VespoShape<R>;
+
+    fn validate(&self) -> Result<()> {
+        Vespo::validate(self)
+    }
+    fn scalar<R: Real>(&self) -> VespoShape<R> {
+        self.shape()
+    }
+    fn per_token(&self, x: &TokenTensors<'_>) -> Result<PerToken> {
+        per_token(self, x)
+    }
+    fn gpu(&self) -> GpuShape {
+        let b = self.shape::<f32>();
+        GpuShape::new(&[
+            b.k_pos,
+            b.lambda_pos,
+            b.k_neg,
+            b.lambda_neg,
+            b.min,
+            b.max,
+            VESPO_LOG_W_MIN as f32,
+            VESPO_LOG_W_MAX as f32,
+        ])
+    }
+    /// Per-sequence weights `[B,1]` spread over their rows (`[B,T]` weights stay as they are).
+    fn prepass(&self, batch: &Batch<'_>) -> Result<Prepass> {
+        let is_weights = match batch.inputs.is_weights {
+            Some(w) if w.dims() == [w.dim(0)?, 1] && batch.t != 1 => {
+                let mask = (batch.mask_as)(w.dtype())?;
+                Some(spread_row_weights(&w.detach(), &mask)?)
+            }
+            _ => None,
+        };
+        Ok(Prepass {
+            is_weights,
+            flags: None,
+        })
+    }
 }

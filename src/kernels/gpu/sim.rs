@@ -24,6 +24,21 @@ pub(crate) enum Target {
     Metal { simd_width: u32 },
 }
 
+thread_local! {
+    /// The simulation this thread runs `Backend::Fused` calls on ([`crate::simulation`]).
+    static CURRENT: std::cell::Cell<Option<Target>> = const { std::cell::Cell::new(None) };
+}
+
+/// The simulation this thread runs, if any.
+pub(crate) fn current() -> Option<Target> {
+    CURRENT.with(|c| c.get())
+}
+
+/// Sets this thread's simulation; returns the previous one.
+pub(crate) fn set_current(target: Option<Target>) -> Option<Target> {
+    CURRENT.with(|c| c.replace(target))
+}
+
 fn failed(what: String) -> candle_core::Error {
     candle_core::Error::Msg(format!("GPU simulation: {what}"))
 }

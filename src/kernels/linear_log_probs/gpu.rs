@@ -144,4 +144,5 @@ pub(crate) const METAL_PROGRAM: crate::kernels::gpu::program::Program =
             include_str!("linear_log_probs.h"),
             include_str!("linear_log_probs.metal"),
         ],
+        includes: None,
     };

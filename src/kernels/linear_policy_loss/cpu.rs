@@ -17,7 +17,7 @@ use crate::kernels::policy_loss::cpu::{
     effective_weight, kl_terms, token_terms, Constants, SequenceRatio, TokenInputs, WithShape,
 };
 use crate::kernels::simd::{Load, Store};
-use crate::losses::trust_region::Shape;
+use crate::losses::objective::Shape;
 use crate::real::Real;
 
 /// Tokens per block: their logits over the whole vocabulary exist at once.

@@ -21,7 +21,7 @@ use crate::kernels::policy_loss::cpu::{run as policy_run, with_constants, with_s
 use crate::kernels::policy_loss::{split_output, FusedPolicyLoss, ScaleByUpstream, OUT_LEN};
 use crate::kernels::simd::{Load, Store};
 use crate::kernels::{cpu_slice, from_kernel};
-use crate::linear_logprobs::LmHead;
+use crate::lm_head::LmHead;
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::inputs::PolicyInputs;
 use crate::real::Real;

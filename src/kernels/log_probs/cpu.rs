@@ -14,8 +14,8 @@ use rayon::prelude::*;
 
 use crate::kernels::cpu_slice;
 use crate::kernels::simd::{dispatch, Load, Store, Vectorized, LANES};
-use crate::logprobs::{finish_row, logit_gradient, weighted_logit};
 use crate::real::Real;
+use crate::softmax::{finish_row, logit_gradient, weighted_logit};
 
 /// Block of the online maximum: fits L1 comfortably.
 const BLOCK: usize = 512;

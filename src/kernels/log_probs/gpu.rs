@@ -131,4 +131,5 @@ pub(crate) const METAL_PROGRAM: crate::kernels::gpu::program::Program =
             include_str!("log_probs.h"),
             include_str!("log_probs.metal"),
         ],
+        includes: None,
     };

@@ -22,12 +22,10 @@ use crate::kernels::simd::{
 };
 use crate::kernels::{cpu_slice, kernel_error};
 use crate::kl::{self, KlEstimator};
-use crate::losses::cispo::IsWeightClip;
 use crate::losses::metrics::{self, NUM_SLOTS};
+use crate::losses::objective::{Eval, Objective, Shape, Token, Visit};
 use crate::losses::ratio::{self, RatioLevel};
-use crate::losses::trust_region::{
-    Eval, PolicyGradient, Shape, SoftGate, Token, TrustRegion, Unclipped,
-};
+use crate::losses::trust_region::TrustRegion;
 use crate::real::Real;
 
 /// Tokens per tile: a tile's buffers stay in L1.
@@ -785,7 +783,7 @@ where
     };
     let (tokens, bad_mask) = row_tokens::<M, R>(mask, t);
     if bad_mask > 0.0 {
-        return Err(kernel_error(crate::losses::inputs::mask_error(bad_mask)));
+        return Err(kernel_error(crate::checks::mask_error(bad_mask)));
     }
     let config = &op.config;
     let p = Params {
@@ -808,26 +806,20 @@ pub(crate) trait WithShape<R: Real> {
     fn run<S: Shape<R>>(self, shape: &S) -> Self::Output;
 }
 
-/// Runs `body` with the shape of `trust_region` (the one dispatch from config to shape).
+/// Runs `body` with the scalar form, in the compute type, of the objective `trust_region` holds
+/// (through [`TrustRegion::visit`], the one dispatch).
 pub(crate) fn with_shape<R: Real, W: WithShape<R>>(
     trust_region: &TrustRegion,
     body: W,
 ) -> W::Output {
-    match *trust_region {
-        TrustRegion::SoftGate { tau_pos, tau_neg } => body.run(&SoftGate {
-            tau_pos: R::from_f64(tau_pos),
-            tau_neg: R::from_f64(tau_neg),
-        }),
-        TrustRegion::HardClip(c) => body.run(&c.bounds::<R>()),
-        TrustRegion::Unclipped => body.run(&Unclipped),
-        TrustRegion::PolicyGradient => body.run(&PolicyGradient),
-        TrustRegion::Cispo(c) => body.run(&IsWeightClip::bounds::<R>(&c)),
-        TrustRegion::Dro(d) => body.run(&d.shape::<R>()),
-        TrustRegion::KlCov(k) => body.run(&k.shape::<R>()),
-        TrustRegion::Dppo(d) => body.run(&d.shape::<R>()),
-        TrustRegion::Vespo(v) => body.run(&v.shape::<R>()),
-        TrustRegion::GeometricClip(g) => body.run(&g.shape::<R>()),
+    struct Scalar<W, R>(W, std::marker::PhantomData<R>);
+    impl<R: Real, W: WithShape<R>> Visit for Scalar<W, R> {
+        type Output = W::Output;
+        fn visit<O: Objective>(self, objective: &O) -> W::Output {
+            self.0.run(&objective.scalar::<R>())
+        }
     }
+    trust_region.visit(Scalar(body, std::marker::PhantomData))
 }
 
 /// Every row of the policy loss, as a [`WithShape`] body.

@@ -10,6 +10,7 @@
 //! kept gradient, scaled by the upstream gradient in place on the CPU (no copy, no pass when it is
 //! 1) and with a tensor op on other devices.
 
+pub(crate) mod contract;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -27,15 +28,14 @@ use half::{bf16, f16};
 use super::simd::{Load, Store};
 use super::{cpu_slice, from_kernel, Gpu};
 use crate::aggregation::Normalizer;
+use crate::checks::check_mask_values;
 use crate::error::Result;
 use crate::losses::config::PolicyLossConfig;
-use crate::losses::inputs::{check_mask_values, PolicyInputs};
+use crate::losses::inputs::{fused_input_dtype, PolicyInputs};
 use crate::losses::metrics::NUM_SLOTS;
-use crate::losses::policy_loss::fused_input_dtype;
 use crate::real::Real;
 
-/// Output layout: `[loss, metric sums (NUM_SLOTS), ratio min, ratio max]`.
-pub(crate) const OUT_LEN: usize = 1 + NUM_SLOTS + 2;
+pub(crate) use contract::OUT_LEN;
 
 /// The fused policy loss as a candle op on `log_probs`; every other input rides along as a
 /// constant.

@@ -5,7 +5,7 @@
   extern "C" __global__ void sapo_policy_prepass_##NAME(const F* lp, const F* old, const F* adv, \
                                                         const M* mask, const F* w,               \
                                                         PolicyParams p, float* row_stats) {      \
-    SAPO_SHARED_DECL float scratch[4 * SAPO_MAX_WARPS];                                          \
+    SAPO_SHARED_DECL float scratch[ROW_STATS * SAPO_MAX_WARPS];                                  \
     policy_prepass<F, M>(sapo_cuda_thread(), lp, old, adv, mask, w, p, row_stats, scratch);      \
   }                                                                                              \
   extern "C" __global__ void sapo_policy_rows_##NAME(                                            \

@@ -9,7 +9,7 @@
       device const F* adv [[buffer(2)]], device const M* mask [[buffer(3)]],                     \
       device const F* w [[buffer(4)]], constant PolicyParams& params [[buffer(5)]],              \
       device float* row_stats [[buffer(6)]], SAPO_METAL_PLACE) {                                 \
-    SAPO_SHARED_DECL float scratch[4 * SAPO_MAX_WARPS];                                          \
+    SAPO_SHARED_DECL float scratch[ROW_STATS * SAPO_MAX_WARPS];                                  \
     policy_prepass<F, M>(SAPO_METAL_THREAD, lp, old, adv, mask, w, params, row_stats, scratch);  \
   }                                                                                              \
   kernel void sapo_policy_rows_##NAME(                                                           \

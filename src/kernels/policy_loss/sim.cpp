@@ -27,7 +27,7 @@ static void run(const PolicyParams& p, Prepass prepass, Rows rows, std::ofstream
   std::vector<F> flags = p.has_flags ? take<F>(bt) : lp;
   sapo_sim::expect_end();
 
-  std::vector<float> row_stats((size_t)p.rows * 4), row_out((size_t)p.rows * ROW_LEN);
+  std::vector<float> row_stats((size_t)p.rows * ROW_STATS), row_out((size_t)p.rows * ROW_LEN);
   std::vector<float> result(OUT_LEN);
   std::vector<F> grad(bt);
   if (p.rows > 0) {

@@ -1,0 +1,73 @@
+//! The checks every layer shares: mask values (only 0 and 1), finite values where the mask
+//! keeps them, and the compute dtype of an input dtype. Each reads the host once and returns a
+//! typed error naming the argument.
+//!
+//! Layer: math.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+
+/// f64 stays f64, everything else is computed in f32.
+pub(crate) fn compute_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Number of elements of `mask` that are neither 0 nor 1, as a scalar tensor.
+pub(crate) fn bad_mask_count(mask: &Tensor) -> Result<Tensor> {
+    // Compared in the mask's own dtype, counted in f32 (a u8 count would wrap at 256).
+    let not = |v: f64| -> Result<Tensor> { Ok(mask.ne(v)?.to_dtype(DType::F32)?) };
+    Ok(not(0.0)?.mul(&not(1.0)?)?.sum_all()?)
+}
+
+/// Checks, in the mask's own dtype, that it holds only 0 and 1 (one host read).
+pub(crate) fn check_mask_values(mask: &Tensor) -> Result<()> {
+    let bad = bad_mask_count(mask)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if bad > 0.0 {
+        return Err(mask_error(bad));
+    }
+    Ok(())
+}
+
+/// Converts a mask to `dtype` and checks that it holds only 0 and 1 (one host read).
+pub(crate) fn checked_mask(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    check_mask_values(mask)?;
+    Ok(mask.to_dtype(dtype)?)
+}
+
+/// The error of a mask with `bad` values other than 0 and 1.
+pub(crate) fn mask_error(bad: f64) -> Error {
+    Error::InvalidValue {
+        arg: "mask",
+        expected: "only 0 and 1".into(),
+        actual: format!("{bad} other values"),
+    }
+}
+
+/// Number of unmasked non-finite values of `x`, as a scalar tensor.
+pub(crate) fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    // NaN fails `< inf` as well.
+    let finite = x.abs()?.lt(f64::INFINITY)?.to_dtype(mask.dtype())?;
+    Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
+}
+
+/// Errors when `x` has a non-finite value where `mask` (a float 0/1 tensor) is 1 (one host read).
+pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -> Result<()> {
+    let bad = unmasked_non_finite(x, mask)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if bad > 0.0 {
+        return Err(Error::InvalidValue {
+            arg,
+            expected: "finite values at unmasked positions".into(),
+            actual: format!("{bad} non-finite"),
+        });
+    }
+    Ok(())
+}
