@@ -37,12 +37,9 @@ pub use linear_logprobs::{
 pub use logprobs::{
     token_log_probs, token_log_probs_and_entropy, token_log_probs_and_entropy_with,
 };
-pub use losses::{
-    Bypass, BypassLoss, Cispo, Divergence, Dppo, Dro, GeometricClip, Gmpo, Gpg,
-    GradientWeightSummary, GradientWeights, Grpo, Gspo, HardClip, IsWeightClip, KlCov, Luspo,
-    MetricSums, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyLossOutput, PolicyMetrics,
-    RatioLevel, Sapo, TrustRegion, Vespo,
-};
+// Every public item of `losses` (an objective's config type is re-exported once, in
+// `losses/mod.rs`).
+pub use losses::*;
 pub use rollout_correction::{
     rollout_correction, FilterDivergence, FilterStatistic, ImportanceWeights, RejectionFilter,
     RolloutCorrection, RolloutCorrectionOutput, WeightLevel, WeightMode,

@@ -47,6 +47,7 @@ const TABLE: &[(&str, usize)] = &[
     ("losses::kl_cov", 1),
     ("losses::vespo", 1),
     ("losses::ratio", 1),
+    ("losses::chain", 1),
     ("losses::metrics", 1),
     ("losses::inputs", 1),
     ("losses::config", 1),

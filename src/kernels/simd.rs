@@ -2,7 +2,10 @@
 //! the storage dtypes, lane arrays (`LANES` independent accumulators, so that sums vectorize
 //! without reassociating floating-point additions — which also keeps the results bit-identical on
 //! every machine), the run-time choice of instruction set ([`dispatch`]) and the tiles' matrix
-//! products ([`matmul`]): the crate's only `unsafe` code is here.
+//! products ([`matmul`]): the CPU kernels' only `unsafe` code is here. The crate's other `unsafe`
+//! sites are the CUDA host code's kernel launches (`kernels/*/cuda.rs`, under the `cuda` feature)
+//! and the GPU parameters' bytes (`kernels/policy_loss/gpu.rs`, for the simulation), each with its
+//! `SAFETY` comment.
 
 use half::{bf16, f16};
 
@@ -87,7 +90,7 @@ pub(crate) trait Vectorized {
 }
 
 /// Runs `body` compiled for AVX-512, or AVX2 and FMA, when the CPU has them, and the portable
-/// build otherwise. This is the crate's only `unsafe`.
+/// build otherwise (the `unsafe` calls of the CPU kernels).
 #[inline]
 pub(crate) fn dispatch<K: Vectorized>(body: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]

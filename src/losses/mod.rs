@@ -8,16 +8,18 @@
 //! | `policy_loss.rs` | [`PolicyLoss`]: the one dispatch point (fused kernel or composed ops) and the composed path |
 //! | `config.rs` | [`PolicyLossConfig`]: ratio level × trust region × aggregation × KL |
 //! | `ratio.rs` | [`RatioLevel`] and the ratio formulas (token, sequence, GSPO-token) |
-//! | `trust_region.rs` | [`TrustRegion`]: soft gate (formula in [`crate::gate`]), hard clip, none |
-//! | `clip.rs` | [`HardClip`] and PPO's clip formula |
-//! | `cispo.rs`, `dppo.rs`, `dro.rs`, `gmpo.rs`, `kl_cov.rs`, `vespo.rs` | the later objectives' shapes |
+//! | `objective.rs` | the `Objective` trait every objective implements, and the token it sees |
+//! | `trust_region.rs` | [`TrustRegion`]: the enum a user configures and the one dispatch to its objective |
+//! | `soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`, `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs` | one objective each, its device function in `<name>.h` beside it |
+//! | `chain.rs` | the per-token chain the CPU kernels run (ratio, objective, weight, gradient, KL) |
 //! | `bypass.rs` | verl's bypass mode ([`Bypass`]) |
 //! | `presets.rs` | [`Sapo`], [`Gspo`], [`Grpo`], [`Cispo`], [`Gmpo`], [`Gpg`], [`Luspo`] (and the shapes that are presets themselves) |
 //! | `inputs.rs` | [`PolicyInputs`] and their checks |
 //! | `metrics.rs` | [`PolicyMetrics`] (on the device), [`MetricSums`] (on the host) |
 //!
 //! Each formula has a tensor form (the composed path) and a scalar form (what the kernels run)
-//! side by side in its concept's file.
+//! side by side in its concept's file. Adding an objective: `docs/adding-an-objective.md` (the
+//! layers and the five files it touches).
 //!
 //! ```
 //! use sapo::losses::{PolicyLossConfig, RatioLevel, TrustRegion};
@@ -27,6 +29,7 @@
 //! ```
 
 pub(crate) mod bypass;
+pub(crate) mod chain;
 pub(crate) mod checks;
 pub(crate) mod cispo;
 pub(crate) mod clip;

@@ -13,10 +13,9 @@ use rayon::prelude::*;
 
 use crate::kernels::linear_log_probs::cpu::{blocks, Problem, TileGradient};
 use crate::kernels::log_probs::cpu::{Online, RowGrad};
-use crate::kernels::policy_loss::cpu::{
-    effective_weight, kl_terms, token_terms, Constants, SequenceRatio, TokenInputs, WithShape,
-};
+use crate::kernels::policy_loss::cpu::{Constants, WithShape};
 use crate::kernels::simd::{Load, Store};
+use crate::losses::chain::{effective_weight, kl_terms, token_terms, SequenceRatio, TokenInputs};
 use crate::losses::objective::Shape;
 use crate::real::Real;
 
