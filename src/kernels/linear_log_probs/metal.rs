@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{DType, Layout, MetalDevice, MetalError, MetalStorage, Shape, Tensor};
-use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder};
+use candle_metal_kernels::metal::{Buffer, ComputeCommandEncoder, ComputePipeline};
 use candle_metal_kernels::utils::{Input, Output};
 use candle_metal_kernels::{call_mlx_gemm, set_params, BufferOffset, GemmDType};
 
@@ -186,130 +186,179 @@ pub(super) fn backward(
     let (n, h) = hidden_layout.shape().dims2()?;
     let v = weight_layout.shape().dims2()?.0;
     let ids = target_ids(targets)?;
-    let grad_tile = pipeline(device, &METAL_PROGRAM, "sapo_linear_grad_tile")?;
-    let bias_grad = pipeline(device, &METAL_PROGRAM, "sapo_linear_bias_grad")?;
-    let accumulate = pipeline(device, &METAL_PROGRAM, "sapo_linear_accumulate")?;
     let (ids_guard, ids_layout) = ids.storage_and_layout();
-    let ids = storage_input(&ids_guard, ids_layout)?;
     let (bias_guard, bias_layout) = bias.storage_and_layout();
-    let bias = storage_input(&bias_guard, bias_layout)?;
     let (hidden, weight, packed) = (
         input(hidden, hidden_layout)?,
         input(weight, weight_layout)?,
         input(packed, packed_layout)?,
     );
-    // The forward output `[3, N]` and its upstream gradient `[3, N]`, one after the other.
-    let res = &packed;
-    let grad_res = Input::with_offset(packed.buffer, packed.offset_in_bytes + 4 * 3 * n);
     let (chunk, tile) = METAL_TILING;
-    let logits = buffer(device, chunk.min(n) * tile.min(v), false)?;
-    let product = buffer(device, chunk.min(n).max(tile.min(v)) * h, false)?;
     let total = n * h + v * h + v;
-    let out = buffer(device, total, true)?;
-    {
-        let encoder = device.command_encoder()?;
-        let encoder = encoder.as_ref();
-        encoder.set_label("sapo-linear-log-probs-backward");
-        let inv_t = (1.0 / temperature) as f32;
-        let has_bias_arg = i32::from(has_bias);
-        // out[at..at + count] += product[..count]
-        let add = |at: usize, count: usize| {
-            encoder.set_compute_pipeline_state(&accumulate);
-            set_params!(
-                encoder,
-                (
-                    Output::with_offset(&out, 4 * at),
-                    Input::new(&product),
-                    count as i64
-                )
-            );
-            encoder.dispatch_thread_groups(size(count.div_ceil(256)), threads(&accumulate, 256));
-        };
-        for_each_tile(
-            device,
-            encoder,
-            (&hidden, &weight, &logits),
-            (n, h, v),
-            |t| {
-                let Tile { c0, c, v0, w } = t;
-                encoder.set_compute_pipeline_state(&grad_tile);
-                set_params!(
-                    encoder,
-                    (
-                        Output::new(&logits),
-                        &bias,
-                        has_bias_arg,
-                        v0 as i64,
-                        w as i64,
-                        c0 as i64,
-                        n as i64,
-                        &ids,
-                        inv_t,
-                        res,
-                        grad_res
-                    )
-                );
-                encoder.dispatch_thread_groups(size(c), threads(&grad_tile, block_threads(w)));
-                if has_bias {
-                    encoder.set_compute_pipeline_state(&bias_grad);
-                    set_params!(
-                        encoder,
-                        (
-                            Input::new(&logits),
-                            c as i64,
-                            w as i64,
-                            v0 as i64,
-                            Output::with_offset(&out, 4 * (n * h + v * h))
-                        )
-                    );
-                    encoder.dispatch_thread_groups(size(w.div_ceil(256)), threads(&bias_grad, 256));
-                }
-                // ∂h (this chunk) += ∂L·W_tile.
-                let tile_gradient = Operand {
-                    buffer: &logits,
-                    offset: 0,
-                    strides: [w, 1],
-                };
-                let weight_tile = Operand {
-                    buffer: weight.buffer,
-                    offset: weight.offset_in_bytes + 4 * v0 * h,
-                    strides: [h, 1],
-                };
-                gemm(
-                    device,
-                    encoder,
-                    (c, h, w),
-                    tile_gradient,
-                    weight_tile,
-                    &product,
-                )?;
-                add(c0 * h, c * h);
-                // ∂W (this tile) += ∂Lᵀ·h_chunk.
-                let tile_gradient_t = Operand {
-                    buffer: &logits,
-                    offset: 0,
-                    strides: [1, w],
-                };
-                let hidden_chunk = Operand {
-                    buffer: hidden.buffer,
-                    offset: hidden.offset_in_bytes + 4 * c0 * h,
-                    strides: [h, 1],
-                };
-                gemm(
-                    device,
-                    encoder,
-                    (w, h, c),
-                    tile_gradient_t,
-                    hidden_chunk,
-                    &product,
-                )?;
-                add(n * h + v0 * h, w * h);
-                Ok(())
-            },
-        )?;
-    }
+    let encoder = device.command_encoder()?;
+    let pass = Backward {
+        device,
+        encoder: encoder.as_ref(),
+        grad_tile: pipeline(device, &METAL_PROGRAM, "sapo_linear_grad_tile")?,
+        bias_grad: pipeline(device, &METAL_PROGRAM, "sapo_linear_bias_grad")?,
+        accumulate: pipeline(device, &METAL_PROGRAM, "sapo_linear_accumulate")?,
+        ids: storage_input(&ids_guard, ids_layout)?,
+        bias: storage_input(&bias_guard, bias_layout)?,
+        hidden: &hidden,
+        weight: &weight,
+        // The forward output `[3, N]` and its upstream gradient `[3, N]`, one after the other.
+        res: &packed,
+        grad_res_offset: packed.offset_in_bytes + 4 * 3 * n,
+        logits: buffer(device, chunk.min(n) * tile.min(v), false)?,
+        product: buffer(device, chunk.min(n).max(tile.min(v)) * h, false)?,
+        out: buffer(device, total, true)?,
+        dims: (n, h, v),
+        inv_t: (1.0 / temperature) as f32,
+        has_bias,
+    };
+    pass.encoder.set_label("sapo-linear-log-probs-backward");
+    for_each_tile(
+        device,
+        pass.encoder,
+        (&hidden, &weight, &pass.logits),
+        (n, h, v),
+        |t| {
+            pass.logit_gradients(t);
+            pass.products(t)
+        },
+    )?;
+    let out = pass.out.clone();
+    drop(pass);
+    drop(encoder);
     Ok((
         MetalStorage::new(out, device.clone(), total, DType::F32),
         Shape::from(total),
     ))
+}
+
+/// What the backward's tiles share: the encoder, the pipelines, the inputs and the buffers.
+struct Backward<'a> {
+    device: &'a MetalDevice,
+    encoder: &'a ComputeCommandEncoder,
+    grad_tile: ComputePipeline,
+    bias_grad: ComputePipeline,
+    accumulate: ComputePipeline,
+    ids: BufferOffset<'a>,
+    bias: BufferOffset<'a>,
+    hidden: &'a BufferOffset<'a>,
+    weight: &'a BufferOffset<'a>,
+    /// The forward output `[3, N]`; its upstream gradient follows at `grad_res_offset` bytes.
+    res: &'a BufferOffset<'a>,
+    grad_res_offset: usize,
+    /// One tile's logits, then their gradient.
+    logits: Arc<Buffer>,
+    /// A gradient product before it is added into `out`.
+    product: Arc<Buffer>,
+    /// `[N·H + V·H + V]`.
+    out: Arc<Buffer>,
+    dims: (usize, usize, usize),
+    inv_t: f32,
+    has_bias: bool,
+}
+
+impl Backward<'_> {
+    /// The tile's logits' gradient, in place in `logits`, and its bias gradient.
+    fn logit_gradients(&self, t: Tile) {
+        let Tile { c0, c, v0, w } = t;
+        let (n, h, v) = self.dims;
+        let encoder = self.encoder;
+        let grad_res = Input::with_offset(self.res.buffer, self.grad_res_offset);
+        encoder.set_compute_pipeline_state(&self.grad_tile);
+        set_params!(
+            encoder,
+            (
+                Output::new(&self.logits),
+                &self.bias,
+                i32::from(self.has_bias),
+                v0 as i64,
+                w as i64,
+                c0 as i64,
+                n as i64,
+                &self.ids,
+                self.inv_t,
+                self.res,
+                grad_res
+            )
+        );
+        encoder.dispatch_thread_groups(size(c), threads(&self.grad_tile, block_threads(w)));
+        if self.has_bias {
+            encoder.set_compute_pipeline_state(&self.bias_grad);
+            set_params!(
+                encoder,
+                (
+                    Input::new(&self.logits),
+                    c as i64,
+                    w as i64,
+                    v0 as i64,
+                    Output::with_offset(&self.out, 4 * (n * h + v * h))
+                )
+            );
+            encoder.dispatch_thread_groups(size(w.div_ceil(256)), threads(&self.bias_grad, 256));
+        }
+    }
+
+    /// `∂h (this chunk) += ∂L·W_tile` and `∂W (this tile) += ∂Lᵀ·h_chunk`.
+    fn products(&self, t: Tile) -> candle_core::Result<()> {
+        let Tile { c0, c, v0, w } = t;
+        let (n, h, _) = self.dims;
+        let tile_gradient = Operand {
+            buffer: &self.logits,
+            offset: 0,
+            strides: [w, 1],
+        };
+        let weight_tile = Operand {
+            buffer: self.weight.buffer,
+            offset: self.weight.offset_in_bytes + 4 * v0 * h,
+            strides: [h, 1],
+        };
+        gemm(
+            self.device,
+            self.encoder,
+            (c, h, w),
+            tile_gradient,
+            weight_tile,
+            &self.product,
+        )?;
+        self.add(c0 * h, c * h);
+        let tile_gradient_t = Operand {
+            buffer: &self.logits,
+            offset: 0,
+            strides: [1, w],
+        };
+        let hidden_chunk = Operand {
+            buffer: self.hidden.buffer,
+            offset: self.hidden.offset_in_bytes + 4 * c0 * h,
+            strides: [h, 1],
+        };
+        gemm(
+            self.device,
+            self.encoder,
+            (w, h, c),
+            tile_gradient_t,
+            hidden_chunk,
+            &self.product,
+        )?;
+        self.add(n * h + v0 * h, w * h);
+        Ok(())
+    }
+
+    /// `out[at..at + count] += product[..count]`.
+    fn add(&self, at: usize, count: usize) {
+        let encoder = self.encoder;
+        encoder.set_compute_pipeline_state(&self.accumulate);
+        set_params!(
+            encoder,
+            (
+                Output::with_offset(&self.out, 4 * at),
+                Input::new(&self.product),
+                count as i64
+            )
+        );
+        encoder.dispatch_thread_groups(size(count.div_ceil(256)), threads(&self.accumulate, 256));
+    }
 }
