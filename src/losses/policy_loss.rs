@@ -231,9 +231,12 @@ impl PolicyLoss {
         if let Some(bypass) = &config.bypass {
             return self.forward_bypass(bypass, inputs, t);
         }
+        // The fused kernels' input dtype, decided once (the pre-pass below keeps the weights'
+        // dtype).
+        let fused_dtype = fused_input_dtype(inputs);
         let path = self
             .backend
-            .path(inputs.log_probs.device(), fused_input_dtype(inputs), true);
+            .path(inputs.log_probs.device(), fused_dtype, true);
         let pre_checks = checks::pre_checks(config, inputs, Some(inputs.log_probs), t)?;
         if path.gpu().is_none() {
             checks::check_now(pre_checks.as_ref())?;
@@ -267,7 +270,13 @@ impl PolicyLoss {
                 )?;
                 (loss, sums, extrema, None)
             }
-            path => FusedPolicyLoss::forward(config, inputs, t, flags.as_ref(), path.gpu())?,
+            path => FusedPolicyLoss::forward(
+                config,
+                inputs,
+                (t, fused_dtype),
+                flags.as_ref(),
+                path.gpu(),
+            )?,
         };
         if let (Some(bonus), Some(entropy)) = (&config.entropy, inputs.entropy) {
             let value = entropy_term(bonus, entropy, inputs)?;

@@ -31,7 +31,7 @@ use crate::aggregation::Normalizer;
 use crate::checks::check_mask_values;
 use crate::error::Result;
 use crate::losses::config::PolicyLossConfig;
-use crate::losses::inputs::{fused_input_dtype, PolicyInputs};
+use crate::losses::inputs::PolicyInputs;
 use crate::losses::metrics::NUM_SLOTS;
 use crate::real::Real;
 
@@ -59,7 +59,8 @@ pub(crate) struct FusedPolicyLoss {
 }
 
 impl FusedPolicyLoss {
-    /// Runs the op on inputs already checked (`PolicyInputs::check`) with rows of `t` tokens:
+    /// Runs the op on inputs already checked (`PolicyInputs::check`) with rows of `t` tokens, in
+    /// the input dtype `dtype` (`fused_input_dtype`, decided by the caller):
     /// the loss (differentiable with respect to `log_probs`), the metric sums and the ratio's
     /// extrema (detached), and with the GPU kernels (`gpu`) the value checks' counts.
     ///
@@ -69,11 +70,10 @@ impl FusedPolicyLoss {
     pub(crate) fn forward(
         config: &PolicyLossConfig,
         inputs: &PolicyInputs<'_>,
-        t: usize,
+        (t, dtype): (usize, DType),
         flags: Option<&Tensor>,
         gpu: Option<Gpu>,
     ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
-        let dtype = fused_input_dtype(inputs);
         let mut op = Self::new(config, inputs, t, dtype)?;
         op.gpu = gpu;
         op.flags = flags.map(|f| f.to_dtype(dtype)?.contiguous()).transpose()?;
