@@ -17,6 +17,7 @@ pub mod logprobs;
 pub mod losses;
 mod piecewise;
 pub mod real;
+pub mod reward;
 pub mod rollout_correction;
 #[cfg(feature = "gpu-sim")]
 #[doc(hidden)]

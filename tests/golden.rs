@@ -656,6 +656,178 @@ fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
     Ok(())
 }
 
+fn obj<'a>(v: &'a Value, what: &str) -> Res<&'a Map<String, Value>> {
+    v.as_object().ok_or(format!("{what}: not an object"))
+}
+
+fn req_usize(cfg: &Map<String, Value>, key: &str) -> Res<usize> {
+    cfg.get(key)
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .ok_or(format!("config.{key}: missing or not a count"))
+}
+
+/// DAPO's overlong penalty (kind `overlong_penalty`).
+fn run_overlong(case: &Value, check: &mut Check) -> Res<()> {
+    use sapo::reward::{BeyondMax, OverlongPenalty};
+    let cfg = obj(field(case, "config")?, "config")?;
+    check_keys(
+        cfg,
+        &["max_length", "buffer", "penalty_factor", "beyond_max"],
+        "config",
+    )?;
+    let inputs = obj(field(case, "inputs")?, "inputs")?;
+    check_keys(inputs, &["lengths", "scores"], "inputs")?;
+    let penalty = OverlongPenalty {
+        max_length: req_usize(cfg, "max_length")?,
+        buffer: req_usize(cfg, "buffer")?,
+        penalty_factor: req_f64(cfg, "penalty_factor")?,
+        beyond_max: match req_str(cfg, "beyond_max")? {
+            "linear" => BeyondMax::Linear,
+            "cap" => BeyondMax::Cap,
+            other => return Err(format!("config.beyond_max: unknown {other:?}")),
+        },
+    };
+    let lengths: Vec<u32> = numbers(
+        field(case, "inputs")?
+            .get("lengths")
+            .ok_or("inputs.lengths")?,
+    )?
+    .iter()
+    .map(|&l| l as u32)
+    .collect();
+    let lengths = Tensor::new(lengths.as_slice(), &Device::Cpu).map_err(err)?;
+    let expected = field(case, "expected")?;
+    let got = penalty.penalties(&lengths).map_err(err)?;
+    check.values(
+        "penalties",
+        &to_f64(&got)?,
+        &numbers(field(expected, "penalties")?)?,
+    );
+    if let Some(scores) = inputs.get("scores") {
+        let scores = Tensor::new(numbers(scores)?.as_slice(), &Device::Cpu).map_err(err)?;
+        let rewards = penalty.apply(&scores, &lengths).map_err(err)?;
+        check.values(
+            "rewards",
+            &to_f64(&rewards)?,
+            &numbers(field(expected, "rewards")?)?,
+        );
+    }
+    Ok(())
+}
+
+/// verl's KL penalty in the reward and its controller over a sequence of steps (kind
+/// `kl_controller`).
+fn run_kl_controller(case: &Value, check: &mut Check) -> Res<()> {
+    use sapo::reward::{kl_in_reward, KlController};
+    let cfg = obj(field(case, "config")?, "config")?;
+    check_keys(cfg, &["controller", "estimator", "clamp"], "config")?;
+    let ctl = obj(
+        cfg.get("controller").ok_or("config.controller")?,
+        "config.controller",
+    )?;
+    let mut controller = match req_str(ctl, "type")? {
+        "adaptive" => {
+            check_keys(
+                ctl,
+                &["type", "init_coef", "target", "horizon"],
+                "config.controller",
+            )?;
+            KlController::adaptive(
+                req_f64(ctl, "init_coef")?,
+                req_f64(ctl, "target")?,
+                req_usize(ctl, "horizon")?,
+            )
+        }
+        "fixed" => {
+            check_keys(ctl, &["type", "init_coef"], "config.controller")?;
+            KlController::fixed(req_f64(ctl, "init_coef")?)
+        }
+        other => return Err(format!("config.controller.type: unknown {other:?}")),
+    }
+    .map_err(err)?;
+    let steps = field(field(case, "inputs")?, "steps")?
+        .as_array()
+        .ok_or("inputs.steps")?;
+    let want = field(field(case, "expected")?, "steps")?
+        .as_array()
+        .ok_or("expected.steps")?;
+    if steps.len() != want.len() {
+        return Err("inputs.steps and expected.steps differ in length".into());
+    }
+    for (i, (step, want)) in steps.iter().zip(want).enumerate() {
+        let step_map = obj(step, "a step")?;
+        check.values(
+            &format!("steps[{i}].coef"),
+            &[controller.coef()],
+            &[field(want, "coef")?.as_f64().ok_or("coef")?],
+        );
+        if step_map.contains_key("current_kl") {
+            check_keys(step_map, &["current_kl", "n_steps"], "a plain update")?;
+            let kl = field(step, "current_kl")?.as_f64().ok_or("current_kl")?;
+            let n = field(step, "n_steps")?.as_u64().ok_or("n_steps")? as usize;
+            controller.update(kl, n).map_err(err)?;
+        } else {
+            check_keys(
+                step_map,
+                &[
+                    "token_level_scores",
+                    "old_log_probs",
+                    "ref_log_probs",
+                    "mask",
+                ],
+                "a batch step",
+            )?;
+            let estimator = match req_str(cfg, "estimator")? {
+                "k1" => KlEstimator::K1,
+                "abs" => KlEstimator::Abs,
+                "k2" => KlEstimator::K2,
+                "k3" => KlEstimator::K3,
+                "k3+" => KlEstimator::K3Plus,
+                other => return Err(format!("config.estimator: unknown {other:?}")),
+            };
+            let clamp = cfg
+                .get("clamp")
+                .and_then(Value::as_bool)
+                .ok_or("config.clamp")?;
+            let t = |key: &str| tensor(step, key);
+            let scores = t("token_level_scores")?.to_dtype(DType::F64).map_err(err)?;
+            let old = t("old_log_probs")?.to_dtype(DType::F64).map_err(err)?;
+            let reference = t("ref_log_probs")?.to_dtype(DType::F64).map_err(err)?;
+            let mask = t("mask")?;
+            let out = kl_in_reward(
+                &scores,
+                &old,
+                &reference,
+                &mask,
+                estimator,
+                clamp,
+                &controller,
+            )
+            .map_err(err)?;
+            check.values(
+                &format!("steps[{i}].current_kl"),
+                &[out.current_kl],
+                &[field(want, "current_kl")?.as_f64().ok_or("current_kl")?],
+            );
+            check.values(
+                &format!("steps[{i}].token_level_rewards"),
+                &to_f64(&out.rewards)?,
+                &numbers(field(want, "token_level_rewards")?)?,
+            );
+            controller
+                .update(out.current_kl, scores.dim(0).map_err(err)?)
+                .map_err(err)?;
+        }
+        check.values(
+            &format!("steps[{i}].coef_after"),
+            &[controller.coef()],
+            &[field(want, "coef_after")?.as_f64().ok_or("coef_after")?],
+        );
+    }
+    Ok(())
+}
+
 /// Every path a case runs on: `(name, backend, device, simulated GPU)`.
 fn paths() -> Vec<(&'static str, Backend, Device, Sim)> {
     #[allow(unused_mut)]
@@ -744,6 +916,10 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
                 run_rollout_correction(case, &mut check)?
             }
             Some("rollout_correction") => {}
+            // One implementation each: host-side reward shaping.
+            Some("overlong_penalty") if path == "fused" => run_overlong(case, &mut check)?,
+            Some("kl_controller") if path == "fused" => run_kl_controller(case, &mut check)?,
+            Some("overlong_penalty" | "kl_controller") => {}
             other => return Err(format!("unknown kind {other:?}")),
         }
         failures.extend(check.failures);
