@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::error::{Error, Result};
+use crate::error::{check_device, check_float, check_shape, check_value, Error, Result};
 
 /// f64 stays f64, everything else is computed in f32.
 pub(crate) fn compute_dtype(dtype: DType) -> DType {
@@ -70,4 +70,23 @@ pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -
         });
     }
     Ok(())
+}
+
+/// Checks float `[B,T]` inputs that share the first one's shape and device, and a mask of the
+/// same shape and device; returns the mask as a checked 0/1 tensor in the compute dtype of the
+/// first input (one host read).
+pub(crate) fn checked_matrices(
+    floats: &[(&'static str, &Tensor)],
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (first_arg, first) = floats[0];
+    check_value(first.rank() == 2, first_arg, "a [B,T] tensor", first.dims())?;
+    for &(arg, x) in floats {
+        check_float(arg, x)?;
+        check_device(arg, x, first)?;
+        check_shape(arg, x, first.dims())?;
+    }
+    check_device("mask", mask, first)?;
+    check_shape("mask", mask, first.dims())?;
+    checked_mask(mask, compute_dtype(first.dtype()))
 }

@@ -23,6 +23,7 @@ pub mod rollout_correction;
 #[doc(hidden)]
 pub mod simulation;
 mod softmax;
+pub mod value_loss;
 
 pub use advantages::{group_advantages, group_advantages_vec, AdvantageEstimator, Groups};
 pub use aggregation::{aggregate, Aggregation, Normalizer};
@@ -45,3 +46,4 @@ pub use rollout_correction::{
     rollout_correction, FilterDivergence, FilterStatistic, ImportanceWeights, RejectionFilter,
     RolloutCorrection, RolloutCorrectionOutput, WeightLevel, WeightMode,
 };
+pub use value_loss::{ValueLoss, ValueLossOutput};

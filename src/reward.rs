@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::checks::{check_finite_where, checked_mask};
+use crate::checks::{check_finite_where, checked_matrices};
 use crate::error::{check_config, check_device, check_float, check_shape, check_value, Result};
 use crate::kl::{kl_values, KlEstimator};
 
@@ -314,27 +314,16 @@ pub fn kl_in_reward(
     clamp: bool,
     controller: &KlController,
 ) -> Result<KlInReward> {
-    check_value(
-        scores.rank() == 2,
-        "scores",
-        "a [B,T] tensor",
-        scores.dims(),
-    )?;
-    let dims = scores.dims().to_vec();
-    for (arg, x) in [
-        ("scores", scores),
-        ("old_log_probs", old_log_probs),
-        ("ref_log_probs", ref_log_probs),
-    ] {
-        check_float(arg, x)?;
-        check_device(arg, x, scores)?;
-        check_shape(arg, x, &dims)?;
-    }
-    check_device("mask", mask, scores)?;
-    check_shape("mask", mask, &dims)?;
     // Computed in f32 (f64 stays f64); the mask's values checked (one host read).
-    let dtype = crate::checks::compute_dtype(scores.dtype());
-    let m = checked_mask(mask, dtype)?;
+    let m = checked_matrices(
+        &[
+            ("scores", scores),
+            ("old_log_probs", old_log_probs),
+            ("ref_log_probs", ref_log_probs),
+        ],
+        mask,
+    )?;
+    let dtype = m.dtype();
     let keep = m.ne(0.0)?;
     let zero = |x: &Tensor| -> Result<Tensor> {
         let x = x.to_dtype(dtype)?;

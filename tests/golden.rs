@@ -667,6 +667,59 @@ fn req_usize(cfg: &Map<String, Value>, key: &str) -> Res<usize> {
         .ok_or(format!("config.{key}: missing or not a count"))
 }
 
+/// verl's critic loss (kind `value_loss`).
+fn run_value_loss(case: &Value, check: &mut Check) -> Res<()> {
+    let cfg = obj(field(case, "config")?, "config")?;
+    check_keys(cfg, &["clip", "aggregation"], "config")?;
+    let inputs = field(case, "inputs")?;
+    check_keys(
+        obj(inputs, "inputs")?,
+        &["values_pred", "values", "returns", "mask"],
+        "inputs",
+    )?;
+    let loss_fn = sapo::ValueLoss::new(req_f64(cfg, "clip")?)
+        .with_aggregation(aggregation(field_map(cfg, "aggregation")?)?);
+    let values_pred = Var::from_tensor(&tensor(inputs, "values_pred")?).map_err(err)?;
+    let out = loss_fn
+        .forward(
+            values_pred.as_tensor(),
+            &tensor(inputs, "values")?,
+            &tensor(inputs, "returns")?,
+            &tensor(inputs, "mask")?,
+        )
+        .map_err(err)?;
+    let expected = field(case, "expected")?;
+    check.values(
+        "loss",
+        &to_f64(&out.loss)?,
+        &[field(expected, "loss")?.as_f64().ok_or("loss")?],
+    );
+    let grads = out.loss.backward().map_err(err)?;
+    let grad = grads.get(values_pred.as_tensor()).ok_or("no gradient")?;
+    check.values(
+        "grad_values_pred",
+        &to_f64(grad)?,
+        &numbers(field(expected, "grad_values_pred")?)?,
+    );
+    let metrics = field(expected, "metrics")?;
+    check_keys(
+        obj(metrics, "expected.metrics")?,
+        &["clip_fraction", "vpred_mean"],
+        "expected.metrics",
+    )?;
+    for (name, got) in [
+        ("clip_fraction", &out.clip_fraction),
+        ("vpred_mean", &out.vpred_mean),
+    ] {
+        check.values(
+            name,
+            &to_f64(got)?,
+            &[field(metrics, name)?.as_f64().ok_or(name)?],
+        );
+    }
+    Ok(())
+}
+
 /// DAPO's overlong penalty (kind `overlong_penalty`).
 fn run_overlong(case: &Value, check: &mut Check) -> Res<()> {
     use sapo::reward::{BeyondMax, OverlongPenalty};
@@ -919,7 +972,8 @@ fn run_case(case: &Value) -> Res<Vec<String>> {
             // One implementation each: host-side reward shaping.
             Some("overlong_penalty") if path == "fused" => run_overlong(case, &mut check)?,
             Some("kl_controller") if path == "fused" => run_kl_controller(case, &mut check)?,
-            Some("overlong_penalty" | "kl_controller") => {}
+            Some("value_loss") if path == "fused" => run_value_loss(case, &mut check)?,
+            Some("overlong_penalty" | "kl_controller" | "value_loss") => {}
             other => return Err(format!("unknown kind {other:?}")),
         }
         failures.extend(check.failures);

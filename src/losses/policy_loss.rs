@@ -191,7 +191,7 @@ impl PolicyLoss {
     /// aggregation divides by, or with a global count below this batch's; and, as a last guard, a
     /// loss that is not finite (`arg: "loss"`). In bypass mode, caller-given `is_weights` and the
     /// rollout correction's errors ([`crate::rollout_correction()`]). The same inputs give the
-    /// same error on every path (see [the formulas page](crate::formulas), §11).
+    /// same error on every path (see [the formulas page](crate::formulas), §12).
     ///
     /// Values at masked positions never reach the loss, its gradient or the metrics; a batch with
     /// no unmasked token gives a loss of 0 and a zero gradient. Only `log_probs` (and `entropy`,
