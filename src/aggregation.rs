@@ -21,6 +21,10 @@ use crate::error::{
 };
 use crate::real::accumulation_dtype;
 
+/// verl's `1e-8` in the counts of its masked means (`masked_mean`, the rollout correction's
+/// statistics, the critic's metrics, the KL in the reward).
+pub(crate) const COUNT_GUARD: f64 = 1e-8;
+
 /// How per-token losses become one scalar. The names are verl's `loss_agg_mode`.
 ///
 /// ```

@@ -63,30 +63,97 @@ pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -
         .to_dtype(DType::F64)?
         .to_scalar::<f64>()?;
     if bad > 0.0 {
-        return Err(Error::InvalidValue {
-            arg,
-            expected: "finite values at unmasked positions".into(),
-            actual: format!("{bad} non-finite"),
-        });
+        return Err(non_finite_error(arg, bad));
     }
     Ok(())
 }
 
-/// Checks float `[B,T]` inputs that share the first one's shape and device, and a mask of the
-/// same shape and device; returns the mask as a checked 0/1 tensor in the compute dtype of the
-/// first input (one host read).
-pub(crate) fn checked_matrices(
+/// The error of `bad` non-finite values of `arg` at unmasked positions.
+fn non_finite_error(arg: &'static str, bad: f64) -> Error {
+    Error::InvalidValue {
+        arg,
+        expected: "finite values at unmasked positions".into(),
+        actual: format!("{bad} non-finite"),
+    }
+}
+
+/// Checks that `x` is a float tensor of `shape` on `device`'s device.
+pub(crate) fn check_matrix(
+    arg: &'static str,
+    x: &Tensor,
+    shape: &[usize],
+    device: &Tensor,
+) -> Result<()> {
+    check_device(arg, x, device)?;
+    check_shape(arg, x, shape)?;
+    check_float(arg, x)
+}
+
+/// Checks in one host read that `mask` holds only 0 and 1 and that every `checked` tensor is
+/// finite where `keep` (the mask as 0/1 in their dtype) is 1; the first violation is the error.
+pub(crate) fn check_values(
+    mask: &Tensor,
+    keep: &Tensor,
+    checked: &[(&'static str, &Tensor)],
+) -> Result<()> {
+    let mut counts = vec![bad_mask_count(mask)?.to_dtype(keep.dtype())?];
+    for (_, x) in checked {
+        counts.push(unmasked_non_finite(x, keep)?);
+    }
+    let counts = Tensor::stack(&counts, 0)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    if counts[0] > 0.0 {
+        return Err(mask_error(counts[0]));
+    }
+    for ((arg, _), &bad) in checked.iter().zip(&counts[1..]) {
+        if bad > 0.0 {
+            return Err(non_finite_error(arg, bad));
+        }
+    }
+    Ok(())
+}
+
+/// `[B,T]` inputs checked and scrubbed by [`scrubbed_matrices`].
+pub(crate) struct Scrubbed {
+    /// The mask as 0/1 in the compute dtype.
+    pub mask: Tensor,
+    /// The inputs in the compute dtype, 0 at masked positions (what carried a gradient still
+    /// does, through the unmasked positions only).
+    pub values: Vec<Tensor>,
+}
+
+/// Float `[B,T]` inputs that share the first one's shape and device, and their mask: shapes,
+/// devices and dtypes checked, then in one host read the mask's values and the inputs' finite
+/// values at unmasked positions ([`check_values`]); returned in the compute dtype of the first
+/// input with the masked positions zeroed, so that padding reaches no value and no gradient.
+pub(crate) fn scrubbed_matrices(
     floats: &[(&'static str, &Tensor)],
     mask: &Tensor,
-) -> Result<Tensor> {
+) -> Result<Scrubbed> {
     let (first_arg, first) = floats[0];
     check_value(first.rank() == 2, first_arg, "a [B,T] tensor", first.dims())?;
     for &(arg, x) in floats {
-        check_float(arg, x)?;
-        check_device(arg, x, first)?;
-        check_shape(arg, x, first.dims())?;
+        check_matrix(arg, x, first.dims(), first)?;
     }
     check_device("mask", mask, first)?;
     check_shape("mask", mask, first.dims())?;
-    checked_mask(mask, compute_dtype(first.dtype()))
+    let dtype = compute_dtype(first.dtype());
+    let keep = mask.ne(0.0)?;
+    let keep_f = keep.to_dtype(dtype)?;
+    let converted = floats
+        .iter()
+        .map(|&(arg, x)| Ok((arg, x.to_dtype(dtype)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let checked: Vec<(&'static str, &Tensor)> = converted.iter().map(|(a, x)| (*a, x)).collect();
+    check_values(mask, &keep_f, &checked)?;
+    let zeros = keep_f.zeros_like()?;
+    let values = converted
+        .iter()
+        .map(|(_, x)| Ok(keep.where_cond(x, &zeros)?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Scrubbed {
+        mask: keep_f,
+        values,
+    })
 }

@@ -13,7 +13,8 @@
 
 use candle_core::{DType, Tensor, D};
 
-use crate::checks::{check_finite_where, checked_matrices};
+use crate::aggregation::COUNT_GUARD;
+use crate::checks::{check_finite_where, scrubbed_matrices, Scrubbed};
 use crate::error::{check_config, check_device, check_float, check_shape, check_value, Result};
 use crate::kl::{kl_values, KlEstimator};
 
@@ -314,8 +315,8 @@ pub fn kl_in_reward(
     clamp: bool,
     controller: &KlController,
 ) -> Result<KlInReward> {
-    // Computed in f32 (f64 stays f64); the mask's values checked (one host read).
-    let m = checked_matrices(
+    // Computed in f32 (f64 stays f64); every value checked in one host read; padding zeroed.
+    let Scrubbed { mask: m, values } = scrubbed_matrices(
         &[
             ("scores", scores),
             ("old_log_probs", old_log_probs),
@@ -323,24 +324,16 @@ pub fn kl_in_reward(
         ],
         mask,
     )?;
-    let dtype = m.dtype();
-    let keep = m.ne(0.0)?;
-    let zero = |x: &Tensor| -> Result<Tensor> {
-        let x = x.to_dtype(dtype)?;
-        Ok(keep.where_cond(&x, &x.zeros_like()?)?)
-    };
-    let (old, reference, s) = (zero(old_log_probs)?, zero(ref_log_probs)?, zero(scores)?);
-    check_finite_where("old_log_probs", &old, &m)?;
-    check_finite_where("ref_log_probs", &reference, &m)?;
-    check_finite_where("scores", &s, &m)?;
-    let k = kl_values(&old, &reference, estimator, clamp)?.mul(&m)?;
+    let (old, reference) = (&values[1], &values[2]);
+    let k = kl_values(old, reference, estimator, clamp)?.mul(&m)?;
     let beta = controller.coef();
-    let rewards = (scores.to_dtype(dtype)? - k.affine(beta, 0.0)?)?.to_dtype(scores.dtype())?;
+    // Masked positions keep their score (verl's); the KL term is 0 there.
+    let rewards = (scores.to_dtype(m.dtype())? - k.affine(beta, 0.0)?)?.to_dtype(scores.dtype())?;
     let n = m.sum_keepdim(D::Minus1)?.to_dtype(DType::F64)?;
     let row_kl = k
         .to_dtype(DType::F64)?
         .sum_keepdim(D::Minus1)?
-        .div(&(n + 1e-8)?)?;
+        .div(&(n + COUNT_GUARD)?)?;
     let current_kl = row_kl.mean_all()?.to_scalar::<f64>()?;
     Ok(KlInReward {
         rewards,

@@ -12,13 +12,11 @@
 
 use candle_core::Tensor;
 
+use crate::aggregation::COUNT_GUARD;
 use crate::aggregation::{aggregate, Aggregation, Normalizer};
-use crate::checks::{check_finite_where, checked_matrices};
+use crate::checks::{scrubbed_matrices, Scrubbed};
 use crate::error::{check_config, Result};
 use crate::real::accumulation_dtype;
-
-/// verl's `1e-8` in the counts of its masked means.
-const COUNT_GUARD: f64 = 1e-8;
 
 /// The clipped value loss of a critic `v` (verl `critic.cliprange_value`, `loss_agg_mode`).
 ///
@@ -114,25 +112,17 @@ impl ValueLoss {
         mask: &Tensor,
     ) -> Result<ValueLossOutput> {
         self.validate()?;
-        let m = checked_matrices(
+        // Every value checked in one host read; padding zeroed (no value, no gradient).
+        let Scrubbed { mask: m, values } = scrubbed_matrices(
             &[
                 ("values_pred", values_pred),
-                ("old_values", old_values),
-                ("returns", returns),
+                ("old_values", &old_values.detach()),
+                ("returns", &returns.detach()),
             ],
             mask,
         )?;
+        let (v, v_old, r) = (&values[0], &values[1], &values[2]);
         let dtype = m.dtype();
-        let keep = m.ne(0.0)?;
-        let kept = |arg: &'static str, x: &Tensor| -> Result<Tensor> {
-            let x = x.to_dtype(dtype)?;
-            let zero = x.zeros_like()?;
-            check_finite_where(arg, &keep.where_cond(&x, &zero)?, &m)?;
-            Ok(keep.where_cond(&x, &zero)?)
-        };
-        let v = kept("values_pred", values_pred)?;
-        let v_old = kept("old_values", &old_values.detach())?;
-        let r = kept("returns", &returns.detach())?;
         // Inside [v_old − c, v_old + c] (bounds included, as torch.clamp's gradient) v̂ = v.
         let (lo, hi) = (
             v_old.affine(1.0, -self.clip)?,
@@ -140,9 +130,9 @@ impl ValueLoss {
         );
         let clipped = v
             .lt(&lo)?
-            .where_cond(&lo, &v.gt(&hi)?.where_cond(&hi, &v)?)?;
-        let unclipped_term = v.sub(&r)?.sqr()?;
-        let clipped_term = clipped.sub(&r)?.sqr()?;
+            .where_cond(&lo, &v.gt(&hi)?.where_cond(&hi, v)?)?;
+        let unclipped_term = v.sub(r)?.sqr()?;
+        let clipped_term = clipped.sub(r)?.sqr()?;
         // candle's maximum splits the gradient at ties, as torch.max does.
         let per_token = unclipped_term.maximum(&clipped_term)?.affine(0.5, 0.0)?;
         let loss = aggregate(&per_token, &m, self.aggregation, &self.normalizer)?;
@@ -156,7 +146,7 @@ impl ValueLoss {
         Ok(ValueLossOutput {
             loss,
             clip_fraction: masked_mean(&larger)?,
-            vpred_mean: masked_mean(&v)?,
+            vpred_mean: masked_mean(v)?,
         })
     }
 }

@@ -831,14 +831,7 @@ fn run_kl_controller(case: &Value, check: &mut Check) -> Res<()> {
                 ],
                 "a batch step",
             )?;
-            let estimator = match req_str(cfg, "estimator")? {
-                "k1" => KlEstimator::K1,
-                "abs" => KlEstimator::Abs,
-                "k2" => KlEstimator::K2,
-                "k3" => KlEstimator::K3,
-                "k3+" => KlEstimator::K3Plus,
-                other => return Err(format!("config.estimator: unknown {other:?}")),
-            };
+            let estimator = KlEstimator::from_name(req_str(cfg, "estimator")?).map_err(err)?;
             let clamp = cfg
                 .get("clamp")
                 .and_then(Value::as_bool)

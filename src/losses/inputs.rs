@@ -4,7 +4,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::aggregation::{MaskCounts, Normalizer};
-use crate::checks::{bad_mask_count, compute_dtype, mask_error, unmasked_non_finite};
+use crate::checks::{check_matrix, check_values, compute_dtype};
 use crate::error::{check_device, check_float, check_shape, Error, Result};
 
 /// The inputs of [`crate::PolicyLoss::forward`].
@@ -161,12 +161,6 @@ pub(crate) struct Prepared {
     pub is_weights: Option<Tensor>,
     pub counts: MaskCounts,
     pub normalizer: Normalizer,
-}
-
-fn check_matrix(arg: &'static str, x: &Tensor, shape: &[usize], device: &Tensor) -> Result<()> {
-    check_device(arg, x, device)?;
-    check_shape(arg, x, shape)?;
-    check_float(arg, x)
 }
 
 impl<'a, L> PolicyInputs<'a, L> {
@@ -338,26 +332,7 @@ impl PolicyInputs<'_> {
         }
 
         // One host read for every value check.
-        let keep_f = keep.to_dtype(dtype)?;
-        let mut counts = vec![bad_mask_count(self.mask)?.to_dtype(dtype)?];
-        for (_, x) in &checked {
-            counts.push(unmasked_non_finite(x, &keep_f)?);
-        }
-        let counts = Tensor::stack(&counts, 0)?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        if counts[0] > 0.0 {
-            return Err(mask_error(counts[0]));
-        }
-        for ((arg, _), &bad) in checked.iter().zip(&counts[1..]) {
-            if bad > 0.0 {
-                return Err(Error::InvalidValue {
-                    arg,
-                    expected: "finite values at unmasked positions".into(),
-                    actual: format!("{bad} non-finite"),
-                });
-            }
-        }
+        check_values(self.mask, &keep.to_dtype(dtype)?, &checked)?;
 
         let zeros = Tensor::zeros(shape.as_slice(), dtype, log_probs.device())?;
         let scrub = |x: &Tensor| keep.where_cond(x, &zeros);

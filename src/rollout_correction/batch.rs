@@ -1,6 +1,6 @@
 //! A batch on the host (masked positions zeroed) and its row statistics, in f64.
 
-use super::config::COUNT_GUARD;
+use crate::aggregation::COUNT_GUARD;
 
 /// A batch on the host (masked positions zeroed).
 pub(super) struct Batch {

@@ -11,8 +11,6 @@ use crate::error::{check_config, Error, Result};
 /// assert_eq!(RolloutCorrection::new().log_ratio_clamp, ROLLOUT_LOG_RATIO_CLAMP);
 /// ```
 pub const ROLLOUT_LOG_RATIO_CLAMP: f64 = 20.0;
-/// verl's `+1e-8` in the counts of its masked means.
-pub(super) const COUNT_GUARD: f64 = 1e-8;
 
 /// The level of the importance weights.
 ///

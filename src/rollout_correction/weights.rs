@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use super::batch::{fraction, max_of, mean, min_of, sample_std, Batch};
 use super::config::*;
+use crate::aggregation::COUNT_GUARD;
 use crate::error::{Error, Result};
 
 type Metrics = BTreeMap<String, f64>;
