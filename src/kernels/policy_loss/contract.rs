@@ -391,34 +391,45 @@ pub(crate) fn objectives_header() -> String {
         out.push_str(&format!("#include \"{}\"\n", include_path(o.name)));
     }
     let case = |o: &ObjectiveEntry| format!("SAPO_OBJECTIVE_{}", o.name.to_uppercase());
-    out.push_str(concat!(
-        "\n// The objective's loss, slopes and metrics. An id no objective has (never sent by the\n",
-        "// crate) gives NaN, which the loss's check turns into an error.\n",
-        "SAPO_INLINE Eval shape_eval(SAPO_THREAD const PolicyParams& p, Token t) {\n",
-        "  switch (p.shape) {\n",
-    ));
-    for o in &objectives {
-        out.push_str(&format!(
-            "    case {}: return {}_eval(p, t);\n",
-            case(o),
-            o.name
-        ));
-    }
-    out.push_str("    default: return through_ratio(SAPO_NAN, SAPO_NAN);\n  }\n}\n");
-    out.push_str(concat!(
-        "\n// The log-ratio the ratio is taken of, and its derivative (the identity but where an\n",
-        "// objective transforms it).\n",
-        "SAPO_INLINE Pair shape_log_ratio(SAPO_THREAD const PolicyParams& p, float x, float a) {\n",
-        "  switch (p.shape) {\n",
-    ));
-    for o in objectives.iter().filter(|o| o.transforms_log_ratio) {
-        out.push_str(&format!(
-            "    case {}: return {}_log_ratio(p, x, a);\n",
-            case(o),
-            o.name
-        ));
-    }
-    out.push_str("    default: { Pair out; out.v = x; out.d = 1.0f; return out; }\n  }\n}\n");
+    // A switch over the objectives for which `has` holds, each returning `<name>_<function>`.
+    let switch = |out: &mut String,
+                  head: &str,
+                  has: &dyn Fn(&ObjectiveEntry) -> bool,
+                  call: &str,
+                  default: &str| {
+        out.push_str(head);
+        out.push_str("  switch (p.shape) {\n");
+        for o in objectives.iter().filter(|o| has(o)) {
+            out.push_str(&format!(
+                "    case {}: return {}_{call};\n",
+                case(o),
+                o.name
+            ));
+        }
+        out.push_str(&format!("    default: {default}\n  }}\n}}\n"));
+    };
+    switch(
+        &mut out,
+        concat!(
+            "\n// The objective's loss, slopes and metrics. An id no objective has (never sent by the\n",
+            "// crate) gives NaN, which the loss's check turns into an error.\n",
+            "SAPO_INLINE Eval shape_eval(SAPO_THREAD const PolicyParams& p, Token t) {\n",
+        ),
+        &|_| true,
+        "eval(p, t)",
+        "return through_ratio(SAPO_NAN, SAPO_NAN);",
+    );
+    switch(
+        &mut out,
+        concat!(
+            "\n// The log-ratio the ratio is taken of, and its derivative (the identity but where an\n",
+            "// objective transforms it).\n",
+            "SAPO_INLINE Pair shape_log_ratio(SAPO_THREAD const PolicyParams& p, float x, float a) {\n",
+        ),
+        &|o| o.transforms_log_ratio,
+        "log_ratio(p, x, a)",
+        "{ Pair out; out.v = x; out.d = 1.0f; return out; }",
+    );
     out.push_str(concat!(
         "\n// Whether the objective reads a row statistic, the row sum of its `row_term`.\n",
         "SAPO_INLINE bool shape_has_row_statistic(SAPO_THREAD const PolicyParams& p) {\n",
@@ -428,18 +439,13 @@ pub(crate) fn objectives_header() -> String {
         out.push_str(&format!(" || p.shape == {}", case(o)));
     }
     out.push_str(";\n}\n");
-    out.push_str(concat!(
+    switch(
+        &mut out,
         "\nSAPO_INLINE float shape_row_term(SAPO_THREAD const PolicyParams& p, float delta, float w) {\n",
-        "  switch (p.shape) {\n",
-    ));
-    for o in objectives.iter().filter(|o| o.row_statistic) {
-        out.push_str(&format!(
-            "    case {}: return {}_row_term(p, delta, w);\n",
-            case(o),
-            o.name
-        ));
-    }
-    out.push_str("    default: return 0.0f;\n  }\n}\n");
+        &|o| o.row_statistic,
+        "row_term(p, delta, w)",
+        "return 0.0f;",
+    );
     out.push_str(concat!(
         "\n// Whether the rollout weights multiply the objective's per-token loss.\n",
         "SAPO_INLINE bool shape_weights_multiply(SAPO_THREAD const PolicyParams& p) {\n",
