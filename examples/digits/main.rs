@@ -11,6 +11,9 @@
 //! are off-policy), with the loss from `sapo`.
 
 mod model;
+// Shared with the study runner and the smollm example.
+#[allow(dead_code)]
+mod objective;
 mod plot;
 mod series;
 mod task;

@@ -14,6 +14,8 @@
 
 #[path = "../digits/model.rs"]
 mod model;
+#[path = "../digits/objective.rs"]
+mod objective;
 #[path = "../digits/series.rs"]
 mod series;
 #[path = "../digits/task.rs"]
