@@ -471,6 +471,47 @@ mod one_pass {
         }
     }
 
+    /// A frozen lm_head (a constant, not a `Var`): the sweep skips `∂W`; the loss and the other
+    /// gradients are bit for bit those of a trainable head, and the head gets no gradient.
+    #[test]
+    fn a_frozen_lm_head_gets_no_gradient_and_changes_nothing_else() {
+        let (b, t) = (2, 5);
+        let p = problem(b * t, 8, 200, false, 29);
+        let hidden =
+            Var::from_tensor(&Tensor::from_vec(p.hidden.clone(), (b, t, p.h), &dev()).unwrap())
+                .unwrap();
+        let constant = Tensor::from_vec(p.weight.clone(), (p.v, p.h), &dev()).unwrap();
+        let trainable = Var::from_tensor(&constant).unwrap();
+        let targets = Tensor::from_vec(p.targets.clone(), (b, t), &dev()).unwrap();
+        let old = Tensor::from_vec(noise(b * t, 3), (b, t), &dev())
+            .unwrap()
+            .affine(0.3, -5.5)
+            .unwrap();
+        let adv = Tensor::new(&[1.3f64, -0.4], &dev()).unwrap();
+        let mask = Tensor::ones((b, t), DType::U8, &dev()).unwrap();
+        for config in [
+            sapo::Sapo::default().config(),
+            sapo::Grpo::default().config(),
+        ] {
+            let loss = config.build().unwrap();
+            let run = |weight: &Tensor| {
+                let head = LmHead::new(hidden.as_tensor(), weight, &targets);
+                let out = loss
+                    .forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask))
+                    .unwrap();
+                let grads = out.loss.backward().unwrap();
+                let grad_hidden = f64s(grads.get(hidden.as_tensor()).unwrap());
+                (f64s(&out.loss), grad_hidden, grads.get(weight).is_some())
+            };
+            let (loss_t, hidden_t, has_t) = run(trainable.as_tensor());
+            let (loss_c, hidden_c, has_c) = run(&constant);
+            assert!(has_t && !has_c);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&loss_t), bits(&loss_c));
+            assert_eq!(bits(&hidden_t), bits(&hidden_c));
+        }
+    }
+
     #[test]
     fn one_pass_is_deterministic_across_thread_counts() {
         let (b, t) = (5, 60);

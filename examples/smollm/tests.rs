@@ -481,3 +481,63 @@ fn smollm2_matches_quantized_llama() {
 const SMOLLM2_WHAT_IS_7_PLUS_5: &[u32] = &[
     1, 4093, 198, 1780, 314, 216, 39, 1232, 216, 37, 47, 2, 198, 1, 520, 9531, 198,
 ];
+
+/// Why `model.rs` writes its own RMSNorm, softmax and RoPE: in candle-nn 0.11 these three run
+/// without a backward (`apply_op*_no_bwd`), so no gradient reaches what comes before them. If a
+/// later candle gives them a backward, this test fails and `model.rs` may use them again.
+#[test]
+fn candle_nn_fused_ops_cut_the_graph() {
+    let device = Device::Cpu;
+    let x = candle_core::Var::randn(0f32, 1.0, (1, 1, 4, 8), &device).unwrap();
+    let w = Tensor::ones(8, candle_core::DType::F32, &device).unwrap();
+    let cos = Tensor::ones((4, 4), candle_core::DType::F32, &device).unwrap();
+    let sin = Tensor::zeros((4, 4), candle_core::DType::F32, &device).unwrap();
+    let cut = [
+        candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-5).unwrap(),
+        candle_nn::ops::softmax_last_dim(x.as_tensor()).unwrap(),
+        candle_nn::rotary_emb::rope_i(x.as_tensor(), &cos, &sin).unwrap(),
+    ];
+    for y in cut {
+        let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_none());
+    }
+    // Ours keep it.
+    let kept = [
+        crate::model::rms_norm(x.as_tensor(), &w, 1e-5).unwrap(),
+        crate::model::softmax_last(x.as_tensor()).unwrap(),
+        crate::model::rope_interleaved(x.as_tensor(), &cos, &sin).unwrap(),
+    ];
+    for y in kept {
+        let grads = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+    }
+}
+
+/// Our RoPE, RMSNorm and softmax against candle-nn's (forward values).
+#[test]
+fn model_ops_match_candle_nn_forward() {
+    let device = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &device).unwrap();
+    let w = Tensor::randn(1f32, 0.1, 8, &device).unwrap();
+    let angles = Tensor::randn(0f32, 2.0, (5, 4), &device).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let pairs = [
+        (
+            crate::model::rms_norm(&x, &w, 1e-5).unwrap(),
+            candle_nn::ops::rms_norm(&x, &w, 1e-5).unwrap(),
+        ),
+        (
+            crate::model::softmax_last(&x).unwrap(),
+            candle_nn::ops::softmax_last_dim(&x).unwrap(),
+        ),
+        (
+            crate::model::rope_interleaved(&x, &cos, &sin).unwrap(),
+            candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(),
+        ),
+    ];
+    for (ours, theirs) in pairs {
+        let ours = ours.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let theirs = theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(max_abs_diff(&ours, &theirs) < 1e-5);
+    }
+}

@@ -533,8 +533,8 @@ impl<'a> Trainer<'a> {
                 batch.completion_len,
             )?;
             let targets = pick(&batch.targets)?;
-            let mut head = LmHead::new(&hidden, self.policy.model.lm_head(), &targets);
-            head.temperature = s.temperature;
+            let head = LmHead::new(&hidden, self.policy.model.lm_head(), &targets)
+                .with_temperature(s.temperature);
             let (old, adv, mask) = (
                 pick(&batch.old_log_probs)?,
                 pick(&batch.advantages)?,

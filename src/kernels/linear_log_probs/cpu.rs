@@ -55,12 +55,12 @@ pub(crate) struct TileGradient<'a, R> {
 }
 
 impl<R: Real> TileGradient<'_, R> {
-    /// `∂W[vocab] += dᵀ·hidden` (into `gw`), `∂hidden[rows] = d·W[vocab]` (into `gh`, added to it
-    /// when `gh.1`), `∂b[vocab] += Σ_rows d` (into `gb`); the gemms run on rayon's threads with
-    /// `parallel`.
+    /// `∂W[vocab] += dᵀ·hidden` (into `gw`; skipped without it: a weight that needs no
+    /// gradient), `∂hidden[rows] = d·W[vocab]` (into `gh`, added to it when `gh.1`),
+    /// `∂b[vocab] += Σ_rows d` (into `gb`); the gemms run on rayon's threads with `parallel`.
     pub(crate) fn accumulate(
         &self,
-        gw: &mut [R],
+        gw: Option<&mut [R]>,
         gh: (&mut [R], bool),
         gb: Option<&mut [R]>,
         parallel: bool,
@@ -80,7 +80,9 @@ impl<R: Real> TileGradient<'_, R> {
             row_stride: h,
             col_stride: 1,
         };
-        matmul(gw, h, true, d_t, x, parallel);
+        if let Some(gw) = gw {
+            matmul(gw, h, true, d_t, x, parallel);
+        }
         let d = Matrix {
             data: self.d,
             rows,
@@ -261,7 +263,7 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
                 let gb = self.bias.is_some().then(|| &mut gb[local.clone()]);
                 let gh = &mut partial[block.start * h..block.end * h];
                 tile.accumulate(
-                    &mut gw[local.start * h..local.end * h],
+                    Some(&mut gw[local.start * h..local.end * h]),
                     (gh, true),
                     gb,
                     false,

@@ -23,11 +23,11 @@ use crate::real::Real;
 const TOKENS: usize = 128;
 
 /// What the sweep returns: the log-probs `[N]` (for the loss's value and metrics) and the
-/// gradients of the hidden states `[N·H]`, the weight `[V·H]` and the bias `[V]`.
+/// gradients of the hidden states `[N·H]`, the weight `[V·H]` (when asked for) and the bias `[V]`.
 pub(super) struct Gradients<R> {
     pub log_probs: Vec<R>,
     pub hidden: Vec<R>,
-    pub weight: Vec<R>,
+    pub weight: Option<Vec<R>>,
     pub bias: Vec<R>,
 }
 
@@ -35,16 +35,23 @@ pub(super) struct Gradients<R> {
 pub(super) struct Sweep<'a, 'b, M, R> {
     pub lin: &'a Problem<'b, R>,
     pub c: &'a Constants<'b, R, M, R>,
+    /// Whether `∂W` is wanted (a frozen lm_head needs none: one gemm of three saved per block).
+    pub weight_gradient: bool,
 }
 
 impl<M: Load<R> + Sync, R: Real + Load<R> + Store<R>> WithShape<R> for Sweep<'_, '_, M, R> {
     type Output = Gradients<R>;
     fn run<S: Shape<R>>(self, shape: &S) -> Gradients<R> {
-        sweep(self.lin, self.c, shape)
+        sweep(self.lin, self.c, shape, self.weight_gradient)
     }
 }
 
-fn sweep<M, R, S>(lin: &Problem<'_, R>, c: &Constants<'_, R, M, R>, shape: &S) -> Gradients<R>
+fn sweep<M, R, S>(
+    lin: &Problem<'_, R>,
+    c: &Constants<'_, R, M, R>,
+    shape: &S,
+    weight_gradient: bool,
+) -> Gradients<R>
 where
     M: Load<R> + Sync,
     R: Real + Load<R> + Store<R>,
@@ -54,7 +61,7 @@ where
     let mut out = Gradients {
         log_probs: vec![R::ZERO; n],
         hidden: vec![R::ZERO; n * h],
-        weight: vec![R::ZERO; v * h],
+        weight: weight_gradient.then(|| vec![R::ZERO; v * h]),
         bias: vec![R::ZERO; v],
     };
     let size = TOKENS.min(n);
@@ -94,7 +101,7 @@ where
         };
         let gh = &mut out.hidden[block.start * h..block.end * h];
         let gb = lin.bias.is_some().then_some(&mut out.bias[..]);
-        tile.accumulate(&mut out.weight, (gh, false), gb, true);
+        tile.accumulate(out.weight.as_deref_mut(), (gh, false), gb, true);
     }
     out
 }

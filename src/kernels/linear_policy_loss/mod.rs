@@ -35,8 +35,12 @@ pub(crate) struct FusedLinearPolicyLoss {
     has_bias: bool,
     /// `(B, T)`.
     dims: (usize, usize),
-    /// `∂loss/∂(hidden, weight, bias)`, written by the forward pass.
-    grads: Mutex<Option<[Tensor; 3]>>,
+    /// Whether the weight needs a gradient (candle tracks it: a variable or computed from one);
+    /// a frozen lm_head (a constant) skips the `∂W` gemm.
+    weight_gradient: bool,
+    /// `∂loss/∂(hidden, weight, bias)`, written by the forward pass (`∂W` only with
+    /// `weight_gradient`).
+    grads: Mutex<Option<(Tensor, Option<Tensor>, Tensor)>>,
 }
 
 impl FusedLinearPolicyLoss {
@@ -56,6 +60,7 @@ impl FusedLinearPolicyLoss {
             temperature: head.temperature,
             has_bias: head.bias.is_some(),
             dims: (b, t),
+            weight_gradient: head.weight.track_op(),
             grads: Mutex::new(None),
         };
         let hidden = head
@@ -96,16 +101,23 @@ impl FusedLinearPolicyLoss {
         let grads = with_constants::<R, M, R, _>(&self.policy, &[], mask, self.dims, |c| {
             Ok(with_shape(
                 &self.policy.config.trust_region,
-                cpu::Sweep { lin: &lin, c },
+                cpu::Sweep {
+                    lin: &lin,
+                    c,
+                    weight_gradient: self.weight_gradient,
+                },
             ))
         })?;
         let (output, _) = policy_run::<R, M, R>(&self.policy, &grads.log_probs, mask, self.dims)?;
         let dev = candle_core::Device::Cpu;
-        let kept = [
+        let kept = (
             Tensor::from_vec(grads.hidden, (lin.n, lin.h), &dev)?,
-            Tensor::from_vec(grads.weight, (lin.v, lin.h), &dev)?,
+            grads
+                .weight
+                .map(|w| Tensor::from_vec(w, (lin.v, lin.h), &dev))
+                .transpose()?,
             Tensor::from_vec(grads.bias, lin.v, &dev)?,
-        ];
+        );
         *self.grads.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
         Ok(output)
     }
@@ -169,13 +181,16 @@ impl CustomOp3 for FusedLinearPolicyLoss {
             }
         };
         let upstream = grad_res.narrow(0, 0, 1)?;
-        for g in &grads {
+        let (grad_hidden, grad_weight, grad_bias) = grads;
+        for g in [Some(&grad_hidden), grad_weight.as_ref(), Some(&grad_bias)]
+            .into_iter()
+            .flatten()
+        {
             g.inplace_op2(&upstream, &ScaleByUpstream)?;
         }
-        let [grad_hidden, grad_weight, grad_bias] = grads;
         Ok((
             Some(grad_hidden),
-            Some(grad_weight),
+            grad_weight,
             self.has_bias.then_some(grad_bias),
         ))
     }
