@@ -20,6 +20,9 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{check_config, Error, Result};
 
+mod token;
+pub use token::{token_advantages, TokenAdvantageInputs, TokenAdvantages, TokenEstimator};
+
 /// Which group-relative estimator. verl and TRL use `epsilon = 1e-6`:
 /// `AdvantageEstimator::Grpo { epsilon: 1e-6 }`.
 ///
@@ -70,6 +73,41 @@ fn std_sample(values: &[f64], mean: f64) -> f64 {
     (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
 }
 
+/// The group of every one of `n` responses (groups numbered in order of first appearance) and
+/// the number of groups.
+fn group_index(groups: Groups<'_>, n: usize) -> Result<(Vec<usize>, usize)> {
+    let group_of: Vec<usize> = match groups {
+        Groups::Ids(ids) => {
+            if ids.len() != n {
+                return Err(Error::Shape {
+                    arg: "group_ids",
+                    expected: format!("[N] = [{n}] (one id per response)"),
+                    actual: vec![ids.len()],
+                });
+            }
+            let mut index = HashMap::new();
+            ids.iter()
+                .map(|id| {
+                    let next = index.len();
+                    *index.entry(*id).or_insert(next)
+                })
+                .collect()
+        }
+        Groups::Size(size) => {
+            if size == 0 || !n.is_multiple_of(size) {
+                return Err(Error::InvalidValue {
+                    arg: "group_size",
+                    expected: format!("a divisor of the number of responses ({n}), >= 1"),
+                    actual: size.to_string(),
+                });
+            }
+            (0..n).map(|j| j / size).collect()
+        }
+    };
+    let num_groups = group_of.iter().max().map_or(0, |g| g + 1);
+    Ok((group_of, num_groups))
+}
+
 /// Group-relative advantages on host values.
 ///
 /// ```
@@ -101,36 +139,7 @@ pub fn group_advantages_vec(
         });
     }
     let n = rewards.len();
-    // Group index of every response, groups numbered in order of first appearance.
-    let group_of: Vec<usize> = match groups {
-        Groups::Ids(ids) => {
-            if ids.len() != n {
-                return Err(Error::Shape {
-                    arg: "group_ids",
-                    expected: format!("[N] = [{n}] (one id per reward)"),
-                    actual: vec![ids.len()],
-                });
-            }
-            let mut index = HashMap::new();
-            ids.iter()
-                .map(|id| {
-                    let next = index.len();
-                    *index.entry(*id).or_insert(next)
-                })
-                .collect()
-        }
-        Groups::Size(size) => {
-            if size == 0 || !n.is_multiple_of(size) {
-                return Err(Error::InvalidValue {
-                    arg: "group_size",
-                    expected: format!("a divisor of the number of rewards ({n}), >= 1"),
-                    actual: size.to_string(),
-                });
-            }
-            (0..n).map(|j| j / size).collect()
-        }
-    };
-    let num_groups = group_of.iter().max().map_or(0, |g| g + 1);
+    let (group_of, num_groups) = group_index(groups, n)?;
     let mut members: Vec<Vec<f64>> = vec![Vec::new(); num_groups];
     for (&g, &r) in group_of.iter().zip(rewards) {
         members[g].push(r);

@@ -25,7 +25,10 @@ pub mod simulation;
 mod softmax;
 pub mod value_loss;
 
-pub use advantages::{group_advantages, group_advantages_vec, AdvantageEstimator, Groups};
+pub use advantages::{
+    group_advantages, group_advantages_vec, token_advantages, AdvantageEstimator, Groups,
+    TokenAdvantageInputs, TokenAdvantages, TokenEstimator,
+};
 pub use aggregation::{aggregate, Aggregation, Normalizer};
 pub use entropy::{AdaptiveEntropy, EntropyBonus};
 // `Result` stays in `sapo::error`: a glob import (`use sapo::*`, as the README's examples do)

@@ -19,7 +19,8 @@ use sapo::{
     AdvantageEstimator, Aggregation, Backend, Bypass, BypassLoss, Divergence, Dppo, Dro,
     EntropyBonus, GeometricClip, Groups, HardClip, ImportanceWeights, IsWeightClip, KlCov,
     KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, RatioLevel, RejectionFilter,
-    RolloutCorrection, TrustRegion, Vespo, WeightLevel, WeightMode,
+    RolloutCorrection, TokenAdvantageInputs, TokenEstimator, TrustRegion, Vespo, WeightLevel,
+    WeightMode,
 };
 use serde_json::{Map, Value};
 
@@ -631,6 +632,9 @@ fn run_token_logprobs(
 }
 
 fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
+    if field(case, "inputs")?.get("mask").is_some() {
+        return run_token_advantages(case, check);
+    }
     let cfg = field(case, "config")?.as_object().ok_or("config")?;
     check_keys(cfg, &["estimator", "epsilon"], "config")?;
     let epsilon = opt_f64(cfg, "epsilon")?.unwrap_or(1e-6);
@@ -653,6 +657,103 @@ fn run_advantages(case: &Value, check: &mut Check) -> Res<()> {
         &got,
         &numbers(field(field(case, "expected")?, "advantages")?)?,
     );
+    Ok(())
+}
+
+/// verl's estimators with token-level inputs (kind `advantages` with a `mask`).
+fn run_token_advantages(case: &Value, check: &mut Check) -> Res<()> {
+    let cfg = field(case, "config")?.as_object().ok_or("config")?;
+    let name = cfg.get("estimator").and_then(Value::as_str);
+    let req = |key: &str| opt_f64(cfg, key)?.ok_or(format!("config.{key}: missing"));
+    let (estimator, keys): (TokenEstimator, &[&str]) = match name {
+        Some("reinforce_plus_plus") => (
+            TokenEstimator::ReinforcePlusPlus {
+                gamma: req("gamma")?,
+            },
+            &["gamma"],
+        ),
+        Some("reinforce_plus_plus_baseline") => (TokenEstimator::ReinforcePlusPlusBaseline, &[]),
+        Some("grpo_passk") => (
+            TokenEstimator::GrpoPassK {
+                epsilon: req("epsilon")?,
+                norm_by_std: cfg
+                    .get("norm_by_std")
+                    .and_then(Value::as_bool)
+                    .ok_or("config.norm_by_std: missing or not a bool")?,
+            },
+            &["epsilon", "norm_by_std"],
+        ),
+        Some("opo") => (TokenEstimator::Opo, &[]),
+        Some("gpg") => (TokenEstimator::Gpg, &[]),
+        Some("gdpo") => (
+            TokenEstimator::Gdpo {
+                epsilon: req("epsilon")?,
+                reward_weights: match cfg.get("reward_weights") {
+                    None | Some(Value::Null) => None,
+                    Some(w) => Some(numbers(w)?),
+                },
+            },
+            &["epsilon", "reward_weights"],
+        ),
+        Some("gae") => (
+            TokenEstimator::Gae {
+                gamma: req("gamma")?,
+                lambda: req("lambda")?,
+            },
+            &["gamma", "lambda"],
+        ),
+        Some("remax") => (TokenEstimator::Remax, &[]),
+        other => return Err(format!("unknown token-level estimator {other:?}")),
+    };
+    let mut allowed = vec!["estimator"];
+    allowed.extend_from_slice(keys);
+    check_keys(cfg, &allowed, "config")?;
+    let inputs = field(case, "inputs")?;
+    check_keys(
+        obj(inputs, "inputs")?,
+        &[
+            "mask",
+            "token_level_rewards",
+            "group_ids",
+            "values",
+            "reward_components",
+            "reward_baselines",
+        ],
+        "inputs",
+    )?;
+    let mask = tensor(inputs, "mask")?;
+    let optional = |key: &str| inputs.get(key).map(|_| tensor(inputs, key)).transpose();
+    let (rewards, values, components, baselines) = (
+        optional("token_level_rewards")?,
+        optional("values")?,
+        optional("reward_components")?,
+        optional("reward_baselines")?,
+    );
+    let ids: Option<Vec<i64>> = inputs
+        .get("group_ids")
+        .map(|v| Ok::<_, String>(numbers(v)?.iter().map(|&x| x as i64).collect()))
+        .transpose()?;
+    let mut token_inputs = TokenAdvantageInputs::new(&mask);
+    token_inputs.token_level_rewards = rewards.as_ref();
+    token_inputs.values = values.as_ref();
+    token_inputs.reward_components = components.as_ref();
+    token_inputs.reward_baselines = baselines.as_ref();
+    token_inputs.groups = ids.as_deref().map(Groups::Ids);
+    let out = sapo::token_advantages(&estimator, &token_inputs).map_err(err)?;
+    let expected = obj(field(case, "expected")?, "expected")?;
+    check_keys(expected, &["advantages", "returns"], "expected")?;
+    check.values(
+        "advantages",
+        &to_f64(&out.advantages)?,
+        &numbers(field(field(case, "expected")?, "advantages")?)?,
+    );
+    match (expected.get("returns"), &out.returns) {
+        (Some(want), Some(got)) => check.values("returns", &to_f64(got)?, &numbers(want)?),
+        (Some(_), None) => check
+            .failures
+            .push("[fused] returns: expected, none computed".into()),
+        (None, _) => {}
+    }
     Ok(())
 }
 
