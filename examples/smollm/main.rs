@@ -4,7 +4,7 @@
 //! ```text
 //! scripts/fetch-smollm2.sh                                             # the model, once
 //! cargo run --release --example smollm -- --score "What is 7 + 5?" --chat
-//! cargo run --release --example smollm                               # SAPO, 30 steps
+//! cargo run --release --example smollm                               # SAPO, 60 steps
 //! cargo run --release --example smollm -- --objective all             # SAPO, GSPO, GRPO
 //! ```
 //!
@@ -80,7 +80,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// RL steps (rollouts).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 60)]
     steps: usize,
     /// Questions per rollout.
     #[arg(long, default_value_t = 4)]
@@ -121,6 +121,10 @@ struct Args {
     /// Rows per evaluation batch.
     #[arg(long, default_value_t = 50)]
     eval_batch: usize,
+    /// Draw `--out`/curves.png from these metrics.csv files (several runs' rows together, one
+    /// line per objective and file) and exit; no model is read.
+    #[arg(long, value_name = "CSV", num_args = 1..)]
+    plot: Vec<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
     device: DeviceArg,
     /// Output directory: metrics.csv, curves.png, summary.json, <objective>.safetensors.
@@ -177,8 +181,46 @@ fn digits(n: u32) -> usize {
     n.to_string().len()
 }
 
+/// The rows of a metrics.csv, grouped by objective in their order of appearance.
+fn read_metrics(path: &Path) -> AnyResult<Vec<(&'static str, Vec<Row>)>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--plot {}: {e}", path.display()))?;
+    let mut runs: Vec<(&'static str, Vec<Row>)> = Vec::new();
+    for (number, line) in text.lines().enumerate().skip(1) {
+        let row = Row::parse(line).ok_or_else(|| {
+            format!(
+                "--plot {}: line {} is not a metrics row: {line:?}",
+                path.display(),
+                number + 1
+            )
+        })?;
+        match runs.last_mut() {
+            Some((objective, rows)) if *objective == row.objective => rows.push(row),
+            _ => runs.push((row.objective, vec![row])),
+        }
+    }
+    Ok(runs)
+}
+
 fn main() -> AnyResult<()> {
     let args = Args::parse();
+    if !args.plot.is_empty() {
+        let mut runs = Vec::new();
+        for path in &args.plot {
+            runs.extend(read_metrics(path)?);
+        }
+        std::fs::create_dir_all(&args.out)?;
+        let path = args.out.join("curves.png");
+        plot::curves(
+            &path,
+            &runs
+                .iter()
+                .map(|(objective, rows)| (*objective, rows.as_slice()))
+                .collect::<Vec<_>>(),
+        )?;
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::new_cuda(0)?,

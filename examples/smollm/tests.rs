@@ -15,7 +15,7 @@ use crate::model::{KvCache, Llama};
 use crate::objective::Objective;
 use crate::task::Problem;
 use crate::tokenizer::{chat_prompt, ChatTokenizer};
-use crate::train::{Policy, Settings, Trainer};
+use crate::train::{Policy, Row, Settings, Trainer};
 
 /// GPT-2's byte ↔ character map: printable bytes are themselves, the others `256 + n`.
 fn byte_chars() -> Vec<char> {
@@ -410,6 +410,11 @@ fn the_training_loop_runs_and_updates_the_policy() {
             assert_eq!(row.step, step);
             assert!(row.loss.is_finite() && row.grad_norm.is_finite() && row.grad_norm > 0.0);
             assert!(row.completion_length >= 1.0 && row.completion_length <= 5.0);
+            // What --plot reads back is what was written.
+            let line = row.csv();
+            let parsed = Row::parse(&line).expect("a metrics row parses");
+            assert_eq!(parsed.csv(), line);
+            assert!(Row::parse(crate::train::CSV_HEADER).is_none());
         }
         let moved = trainer
             .policy

@@ -272,6 +272,40 @@ impl Row {
     }
 }
 
+impl Row {
+    /// Reads one line that [`Row::csv`] wrote (the objective's name must be known, which gives
+    /// back its `'static` name); `None` for the header or a malformed line.
+    pub fn parse(line: &str) -> Option<Row> {
+        let fields: Vec<&str> = line.trim().split(',').collect();
+        if fields.len() != CSV_HEADER.split(',').count() {
+            return None;
+        }
+        let number = |i: usize| fields[i].parse::<f64>().ok();
+        let optional = |i: usize| match fields[i] {
+            "" => Some(None),
+            text => text.parse::<f64>().ok().map(Some),
+        };
+        Some(Row {
+            step: fields[0].parse().ok()?,
+            objective: crate::objective::Objective::from_name(fields[1])?.name(),
+            reward_mean: number(2)?,
+            reward_std: number(3)?,
+            completion_length: number(4)?,
+            ended_share: number(5)?,
+            approx_kl: number(6)?,
+            clip_fraction: optional(7)?,
+            gate_weight_mean: optional(8)?,
+            entropy: number(9)?,
+            loss: number(10)?,
+            grad_norm: number(11)?,
+            seconds_sampling: number(12)?,
+            seconds_old_log_probs: number(13)?,
+            seconds_updates: number(14)?,
+            seconds: number(15)?,
+        })
+    }
+}
+
 fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
