@@ -528,14 +528,8 @@ pub fn aggregate(
     aggregation.validate()?;
     normalizer.validate_for(aggregation)?;
     check_float("loss_mat", loss_mat)?;
+    crate::error::matrix_dims("loss_mat", loss_mat)?;
     let dims = loss_mat.dims();
-    if dims.len() != 2 {
-        return Err(Error::Shape {
-            arg: "loss_mat",
-            expected: "[B, T]".into(),
-            actual: dims.to_vec(),
-        });
-    }
     check_shape("mask", mask, dims)?;
     check_device("mask", mask, loss_mat)?;
     let dtype = if loss_mat.dtype() == DType::F64 {

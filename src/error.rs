@@ -215,6 +215,18 @@ pub(crate) fn check_shape(arg: &'static str, tensor: &Tensor, expected: &[usize]
     }
 }
 
+/// The `(B, T)` of a `[B, T]` tensor, else a shape error naming `arg`.
+pub(crate) fn matrix_dims(arg: &'static str, tensor: &Tensor) -> Result<(usize, usize)> {
+    match tensor.dims() {
+        &[b, t] => Ok((b, t)),
+        other => Err(Error::Shape {
+            arg,
+            expected: "[B, T]".into(),
+            actual: other.to_vec(),
+        }),
+    }
+}
+
 /// Checks that `tensor` is on the same device as `reference`.
 pub(crate) fn check_device(arg: &'static str, tensor: &Tensor, reference: &Tensor) -> Result<()> {
     if tensor.device().same_device(reference.device()) {

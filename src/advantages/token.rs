@@ -304,16 +304,7 @@ pub fn token_advantages(
     estimator: &TokenEstimator,
     inputs: &TokenAdvantageInputs<'_>,
 ) -> Result<TokenAdvantages> {
-    let (b, t) = match inputs.mask.dims() {
-        &[b, t] => (b, t),
-        other => {
-            return Err(Error::Shape {
-                arg: "mask",
-                expected: "[B, T]".into(),
-                actual: other.to_vec(),
-            })
-        }
-    };
+    let (b, t) = crate::error::matrix_dims("mask", inputs.mask)?;
     check_mask_values(inputs.mask)?;
     let unit =
         |arg: &'static str, v: f64| check_config((0.0..=1.0).contains(&v), arg, "in [0, 1]", v);

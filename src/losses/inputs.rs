@@ -279,16 +279,7 @@ impl PolicyInputs<'_> {
     pub(crate) fn check(&self, needs_ref: bool, needs_entropy: bool) -> Result<(usize, usize)> {
         let log_probs = self.log_probs;
         check_float("log_probs", log_probs)?;
-        let (b, t) = match log_probs.dims() {
-            &[b, t] => (b, t),
-            other => {
-                return Err(Error::Shape {
-                    arg: "log_probs",
-                    expected: "[B, T]".into(),
-                    actual: other.to_vec(),
-                })
-            }
-        };
+        let (b, t) = crate::error::matrix_dims("log_probs", log_probs)?;
         self.check_constants(&[b, t], log_probs, needs_ref, needs_entropy)?;
         Ok((b, t))
     }

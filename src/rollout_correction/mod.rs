@@ -126,14 +126,8 @@ pub fn rollout_correction(
 ) -> Result<RolloutCorrectionOutput> {
     config.validate()?;
     check_float("old_log_probs", old_log_probs)?;
-    let dims = old_log_probs.dims().to_vec();
-    let [b, t] = dims[..] else {
-        return Err(Error::Shape {
-            arg: "old_log_probs",
-            expected: "[B, T]".into(),
-            actual: dims,
-        });
-    };
+    let (b, t) = crate::error::matrix_dims("old_log_probs", old_log_probs)?;
+    let dims = [b, t];
     check_float("rollout_log_probs", rollout_log_probs)?;
     check_shape("rollout_log_probs", rollout_log_probs, &dims)?;
     check_device("rollout_log_probs", rollout_log_probs, old_log_probs)?;
