@@ -18,9 +18,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
     AdvantageEstimator, Aggregation, Backend, Bypass, BypassLoss, Divergence, Dppo, Dro,
     EntropyBonus, GeometricClip, Groups, HardClip, ImportanceWeights, IsWeightClip, KlCov,
-    KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, RatioLevel, RejectionFilter,
-    RolloutCorrection, TokenAdvantageInputs, TokenEstimator, TrustRegion, Vespo, WeightLevel,
-    WeightMode,
+    KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, PolicyMasks, RatioLevel,
+    RejectionFilter, RolloutCorrection, TokenAdvantageInputs, TokenEstimator, Topr, TrustRegion,
+    Vespo, WeightLevel, WeightMode,
 };
 use serde_json::{Map, Value};
 
@@ -278,6 +278,11 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
             "aggregation",
             "kl",
             "entropy",
+            "topr_positive_weight",
+            "topr_negative_weight",
+            "off_policy_mask_threshold",
+            "top_entropy_quantile",
+            "m2_threshold",
         ],
         "config",
     )?;
@@ -301,6 +306,10 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
             log_clip_high: req_f64(cfg, "log_clip_high")?,
         }),
         "gpg" => TrustRegion::PolicyGradient,
+        "topr" => TrustRegion::Topr(Topr {
+            positive_weight: opt_f64(cfg, "topr_positive_weight")?.unwrap_or(1.0),
+            negative_weight: opt_f64(cfg, "topr_negative_weight")?.unwrap_or(1.0),
+        }),
         "dro" => TrustRegion::Dro(Dro {
             beta: req_f64(cfg, "dro_beta")?,
         }),
@@ -356,7 +365,7 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
     // The log-ratio clamp: the case's value; absent, the peer's fixed one (verl's 20, none for
     // the objectives that take ℓ − ℓold unclamped).
     let log_ratio_clamp = match cfg.get("log_ratio_clamp") {
-        None if matches!(objective, "dro" | "gpg" | "kl_cov" | "gmpo") => None,
+        None if matches!(objective, "dro" | "gpg" | "kl_cov" | "gmpo" | "topr") => None,
         None if cfg.get("bypass_loss").and_then(Value::as_str) == Some("reinforce") => None,
         None => Some(20.0),
         Some(_) => opt_f64(cfg, "log_ratio_clamp")?,
@@ -413,7 +422,13 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         Some(a) => aggregation(a)?,
         None => Aggregation::TokenMean,
     };
+    let masks = PolicyMasks {
+        off_policy_threshold: opt_f64(cfg, "off_policy_mask_threshold")?,
+        top_entropy_quantile: opt_f64(cfg, "top_entropy_quantile")?,
+        m2_threshold: opt_f64(cfg, "m2_threshold")?,
+    };
     Ok(PolicyLossConfig::new(ratio_level, trust_region)
+        .with_masks(masks)
         .with_log_ratio_clamp(log_ratio_clamp)
         .with_seq_log_ratio_max(opt_f64(cfg, "seq_log_ratio_max")?)
         .with_aggregation(agg)
@@ -448,6 +463,8 @@ fn run_policy_loss(
             "ref_log_probs",
             "entropy",
             "is_weights",
+            "rollout_log_probs",
+            "scores",
         ],
         "inputs",
     )?;
@@ -470,6 +487,14 @@ fn run_policy_loss(
     }
     if let Some(h) = &entropy {
         pi = pi.with_entropy(h.as_tensor());
+    }
+    let rollout = optional("rollout_log_probs")?;
+    if let Some(r) = &rollout {
+        pi = pi.with_rollout_log_probs(r);
+    }
+    let scores = optional("scores")?;
+    if let Some(s) = &scores {
+        pi = pi.with_scores(s);
     }
     let out = loss_fn.forward(&pi).map_err(err)?;
     let grads = out.loss.backward().map_err(err)?;

@@ -303,7 +303,7 @@ mod one_pass {
     use super::*;
     use sapo::{
         Aggregation, HardClip, KlEstimator, KlPenalty, LmHead, PolicyInputs, PolicyLoss,
-        PolicyLossConfig, RatioLevel, TrustRegion,
+        PolicyLossConfig, PolicyMasks, RatioLevel, TrustRegion,
     };
 
     fn configs() -> Vec<PolicyLossConfig> {
@@ -342,6 +342,35 @@ mod one_pass {
             Some(KlPenalty::new(0.3, KlEstimator::Abs).with_aggregation(Aggregation::TokenSum)),
         ];
         let mut out = vec![];
+        // The masks (OPSM, top-entropy tokens, M2PO, all three) and TOPR, at the token level.
+        let masks = [
+            PolicyMasks::default().with_off_policy_threshold(0.05),
+            PolicyMasks::default().with_top_entropy_quantile(0.4),
+            PolicyMasks::default().with_m2_threshold(0.04),
+            PolicyMasks::default()
+                .with_off_policy_threshold(0.02)
+                .with_top_entropy_quantile(0.7)
+                .with_m2_threshold(0.05),
+        ];
+        for (k, m) in masks.into_iter().enumerate() {
+            for shape in &shapes[..3] {
+                out.push(
+                    PolicyLossConfig::new(RatioLevel::Token, *shape)
+                        .with_masks(m)
+                        .with_aggregation(aggregations[k])
+                        .with_kl(kls[k % kls.len()]),
+                );
+            }
+        }
+        out.push(sapo::Topr::default().config());
+        out.push(
+            sapo::Topr {
+                positive_weight: 0.7,
+                negative_weight: 1.3,
+            }
+            .config()
+            .with_masks(masks[3]),
+        );
         for level in [
             RatioLevel::Token,
             RatioLevel::Sequence,
@@ -403,6 +432,12 @@ mod one_pass {
             .collect();
         let mask = Tensor::from_vec(mask, (b, t), &dev()).unwrap();
         let kl = loss.config().kl.is_some();
+        let masks = loss.config().masks;
+        let rollout = (&old + noise(44).affine(0.3, 0.0).unwrap()).unwrap();
+        let rollout = (masks.off_policy_threshold.is_some() || masks.m2_threshold.is_some())
+            .then_some(&rollout);
+        let scores = Tensor::from_vec((0..b).map(|i| i as f64 - 1.0).collect(), b, &dev()).unwrap();
+        let scores = matches!(loss.config().trust_region, TrustRegion::Topr(_)).then_some(&scores);
         let loss = loss.with_backend(backend);
         let out = if one_pass {
             let head = LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets)
@@ -412,9 +447,11 @@ mod one_pass {
             if kl {
                 inputs = inputs.with_ref_log_probs(&reference);
             }
+            inputs.rollout_log_probs = rollout;
+            inputs.scores = scores;
             loss.forward_from_hidden(&inputs).unwrap()
         } else {
-            let (lp, _) = linear_log_probs_and_entropy_with(
+            let (lp, entropy) = linear_log_probs_and_entropy_with(
                 hidden.as_tensor(),
                 weight.as_tensor(),
                 Some(bias.as_tensor()),
@@ -426,6 +463,11 @@ mod one_pass {
             let mut inputs = PolicyInputs::new(&lp, &old, &adv, &mask).with_is_weights(&weights);
             if kl {
                 inputs = inputs.with_ref_log_probs(&reference);
+            }
+            inputs.rollout_log_probs = rollout;
+            inputs.scores = scores;
+            if masks.top_entropy_quantile.is_some() {
+                inputs = inputs.with_entropy(&entropy);
             }
             loss.forward(&inputs).unwrap()
         };

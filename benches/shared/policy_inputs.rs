@@ -57,6 +57,17 @@ pub fn inputs(b: usize, t: usize, dev: &Device) -> Inputs {
     }
 }
 
+/// The masks' extra inputs: behaviour log-probs `old + 0.1·N(0,1)` and entropies `3·U`.
+pub fn mask_inputs(x: &Inputs, b: usize, t: usize) -> (Tensor, Tensor) {
+    let mut rng = Rng(7);
+    let old = x.old.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let rollout: Vec<f32> = old.iter().map(|o| o + 0.1 * rng.normal() as f32).collect();
+    let entropy: Vec<f32> = (0..b * t).map(|_| 3.0 * rng.uniform() as f32).collect();
+    let dev = x.old.device();
+    let m = |v: Vec<f32>| Tensor::from_vec(v, (b, t), dev).unwrap();
+    (m(rollout), m(entropy))
+}
+
 /// The benchmarked objectives, SAPO, GSPO-token and GRPO first.
 pub fn objectives() -> Vec<(&'static str, PolicyLoss)> {
     vec![

@@ -10,6 +10,7 @@ use crate::entropy::EntropyBonus;
 use crate::error::{check_config, Result};
 use crate::kl::KlPenalty;
 use crate::losses::bypass::Bypass;
+use crate::losses::masks::PolicyMasks;
 use crate::losses::ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP};
 use crate::losses::trust_region::TrustRegion;
 
@@ -48,6 +49,8 @@ pub struct PolicyLossConfig {
     pub entropy: Option<EntropyBonus>,
     /// verl's bypass mode: the rollout correction run by the loss itself.
     pub bypass: Option<Bypass>,
+    /// The masks inside the policy loss (OPSM, top-entropy tokens, M2PO); all off by default.
+    pub masks: PolicyMasks,
 }
 
 impl PolicyLossConfig {
@@ -69,6 +72,7 @@ impl PolicyLossConfig {
             kl: None,
             entropy: None,
             bypass: None,
+            masks: PolicyMasks::default(),
         }
     }
     /// Sets the ratio level (token `ρ`, sequence `s`, GSPO-token).
@@ -141,6 +145,21 @@ impl PolicyLossConfig {
         self.bypass = bypass;
         self
     }
+    /// Sets the masks inside the policy loss (OPSM, top-entropy tokens, M2PO); see
+    /// [`PolicyMasks`].
+    ///
+    /// ```
+    /// let masks = sapo::PolicyMasks::default().with_m2_threshold(0.04);
+    /// assert_eq!(sapo::Grpo::default().config().with_masks(masks).masks, masks);
+    /// ```
+    pub fn with_masks(mut self, masks: PolicyMasks) -> Self {
+        self.masks = masks;
+        self
+    }
+    /// Whether the loss reads `entropy` (the bonus or the top-entropy selection).
+    pub(crate) fn reads_entropy(&self) -> bool {
+        self.entropy.is_some() || self.masks.top_entropy_quantile.is_some()
+    }
     /// Checks every parameter; see [`crate::Error::InvalidConfig`].
     ///
     /// ```
@@ -175,6 +194,25 @@ impl PolicyLossConfig {
         }
         if let Some(bypass) = &self.bypass {
             bypass.validate(&self.trust_region)?;
+        }
+        self.masks.validate()?;
+        // OPSM's and the top-entropy selection's factor multiplies the rollout weights, which an
+        // objective whose weights do not multiply its per-token loss (VESPO's enter its sequence
+        // weight) cannot take.
+        if self.masks.keeps() && !self.trust_region.objective().weights_multiply() {
+            let (arg, value) = match self.masks.off_policy_threshold {
+                Some(d) => ("off_policy_mask_threshold", d),
+                None => (
+                    "top_entropy_quantile",
+                    self.masks.top_entropy_quantile.unwrap_or_default(),
+                ),
+            };
+            check_config(
+                false,
+                arg,
+                "None with VESPO (its rollout weights enter its sequence weight)",
+                value,
+            )?;
         }
         // The objectives whose formula is per token (they weigh ℓ by a token quantity).
         check_config(

@@ -17,7 +17,9 @@ use crate::error::{check_device, check_float, check_shape, Error, Result};
 /// | `mask` | `[B,T]` | 0/1 in any dtype; masked positions may hold anything (NaN, ±inf) |
 /// | `ref_log_probs` | `[B,T]` | `ℓref`, required exactly when the config has a KL penalty |
 /// | `is_weights` | `[B,T]` or `[B,1]` | rollout-correction weights `w ≥ 0` multiplying the per-token policy loss; `[B,1]` (one per sequence) is broadcast over the row |
-/// | `entropy` | `[B,T]` | per-token entropy `H`, required exactly when the config has an entropy bonus ([`crate::PolicyLoss::forward`] only: [`crate::PolicyLoss::forward_from_hidden`] computes it) |
+/// | `entropy` | `[B,T]` | per-token entropy `H`, required exactly when the config has an entropy bonus or a top-entropy selection ([`crate::PolicyLoss::forward`] only: [`crate::PolicyLoss::forward_from_hidden`] computes it) |
+/// | `rollout_log_probs` | `[B,T]` | `ℓroll`, the inference engine's (behaviour policy's) log-probs: M2PO's (required), OPSM's sampling policy (else `old_log_probs`); given only with those masks ([`crate::PolicyMasks`]) |
+/// | `scores` | `[B]` | the responses' reward scores, required exactly by TOPR ([`crate::TrustRegion::Topr`]), whose branch they pick |
 /// | `normalizer` | — | global counts for data parallelism and gradient accumulation ([`Normalizer::for_micro_batches`]); default: this batch alone |
 ///
 /// Floats may be f16, bf16, f32 or f64; the loss is computed in f32 (f64 stays f64). Every tensor
@@ -54,6 +56,10 @@ pub struct PolicyInputs<'a, L = &'a Tensor> {
     /// `[B,T]` per-token entropy for the entropy bonus (differentiable: its gradient flows back
     /// to whatever produced it), when the config has one.
     pub entropy: Option<&'a Tensor>,
+    /// `ℓroll`, `[B,T]`, the behaviour policy's log-probs (M2PO, OPSM).
+    pub rollout_log_probs: Option<&'a Tensor>,
+    /// `[B]` reward scores (TOPR).
+    pub scores: Option<&'a Tensor>,
     /// Global counts for data parallelism / gradient accumulation.
     pub normalizer: Normalizer,
 }
@@ -83,6 +89,8 @@ impl<'a, L> PolicyInputs<'a, L> {
             ref_log_probs: None,
             is_weights: None,
             entropy: None,
+            rollout_log_probs: None,
+            scores: None,
             normalizer: Normalizer::default(),
         }
     }
@@ -128,6 +136,37 @@ impl<'a, L> PolicyInputs<'a, L> {
     /// ```
     pub fn with_entropy(mut self, entropy: &'a Tensor) -> Self {
         self.entropy = Some(entropy);
+        self
+    }
+    /// Adds the behaviour policy's log-probs `ℓroll` `[B,T]` (the inference engine's): what M2PO
+    /// compares with `old_log_probs`, and OPSM's sampling policy ([`crate::PolicyMasks`]).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((1, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    /// let rollout = Tensor::new(&[[-0.1f32, -2.0]], &Device::Cpu)?;
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_rollout_log_probs(&rollout);
+    /// assert!(inputs.rollout_log_probs.is_some());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_rollout_log_probs(mut self, rollout_log_probs: &'a Tensor) -> Self {
+        self.rollout_log_probs = Some(rollout_log_probs);
+        self
+    }
+    /// Adds the responses' reward scores `[B]`, which pick TOPR's branch (`> 0`: positive).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor, DType};
+    /// # let lp = Tensor::zeros((2, 2), DType::F32, &Device::Cpu)?;
+    /// # let adv = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+    /// let scores = Tensor::new(&[1f32, 0.0], &Device::Cpu)?;
+    /// let inputs = sapo::PolicyInputs::new(&lp, &lp, &adv, &lp).with_scores(&scores);
+    /// assert!(inputs.scores.is_some());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn with_scores(mut self, scores: &'a Tensor) -> Self {
+        self.scores = Some(scores);
         self
     }
     /// Sets the global normalizer (data parallelism, gradient accumulation).
@@ -177,6 +216,8 @@ impl<'a, L> PolicyInputs<'a, L> {
             ref_log_probs: self.ref_log_probs,
             is_weights: self.is_weights,
             entropy: self.entropy,
+            rollout_log_probs: self.rollout_log_probs,
+            scores: self.scores,
             normalizer: self.normalizer,
         }
     }
@@ -234,17 +275,29 @@ impl<'a, L> PolicyInputs<'a, L> {
         match (needs_entropy, self.entropy) {
             (true, None) => Err(Error::InvalidValue {
                 arg: "entropy",
-                expected: "a [B, T] tensor (the config has an entropy bonus)".into(),
+                expected:
+                    "a [B, T] tensor (the config has an entropy bonus or top_entropy_quantile)"
+                        .into(),
                 actual: "None".into(),
             }),
             (false, Some(_)) => Err(Error::InvalidValue {
                 arg: "entropy",
-                expected: "None (the config has no entropy bonus)".into(),
+                expected: "None (the config has no entropy bonus and no top_entropy_quantile)"
+                    .into(),
                 actual: "a tensor".into(),
             }),
             (_, Some(h)) => check_matrix("entropy", h, shape, device),
             _ => Ok(()),
+        }?;
+        if let Some(r) = self.rollout_log_probs {
+            check_matrix("rollout_log_probs", r, shape, device)?;
         }
+        if let Some(scores) = self.scores {
+            check_device("scores", scores, device)?;
+            check_float("scores", scores)?;
+            check_shape("scores", scores, &[b])?;
+        }
+        Ok(())
     }
 
     /// The rollout weights as a detached `[B,T]` tensor (a `[B,1]` one broadcast over the row).

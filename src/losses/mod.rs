@@ -10,9 +10,10 @@
 //! | `ratio.rs` | [`RatioLevel`] and the ratio formulas (token, sequence, GSPO-token) |
 //! | `objective.rs` | the `Objective` trait every objective implements, and the token it sees |
 //! | `trust_region.rs` | [`TrustRegion`]: the enum a user configures and the one dispatch to its objective |
-//! | `soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`, `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs` | one objective each, its device function in `<name>.h` beside it |
+//! | `soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`, `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs` | one objective each, its device function in `<name>.h` beside it |
 //! | `chain.rs` | the per-token chain the CPU kernels run (ratio, objective, weight, gradient, KL) |
 //! | `bypass.rs` | verl's bypass mode ([`Bypass`]) |
+//! | `masks.rs` | the masks inside the policy loss ([`PolicyMasks`]: OPSM, top-entropy tokens, M2PO), one host pre-pass |
 //! | `presets.rs` | [`Sapo`], [`Gspo`], [`Grpo`], [`Cispo`], [`Gmpo`], [`Gpg`], [`Luspo`] (and the shapes that are presets themselves) |
 //! | `inputs.rs` | [`PolicyInputs`] and their checks |
 //! | `metrics.rs` | [`PolicyMetrics`] (on the device), [`MetricSums`] (on the host) |
@@ -40,6 +41,7 @@ pub(crate) mod gmpo;
 pub(crate) mod gradient_weights;
 pub(crate) mod inputs;
 pub(crate) mod kl_cov;
+pub(crate) mod masks;
 pub(crate) mod metrics;
 pub(crate) mod objective;
 pub(crate) mod policy_gradient;
@@ -47,6 +49,7 @@ pub(crate) mod policy_loss;
 pub(crate) mod presets;
 pub(crate) mod ratio;
 pub(crate) mod soft_gate;
+pub(crate) mod topr;
 pub(crate) mod trust_region;
 pub(crate) mod unclipped;
 pub(crate) mod vespo;
@@ -63,9 +66,11 @@ pub use gradient_weights::{
 };
 pub use inputs::PolicyInputs;
 pub use kl_cov::KlCov;
+pub use masks::PolicyMasks;
 pub use metrics::{MetricSums, PolicyMetrics};
 pub use policy_loss::{LogProbsSource, PolicyLoss, PolicyLossOutput};
 pub use presets::{Cispo, Gmpo, Gpg, Grpo, Gspo, Luspo, Sapo};
 pub use ratio::{RatioLevel, DEFAULT_LOG_RATIO_CLAMP, GSPO_SEQ_LOG_RATIO_MAX};
+pub use topr::Topr;
 pub use trust_region::TrustRegion;
 pub use vespo::{Vespo, VESPO_LOG_W_MAX, VESPO_LOG_W_MIN};

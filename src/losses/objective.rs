@@ -39,6 +39,9 @@ pub(crate) trait Objective: Clone + 'static {
     /// Whether it needs [`Objective::prepass`], a pass over the whole batch before the loss
     /// (the lm_head path's single pass cannot run it).
     const BATCH_PREPASS: bool = false;
+    /// Whether it reads the rows' reward scores ([`PolicyInputs::scores`], TOPR), which are then
+    /// required (and refused otherwise).
+    const READS_SCORES: bool = false;
     /// Its scalar form in the compute type `R`.
     type Scalar<R: Real>: Shape<R>;
 
@@ -139,6 +142,7 @@ pub(crate) trait DynObjective {
     fn id(&self) -> i32;
     fn token_only(&self) -> bool;
     fn batch_prepass(&self) -> bool;
+    fn reads_scores(&self) -> bool;
     /// The metric slots of its [`Eval::metrics`].
     fn metric_slots(&self) -> &'static [usize];
     /// Whether the rollout weights multiply its per-token loss.
@@ -161,6 +165,9 @@ impl<O: Objective> DynObjective for O {
     }
     fn batch_prepass(&self) -> bool {
         O::BATCH_PREPASS
+    }
+    fn reads_scores(&self) -> bool {
+        O::READS_SCORES
     }
     fn metric_slots(&self) -> &'static [usize] {
         <O::Scalar<f32> as Shape<f32>>::SLOTS
@@ -200,7 +207,7 @@ pub(crate) struct Token<R> {
     pub a: R,
     /// The row statistic `Σ_t m·row_term` (shapes with `ROW_STATISTIC`), else 0.
     pub row: R,
-    /// The per-token selection (KL-Cov), else 0.
+    /// The per-token flag (KL-Cov's selection, TOPR's positive rows), else 0.
     pub flag: R,
 }
 

@@ -23,6 +23,7 @@ use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::checks;
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::inputs::{fused_input_dtype, PolicyInputs, Prepared};
+use crate::losses::masks;
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
 use crate::losses::objective::{Batch, TokenTensors};
 use crate::losses::ratio::ratios;
@@ -226,11 +227,19 @@ impl PolicyLoss {
     /// [`PolicyLoss::forward`] on log-probs given as a tensor.
     fn forward_tensors(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
         let config = &self.config;
-        let (_, t) = inputs.check(config.kl.is_some(), config.entropy.is_some())?;
+        let (_, t) = inputs.check(config.kl.is_some(), config.reads_entropy())?;
+        masks::check_inputs(&config.masks, inputs)?;
+        check_scores(config, inputs)?;
         checks::check_normalizer(config, &inputs.normalizer)?;
         if let Some(bypass) = &config.bypass {
             return self.forward_bypass(bypass, inputs, t);
         }
+        // M2PO's reduced mask replaces the mask everywhere below.
+        let m2po_mask = masks::m2po_mask(&config.masks, inputs)?;
+        let inputs = &PolicyInputs {
+            mask: m2po_mask.as_ref().unwrap_or(inputs.mask),
+            ..*inputs
+        };
         // The fused kernels' input dtype, decided once (the pre-pass below keeps the weights'
         // dtype).
         let fused_dtype = fused_input_dtype(inputs);
@@ -256,8 +265,15 @@ impl PolicyLoss {
             t,
             mask_as: &mask_as,
         })?;
+        // OPSM's and the top-entropy selection's 0/1 factor, multiplied into the weights.
+        let weights = masks::keep_weights(
+            &config.masks,
+            inputs,
+            prepass.is_weights.as_ref().or(inputs.is_weights),
+            t,
+        )?;
         let inputs = &PolicyInputs {
-            is_weights: prepass.is_weights.as_ref().or(inputs.is_weights),
+            is_weights: weights.as_ref(),
             ..*inputs
         };
         let flags = prepass.flags;
@@ -265,7 +281,7 @@ impl PolicyLoss {
             Path::Composed => {
                 let (loss, sums, extrema) = composed(
                     config,
-                    &inputs.prepare(config.kl.is_some(), config.entropy.is_some())?,
+                    &inputs.prepare(config.kl.is_some(), config.reads_entropy())?,
                     flags.as_ref(),
                 )?;
                 (loss, sums, extrema, None)
@@ -439,8 +455,13 @@ impl PolicyLoss {
             false,
         )?;
         checks::check_normalizer(&self.config, &inputs.normalizer)?;
+        masks::check_inputs(&self.config.masks, inputs)?;
+        check_scores(&self.config, inputs)?;
         let config = &self.config;
-        // The one pass needs neither a row pre-pass nor batch-level constants.
+        // The one pass needs neither a row pre-pass nor batch-level constants; OPSM and the
+        // top-entropy selection read the current policy's `ℓ` and `H` of the whole batch before
+        // any gradient, as the sequence levels do, and take the route below (M2PO reads only
+        // constants and runs in the one pass).
         let one_pass = self
             .backend
             .path(head.hidden.device(), head.hidden.dtype(), false)
@@ -448,6 +469,7 @@ impl PolicyLoss {
             && config.ratio_level == RatioLevel::Token
             && config.entropy.is_none()
             && config.bypass.is_none()
+            && !config.masks.keeps()
             && !config.trust_region.objective().batch_prepass()
             && n > 0;
         if !one_pass {
@@ -460,12 +482,17 @@ impl PolicyLoss {
                 self.backend,
             )?;
             let mut composed = inputs.with_log_probs(&log_probs);
-            if config.entropy.is_some() {
+            if config.reads_entropy() {
                 composed.entropy = Some(&entropy);
             }
             return self.forward(&composed);
         }
         let dtype = compute_dtype(head.hidden.dtype());
+        let m2po_mask = masks::m2po_mask(&config.masks, inputs)?;
+        let inputs = &PolicyInputs {
+            mask: m2po_mask.as_ref().unwrap_or(inputs.mask),
+            ..*inputs
+        };
         checks::check_now(checks::pre_checks(config, inputs, None, dims.1)?.as_ref())?;
         let (loss, sums, extrema) =
             FusedLinearPolicyLoss::forward(&self.config, inputs, dims, dtype)?;
@@ -497,6 +524,26 @@ impl PolicyLoss {
             self.config.entropy.is_some(),
         );
         Ok(PolicyMetrics::new(sums, extrema, kind))
+    }
+}
+
+/// `scores` are given exactly when the objective reads them (TOPR).
+fn check_scores<L>(config: &PolicyLossConfig, inputs: &PolicyInputs<'_, L>) -> Result<()> {
+    match (
+        config.trust_region.objective().reads_scores(),
+        inputs.scores,
+    ) {
+        (true, None) => Err(Error::InvalidValue {
+            arg: "scores",
+            expected: "a [B] tensor (TOPR's branch is the row's reward score)".into(),
+            actual: "None".into(),
+        }),
+        (false, Some(_)) => Err(Error::InvalidValue {
+            arg: "scores",
+            expected: "None (only TOPR reads the reward scores)".into(),
+            actual: "a tensor".into(),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -13,6 +13,7 @@
 //! | [`Dppo`] | token | binary TV / KL region, `−A·sg[min(ρ,C)]·ℓ` | token-mean | clamp 20 |
 //! | [`Vespo`] | token | gamma sequence weight × `ℓ` | token-mean | (k, λ) (2, 3) / (3, 2), clamp 20 |
 //! | [`Luspo`] | sequence | hard clip | seq-mean-token-sum | ε 3e-4 / 4e-4, no clamp |
+//! | [`Topr`] | token | `−w·A·ℓ`, `w = w₊` on rows with score > 0, else `w₋·sg[min(ρ,1)]` | seq-mean-token-sum | w₊ = w₋ = 1, no clamp |
 //!
 //! verl's bypass mode is built by [`crate::Bypass::reinforce`] and [`crate::Bypass::ppo_clip`].
 //!
@@ -32,6 +33,7 @@ use crate::losses::kl_cov::KlCov;
 use crate::losses::policy_loss::PolicyLoss;
 use crate::losses::ratio::DEFAULT_LOG_RATIO_CLAMP;
 use crate::losses::ratio::{RatioLevel, GSPO_SEQ_LOG_RATIO_MAX};
+use crate::losses::topr::Topr;
 use crate::losses::trust_region::TrustRegion;
 use crate::losses::vespo::Vespo;
 use crate::rollout_correction::RolloutCorrection;
@@ -373,6 +375,28 @@ impl From<Luspo> for PolicyLossConfig {
         )
         .with_log_ratio_clamp(None)
         .with_aggregation(Aggregation::SeqMeanTokenSum)
+    }
+}
+
+impl Default for Topr {
+    /// ROLL's defaults: both weights 1.
+    fn default() -> Self {
+        Self {
+            positive_weight: 1.0,
+            negative_weight: 1.0,
+        }
+    }
+}
+
+preset_methods!(Topr);
+
+impl From<Topr> for PolicyLossConfig {
+    /// TOPR (ROLL `pg_variant: topr`): token level, no clamp, `seq-mean-token-sum` (ROLL's TOPR
+    /// example's `loss_agg_mode`).
+    fn from(t: Topr) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::Topr(t))
+            .with_log_ratio_clamp(None)
+            .with_aggregation(Aggregation::SeqMeanTokenSum)
     }
 }
 

@@ -2,7 +2,7 @@
 //! objective that replaces it: the enum a user configures, and the one dispatch from it to the
 //! objective it holds ([`TrustRegion::visit`]). Each objective lives in its own file
 //! (`soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`,
-//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`) behind [`Objective`]; adding one is the
+//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`) behind [`Objective`]; adding one is the
 //! page `docs/adding-an-objective.md`.
 //!
 //! Layer: objectives.
@@ -17,6 +17,7 @@ use crate::losses::kl_cov::KlCov;
 use crate::losses::objective::{DynObjective, Objective, Visit, VisitType};
 use crate::losses::policy_gradient::PolicyGradient;
 use crate::losses::soft_gate::SoftGate;
+use crate::losses::topr::Topr;
 use crate::losses::unclipped::Unclipped;
 use crate::losses::vespo::Vespo;
 
@@ -57,6 +58,9 @@ pub enum TrustRegion {
     /// then `f = e^y` (with [`crate::RatioLevel::Sequence`]: the geometric mean of the clipped
     /// token ratios).
     GeometricClip(GeometricClip),
+    /// TOPR (ROLL `topr`): `l = −w₊·A·ℓ` on rows with a positive reward score, else
+    /// `l = −w₋·sg[min(ρ, 1)]·A·ℓ`; needs [`crate::PolicyInputs::with_scores`].
+    Topr(Topr),
 }
 
 impl TrustRegion {
@@ -85,6 +89,7 @@ impl TrustRegion {
             Self::Dppo(ref o) => body.visit(o),
             Self::Vespo(ref o) => body.visit(o),
             Self::GeometricClip(ref o) => body.visit(o),
+            Self::Topr(ref o) => body.visit(o),
         }
     }
 
@@ -101,6 +106,7 @@ impl TrustRegion {
         body.visit::<Dppo>();
         body.visit::<Vespo>();
         body.visit::<GeometricClip>();
+        body.visit::<Topr>();
     }
 
     /// The objective this holds, for the queries that need no type parameter.
@@ -143,6 +149,7 @@ mod tests {
                 log_clip_low: 0.4,
                 log_clip_high: 0.4,
             }),
+            TrustRegion::Topr(Topr::default()),
         ]
     }
 

@@ -79,3 +79,4 @@ struct PolicyParams {
 #define SAPO_OBJECTIVE_DPPO 7
 #define SAPO_OBJECTIVE_VESPO 8
 #define SAPO_OBJECTIVE_GMPO 9
+#define SAPO_OBJECTIVE_TOPR 10

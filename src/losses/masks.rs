@@ -1,0 +1,927 @@
+//! Masks inside the policy loss: off-policy sequence masking (OPSM), the top-entropy tokens and
+//! M2PO's second-moment mask. Each is a batch-wide decision taken once, on the host, before the
+//! loss runs; its 0/1 result is what every path (composed, fused CPU, the lm_head path, the GPU
+//! kernels) takes, so none of them needs to know the masks exist:
+//!
+//! - OPSM and the top-entropy selection multiply the per-token policy loss by a 0/1 factor and
+//!   change nothing else (the normalisers, the KL and entropy terms and the metrics keep counting
+//!   the dropped tokens): the factor multiplies the rollout weights `w`.
+//! - M2PO replaces the mask `m` itself, so the normalisers and the metrics shrink with it.
+//!
+//! ```text
+//! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
+//! top-H      θ = the batch's (1 − ρ) quantile of H over unmasked tokens (linear interpolation)
+//!            keep = H ≥ θ
+//! M2PO       u = (ℓroll − ℓold)²; drop the k largest u, k the smallest with mean(rest) < τ
+//! ```
+//!
+//! The selections need no full sort: the quantile is two order statistics found by
+//! `select_nth_unstable`, the M2PO cut a quickselect-style search on the sums of the smaller
+//! values, both O(N).
+//!
+//! Layer: objectives.
+
+use candle_core::{DType, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::error::{check_config, Error, Result};
+use crate::losses::inputs::PolicyInputs;
+
+/// The masks of the policy loss: [TRL's and slime's off-policy sequence masking][opsm], [TRL's
+/// top-entropy tokens][topent] and [AReaL's M2PO][m2po]. Each is off (`None`) by default.
+///
+/// | field | peer key | effect |
+/// |---|---|---|
+/// | `off_policy_threshold` `δ` | TRL `off_policy_mask_threshold`, slime `--opsm-delta` | drops the policy term of tokens with `A < 0` in rows whose mean `ℓs − ℓ` exceeds `δ` |
+/// | `top_entropy_quantile` `ρ` | TRL `top_entropy_quantile` | keeps the policy term of the tokens whose entropy is at or above the batch's `(1−ρ)` quantile |
+/// | `m2_threshold` `τ` | AReaL `actor.m2_threshold` | masks the tokens with the largest `(ℓroll − ℓold)²` until the rest's mean is below `τ` |
+///
+/// OPSM reads `ℓs` = [`PolicyInputs::rollout_log_probs`] when given, else `old_log_probs`; the
+/// top-entropy selection reads [`PolicyInputs::entropy`] (required); M2PO reads
+/// `rollout_log_probs` (required). OPSM and the top-entropy selection leave every denominator,
+/// the KL and entropy terms and the metrics as they are; M2PO's reduced mask replaces `mask`
+/// everywhere. Formulas: [the formulas page](crate::formulas), §5.
+///
+/// [opsm]: https://arxiv.org/abs/2512.02556
+/// [topent]: https://arxiv.org/abs/2506.01939
+/// [m2po]: https://arxiv.org/abs/2510.01161
+///
+/// ```
+/// use sapo::PolicyMasks;
+/// let masks = PolicyMasks::default().with_off_policy_threshold(0.05).with_top_entropy_quantile(0.2);
+/// let loss = sapo::Grpo::default().config().with_masks(masks).build()?;
+/// assert!(PolicyMasks::default().with_top_entropy_quantile(1.5).validate().is_err());
+/// # Ok::<(), sapo::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyMasks {
+    /// OPSM's `δ` (finite and > 0).
+    pub off_policy_threshold: Option<f64>,
+    /// The kept fraction `ρ` of the top-entropy tokens, in (0, 1].
+    pub top_entropy_quantile: Option<f64>,
+    /// M2PO's `τ` (finite and > 0).
+    pub m2_threshold: Option<f64>,
+}
+
+impl PolicyMasks {
+    /// Turns OPSM on with threshold `δ`.
+    ///
+    /// ```
+    /// let m = sapo::PolicyMasks::default().with_off_policy_threshold(0.05);
+    /// assert_eq!(m.off_policy_threshold, Some(0.05));
+    /// ```
+    pub fn with_off_policy_threshold(mut self, delta: f64) -> Self {
+        self.off_policy_threshold = Some(delta);
+        self
+    }
+    /// Keeps the policy term of the top `ρ` fraction of tokens by entropy.
+    ///
+    /// ```
+    /// let m = sapo::PolicyMasks::default().with_top_entropy_quantile(0.2);
+    /// assert_eq!(m.top_entropy_quantile, Some(0.2));
+    /// ```
+    pub fn with_top_entropy_quantile(mut self, rho: f64) -> Self {
+        self.top_entropy_quantile = Some(rho);
+        self
+    }
+    /// Turns M2PO on with threshold `τ`.
+    ///
+    /// ```
+    /// let m = sapo::PolicyMasks::default().with_m2_threshold(0.04);
+    /// assert_eq!(m.m2_threshold, Some(0.04));
+    /// ```
+    pub fn with_m2_threshold(mut self, tau: f64) -> Self {
+        self.m2_threshold = Some(tau);
+        self
+    }
+    /// Whether any mask is on.
+    ///
+    /// ```
+    /// assert!(!sapo::PolicyMasks::default().any());
+    /// ```
+    pub fn any(&self) -> bool {
+        self.off_policy_threshold.is_some()
+            || self.top_entropy_quantile.is_some()
+            || self.m2_threshold.is_some()
+    }
+    /// Whether a mask multiplies the policy term (OPSM or the top-entropy selection).
+    pub(crate) fn keeps(&self) -> bool {
+        self.off_policy_threshold.is_some() || self.top_entropy_quantile.is_some()
+    }
+    /// Whether a mask reads `rollout_log_probs` (M2PO needs it, OPSM takes it).
+    pub(crate) fn reads_rollout(&self) -> bool {
+        self.off_policy_threshold.is_some() || self.m2_threshold.is_some()
+    }
+    /// Checks the thresholds, each error naming the peer's key.
+    ///
+    /// ```
+    /// assert!(sapo::PolicyMasks::default().with_m2_threshold(f64::NAN).validate().is_err());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        if let Some(d) = self.off_policy_threshold {
+            check_config(
+                d.is_finite() && d > 0.0,
+                "off_policy_mask_threshold",
+                "finite and > 0",
+                d,
+            )?;
+        }
+        if let Some(rho) = self.top_entropy_quantile {
+            check_config(
+                rho > 0.0 && rho <= 1.0,
+                "top_entropy_quantile",
+                "in (0, 1]",
+                rho,
+            )?;
+        }
+        if let Some(tau) = self.m2_threshold {
+            check_config(
+                tau.is_finite() && tau > 0.0,
+                "m2_threshold",
+                "finite and > 0",
+                tau,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host reads.
+
+/// Runs `f` on `x`'s values as `T`: the CPU storage itself when it is contiguous and of dtype
+/// `T`, else a converted copy (one host read).
+fn with_host<T: WithDType, O>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<O>) -> Result<O> {
+    if x.device().is_cpu() && x.dtype() == T::DTYPE {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<T>()?[start..end]);
+        }
+    }
+    let values = x
+        .detach()
+        .to_dtype(T::DTYPE)?
+        .flatten_all()?
+        .to_vec1::<T>()?;
+    f(&values)
+}
+
+/// A mask element: unmasked when non-zero (the loss checks the values themselves).
+pub(crate) trait MaskValue: WithDType + Copy + Sync + Send {
+    /// Whether the position is unmasked.
+    fn on(self) -> bool;
+}
+
+impl MaskValue for u8 {
+    #[inline(always)]
+    fn on(self) -> bool {
+        self != 0
+    }
+}
+
+impl MaskValue for f32 {
+    #[inline(always)]
+    fn on(self) -> bool {
+        self != 0.0
+    }
+}
+
+/// The first unmasked non-finite value of `x`, as the typed error naming `arg`.
+fn check_finite<M: MaskValue>(arg: &'static str, x: &[f32], mask: &[M]) -> Result<()> {
+    let bad = x
+        .par_chunks(CHUNK)
+        .zip(mask.par_chunks(CHUNK))
+        .enumerate()
+        .find_first(|(_, (x, m))| x.iter().zip(*m).any(|(v, m)| m.on() && !v.is_finite()));
+    match bad {
+        None => Ok(()),
+        Some((c, (x, m))) => {
+            let k = (0..x.len())
+                .find(|&k| m[k].on() && !x[k].is_finite())
+                .unwrap_or(0);
+            Err(Error::InvalidValue {
+                arg,
+                expected: "finite values at unmasked positions".into(),
+                actual: format!("{} at flat index {}", x[k], c * CHUNK + k),
+            })
+        }
+    }
+}
+
+/// Elements per parallel task of the host passes (fixed: the same sums whatever the number of
+/// threads).
+const CHUNK: usize = 1 << 14;
+
+/// The number of values the selections sample before their one full pass.
+const SAMPLE: usize = 4096;
+
+/// Every `stride`-th unmasked value of `x` (`f` of the value and its index), about `SAMPLE` of
+/// them.
+fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Vec<T> {
+    let stride = (len / SAMPLE).max(1);
+    (0..len)
+        .step_by(stride)
+        .filter(|&j| mask[j].on())
+        .map(f)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The selections (scalar form, on the host).
+
+/// OPSM's per-row `KL_i = Σ m·(ℓs − ℓ) / max(n, 1)` of the row `i` (slices of one row).
+#[inline]
+fn opsm_row_kl<M: MaskValue>(sampling: &[f32], log_probs: &[f32], mask: &[M]) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for ((s, l), m) in sampling.iter().zip(log_probs).zip(mask) {
+        if m.on() {
+            sum += f64::from(*s) - f64::from(*l);
+            n += 1;
+        }
+    }
+    sum / n.max(1) as f64
+}
+
+/// OPSM's per-row decision: whether row `i`'s `KL_i` exceeds `δ` (then its tokens with `A < 0`
+/// lose their policy term).
+#[cfg(test)]
+pub(crate) fn opsm_rows_off<M: MaskValue>(
+    sampling: &[f32],
+    log_probs: &[f32],
+    mask: &[M],
+    t: usize,
+    delta: f64,
+) -> Vec<bool> {
+    if t == 0 {
+        return vec![];
+    }
+    sampling
+        .chunks(t)
+        .zip(log_probs.chunks(t))
+        .zip(mask.chunks(t))
+        .map(|((s, l), m)| opsm_row_kl(s, l, m) > delta)
+        .collect()
+}
+
+/// The entropy threshold `θ` by its definition: the `(1 − ρ)` quantile of the unmasked
+/// entropies with `torch.quantile`'s linear interpolation (two order statistics by
+/// `select_nth_unstable`); `None` without an unmasked token.
+pub(crate) fn entropy_threshold<M: MaskValue>(
+    entropy: &[f32],
+    mask: &[M],
+    rho: f64,
+) -> Option<f64> {
+    let values: Vec<f32> = entropy
+        .iter()
+        .zip(mask)
+        .filter(|(_, m)| m.on())
+        .map(|(h, _)| *h)
+        .collect();
+    let n = values.len();
+    if n == 0 {
+        return None;
+    }
+    let (j, frac) = quantile_rank(rho, n);
+    let mut values = values;
+    Some(interpolate_at(&mut values, j, frac))
+}
+
+/// The rank `j` and the interpolation weight of the `(1 − ρ)` quantile of `n` values.
+fn quantile_rank(rho: f64, n: usize) -> (usize, f64) {
+    let p = (1.0 - rho) * (n - 1) as f64;
+    let j = (p.floor() as usize).min(n - 1);
+    (j, p - j as f64)
+}
+
+/// `v_(j) + frac·(v_(j+1) − v_(j))` of `values` (reordered), `v_(n) := v_(n−1)`.
+fn interpolate_at(values: &mut [f32], j: usize, frac: f64) -> f64 {
+    let (_, below, upper) = values.select_nth_unstable_by(j, f32::total_cmp);
+    let below = f64::from(*below);
+    if frac == 0.0 {
+        return below;
+    }
+    let above = upper
+        .iter()
+        .copied()
+        .min_by(f32::total_cmp)
+        .map_or(below, f64::from);
+    below + frac * (above - below)
+}
+
+/// The top-entropy keep `m ∧ (H ≥ θ)` of every position, in one full pass: a sample brackets
+/// the quantile, the pass writes the decisions outside the bracket and collects the values
+/// inside it, whose exact order statistics give `θ` (the definition, [`entropy_threshold`],
+/// when the bracket misses).
+fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Result<Vec<f32>> {
+    let len = entropy.len();
+    let mut sample = sample(len, mask, |j| entropy[j]);
+    sample.sort_unstable_by(f32::total_cmp);
+    let (lo, hi) = if sample.is_empty() {
+        (f32::NEG_INFINITY, f32::INFINITY)
+    } else {
+        let s = sample.len();
+        let (r, _) = quantile_rank(rho, s);
+        let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+        (
+            r.checked_sub(margin)
+                .map_or(f32::NEG_INFINITY, |k| sample[k]),
+            sample.get(r + margin + 1).copied().unwrap_or(f32::INFINITY),
+        )
+    };
+    let mut keep = vec![0f32; len];
+    // Per chunk: unmasked count, count below the bracket, the bracket's (value, index), and
+    // whether an unmasked value is not finite.
+    type Part = (usize, usize, Vec<(f32, usize)>, bool);
+    let parts: Vec<Part> = keep
+        .par_chunks_mut(CHUNK)
+        .zip(entropy.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
+        .enumerate()
+        .map(|(c, (keep, (h, m)))| {
+            let (mut n, mut below, mut inside, mut bad) = (0, 0, vec![], false);
+            for k in 0..h.len() {
+                if !m[k].on() {
+                    continue;
+                }
+                n += 1;
+                let v = h[k];
+                bad |= !v.is_finite();
+                if v < lo {
+                    below += 1;
+                } else if v > hi {
+                    keep[k] = 1.0;
+                } else {
+                    inside.push((v, c * CHUNK + k));
+                }
+            }
+            (n, below, inside, bad)
+        })
+        .collect();
+    if parts.iter().any(|p| p.3) {
+        check_finite("entropy", entropy, mask)?;
+    }
+    let n: usize = parts.iter().map(|p| p.0).sum();
+    if n == 0 {
+        return Ok(keep);
+    }
+    let below: usize = parts.iter().map(|p| p.1).sum();
+    let mut inside: Vec<(f32, usize)> = parts.into_iter().flat_map(|p| p.2).collect();
+    let (j, frac) = quantile_rank(rho, n);
+    let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
+    let theta = if j >= below && last < below + inside.len() {
+        let mut values: Vec<f32> = inside.iter().map(|(v, _)| *v).collect();
+        interpolate_at(&mut values, j - below, frac)
+    } else {
+        // The sample missed: the definition over every unmasked value.
+        match entropy_threshold(entropy, mask, rho) {
+            Some(theta) => theta,
+            None => return Ok(keep),
+        }
+    };
+    // Outside the bracket the decision stands whatever θ inside it (lo ≤ θ ≤ hi) — but for a
+    // missed bracket θ may lie outside it: then decide every position again.
+    if theta >= f64::from(lo) && theta <= f64::from(hi) {
+        for (v, j) in inside.drain(..) {
+            keep[j] = f32::from(u8::from(f64::from(v) >= theta));
+        }
+    } else {
+        for (k, (h, m)) in keep.iter_mut().zip(entropy.iter().zip(mask)) {
+            *k = f32::from(u8::from(m.on() && f64::from(*h) >= theta));
+        }
+    }
+    Ok(keep)
+}
+
+/// M2PO's reduced mask by its definition: `false` for the `k` unmasked tokens of largest
+/// `u = (ℓroll − ℓold)²`, `k` the smallest with the mean of the others below `τ` (`N − 1` if
+/// there is none). Ties of `u` at the cut: the later tokens are masked first. A quickselect
+/// search on the sums of the smaller values, O(N).
+pub(crate) fn m2po_keep<M: MaskValue>(
+    rollout: &[f32],
+    old: &[f32],
+    mask: &[M],
+    tau: f64,
+) -> Vec<bool> {
+    let mut keep: Vec<bool> = mask.iter().map(|m| m.on()).collect();
+    let n = keep.iter().filter(|&&k| k).count();
+    let total: f64 = (0..old.len())
+        .filter(|&j| keep[j])
+        .map(|j| second_moment(rollout[j], old[j]))
+        .sum();
+    if n == 0 || total < tau * n as f64 {
+        return keep;
+    }
+    let mut order: Vec<(f64, usize)> = (0..old.len())
+        .filter(|&j| keep[j])
+        .map(|j| (second_moment(rollout[j], old[j]), j))
+        .collect();
+    // Ascending (u, token) order; the kept tokens are a prefix of it.
+    let kept = cut(&mut order, 0.0, tau).max(1);
+    if kept < n {
+        order.select_nth_unstable_by(kept - 1, by_value_then_token);
+        for &(_, j) in &order[kept..] {
+            keep[j] = false;
+        }
+    }
+    keep
+}
+
+/// The largest `m` with `start + Σ_{i ≤ m} (u_(i) − τ) < 0` over the ascending order of `order`
+/// (`m = 0` when only `start < 0` holds, and when nothing does), leaving the `m` smallest first.
+/// The excess is decreasing while `u < τ` and increasing after, so a quickselect-style search
+/// on the sums of the smaller values finds it in O(n).
+fn cut(order: &mut [(f64, usize)], start: f64, tau: f64) -> usize {
+    let (mut lo, mut hi, mut prefix) = (0usize, order.len(), start);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let slice = &mut order[lo..hi];
+        slice.select_nth_unstable_by(mid - lo, by_value_then_token);
+        let part: f64 = slice[..=mid - lo].iter().map(|(u, _)| u - tau).sum();
+        if prefix + part < 0.0 {
+            prefix += part;
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// `(ℓroll − ℓold)²` in f64.
+#[inline(always)]
+fn second_moment(rollout: f32, old: f32) -> f64 {
+    let d = f64::from(rollout) - f64::from(old);
+    d * d
+}
+
+/// The total order of M2PO's cut: by `u`, then by token.
+fn by_value_then_token(a: &(f64, usize), b: &(f64, usize)) -> std::cmp::Ordering {
+    a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+}
+
+/// M2PO's reduced mask in one full pass, or `None` when it masks nothing (the mean of `u` is
+/// already below `τ`): a sample brackets the cut, the pass sums `u` below the bracket, keeps
+/// what is below it, drops what is above it and collects what is inside; the exact cut inside
+/// the bracket comes from those few values ([`m2po_keep`], the definition, when it misses).
+fn m2po_reduced<M: MaskValue>(
+    rollout: &[f32],
+    old: &[f32],
+    mask: &[M],
+    tau: f64,
+) -> Result<Option<Vec<M>>> {
+    let len = old.len();
+    let mut sample = sample(len, mask, |j| second_moment(rollout[j], old[j]));
+    sample.sort_unstable_by(f64::total_cmp);
+    // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0.
+    let (mut excess, mut sample_cut) = (0f64, 0usize);
+    for (i, u) in sample.iter().enumerate() {
+        excess += u - tau;
+        if excess < 0.0 {
+            sample_cut = i + 1;
+        }
+    }
+    let s = sample.len();
+    let (lo, hi) = if sample_cut >= s {
+        // The sample masks nothing: most likely neither does the batch (checked below).
+        (f64::INFINITY, f64::INFINITY)
+    } else {
+        let f = sample_cut as f64 / s as f64;
+        let margin = (3.0 * (s as f64 * f * (1.0 - f)).sqrt()) as usize + 4;
+        (
+            sample_cut
+                .checked_sub(margin)
+                .map_or(f64::NEG_INFINITY, |k| sample[k]),
+            sample
+                .get(sample_cut + margin)
+                .copied()
+                .unwrap_or(f64::INFINITY),
+        )
+    };
+    let zero = M::from_f64(0.0);
+    let mut out = vec![zero; len];
+    // Per chunk: (count, Σu) of all unmasked, of those below the bracket, and the bracket's.
+    type Part = (usize, f64, usize, f64, Vec<(f64, usize)>);
+    let parts: Vec<Part> = out
+        .par_chunks_mut(CHUNK)
+        .zip(rollout.par_chunks(CHUNK).zip(old.par_chunks(CHUNK)))
+        .zip(mask.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(c, ((out, (r, o)), m))| {
+            let (mut n, mut total, mut below, mut below_sum, mut inside) = (0, 0.0, 0, 0.0, vec![]);
+            for k in 0..o.len() {
+                if !m[k].on() {
+                    continue;
+                }
+                let u = second_moment(r[k], o[k]);
+                n += 1;
+                total += u;
+                if u < lo {
+                    below += 1;
+                    below_sum += u;
+                    out[k] = m[k];
+                } else if u <= hi {
+                    inside.push((u, c * CHUNK + k));
+                }
+            }
+            (n, total, below, below_sum, inside)
+        })
+        .collect();
+    let n: usize = parts.iter().map(|p| p.0).sum();
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    if !total.is_finite() {
+        check_finite("rollout_log_probs", rollout, mask)?;
+        check_finite("old_log_probs", old, mask)?;
+    }
+    if n == 0 || total < tau * n as f64 {
+        return Ok(None);
+    }
+    let below: usize = parts.iter().map(|p| p.2).sum();
+    let below_sum: f64 = parts.iter().map(|p| p.3).sum();
+    let mut inside: Vec<(f64, usize)> = parts.into_iter().flat_map(|p| p.4).collect();
+    let above = n - below - inside.len();
+    let start = below_sum - tau * below as f64;
+    let end = start + inside.iter().map(|(u, _)| u - tau).sum::<f64>();
+    // The bracket holds the cut when the excess is negative at its start (or nothing is below
+    // it) and the first value above it (> hi) already makes the excess non-negative.
+    let holds = (below == 0 || start < 0.0)
+        && (above == 0 || (hi >= tau && end + (hi - tau) >= 0.0))
+        && !(below == 0 && inside.is_empty());
+    if !holds {
+        let keep = m2po_keep(rollout, old, mask, tau);
+        return Ok(Some(
+            keep.iter()
+                .zip(mask)
+                .map(|(&k, &m)| if k { m } else { zero })
+                .collect(),
+        ));
+    }
+    let mut kept = cut(&mut inside, start, tau);
+    if below + kept == 0 {
+        // Nothing makes the mean fall below τ: the smallest token stays.
+        inside.select_nth_unstable_by(0, by_value_then_token);
+        kept = 1;
+    }
+    for &(_, j) in &inside[..kept] {
+        out[j] = mask[j];
+    }
+    Ok(Some(out))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pre-pass the loss runs.
+
+/// Checks that the inputs the masks read are there (and no `rollout_log_probs` no mask reads).
+pub(crate) fn check_inputs<L>(masks: &PolicyMasks, inputs: &PolicyInputs<'_, L>) -> Result<()> {
+    if masks.m2_threshold.is_some() && inputs.rollout_log_probs.is_none() {
+        return Err(Error::InvalidValue {
+            arg: "rollout_log_probs",
+            expected: "a [B, T] tensor (m2_threshold reads the behaviour policy's log-probs)"
+                .into(),
+            actual: "None".into(),
+        });
+    }
+    if !masks.reads_rollout() && inputs.rollout_log_probs.is_some() {
+        return Err(Error::InvalidValue {
+            arg: "rollout_log_probs",
+            expected: "None (only off_policy_mask_threshold and m2_threshold read it)".into(),
+            actual: "a tensor".into(),
+        });
+    }
+    Ok(())
+}
+
+/// M2PO's reduced mask (in the input mask's dtype), or `None` when M2PO is off or masks
+/// nothing.
+pub(crate) fn m2po_mask<L>(
+    masks: &PolicyMasks,
+    inputs: &PolicyInputs<'_, L>,
+) -> Result<Option<Tensor>> {
+    let (Some(tau), Some(rollout)) = (masks.m2_threshold, inputs.rollout_log_probs) else {
+        return Ok(None);
+    };
+    fn reduced<M: MaskValue>(
+        mask: &[M],
+        rollout: &Tensor,
+        old: &Tensor,
+        tau: f64,
+        like: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        with_host::<f32, _>(rollout, |rollout| {
+            with_host::<f32, _>(old, |old| match m2po_reduced(rollout, old, mask, tau)? {
+                None => Ok(None),
+                Some(out) => Ok(Some(
+                    Tensor::from_vec(out, like.dims(), like.device())?.to_dtype(like.dtype())?,
+                )),
+            })
+        })
+    }
+    let (mask, old) = (inputs.mask, inputs.old_log_probs);
+    match mask.dtype() {
+        DType::U8 => with_host::<u8, _>(mask, |m| reduced(m, rollout, old, tau, mask)),
+        _ => with_host::<f32, _>(mask, |m| reduced(m, rollout, old, tau, mask)),
+    }
+}
+
+/// The rollout weights with OPSM's and the top-entropy selection's 0/1 factor multiplied in
+/// (`weights`: the objective's or the caller's, `None` = 1); `None` when neither mask is on and
+/// there were no weights. `log_probs` is the current policy's `ℓ` (read detached).
+pub(crate) fn keep_weights(
+    masks: &PolicyMasks,
+    inputs: &PolicyInputs<'_>,
+    weights: Option<&Tensor>,
+    t: usize,
+) -> Result<Option<Tensor>> {
+    if !masks.keeps() {
+        return Ok(weights.cloned());
+    }
+    let log_probs = inputs.log_probs;
+    let b = log_probs.dim(0)?;
+    let advantages = inputs.advantages(t)?;
+    let per_token_adv = advantages.rank() == 2 && t != 1;
+    // The factor is per row (`[B,1]`) with row advantages and no entropy selection.
+    let row_wise = masks.top_entropy_quantile.is_none() && !per_token_adv;
+    if masks.top_entropy_quantile.is_some() && inputs.entropy.is_none() {
+        return Err(Error::InvalidValue {
+            arg: "entropy",
+            expected: "a [B, T] tensor (top_entropy_quantile selects by entropy)".into(),
+            actual: "None".into(),
+        });
+    }
+    let keep = match inputs.mask.dtype() {
+        DType::U8 => with_host::<u8, _>(inputs.mask, |m| {
+            keep_factor(masks, inputs, m, &advantages, (b, t), row_wise)
+        }),
+        _ => with_host::<f32, _>(inputs.mask, |m| {
+            keep_factor(masks, inputs, m, &advantages, (b, t), row_wise)
+        }),
+    }?;
+    let shape = if row_wise { (b, 1) } else { (b, t) };
+    let dtype = weights.map_or(log_probs.dtype(), Tensor::dtype);
+    let keep = Tensor::from_vec(keep, shape, log_probs.device())?.to_dtype(dtype)?;
+    Ok(Some(match weights {
+        None => keep,
+        Some(w) => w.detach().broadcast_mul(&keep)?,
+    }))
+}
+
+/// The 0/1 factor of OPSM and the top-entropy selection (`B` values when `row_wise`, else
+/// `B·T`).
+fn keep_factor<M: MaskValue>(
+    masks: &PolicyMasks,
+    inputs: &PolicyInputs<'_>,
+    mask: &[M],
+    advantages: &Tensor,
+    (b, t): (usize, usize),
+    row_wise: bool,
+) -> Result<Vec<f32>> {
+    let mut keep = match (masks.top_entropy_quantile, inputs.entropy) {
+        (Some(rho), Some(entropy)) => {
+            with_host::<f32, _>(&entropy.detach(), |h| top_entropy_keep(h, mask, rho))?
+        }
+        _ => vec![1f32; if row_wise { b } else { b * t }],
+    };
+    let Some(delta) = masks.off_policy_threshold else {
+        return Ok(keep);
+    };
+    let (sampling, sampling_arg) = match inputs.rollout_log_probs {
+        Some(r) => (r, "rollout_log_probs"),
+        None => (inputs.old_log_probs, "old_log_probs"),
+    };
+    if t == 0 {
+        return Ok(keep);
+    }
+    with_host::<f32, _>(sampling, |s| {
+        with_host::<f32, _>(&inputs.log_probs.detach(), |lp| {
+            with_host::<f32, _>(advantages, |adv| {
+                let row_len = if row_wise { 1 } else { t };
+                // One pass per row: its KL (and whether an unmasked value is not finite), then
+                // its tokens' factor.
+                let finite = keep
+                    .par_chunks_mut(row_len)
+                    .zip(
+                        s.par_chunks(t)
+                            .zip(lp.par_chunks(t))
+                            .zip(mask.par_chunks(t)),
+                    )
+                    .enumerate()
+                    .map(|(i, (keep, ((s, lp), m)))| {
+                        let kl = opsm_row_kl(s, lp, m);
+                        if !kl.is_finite() {
+                            return false;
+                        }
+                        if kl > delta {
+                            for (k, keep) in keep.iter_mut().enumerate() {
+                                let a = if adv.len() == b {
+                                    adv[i]
+                                } else {
+                                    adv[i * t + k]
+                                };
+                                if a < 0.0 {
+                                    *keep = 0.0;
+                                }
+                            }
+                        }
+                        true
+                    })
+                    .reduce(|| true, |a, b| a && b);
+                if !finite {
+                    // Name the input (a NaN or ±inf somewhere made a row's KL non-finite).
+                    check_finite(sampling_arg, s, mask)?;
+                    check_finite("log_probs", lp, mask)?;
+                }
+                Ok(())
+            })
+        })
+    })?;
+    Ok(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The quantile by a full sort (the definition, `torch.quantile`'s linear interpolation).
+    fn threshold_by_sort(h: &[f32], m: &[bool], rho: f64) -> Option<f64> {
+        let mut v: Vec<f64> = (0..h.len())
+            .filter(|&j| m[j])
+            .map(|j| f64::from(h[j]))
+            .collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let p = (1.0 - rho) * (v.len() - 1) as f64;
+        let j = p.floor() as usize;
+        let above = v.get(j + 1).copied().unwrap_or(v[j]);
+        Some(v[j] + (p - j as f64) * (above - v[j]))
+    }
+
+    /// M2PO by its definition: sort descending, drop until the rest's mean is below τ.
+    fn m2po_by_sort(roll: &[f32], old: &[f32], m: &[bool], tau: f64) -> Vec<bool> {
+        let u = |j: usize| (f64::from(roll[j]) - f64::from(old[j])).powi(2);
+        let mut order: Vec<usize> = (0..old.len()).filter(|&j| m[j]).collect();
+        // Descending u; among equal u the later token first (the crate's tie rule).
+        order.sort_by(|&a, &b| u(b).total_cmp(&u(a)).then(b.cmp(&a)));
+        let n = order.len();
+        let mut keep = m.to_vec();
+        if n == 0 {
+            return keep;
+        }
+        let k = (0..n)
+            .find(|&k| {
+                let rest = &order[k..];
+                rest.iter().map(|&j| u(j)).sum::<f64>() / (rest.len() as f64) < tau
+            })
+            .unwrap_or(n - 1);
+        for &j in &order[..k] {
+            keep[j] = false;
+        }
+        keep
+    }
+
+    /// The top-entropy keep by the sorted threshold.
+    fn keep_by_sort(h: &[f32], m: &[bool], rho: f64) -> Vec<f32> {
+        let theta = threshold_by_sort(h, m, rho);
+        (0..h.len())
+            .map(|j| {
+                f32::from(u8::from(
+                    m[j] && theta.is_some_and(|t| f64::from(h[j]) >= t),
+                ))
+            })
+            .collect()
+    }
+
+    /// The one-pass M2PO as bools (the mask unchanged when it masks nothing).
+    fn reduced_as_bools(roll: &[f32], old: &[f32], mask: &[f32], tau: f64) -> Vec<bool> {
+        match m2po_reduced(roll, old, mask, tau).unwrap() {
+            Some(out) => out.iter().map(|&m| m != 0.0).collect(),
+            None => mask.iter().map(|&m| m != 0.0).collect(),
+        }
+    }
+
+    /// Batches far larger than the sample (the bracket's path and its misses), on values with
+    /// many ties and on smooth ones: the one-pass selections are their definitions.
+    #[test]
+    fn one_pass_selections_on_large_batches() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (len, coarse) in [(20_000, false), (50_000, true), (9_000, false)] {
+            let value = |x: f64| {
+                if coarse {
+                    (x * 16.0).floor() as f32 / 4.0
+                } else {
+                    x as f32 * 3.0
+                }
+            };
+            let h: Vec<f32> = (0..len).map(|_| value(next())).collect();
+            let m: Vec<bool> = (0..len).map(|_| next() < 0.8).collect();
+            let mask: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
+            for rho in [0.01, 0.2, 0.5, 0.97, 1.0] {
+                assert_eq!(
+                    top_entropy_keep(&h, &mask, rho).unwrap(),
+                    keep_by_sort(&h, &m, rho),
+                    "ρ {rho}"
+                );
+            }
+            let old: Vec<f32> = (0..len).map(|_| -(next() as f32) * 3.0).collect();
+            let roll: Vec<f32> = old
+                .iter()
+                .map(|o| o + value(next() - 0.5) * 0.1 * if next() < 0.02 { 10.0 } else { 1.0 })
+                .collect();
+            let maskf: Vec<f32> = m.iter().map(|&m| f32::from(u8::from(m))).collect();
+            for tau in [1e-4, 1e-3, 0.004, 0.02, 1.0] {
+                assert_eq!(
+                    reduced_as_bools(&roll, &old, &maskf, tau),
+                    m2po_by_sort(&roll, &old, &m, tau),
+                    "τ {tau}"
+                );
+            }
+        }
+    }
+
+    /// Values on a coarse grid, so that ties are common.
+    fn grid(len: usize) -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec((0u8..12).prop_map(|v| f32::from(v) * 0.25), len)
+    }
+
+    proptest! {
+        #[test]
+        fn entropy_threshold_is_the_sorted_quantile(
+            h in grid(40),
+            m in prop::collection::vec(any::<bool>(), 40),
+            rho in 0.01f64..=1.0,
+        ) {
+            let mask: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
+            let got = entropy_threshold(&h, &mask, rho);
+            let want = threshold_by_sort(&h, &m, rho);
+            match (got, want) {
+                (Some(g), Some(w)) => prop_assert!((g - w).abs() <= 1e-12 * w.abs().max(1.0)),
+                (g, w) => prop_assert_eq!(g, w),
+            }
+            prop_assert_eq!(top_entropy_keep(&h, &mask, rho).unwrap(), keep_by_sort(&h, &m, rho));
+        }
+
+        #[test]
+        fn m2po_matches_its_definition(
+            roll in grid(48),
+            old in grid(48),
+            m in prop::collection::vec(any::<bool>(), 48),
+            tau in 0.01f64..2.0,
+        ) {
+            let mask: Vec<f32> = m.iter().map(|&m| f32::from(u8::from(m))).collect();
+            let got = m2po_keep(&roll, &old, &mask, tau);
+            prop_assert_eq!(got.clone(), m2po_by_sort(&roll, &old, &m, tau));
+            prop_assert_eq!(reduced_as_bools(&roll, &old, &mask, tau), got.clone());
+            // Only unmasked tokens are dropped, and one stays when there was one.
+            prop_assert!(got.iter().zip(&m).all(|(g, m)| !*g || *m));
+            prop_assert!(!m.iter().any(|&m| m) || got.iter().any(|&g| g));
+        }
+
+        #[test]
+        fn opsm_rows_are_the_row_means(
+            s in grid(30),
+            lp in grid(30),
+            m in prop::collection::vec(any::<bool>(), 30),
+            delta in 0.01f64..1.0,
+        ) {
+            let mask: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
+            let got = opsm_rows_off(&s, &lp, &mask, 6, delta);
+            for (i, off) in got.iter().enumerate() {
+                let row = i * 6..(i + 1) * 6;
+                let n = row.clone().filter(|&j| m[j]).count();
+                let sum: f64 = row.filter(|&j| m[j]).map(|j| f64::from(s[j]) - f64::from(lp[j])).sum();
+                prop_assert_eq!(*off, sum / n.max(1) as f64 > delta);
+            }
+        }
+    }
+
+    /// The edges: ρ = 1 keeps every token (θ is the minimum), no unmasked token gives no θ,
+    /// M2PO keeps everything when the mean is already below τ, and one token when none is.
+    #[test]
+    fn edges_by_hand() {
+        let h = [0.5f32, 2.0, 1.0, 3.0];
+        let (on, off) = ([1u8; 4], [0u8; 4]);
+        assert_eq!(entropy_threshold(&h, &on, 1.0), Some(0.5));
+        assert_eq!(entropy_threshold(&h, &off, 0.5), None);
+        // ρ = 0.5 over 4 values: p = 1.5, θ = 1.0 + 0.5·(2.0 − 1.0).
+        assert_eq!(entropy_threshold(&h, &on, 0.5), Some(1.5));
+        let old = [0f32; 4];
+        let roll = [0.1f32, 0.1, 0.1, 0.1];
+        assert_eq!(m2po_keep(&roll, &old, &on, 0.5), vec![true; 4]);
+        assert!(m2po_reduced(&roll, &old, &on, 0.5).unwrap().is_none());
+        let roll = [2f32, 3.0, 4.0, 5.0];
+        assert_eq!(
+            m2po_keep(&roll, &old, &on, 0.5),
+            vec![true, false, false, false]
+        );
+        assert_eq!(
+            m2po_reduced(&roll, &old, &on, 0.5).unwrap(),
+            Some(vec![1, 0, 0, 0])
+        );
+    }
+}

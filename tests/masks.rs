@@ -1,0 +1,478 @@
+//! The masks inside the policy loss (OPSM, top-entropy tokens, M2PO) and TOPR, on every path
+//! (the fused CPU kernel, the composed ops and, under `gpu-sim`, the simulated CUDA and Metal
+//! kernels): each against its definition written out by hand here (OPSM and the top-entropy
+//! selection as rollout weights, M2PO as a reduced mask), their typed errors, and padding
+//! garbage that never reaches a value.
+
+use candle_core::{Device, Tensor, Var};
+use sapo::{
+    Error, Grpo, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyMasks, Sapo, Topr, Vespo,
+};
+
+#[path = "common/sim.rs"]
+mod sim;
+
+const B: usize = 6;
+const T: usize = 9;
+
+fn dev() -> Device {
+    Device::Cpu
+}
+
+/// A deterministic pseudo-random vector in [−0.5, 0.5).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32
+        })
+        .collect()
+}
+
+fn mat(v: Vec<f32>) -> Tensor {
+    Tensor::from_vec(v, (B, T), &dev()).unwrap()
+}
+
+/// One batch: rows of different lengths (one empty), row advantages of both signs, rollout
+/// log-probs that drift from the old ones by row, entropies on a grid (ties).
+struct Batch {
+    log_probs: Vec<f32>,
+    old: Vec<f32>,
+    rollout: Vec<f32>,
+    entropy: Vec<f32>,
+    advantages: Vec<f32>,
+    mask: Vec<f32>,
+}
+
+fn batch() -> Batch {
+    let n = B * T;
+    let old: Vec<f32> = noise(n, 1).iter().map(|x| -1.5 + 2.0 * x).collect();
+    let log_probs: Vec<f32> = old
+        .iter()
+        .zip(noise(n, 2))
+        .map(|(o, e)| o + 0.4 * e)
+        .collect();
+    let rollout: Vec<f32> = (0..n)
+        .map(|j| old[j] + (j / T) as f32 * 0.06 * (1.0 + noise(n, 3)[j]))
+        .collect();
+    let entropy = noise(n, 4)
+        .iter()
+        .map(|x| ((x + 0.5) * 8.0).floor() * 0.25)
+        .collect();
+    let advantages = vec![1.0, -0.8, -1.2, 0.5, -0.3, -2.0];
+    let mask = (0..n)
+        .map(|j| {
+            let (i, t) = (j / T, j % T);
+            if i == 4 || t >= T - i {
+                0.0
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Batch {
+        log_probs,
+        old,
+        rollout,
+        entropy,
+        advantages,
+        mask,
+    }
+}
+
+/// Loss and gradient of `loss` on `batch` with the optional inputs given, on every path.
+fn run_all(
+    loss: &PolicyLoss,
+    x: &Batch,
+    weights: Option<Vec<f32>>,
+    mask: Option<Vec<f32>>,
+    with: (bool, bool),
+) -> Vec<(&'static str, f64, Vec<f64>)> {
+    let lp = Var::from_tensor(&mat(x.log_probs.clone())).unwrap();
+    let old = mat(x.old.clone());
+    let rollout = mat(x.rollout.clone());
+    let entropy = mat(x.entropy.clone());
+    let adv = Tensor::new(x.advantages.as_slice(), &dev()).unwrap();
+    let mask = mat(mask.unwrap_or_else(|| x.mask.clone()));
+    let weights = weights.map(mat);
+    let mut out = vec![];
+    for (name, backend, sim) in sim::paths() {
+        let _guard = sim.enter();
+        let mut inputs = PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask);
+        if with.0 {
+            inputs = inputs.with_rollout_log_probs(&rollout);
+        }
+        if with.1 {
+            inputs = inputs.with_entropy(&entropy);
+        }
+        inputs.is_weights = weights.as_ref();
+        let result = loss.with_backend(backend).forward(&inputs).unwrap();
+        result.metrics.check().unwrap();
+        let grad = result.loss.backward().unwrap();
+        let grad = grad.get(lp.as_tensor()).unwrap();
+        let flat = |t: &Tensor| {
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        out.push((name, flat(&result.loss)[0], flat(grad)));
+    }
+    out
+}
+
+fn assert_same(what: &str, got: &[(&str, f64, Vec<f64>)], want: &[(&str, f64, Vec<f64>)]) {
+    for ((path, l, g), (_, wl, wg)) in got.iter().zip(want) {
+        assert!(
+            (l - wl).abs() <= 1e-6 * wl.abs().max(1.0),
+            "{what} [{path}] loss {l} vs {wl}"
+        );
+        for (j, (a, b)) in g.iter().zip(wg).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6,
+                "{what} [{path}] grad[{j}] {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// OPSM's keep written out: `KL_i` of the unmasked tokens, `(A ≥ 0) ∨ (KL_i ≤ δ)`.
+fn opsm_keep(x: &Batch, sampling: &[f32], delta: f64) -> Vec<f32> {
+    (0..B * T)
+        .map(|j| {
+            let i = j / T;
+            let row = i * T..(i + 1) * T;
+            let n = row.clone().filter(|&k| x.mask[k] != 0.0).count();
+            let kl: f64 = row
+                .filter(|&k| x.mask[k] != 0.0)
+                .map(|k| f64::from(sampling[k]) - f64::from(x.log_probs[k]))
+                .sum::<f64>()
+                / n.max(1) as f64;
+            f32::from(u8::from(x.advantages[i] >= 0.0 || kl <= delta))
+        })
+        .collect()
+}
+
+/// The top-entropy keep written out: a full sort, linear interpolation, `H ≥ θ`.
+fn top_entropy_keep(x: &Batch, rho: f64) -> Vec<f32> {
+    let mut v: Vec<f64> = (0..B * T)
+        .filter(|&j| x.mask[j] != 0.0)
+        .map(|j| f64::from(x.entropy[j]))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    let p = (1.0 - rho) * (v.len() - 1) as f64;
+    let j = p.floor() as usize;
+    let theta = v[j] + (p - j as f64) * (v.get(j + 1).copied().unwrap_or(v[j]) - v[j]);
+    (0..B * T)
+        .map(|j| {
+            f32::from(u8::from(
+                x.mask[j] != 0.0 && f64::from(x.entropy[j]) >= theta,
+            ))
+        })
+        .collect()
+}
+
+fn with_masks(loss: PolicyLossConfig, masks: PolicyMasks) -> PolicyLoss {
+    loss.with_masks(masks).build().unwrap()
+}
+
+#[test]
+fn opsm_is_its_keep_as_rollout_weights() {
+    let x = batch();
+    for delta in [0.02, 0.05] {
+        for config in [Sapo::default().config(), Grpo::default().config()] {
+            let masks = PolicyMasks::default().with_off_policy_threshold(delta);
+            // With the rollout log-probs as the sampling policy, and without (the old ones).
+            for (with_rollout, sampling) in [(true, &x.rollout), (false, &x.old)] {
+                let keep = opsm_keep(&x, sampling, delta);
+                if with_rollout {
+                    assert!(
+                        keep.contains(&0.0) && keep.contains(&1.0),
+                        "δ {delta}: trivial"
+                    );
+                }
+                let got = run_all(
+                    &with_masks(config, masks),
+                    &x,
+                    None,
+                    None,
+                    (with_rollout, false),
+                );
+                let want = run_all(
+                    &config.build().unwrap(),
+                    &x,
+                    Some(keep),
+                    None,
+                    (false, false),
+                );
+                assert_same(&format!("OPSM δ {delta}"), &got, &want);
+            }
+        }
+    }
+}
+
+#[test]
+fn top_entropy_is_its_keep_as_rollout_weights_times_the_callers() {
+    let x = batch();
+    let caller: Vec<f32> = noise(B * T, 9).iter().map(|w| 1.0 + w).collect();
+    for rho in [0.2, 0.5, 1.0] {
+        let keep = top_entropy_keep(&x, rho);
+        let both: Vec<f32> = keep.iter().zip(&caller).map(|(k, w)| k * w).collect();
+        let config = Grpo::default().config();
+        let masks = PolicyMasks::default().with_top_entropy_quantile(rho);
+        let got = run_all(
+            &with_masks(config, masks),
+            &x,
+            Some(caller.clone()),
+            None,
+            (false, true),
+        );
+        let want = run_all(
+            &config.build().unwrap(),
+            &x,
+            Some(both),
+            None,
+            (false, false),
+        );
+        assert_same(&format!("top-entropy ρ {rho}"), &got, &want);
+    }
+}
+
+#[test]
+fn m2po_is_a_reduced_mask() {
+    let x = batch();
+    let u: Vec<f64> = (0..B * T)
+        .map(|j| (f64::from(x.rollout[j]) - f64::from(x.old[j])).powi(2))
+        .collect();
+    for tau in [0.004, 0.012] {
+        // The definition: drop the largest u until the rest's mean is below τ.
+        let mut order: Vec<usize> = (0..B * T).filter(|&j| x.mask[j] != 0.0).collect();
+        order.sort_by(|&a, &b| u[b].total_cmp(&u[a]));
+        let k = (0..order.len())
+            .find(|&k| {
+                let rest = &order[k..];
+                rest.iter().map(|&j| u[j]).sum::<f64>() / (rest.len() as f64) < tau
+            })
+            .unwrap();
+        assert!(k > 0, "τ {tau}: nothing masked");
+        let mut reduced = x.mask.clone();
+        for &j in &order[..k] {
+            reduced[j] = 0.0;
+        }
+        for config in [Grpo::default().config(), Sapo::default().config()] {
+            let masks = PolicyMasks::default().with_m2_threshold(tau);
+            let got = run_all(&with_masks(config, masks), &x, None, None, (true, false));
+            let want = run_all(
+                &config.build().unwrap(),
+                &x,
+                None,
+                Some(reduced.clone()),
+                (false, false),
+            );
+            assert_same(&format!("M2PO τ {tau}"), &got, &want);
+        }
+    }
+}
+
+/// Garbage (NaN, ±inf) at masked positions of `rollout_log_probs` and `entropy` reaches nothing.
+#[test]
+fn padding_garbage_never_reaches_the_masks() {
+    let x = batch();
+    let mut dirty = batch();
+    for j in 0..B * T {
+        if x.mask[j] == 0.0 {
+            dirty.rollout[j] = f32::NAN;
+            dirty.entropy[j] = if j % 2 == 0 { f32::INFINITY } else { f32::NAN };
+        }
+    }
+    let masks = PolicyMasks::default()
+        .with_off_policy_threshold(0.05)
+        .with_top_entropy_quantile(0.5)
+        .with_m2_threshold(0.02);
+    let loss = with_masks(Grpo::default().config(), masks);
+    let clean = run_all(&loss, &x, None, None, (true, true));
+    let got = run_all(&loss, &dirty, None, None, (true, true));
+    assert_same("garbage", &got, &clean);
+}
+
+/// Every bad input is a typed error naming its argument (the peers' key).
+#[test]
+fn bad_masks_and_inputs_are_typed_errors() {
+    let arg_of = |e: Error| match e {
+        Error::InvalidConfig { name, .. } => name,
+        Error::InvalidValue { arg, .. } | Error::Shape { arg, .. } => arg,
+        other => panic!("untyped error {other}"),
+    };
+    let bad = [
+        (
+            PolicyMasks::default().with_top_entropy_quantile(0.0),
+            "top_entropy_quantile",
+        ),
+        (
+            PolicyMasks::default().with_top_entropy_quantile(1.01),
+            "top_entropy_quantile",
+        ),
+        (
+            PolicyMasks::default().with_top_entropy_quantile(f64::NAN),
+            "top_entropy_quantile",
+        ),
+        (
+            PolicyMasks::default().with_off_policy_threshold(0.0),
+            "off_policy_mask_threshold",
+        ),
+        (
+            PolicyMasks::default().with_off_policy_threshold(f64::INFINITY),
+            "off_policy_mask_threshold",
+        ),
+        (
+            PolicyMasks::default().with_m2_threshold(-0.1),
+            "m2_threshold",
+        ),
+        (
+            PolicyMasks::default().with_m2_threshold(f64::NAN),
+            "m2_threshold",
+        ),
+    ];
+    for (masks, key) in bad {
+        let err = Grpo::default()
+            .config()
+            .with_masks(masks)
+            .build()
+            .unwrap_err();
+        assert_eq!(arg_of(err), key, "{masks:?}");
+    }
+    // VESPO's weights enter its sequence weight: OPSM's factor cannot multiply them.
+    let err = Vespo::default()
+        .config()
+        .with_masks(PolicyMasks::default().with_off_policy_threshold(0.1))
+        .build()
+        .unwrap_err();
+    assert_eq!(arg_of(err), "off_policy_mask_threshold");
+
+    let x = batch();
+    let lp = mat(x.log_probs.clone());
+    let adv = Tensor::new(x.advantages.as_slice(), &dev()).unwrap();
+    let mask = mat(x.mask.clone());
+    let inputs = PolicyInputs::new(&lp, &lp, &adv, &mask);
+    let forward = |masks: PolicyMasks, inputs: &PolicyInputs<'_>| {
+        with_masks(Grpo::default().config(), masks)
+            .forward(inputs)
+            .map(|_| ())
+            .map_err(arg_of)
+    };
+    let top = PolicyMasks::default().with_top_entropy_quantile(0.5);
+    assert_eq!(forward(top, &inputs), Err("entropy"));
+    let m2 = PolicyMasks::default().with_m2_threshold(0.1);
+    assert_eq!(forward(m2, &inputs), Err("rollout_log_probs"));
+    // rollout_log_probs that no mask reads, of the wrong shape, or non-finite where unmasked.
+    assert_eq!(
+        forward(PolicyMasks::default(), &inputs.with_rollout_log_probs(&lp)),
+        Err("rollout_log_probs")
+    );
+    let short = Tensor::zeros((B, T - 1), candle_core::DType::F32, &dev()).unwrap();
+    assert_eq!(
+        forward(m2, &inputs.with_rollout_log_probs(&short)),
+        Err("rollout_log_probs")
+    );
+    let mut nan = x.log_probs.clone();
+    nan[0] = f32::NAN;
+    let nan = mat(nan);
+    assert_eq!(
+        forward(m2, &inputs.with_rollout_log_probs(&nan)),
+        Err("rollout_log_probs")
+    );
+    assert_eq!(forward(top, &inputs.with_entropy(&nan)), Err("entropy"));
+    // TOPR needs scores; no other objective takes them.
+    let scores = Tensor::new(&[1f32, 0., -1., 2., 0., 1.], &dev()).unwrap();
+    let topr = Topr::default().build().unwrap();
+    assert_eq!(
+        topr.forward(&inputs).map(|_| ()).map_err(arg_of),
+        Err("scores")
+    );
+    assert_eq!(
+        forward(PolicyMasks::default(), &inputs.with_scores(&scores)),
+        Err("scores")
+    );
+    let wrong = Tensor::new(&[1f32, 0.], &dev()).unwrap();
+    assert_eq!(
+        topr.forward(&inputs.with_scores(&wrong))
+            .map(|_| ())
+            .map_err(arg_of),
+        Err("scores")
+    );
+    let inf = Tensor::new(&[1f32, 0., f32::INFINITY, 2., 0., 1.], &dev()).unwrap();
+    assert_eq!(
+        topr.forward(&inputs.with_scores(&inf))
+            .map(|_| ())
+            .map_err(arg_of),
+        Err("scores")
+    );
+}
+
+/// TOPR by hand on every path: with every score positive it is REINFORCE (`−A·ℓ`) with weight
+/// `w₊`; on the negative rows the weight is `w₋·min(ρ, 1)`, whatever the advantage's sign.
+#[test]
+fn topr_by_hand() {
+    let x = batch();
+    let lp = Var::from_tensor(&mat(x.log_probs.clone())).unwrap();
+    let old = mat(x.old.clone());
+    let adv = Tensor::new(x.advantages.as_slice(), &dev()).unwrap();
+    let mask = mat(x.mask.clone());
+    let scores = [0.5f32, 1.0, -1.0, 0.0, 2.0, -0.5];
+    let topr = Topr {
+        positive_weight: 0.7,
+        negative_weight: 1.3,
+    };
+    let n = x.mask.iter().filter(|&&m| m != 0.0).count() as f64;
+    let mut want_loss = 0.0;
+    let mut want_grad = vec![0.0; B * T];
+    for j in (0..B * T).filter(|&j| x.mask[j] != 0.0) {
+        let i = j / T;
+        let rho = (f64::from(x.log_probs[j]) - f64::from(x.old[j])).exp();
+        let w = if scores[i] > 0.0 {
+            0.7
+        } else {
+            1.3 * rho.min(1.0)
+        };
+        let a = f64::from(x.advantages[i]);
+        want_loss += -w * a * f64::from(x.log_probs[j]) / n;
+        want_grad[j] = -w * a / n;
+    }
+    let scores = Tensor::new(&scores, &dev()).unwrap();
+    let config = topr.config().with_aggregation(sapo::Aggregation::TokenMean);
+    for (name, backend, sim) in sim::paths() {
+        let _guard = sim.enter();
+        let out = config
+            .build()
+            .unwrap()
+            .with_backend(backend)
+            .forward(&PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask).with_scores(&scores))
+            .unwrap();
+        out.metrics.check().unwrap();
+        let loss = f64::from(out.loss.to_scalar::<f32>().unwrap());
+        assert!(
+            (loss - want_loss).abs() < 1e-5,
+            "[{name}] {loss} vs {want_loss}"
+        );
+        let grad = out.loss.backward().unwrap();
+        let grad = grad
+            .get(lp.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (j, (g, w)) in grad.iter().zip(&want_grad).enumerate() {
+            assert!(
+                (f64::from(*g) - w).abs() < 1e-6,
+                "[{name}] grad[{j}] {g} vs {w}"
+            );
+        }
+        assert!(out.metrics.read().unwrap().truncated_fraction().is_some());
+    }
+}
