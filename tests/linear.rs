@@ -364,6 +364,16 @@ mod one_pass {
         }
         out.push(sapo::Topr::default().config());
         out.push(
+            sapo::ClipCov {
+                ratio: 0.2,
+                cov_lower: -2.0,
+                cov_upper: 2.0,
+                seed: 5,
+                ..Default::default()
+            }
+            .config(),
+        );
+        out.push(
             sapo::Topr {
                 positive_weight: 0.7,
                 negative_weight: 1.3,

@@ -1,4 +1,4 @@
-//! The masks inside the policy loss (OPSM, top-entropy tokens, M2PO) and TOPR, on every path
+//! The masks inside the policy loss (OPSM, top-entropy tokens, M2PO), TOPR and Clip-Cov, on every path
 //! (the fused CPU kernel, the composed ops and, under `gpu-sim`, the simulated CUDA and Metal
 //! kernels): each against its definition written out by hand here (OPSM and the top-entropy
 //! selection as rollout weights, M2PO as a reduced mask), their typed errors, and padding
@@ -6,7 +6,8 @@
 
 use candle_core::{Device, Tensor, Var};
 use sapo::{
-    Error, Grpo, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyMasks, Sapo, Topr, Vespo,
+    ClipCov, Error, Grpo, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyMasks, Sapo, Topr,
+    Vespo,
 };
 
 #[path = "common/sim.rs"]
@@ -474,5 +475,98 @@ fn topr_by_hand() {
             );
         }
         assert!(out.metrics.read().unwrap().truncated_fraction().is_some());
+    }
+}
+
+/// Clip-Cov on every path: GRPO's clip (no dual clip, no clamp) with the loss of
+/// `max(1, ⌊N·r⌋)` drawn tokens zeroed — the same tokens on every path and thread count for a
+/// seed, other tokens for another seed — and exactly GRPO's loss when the band holds no token.
+#[test]
+fn clip_cov_is_grpo_with_drawn_tokens_zeroed() {
+    let x = batch();
+    let lp = Var::from_tensor(&mat(x.log_probs.clone())).unwrap();
+    let old = mat(x.old.clone());
+    let adv = Tensor::new(x.advantages.as_slice(), &dev()).unwrap();
+    let mask = mat(x.mask.clone());
+    let n = x.mask.iter().filter(|&&m| m != 0.0).count();
+    let grpo = sapo::HardClip::new(0.2, 0.2);
+    let grpo = PolicyLossConfig::new(sapo::RatioLevel::Token, sapo::TrustRegion::HardClip(grpo))
+        .with_log_ratio_clamp(None);
+    let run = |config: PolicyLossConfig, backend, sim: &sim::Sim| {
+        let _guard = sim.enter();
+        let out = config
+            .build()
+            .unwrap()
+            .with_backend(backend)
+            .forward(&PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask))
+            .unwrap();
+        out.metrics.check().unwrap();
+        let fraction = out.metrics.read().unwrap().clip_fraction();
+        let loss = f64::from(out.loss.to_scalar::<f32>().unwrap());
+        let grads = out.loss.backward().unwrap();
+        let grad: Vec<f32> = grads
+            .get(lp.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (loss, grad, fraction)
+    };
+    // The covariances here are small: a band around them selects; one far away selects nothing.
+    let selecting = ClipCov {
+        ratio: 0.1,
+        cov_lower: -0.5,
+        cov_upper: 0.5,
+        seed: 3,
+        ..ClipCov::default()
+    };
+    let mut drawn_sets = vec![];
+    for seed in [3, 4] {
+        let clip_cov = ClipCov { seed, ..selecting };
+        let mut first: Option<Vec<usize>> = None;
+        for (name, backend, sim) in sim::paths() {
+            let (loss, grad, fraction) = run(clip_cov.config(), backend, &sim);
+            let (grpo_loss, grpo_grad, _) = run(grpo, backend, &sim);
+            let zeroed: Vec<usize> = (0..B * T)
+                .filter(|&j| grad[j] == 0.0 && grpo_grad[j] != 0.0)
+                .collect();
+            let want = ((n as f64 * 0.1).floor() as usize).max(1);
+            assert_eq!(zeroed.len(), want, "[{name}] seed {seed}");
+            assert_eq!(fraction, Some(want as f64 / n as f64), "[{name}]");
+            // The zeroed tokens' GRPO losses (unclipped: −A·ρ/N) are what the loss lacks.
+            let lacking: f64 = zeroed
+                .iter()
+                .map(|&j| {
+                    let rho = (f64::from(x.log_probs[j]) - f64::from(x.old[j])).exp();
+                    -f64::from(x.advantages[j / T]) * rho / n as f64
+                })
+                .sum();
+            assert!((loss - (grpo_loss - lacking)).abs() < 1e-5, "[{name}]");
+            for j in (0..B * T).filter(|j| !zeroed.contains(j)) {
+                assert_eq!(grad[j], grpo_grad[j], "[{name}] grad[{j}]");
+            }
+            match &first {
+                None => first = Some(zeroed),
+                Some(f) => assert_eq!(f, &zeroed, "[{name}]: another draw than the first path's"),
+            }
+        }
+        drawn_sets.push(first.unwrap());
+    }
+    assert_ne!(
+        drawn_sets[0], drawn_sets[1],
+        "two seeds drew the same tokens"
+    );
+    let none = ClipCov {
+        cov_lower: 100.0,
+        cov_upper: 200.0,
+        ..selecting
+    };
+    for (name, backend, sim) in sim::paths() {
+        let (loss, grad, fraction) = run(none.config(), backend, &sim);
+        let (grpo_loss, grpo_grad, _) = run(grpo, backend, &sim);
+        assert_eq!(loss, grpo_loss, "[{name}]");
+        assert_eq!(grad, grpo_grad, "[{name}]");
+        assert_eq!(fraction, Some(0.0));
     }
 }

@@ -101,6 +101,8 @@ pub(crate) struct Batch<'a> {
     pub inputs: &'a PolicyInputs<'a>,
     /// Tokens per row.
     pub t: usize,
+    /// The config's log-ratio clamp `c` (the ratio a selection sees, as the loss's).
+    pub log_ratio_clamp: Option<f64>,
     /// The mask as a 0/1 tensor of a dtype (its values checked, but on the GPU path, where the
     /// kernels check them).
     pub mask_as: &'a dyn Fn(DType) -> Result<Tensor>,

@@ -263,6 +263,7 @@ impl PolicyLoss {
         let prepass = config.trust_region.objective().prepass(&Batch {
             inputs,
             t,
+            log_ratio_clamp: config.log_ratio_clamp,
             mask_as: &mask_as,
         })?;
         // OPSM's and the top-entropy selection's 0/1 factor, multiplied into the weights.

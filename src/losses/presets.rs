@@ -13,6 +13,7 @@
 //! | [`Dppo`] | token | binary TV / KL region, `−A·sg[min(ρ,C)]·ℓ` | token-mean | clamp 20 |
 //! | [`Vespo`] | token | gamma sequence weight × `ℓ` | token-mean | (k, λ) (2, 3) / (3, 2), clamp 20 |
 //! | [`Luspo`] | sequence | hard clip | seq-mean-token-sum | ε 3e-4 / 4e-4, no clamp |
+//! | [`ClipCov`] | token | hard clip, the loss of a seeded draw of high-covariance tokens × 0 | token-mean | ε 0.2 / 0.2, ratio 2e-4, band (1, 5), no clamp |
 //! | [`Topr`] | token | `−w·A·ℓ`, `w = w₊` on rows with score > 0, else `w₋·sg[min(ρ,1)]` | seq-mean-token-sum | w₊ = w₋ = 1, no clamp |
 //!
 //! verl's bypass mode is built by [`crate::Bypass::reinforce`] and [`crate::Bypass::ppo_clip`].
@@ -25,6 +26,7 @@ use crate::error::Result;
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
+use crate::losses::clip_cov::ClipCov;
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::dppo::Dppo;
 use crate::losses::dro::Dro;
@@ -375,6 +377,15 @@ impl From<Luspo> for PolicyLossConfig {
         )
         .with_log_ratio_clamp(None)
         .with_aggregation(Aggregation::SeqMeanTokenSum)
+    }
+}
+
+preset_methods!(ClipCov);
+
+impl From<ClipCov> for PolicyLossConfig {
+    /// Clip-Cov (verl `clip_cov`): `token-mean`, no clamp.
+    fn from(c: ClipCov) -> Self {
+        PolicyLossConfig::new(RatioLevel::Token, TrustRegion::ClipCov(c)).with_log_ratio_clamp(None)
     }
 }
 

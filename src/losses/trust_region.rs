@@ -2,7 +2,7 @@
 //! objective that replaces it: the enum a user configures, and the one dispatch from it to the
 //! objective it holds ([`TrustRegion::visit`]). Each objective lives in its own file
 //! (`soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`,
-//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`) behind [`Objective`]; adding one is the
+//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`, `clip_cov.rs`) behind [`Objective`]; adding one is the
 //! page `docs/adding-an-objective.md`.
 //!
 //! Layer: objectives.
@@ -10,6 +10,7 @@
 use crate::error::Result;
 use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
+use crate::losses::clip_cov::ClipCov;
 use crate::losses::dppo::Dppo;
 use crate::losses::dro::Dro;
 use crate::losses::gmpo::GeometricClip;
@@ -61,6 +62,9 @@ pub enum TrustRegion {
     /// TOPR (ROLL `topr`): `l = −w₊·A·ℓ` on rows with a positive reward score, else
     /// `l = −w₋·sg[min(ρ, 1)]·A·ℓ`; needs [`crate::PolicyInputs::with_scores`].
     Topr(Topr),
+    /// Clip-Cov (verl `clip_cov`): PPO's clip with the loss of a seeded random subset of the
+    /// high-covariance tokens multiplied by 0.
+    ClipCov(ClipCov),
 }
 
 impl TrustRegion {
@@ -90,6 +94,7 @@ impl TrustRegion {
             Self::Vespo(ref o) => body.visit(o),
             Self::GeometricClip(ref o) => body.visit(o),
             Self::Topr(ref o) => body.visit(o),
+            Self::ClipCov(ref o) => body.visit(o),
         }
     }
 
@@ -107,6 +112,7 @@ impl TrustRegion {
         body.visit::<Vespo>();
         body.visit::<GeometricClip>();
         body.visit::<Topr>();
+        body.visit::<ClipCov>();
     }
 
     /// The objective this holds, for the queries that need no type parameter.
@@ -150,6 +156,7 @@ mod tests {
                 log_clip_high: 0.4,
             }),
             TrustRegion::Topr(Topr::default()),
+            TrustRegion::ClipCov(ClipCov::default()),
         ]
     }
 

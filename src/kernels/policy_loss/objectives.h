@@ -13,6 +13,7 @@
 #include "../../losses/vespo.h"
 #include "../../losses/gmpo.h"
 #include "../../losses/topr.h"
+#include "../../losses/clip_cov.h"
 
 // The objective's loss, slopes and metrics. An id no objective has (never sent by the
 // crate) gives NaN, which the loss's check turns into an error.
@@ -29,6 +30,7 @@ SAPO_INLINE Eval shape_eval(SAPO_THREAD const PolicyParams& p, Token t) {
     case SAPO_OBJECTIVE_VESPO: return vespo_eval(p, t);
     case SAPO_OBJECTIVE_GMPO: return gmpo_eval(p, t);
     case SAPO_OBJECTIVE_TOPR: return topr_eval(p, t);
+    case SAPO_OBJECTIVE_CLIP_COV: return clip_cov_eval(p, t);
     default: return through_ratio(SAPO_NAN, SAPO_NAN);
   }
 }
