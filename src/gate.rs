@@ -1,6 +1,8 @@
 //! SAPO's soft trust-region gate: the one source of its formula, for every path.
 //! Every formula, with the peer it matches: [the formulas page](crate::formulas).
 //!
+//! The gate is one of a family ([`GateFunction`]: sigmoid, erf, arctan, softsign); SAPO's own:
+//!
 //! ```text
 //! f(ρ; τ) = σ(τ·(ρ − 1)) · 4/τ          the gate value (replaces PPO's clip(ρ))
 //! f'(ρ; τ) = 4·p·(1 − p),  p = σ(τ(ρ−1)) the gradient weight: 1 at ρ = 1, → 0 far off-policy
@@ -36,6 +38,115 @@ pub(crate) fn check_tau(name: &'static str, tau: f64) -> Result<()> {
         EXPECTED,
         tau,
     )
+}
+
+/// The gate function of SAPO's soft trust region: SAPO's sigmoid (the default) or one of the
+/// family that behaves the same at `ρ = 1` (arXiv 2602.19345 trains with error-function,
+/// arctangent and softsign gates). With `u = τ(ρ − 1)/2`:
+///
+/// | gate | `f(ρ)` | `f'(ρ)` |
+/// |---|---|---|
+/// | `Sigmoid` | `(2/τ)(1 + tanh u)` = `σ(τ(ρ−1))·4/τ` | `sech² u` = `4p(1−p)` |
+/// | `Erf` | `2/τ + (√π/τ)·erf u` | `exp(−u²)` |
+/// | `Arctan` | `(2/τ)(1 + arctan u)` | `1/(1 + u²)` |
+/// | `Softsign` | `(2/τ)(1 + u/(1 + |u|))` | `1/(1 + |u|)²` |
+///
+/// All four have `f(1) = 2/τ` and `f'(1) = 1`; the smooth three also share `f''(1) = 0`, so a
+/// temperature means the same under each. They differ in their tails: the weight `f'` decays as
+/// `e^{−2|u|}` (sigmoid), `e^{−u²}` (erf), `u⁻²` (arctan, softsign).
+///
+/// ```
+/// use sapo::GateFunction;
+/// for gate in GateFunction::ALL {
+///     let (value, weight) = gate.value_and_weight(1.0f64, 1.05);
+///     assert!((value - 2.0 / 1.05).abs() < 1e-12 && (weight - 1.0).abs() < 1e-12);
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GateFunction {
+    /// SAPO's gate, `σ(τ(ρ−1))·4/τ`.
+    #[default]
+    Sigmoid,
+    /// The error-function gate.
+    Erf,
+    /// The arctangent gate.
+    Arctan,
+    /// The softsign gate.
+    Softsign,
+}
+
+impl GateFunction {
+    /// Every gate, in the order of their GPU ids.
+    pub const ALL: [GateFunction; 4] = [Self::Sigmoid, Self::Erf, Self::Arctan, Self::Softsign];
+
+    /// Its name (`sigmoid`, `erf`, `arctan`, `softsign`).
+    ///
+    /// ```
+    /// assert_eq!(sapo::GateFunction::Erf.name(), "erf");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sigmoid => "sigmoid",
+            Self::Erf => "erf",
+            Self::Arctan => "arctan",
+            Self::Softsign => "softsign",
+        }
+    }
+
+    /// The gate of a name (as [`GateFunction::name`] gives it).
+    ///
+    /// ```
+    /// assert_eq!(sapo::GateFunction::from_name("arctan")?, sapo::GateFunction::Arctan);
+    /// assert!(sapo::GateFunction::from_name("tanh").is_err());
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|g| g.name() == name)
+            .ok_or_else(|| crate::error::Error::InvalidValue {
+                arg: "gate",
+                expected: "sigmoid, erf, arctan or softsign".into(),
+                actual: name.to_string(),
+            })
+    }
+
+    /// Its id in the GPU kernels (`SAPO_GATE_*`, generated from [`GateFunction::ALL`]).
+    #[cfg_attr(
+        not(any(feature = "cuda", feature = "metal", feature = "gpu-sim", test)),
+        allow(dead_code)
+    )]
+    pub(crate) fn id(self) -> i32 {
+        Self::ALL.iter().position(|&g| g == self).unwrap_or(0) as i32
+    }
+
+    /// The gate value `f(ρ)` and its weight `f'(ρ)` (scalar form, what the kernels run).
+    ///
+    /// ```
+    /// let (f, df) = sapo::GateFunction::Softsign.value_and_weight(3.0f64, 1.0);
+    /// // u = 1: f = 2·(1 + 1/2), f' = 1/4.
+    /// assert_eq!((f, df), (3.0, 0.25));
+    /// ```
+    #[inline(always)]
+    pub fn value_and_weight<R: Real>(self, rho: R, tau: R) -> (R, R) {
+        let half = R::from_f64(0.5);
+        let u = half * tau * (rho - R::ONE);
+        let base = R::from_f64(2.0) / tau;
+        match self {
+            Self::Sigmoid => value_and_weight(rho, tau),
+            Self::Erf => {
+                let root_pi = R::from_f64(std::f64::consts::PI.sqrt());
+                let u2 = u * u;
+                let weight = R::select(u2 < R::MAX_EXP_ARG, (-u2).exp(), R::ZERO);
+                (base + root_pi / tau * u.erf(), weight)
+            }
+            Self::Arctan => (base * (R::ONE + u.atan()), R::ONE / (R::ONE + u * u)),
+            Self::Softsign => {
+                let s = R::ONE / (R::ONE + R::select(u < R::ZERO, -u, u));
+                (base * (R::ONE + u * s), s * s)
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -132,6 +243,69 @@ pub fn weight(rho: &Tensor, tau: f64) -> Result<Tensor> {
 }
 
 /// `f(ρ; τ)` with a per-element temperature tensor `tau` (same shape as `rho`).
+/// `f(ρ)` of `gate` per element (tensor form, differentiable: erf's derivative is candle's, the
+/// arctangent is composed of candle ops, [`atan`]).
+pub(crate) fn gate_value_per_element(
+    gate: GateFunction,
+    rho: &Tensor,
+    tau: &Tensor,
+) -> Result<Tensor> {
+    let u = || -> Result<Tensor> { Ok((rho - 1.0)?.mul(tau)?.affine(0.5, 0.0)?) };
+    let two_over_tau = || -> Result<Tensor> { Ok(tau.recip()?.affine(2.0, 0.0)?) };
+    Ok(match gate {
+        GateFunction::Sigmoid => value_per_element(rho, tau)?,
+        GateFunction::Erf => {
+            let scaled = u()?.erf()?.affine(std::f64::consts::PI.sqrt(), 2.0)?;
+            scaled.mul(&tau.recip()?)?
+        }
+        GateFunction::Arctan => (atan(&u()?)? + 1.0)?.mul(&two_over_tau()?)?,
+        GateFunction::Softsign => {
+            let u = u()?;
+            let s = (u.abs()? + 1.0)?;
+            (u.div(&s)? + 1.0)?.mul(&two_over_tau()?)?
+        }
+    })
+}
+
+/// `f'(ρ)` of `gate` per element (tensor form, for the metric).
+pub(crate) fn gate_weight_per_element(
+    gate: GateFunction,
+    rho: &Tensor,
+    tau: &Tensor,
+) -> Result<Tensor> {
+    let u = (rho - 1.0)?.mul(tau)?.affine(0.5, 0.0)?;
+    Ok(match gate {
+        GateFunction::Sigmoid => weight_per_element(rho, tau)?,
+        GateFunction::Erf => u.sqr()?.neg()?.exp()?,
+        GateFunction::Arctan => (u.sqr()? + 1.0)?.recip()?,
+        GateFunction::Softsign => (u.abs()? + 1.0)?.sqr()?.recip()?,
+    })
+}
+
+/// `arctan x` of candle ops (candle has no arctangent), differentiable and odd: `|x| > 1` is
+/// reflected (`±π/2 − arctan(1/x)`), two half-angle steps `x/(1 + √(1 + x²))` bring the argument
+/// below `tan(π/16) ≈ 0.199`, where 13 terms of the odd series reach 1e-17.
+pub(crate) fn atan(x: &Tensor) -> Result<Tensor> {
+    let big = x.abs()?.gt(1.0)?;
+    let safe = big.where_cond(x, &x.ones_like()?)?;
+    let reduced = big.where_cond(&safe.recip()?, x)?;
+    let half = |y: &Tensor| -> Result<Tensor> { Ok(y.div(&((y.sqr()? + 1.0)?.sqrt()? + 1.0)?)?) };
+    let w = half(&half(&reduced)?)?;
+    let w2 = w.sqr()?;
+    // Horner in w²: Σ_{k<13} (−1)^k w^{2k+1}/(2k+1).
+    let mut series = w2.zeros_like()?;
+    for k in (0..13).rev() {
+        let coef = if k % 2 == 0 { 1.0 } else { -1.0 } / f64::from(2 * k + 1);
+        series = (series.mul(&w2)? + coef)?;
+    }
+    let core = series.mul(&w)?.affine(4.0, 0.0)?;
+    let quarter = x
+        .ge(0.0)?
+        .where_cond(&x.ones_like()?, &x.ones_like()?.neg()?)?
+        .affine(std::f64::consts::FRAC_PI_2, 0.0)?;
+    Ok(big.where_cond(&(quarter - &core)?, &core)?)
+}
+
 pub(crate) fn value_per_element(rho: &Tensor, tau: &Tensor) -> Result<Tensor> {
     let x = (rho - 1.0)?.mul(tau)?;
     Ok(candle_nn::ops::sigmoid(&x)?.mul(&(tau.recip()? * 4.0)?)?)
@@ -148,6 +322,93 @@ pub(crate) fn weight_per_element(rho: &Tensor, tau: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each gate against its closed form (written here in f64 with std's functions; erf by its
+    /// series), its weight against finite differences of its value, the shared `f(1) = 2/τ`,
+    /// `f'(1) = 1`, and the tensor form (value, weight, autograd gradient) against the scalar.
+    #[test]
+    fn gate_family_closed_forms_and_derivatives() -> Result<()> {
+        fn erf_series(x: f64) -> f64 {
+            // 2/√π · e^{−x²} Σ 2ⁿ x^{2n+1} / (1·3·…·(2n+1)): positive terms, no cancellation.
+            let (mut term, mut sum) = (x, x);
+            for n in 1..4000 {
+                term *= 2.0 * x * x / f64::from(2 * n + 1);
+                sum += term;
+                if term.abs() < 1e-18 * sum.abs() {
+                    break;
+                }
+            }
+            2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp() * sum
+        }
+        let closed = |gate: GateFunction, rho: f64, tau: f64| -> (f64, f64) {
+            let u = tau * (rho - 1.0) / 2.0;
+            match gate {
+                GateFunction::Sigmoid => ((2.0 / tau) * (1.0 + u.tanh()), 1.0 / u.cosh().powi(2)),
+                GateFunction::Erf => (
+                    2.0 / tau + std::f64::consts::PI.sqrt() / tau * erf_series(u),
+                    (-u * u).exp(),
+                ),
+                GateFunction::Arctan => ((2.0 / tau) * (1.0 + u.atan()), 1.0 / (1.0 + u * u)),
+                GateFunction::Softsign => (
+                    (2.0 / tau) * (1.0 + u / (1.0 + u.abs())),
+                    1.0 / (1.0 + u.abs()).powi(2),
+                ),
+            }
+        };
+        let rhos = [0.0, 0.3, 0.9, 0.999, 1.0, 1.001, 1.2, 1.7, 3.0, 9.0];
+        for gate in GateFunction::ALL {
+            for tau in [0.5, 1.0, 1.05, 4.0] {
+                let (f1, w1) = gate.value_and_weight(1.0f64, tau);
+                assert_relative_eq!(f1, 2.0 / tau, max_relative = 1e-15);
+                assert_relative_eq!(w1, 1.0, max_relative = 1e-15);
+                for rho in rhos {
+                    let (f, w) = gate.value_and_weight(rho, tau);
+                    let (cf, cw) = closed(gate, rho, tau);
+                    assert_relative_eq!(f, cf, max_relative = 1e-13, epsilon = 1e-15);
+                    assert_relative_eq!(w, cw, max_relative = 1e-12, epsilon = 1e-30);
+                    let (f32v, w32) = gate.value_and_weight(rho as f32, tau as f32);
+                    assert_relative_eq!(f64::from(f32v), cf, max_relative = 2e-6, epsilon = 1e-6);
+                    assert_relative_eq!(f64::from(w32), cw, max_relative = 2e-5, epsilon = 1e-6);
+                    if rho > 0.0 && !(gate == GateFunction::Softsign && rho == 1.0) {
+                        let h = 1e-6;
+                        let fd = (gate.value_and_weight(rho + h, tau).0
+                            - gate.value_and_weight(rho - h, tau).0)
+                            / (2.0 * h);
+                        assert_relative_eq!(w, fd, max_relative = 1e-6, epsilon = 1e-8);
+                    }
+                }
+                // The tensor form: values, weights, and autograd's gradient = the weight.
+                let rho = candle_core::Var::new(&rhos, &Device::Cpu)?;
+                let taus = rho.ones_like()?.affine(tau, 0.0)?;
+                let value = gate_value_per_element(gate, rho.as_tensor(), &taus)?;
+                let weight = gate_weight_per_element(gate, rho.as_tensor(), &taus)?;
+                let grad = value.sum_all()?.backward()?;
+                let grad = grad.get(rho.as_tensor()).unwrap().to_vec1::<f64>()?;
+                let (value, weight) = (value.to_vec1::<f64>()?, weight.to_vec1::<f64>()?);
+                for (i, &r) in rhos.iter().enumerate() {
+                    let (f, w) = gate.value_and_weight(r, tau);
+                    assert_relative_eq!(value[i], f, max_relative = 1e-14, epsilon = 1e-15);
+                    assert_relative_eq!(weight[i], w, max_relative = 1e-13, epsilon = 1e-30);
+                    assert_relative_eq!(grad[i], w, max_relative = 1e-12, epsilon = 1e-12);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The composed arctangent over its whole range (both reflections, both signs, 0, huge).
+    #[test]
+    fn composed_atan_matches_std() -> Result<()> {
+        let xs: Vec<f64> = (-400..=400)
+            .map(|i| f64::from(i) * 0.0137)
+            .chain([0.0, 1.0, -1.0, 1e-300, 1e12, -1e12, 0.19891, 0.41421356])
+            .collect();
+        let got = atan(&Tensor::new(xs.as_slice(), &Device::Cpu)?)?.to_vec1::<f64>()?;
+        for (x, g) in xs.iter().zip(got) {
+            assert_relative_eq!(g, x.atan(), max_relative = 2e-15, epsilon = 1e-300);
+        }
+        Ok(())
+    }
     use approx::assert_relative_eq;
     use candle_core::Device;
 

@@ -9,6 +9,7 @@ pub mod error;
 #[doc = include_str!("../docs/formulas.md")]
 pub mod formulas {}
 pub mod gate;
+pub use gate::GateFunction;
 mod kernels;
 pub mod kl;
 pub mod linear_logprobs;

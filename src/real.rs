@@ -57,6 +57,10 @@ pub trait Real:
     fn exp(self) -> Self;
     /// `ln x`.
     fn ln(self) -> Self;
+    /// `erf x` (candle's f64-accurate error function; f32 through f64).
+    fn erf(self) -> Self;
+    /// `arctan x`.
+    fn atan(self) -> Self;
     /// `|x| < ∞` (false for NaN).
     #[inline(always)]
     fn is_finite_value(self) -> bool {
@@ -111,6 +115,14 @@ impl Real for f32 {
     fn ln(self) -> Self {
         f32::ln(self)
     }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(f64::from(self)) as f32
+    }
+    #[inline(always)]
+    fn atan(self) -> Self {
+        f32::atan(self)
+    }
 }
 
 impl Real for f64 {
@@ -134,6 +146,14 @@ impl Real for f64 {
     #[inline(always)]
     fn ln(self) -> Self {
         f64::ln(self)
+    }
+    #[inline(always)]
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+    #[inline(always)]
+    fn atan(self) -> Self {
+        f64::atan(self)
     }
 }
 

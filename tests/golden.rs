@@ -17,8 +17,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
     AdvantageEstimator, Aggregation, Backend, Bypass, BypassLoss, Divergence, Dppo, Dro,
-    EntropyBonus, GeometricClip, Groups, HardClip, ImportanceWeights, IsWeightClip, KlCov,
-    KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, PolicyMasks, RatioLevel,
+    EntropyBonus, GateFunction, GeometricClip, Groups, HardClip, ImportanceWeights, IsWeightClip,
+    KlCov, KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig, PolicyMasks, RatioLevel,
     RejectionFilter, RolloutCorrection, TokenAdvantageInputs, TokenEstimator, Topr, TrustRegion,
     Vespo, WeightLevel, WeightMode,
 };
@@ -283,6 +283,7 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
             "off_policy_mask_threshold",
             "top_entropy_quantile",
             "m2_threshold",
+            "gate",
         ],
         "config",
     )?;
@@ -292,6 +293,10 @@ fn policy_config(cfg: &Map<String, Value>) -> Res<PolicyLossConfig> {
         "sapo" => TrustRegion::SoftGate {
             tau_pos: req_f64(cfg, "tau_pos")?,
             tau_neg: req_f64(cfg, "tau_neg")?,
+            gate: match cfg.get("gate") {
+                None => GateFunction::Sigmoid,
+                Some(_) => GateFunction::from_name(req_str(cfg, "gate")?).map_err(err)?,
+            },
         },
         "gspo" | "grpo" => TrustRegion::HardClip(hard_clip(cfg)?),
         "cispo" => TrustRegion::Cispo(match opt_f64(cfg, "ratio_max")? {

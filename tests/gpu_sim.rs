@@ -232,6 +232,34 @@ fn losses() -> Vec<PolicyLoss> {
             .unwrap(),
     ];
     out.extend(common::later_objectives());
+    // The gate family (on the sequence level too, where the gate sees s) and Clip-Cov.
+    for (gate, level) in [
+        (sapo::GateFunction::Erf, RatioLevel::Token),
+        (sapo::GateFunction::Arctan, RatioLevel::Sequence),
+        (sapo::GateFunction::Softsign, RatioLevel::Token),
+    ] {
+        out.push(
+            Sapo {
+                gate,
+                ..Sapo::default()
+            }
+            .config()
+            .with_ratio_level(level)
+            .build()
+            .unwrap(),
+        );
+    }
+    out.push(
+        sapo::ClipCov {
+            ratio: 0.05,
+            cov_lower: -1.0,
+            cov_upper: 1.0,
+            seed: 11,
+            ..Default::default()
+        }
+        .build()
+        .unwrap(),
+    );
     for aggregation in [
         Aggregation::TokenSum,
         Aggregation::SeqMeanTokenMean,

@@ -311,6 +311,12 @@ mod one_pass {
             TrustRegion::SoftGate {
                 tau_pos: 1.0,
                 tau_neg: 1.05,
+                gate: sapo::GateFunction::Sigmoid,
+            },
+            TrustRegion::SoftGate {
+                tau_pos: 1.0,
+                tau_neg: 1.05,
+                gate: sapo::GateFunction::Erf,
             },
             TrustRegion::HardClip(HardClip::new(0.2, 0.28).with_dual_clip(3.0)),
             TrustRegion::HardClip(HardClip::new(0.1, 0.1).with_delta(1.5)),

@@ -461,6 +461,7 @@ fn values_without_meaning_are_rejected() {
     let sapo = Sapo {
         tau_pos: tau,
         tau_neg: tau,
+        ..Sapo::default()
     }
     .build()
     .unwrap();

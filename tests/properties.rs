@@ -22,8 +22,19 @@ fn ratio_level() -> impl Strategy<Value = RatioLevel> {
 }
 
 fn trust_region(max_tau: f64) -> impl Strategy<Value = TrustRegion> {
-    let soft = (0.05..max_tau, 0.05..max_tau)
-        .prop_map(|(tau_pos, tau_neg)| TrustRegion::SoftGate { tau_pos, tau_neg });
+    let gate = prop_oneof![
+        2 => Just(sapo::GateFunction::Sigmoid),
+        1 => Just(sapo::GateFunction::Erf),
+        1 => Just(sapo::GateFunction::Arctan),
+        1 => Just(sapo::GateFunction::Softsign),
+    ];
+    let soft = (0.05..max_tau, 0.05..max_tau, gate).prop_map(|(tau_pos, tau_neg, gate)| {
+        TrustRegion::SoftGate {
+            tau_pos,
+            tau_neg,
+            gate,
+        }
+    });
     let hard = (
         prop_oneof![3 => 0.0..0.6f64, 1 => Just(0.0)],
         0.0..0.6f64,

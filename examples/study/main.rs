@@ -320,6 +320,7 @@ fn train_one(run: &Run, out: &std::path::Path, bar: &ProgressBar) -> AnyResult<(
     let sapo = sapo::Sapo {
         tau_pos: run.taus.0,
         tau_neg: run.taus.1,
+        ..sapo::Sapo::default()
     };
     let loss_fn = run.objective.loss(sapo, s.kl_coef)?;
     let started = Instant::now();

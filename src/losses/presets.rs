@@ -23,6 +23,7 @@
 
 use crate::aggregation::Aggregation;
 use crate::error::Result;
+use crate::gate::GateFunction;
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
@@ -85,6 +86,8 @@ pub struct Sapo {
     pub tau_pos: f64,
     /// Temperature for `A ≤ 0` (paper: 1.05; `τ_neg > τ_pos` is the stable choice).
     pub tau_neg: f64,
+    /// The gate function (the paper's sigmoid; [`GateFunction`]).
+    pub gate: GateFunction,
 }
 
 impl Default for Sapo {
@@ -92,6 +95,7 @@ impl Default for Sapo {
         Self {
             tau_pos: 1.0,
             tau_neg: 1.05,
+            gate: GateFunction::Sigmoid,
         }
     }
 }
@@ -105,6 +109,7 @@ impl From<Sapo> for PolicyLossConfig {
             TrustRegion::SoftGate {
                 tau_pos: s.tau_pos,
                 tau_neg: s.tau_neg,
+                gate: s.gate,
             },
         )
         .with_aggregation(Aggregation::SeqMeanTokenMean)

@@ -8,6 +8,7 @@
 //! Layer: objectives.
 
 use crate::error::Result;
+use crate::gate::GateFunction;
 use crate::losses::cispo::IsWeightClip;
 use crate::losses::clip::HardClip;
 use crate::losses::clip_cov::ClipCov;
@@ -26,18 +27,21 @@ use crate::losses::vespo::Vespo;
 ///
 /// ```
 /// use sapo::{HardClip, TrustRegion};
-/// let soft = TrustRegion::SoftGate { tau_pos: 1.0, tau_neg: 1.05 };
+/// let soft = TrustRegion::SoftGate { tau_pos: 1.0, tau_neg: 1.05, gate: sapo::GateFunction::Sigmoid };
 /// assert!(soft.validate().is_ok());
 /// assert!(TrustRegion::HardClip(HardClip::new(0.2, -0.1)).validate().is_err());
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum TrustRegion {
-    /// SAPO's gate `f(ρ) = σ(τ(ρ−1))·4/τ`, `τ = τ_pos` if `A > 0` else `τ_neg`.
+    /// SAPO's gate `f(ρ) = σ(τ(ρ−1))·4/τ`, `τ = τ_pos` if `A > 0` else `τ_neg` (or another gate
+    /// of the family, [`GateFunction`]).
     SoftGate {
         /// Temperature for positive advantages (> 0).
         tau_pos: f64,
         /// Temperature for non-positive advantages (> 0).
         tau_neg: f64,
+        /// The gate function (SAPO's sigmoid by default).
+        gate: GateFunction,
     },
     /// PPO's clip (GRPO, GSPO, DAPO, dual clip, two-sided δ).
     HardClip(HardClip),
@@ -72,7 +76,7 @@ impl TrustRegion {
     /// bounds; every new objective's ranges).
     ///
     /// ```
-    /// let bad = sapo::TrustRegion::SoftGate { tau_pos: 1e-40, tau_neg: 1.0 };
+    /// let bad = sapo::TrustRegion::SoftGate { tau_pos: 1e-40, tau_neg: 1.0, gate: Default::default() };
     /// assert!(bad.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
@@ -83,7 +87,15 @@ impl TrustRegion {
     /// objectives (exhaustive: a variant not handled here does not compile).
     pub(crate) fn visit<V: Visit>(&self, body: V) -> V::Output {
         match *self {
-            Self::SoftGate { tau_pos, tau_neg } => body.visit(&SoftGate { tau_pos, tau_neg }),
+            Self::SoftGate {
+                tau_pos,
+                tau_neg,
+                gate,
+            } => body.visit(&SoftGate {
+                tau_pos,
+                tau_neg,
+                gate,
+            }),
             Self::HardClip(ref o) => body.visit(o),
             Self::Unclipped => body.visit(&Unclipped),
             Self::PolicyGradient => body.visit(&PolicyGradient),
@@ -139,6 +151,7 @@ mod tests {
             TrustRegion::SoftGate {
                 tau_pos: 1.0,
                 tau_neg: 1.05,
+                gate: GateFunction::Arctan,
             },
             TrustRegion::HardClip(HardClip::new(0.2, 0.28)),
             TrustRegion::Unclipped,

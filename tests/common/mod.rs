@@ -128,6 +128,19 @@ pub fn run_crate(
     })
 }
 
+/// erf by its series of positive terms, `2/√π·e^{−x²}·Σ 2ⁿx^{2n+1}/(2n+1)!!` (no cancellation).
+fn erf(x: f64) -> f64 {
+    let (mut term, mut sum) = (x, x);
+    for n in 1..4000 {
+        term *= 2.0 * x * x / f64::from(2 * n + 1);
+        sum += term;
+        if term.abs() < 1e-18 * sum.abs() {
+            break;
+        }
+    }
+    2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp() * sum
+}
+
 fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
@@ -151,13 +164,29 @@ fn clamp_d(x: f64, lo: f64, hi: f64) -> (f64, f64) {
 /// `(value, d value / d ratio)` of the per-token policy loss `−f(ρ)·A`.
 pub fn per_token(trust: &TrustRegion, r: f64, a: f64) -> (f64, f64) {
     match trust {
-        TrustRegion::SoftGate { tau_pos, tau_neg } => {
+        TrustRegion::SoftGate {
+            tau_pos,
+            tau_neg,
+            gate,
+        } => {
             let tau = if a > 0.0 { *tau_pos } else { *tau_neg };
             let x = tau * (r - 1.0);
-            (
-                -sigmoid(x) * 4.0 / tau * a,
-                -a * 4.0 * sigmoid(x) * sigmoid(-x),
-            )
+            let u = x / 2.0;
+            let (f, df) = match gate {
+                sapo::GateFunction::Sigmoid => {
+                    (sigmoid(x) * 4.0 / tau, 4.0 * sigmoid(x) * sigmoid(-x))
+                }
+                sapo::GateFunction::Erf => (
+                    2.0 / tau + std::f64::consts::PI.sqrt() / tau * erf(u),
+                    (-u * u).exp(),
+                ),
+                sapo::GateFunction::Arctan => (2.0 / tau * (1.0 + u.atan()), 1.0 / (1.0 + u * u)),
+                sapo::GateFunction::Softsign => (
+                    2.0 / tau * (1.0 + u / (1.0 + u.abs())),
+                    1.0 / (1.0 + u.abs()).powi(2),
+                ),
+            };
+            (-f * a, -a * df)
         }
         TrustRegion::HardClip(c) => {
             let (u, du) = match c.delta {

@@ -46,6 +46,7 @@ inline float sapo_bits_to_float(unsigned x) { return as_type<float>(x); }
 inline unsigned sapo_float_to_bits(float x) { return as_type<unsigned>(x); }
 #define sapo_exp(x) precise::exp(x)
 #define sapo_log(x) precise::log(x)
+#define sapo_atan(x) precise::atan(x)
 template <typename T> inline T sapo_shuffle_xor(T v, unsigned mask) {
   return simd_shuffle_xor(v, (ushort)mask);
 }
@@ -64,6 +65,7 @@ SAPO_INLINE float sapo_bits_to_float(unsigned x) { return __uint_as_float(x); }
 SAPO_INLINE unsigned sapo_float_to_bits(float x) { return __float_as_uint(x); }
 #define sapo_exp(x) expf(x)
 #define sapo_log(x) logf(x)
+#define sapo_atan(x) atanf(x)
 template <typename T> SAPO_INLINE T sapo_shuffle_xor(T v, unsigned mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
@@ -112,6 +114,29 @@ typedef unsigned short sapo_bf16;  // bf16 bits
 
 SAPO_INLINE bool sapo_isfinite(float x) {
   return (sapo_float_to_bits(x) & 0x7f800000u) != 0x7f800000u;
+}
+
+// erf x. CUDA has erff; MSL has none, so Metal takes the odd Taylor series below 0.5 (6 terms,
+// error < 2e-8) and Abramowitz–Stegun 7.1.26 above (absolute error < 1.5e-7).
+SAPO_INLINE float sapo_erf(float x) {
+#ifdef SAPO_METAL_DIALECT
+  float a = x < 0.0f ? -x : x;
+  float r;
+  if (a < 0.5f) {
+    float a2 = a * a;
+    r = 1.12837916709551257f * a *
+        (1.0f + a2 * (-1.0f / 3.0f + a2 * (0.1f + a2 * (-1.0f / 42.0f + a2 * (1.0f / 216.0f +
+                                                                         a2 * (-1.0f / 1320.0f))))));
+  } else {
+    float t = 1.0f / (1.0f + 0.3275911f * a);
+    float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f +
+                                                            t * (-1.453152027f + t * 1.061405429f))));
+    r = 1.0f - poly * sapo_exp(-a * a);
+  }
+  return x < 0.0f ? -r : r;
+#else
+  return erff(x);
+#endif
 }
 
 // e^x − 1 without cancellation near 0. CUDA has expm1f; MSL has no expm1, so Metal takes

@@ -186,6 +186,7 @@ template <typename To, typename From> To as_type(From x) { return sapo_sim::bit_
 namespace precise {
 inline float exp(float x) { return std::exp(x); }
 inline float log(float x) { return std::log(x); }
+inline float atan(float x) { return std::atan(x); }
 }  // namespace precise
 // Address spaces are plain C++ here; threadgroup arrays are shared by the block's threads.
 #define kernel

@@ -16,7 +16,7 @@ struct PolicyParams {
   int threads;                 // Threads per block.
   int level;                   // SAPO_LEVEL_*.
   int shape;                   // SAPO_OBJECTIVE_*.
-  int shape_flag;              // The objective's switch (hard clip: dual clip; DPPO: binary KL).
+  int shape_flag;              // The objective's switch (soft gate: SAPO_GATE_*; hard clip: dual clip; DPPO: binary KL).
   int per_token_advantages;    // Advantages `[B,T]` (else `[B]`).
   int has_weights;             // Rollout weights given.
   int has_reference;           // Reference log-probs given.
@@ -69,6 +69,10 @@ struct PolicyParams {
 #define SAPO_ROW_ONE 0
 #define SAPO_ROW_TOKENS 1
 #define SAPO_ROW_CONSTANT 2
+#define SAPO_GATE_SIGMOID 0
+#define SAPO_GATE_ERF 1
+#define SAPO_GATE_ARCTAN 2
+#define SAPO_GATE_SOFTSIGN 3
 #define SAPO_OBJECTIVE_SOFT_GATE 0
 #define SAPO_OBJECTIVE_CLIP 1
 #define SAPO_OBJECTIVE_UNCLIPPED 2

@@ -12,6 +12,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 use crate::aggregation::{BatchCount, CoefficientParts, RowDivisor};
+use crate::gate::GateFunction;
 use crate::kl::KlEstimator;
 use crate::losses::metrics;
 use crate::losses::objective::{Objective, Shape, VisitType};
@@ -149,7 +150,7 @@ contract_struct! {
         level: i32,
         /// SAPO_OBJECTIVE_*.
         shape: i32,
-        /// The objective's switch (hard clip: dual clip; DPPO: binary KL).
+        /// The objective's switch (soft gate: SAPO_GATE_*; hard clip: dual clip; DPPO: binary KL).
         shape_flag: i32,
         /// Advantages `[B,T]` (else `[B]`).
         per_token_advantages: i32,
@@ -371,6 +372,13 @@ pub(crate) fn contract_header() -> String {
         ("CONSTANT", RowDivisor::Constant(1.0)),
     ] {
         define(&mut out, &format!("SAPO_ROW_{name}"), row_code(row).0);
+    }
+    for gate in GateFunction::ALL {
+        define(
+            &mut out,
+            &format!("SAPO_GATE_{}", gate.name().to_uppercase()),
+            gate.id(),
+        );
     }
     for o in objectives() {
         define(

@@ -47,6 +47,27 @@ SAPO_INLINE Pair gate_value_and_weight(float rho, float tau) {
   return out;
 }
 
+// The gate family (GateFunction::value_and_weight), u = τ(ρ − 1)/2.
+SAPO_INLINE Pair gate_family_value_and_weight(float rho, float tau, int gate) {
+  if (gate == SAPO_GATE_SIGMOID) return gate_value_and_weight(rho, tau);
+  float u = 0.5f * tau * (rho - 1.0f);
+  float base = 2.0f / tau;
+  Pair out;
+  if (gate == SAPO_GATE_ERF) {
+    float u2 = u * u;
+    out.v = base + (1.77245385090551603f / tau) * sapo_erf(u);
+    out.d = u2 < SAPO_MAX_EXP_ARG ? sapo_exp(-u2) : 0.0f;
+  } else if (gate == SAPO_GATE_ARCTAN) {
+    out.v = base * (1.0f + sapo_atan(u));
+    out.d = 1.0f / (1.0f + u * u);
+  } else {
+    float s = 1.0f / (1.0f + (u < 0.0f ? -u : u));
+    out.v = base * (1.0f + u * s);
+    out.d = s * s;
+  }
+  return out;
+}
+
 // ---- kl.rs ----
 SAPO_INLINE Pair kl_value_and_slope(SAPO_THREAD const PolicyParams& p, float d) {
   Pair out;
