@@ -46,6 +46,7 @@ const TABLE: &[(&str, usize)] = &[
     ("losses::gmpo", 1),
     ("losses::kl_cov", 1),
     ("losses::masks", 1),
+    ("losses::gate_family", 1),
     ("losses::topr", 1),
     ("losses::clip_cov", 1),
     ("losses::vespo", 1),

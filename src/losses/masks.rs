@@ -40,7 +40,7 @@ use crate::losses::inputs::PolicyInputs;
 /// top-entropy selection reads [`PolicyInputs::entropy`] (required); M2PO reads
 /// `rollout_log_probs` (required). OPSM and the top-entropy selection leave every denominator,
 /// the KL and entropy terms and the metrics as they are; M2PO's reduced mask replaces `mask`
-/// everywhere. Formulas: [the formulas page](crate::formulas), §5.
+/// everywhere. Formulas: [the formulas page](crate::formulas), §2.
 ///
 /// [opsm]: https://arxiv.org/abs/2512.02556
 /// [topent]: https://arxiv.org/abs/2506.01939

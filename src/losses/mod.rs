@@ -10,7 +10,7 @@
 //! | `ratio.rs` | [`RatioLevel`] and the ratio formulas (token, sequence, GSPO-token) |
 //! | `objective.rs` | the `Objective` trait every objective implements, and the token it sees |
 //! | `trust_region.rs` | [`TrustRegion`]: the enum a user configures and the one dispatch to its objective |
-//! | `soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`, `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`, `clip_cov.rs` | one objective each, its device function in `<name>.h` beside it |
+//! | `soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`, `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`, `clip_cov.rs`, `gate_family.rs` | one objective each, its device function in `<name>.h` beside it |
 //! | `chain.rs` | the per-token chain the CPU kernels run (ratio, objective, weight, gradient, KL) |
 //! | `bypass.rs` | verl's bypass mode ([`Bypass`]) |
 //! | `masks.rs` | the masks inside the policy loss ([`PolicyMasks`]: OPSM, top-entropy tokens, M2PO), one host pre-pass |
@@ -38,6 +38,7 @@ pub(crate) mod clip_cov;
 pub(crate) mod config;
 pub(crate) mod dppo;
 pub(crate) mod dro;
+pub(crate) mod gate_family;
 pub(crate) mod gmpo;
 pub(crate) mod gradient_weights;
 pub(crate) mod inputs;

@@ -1,10 +1,9 @@
 //! SAPO's soft gate (Qwen, arXiv 2511.20347): `l = −f(ρ)·A` with `f(ρ) = σ(τ(ρ−1))·4/τ`,
-//! `τ = τ_pos` if `A > 0` else `τ_neg`, or another gate of the family ([`GateFunction`]: erf,
-//! arctan, softsign). The gates' formulas and weights live in [`crate::gate`];
+//! `τ = τ_pos` if `A > 0` else `τ_neg`. The gate's formula and weight live in [`crate::gate`];
 //! this file is the objective. Metrics: the gate weight `4p(1−p)` and the gate value.
 
 use crate::error::Result;
-use crate::gate::{self, GateFunction};
+use crate::gate;
 use crate::losses::metrics::{GATE_VALUE, GATE_WEIGHT};
 use crate::losses::objective::{Eval, GpuShape, Objective, PerToken, Shape, Token, TokenTensors};
 use crate::real::Real;
@@ -14,7 +13,6 @@ use crate::real::Real;
 pub(crate) struct SoftGate {
     pub(crate) tau_pos: f64,
     pub(crate) tau_neg: f64,
-    pub(crate) gate: GateFunction,
 }
 
 impl Objective for SoftGate {
@@ -32,7 +30,6 @@ impl Objective for SoftGate {
         Temperatures {
             tau_pos: R::from_f64(self.tau_pos),
             tau_neg: R::from_f64(self.tau_neg),
-            gate: self.gate,
         }
     }
 
@@ -42,8 +39,8 @@ impl Objective for SoftGate {
         let tau = advantages
             .gt(0.0)?
             .where_cond(&(&ones * self.tau_pos)?, &(&ones * self.tau_neg)?)?;
-        let value = gate::gate_value_per_element(self.gate, ratio, &tau)?;
-        let weight = gate::gate_weight_per_element(self.gate, &ratio.detach(), &tau)?;
+        let value = gate::value_per_element(ratio, &tau)?;
+        let weight = gate::weight_per_element(&ratio.detach(), &tau)?;
         Ok(PerToken {
             loss: value.mul(advantages)?.neg()?,
             metrics: vec![(GATE_WEIGHT, weight), (GATE_VALUE, value.detach())],
@@ -51,10 +48,7 @@ impl Objective for SoftGate {
     }
 
     fn gpu(&self) -> GpuShape {
-        GpuShape {
-            flag: self.gate.id(),
-            ..GpuShape::new(&[self.tau_pos as f32, self.tau_neg as f32])
-        }
+        GpuShape::new(&[self.tau_pos as f32, self.tau_neg as f32])
     }
 }
 
@@ -65,7 +59,6 @@ impl Objective for SoftGate {
 pub(crate) struct Temperatures<R> {
     pub(crate) tau_pos: R,
     pub(crate) tau_neg: R,
-    pub(crate) gate: GateFunction,
 }
 
 impl<R: Real> Shape<R> for Temperatures<R> {
@@ -75,7 +68,7 @@ impl<R: Real> Shape<R> for Temperatures<R> {
     fn eval(&self, t: &Token<R>) -> Eval<R> {
         let a = t.a;
         let tau = R::select(a > R::ZERO, self.tau_pos, self.tau_neg);
-        let (value, weight) = self.gate.value_and_weight(t.r, tau);
+        let (value, weight) = gate::value_and_weight(t.r, tau);
         Eval::through_ratio(
             -(value * a),
             -(a * weight),

@@ -2,7 +2,7 @@
 //! objective that replaces it: the enum a user configures, and the one dispatch from it to the
 //! objective it holds ([`TrustRegion::visit`]). Each objective lives in its own file
 //! (`soft_gate.rs`, `clip.rs`, `unclipped.rs`, `policy_gradient.rs`, `cispo.rs`, `dro.rs`,
-//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`, `clip_cov.rs`) behind [`Objective`]; adding one is the
+//! `kl_cov.rs`, `dppo.rs`, `vespo.rs`, `gmpo.rs`, `topr.rs`, `clip_cov.rs`, `gate_family.rs`) behind [`Objective`]; adding one is the
 //! page `docs/adding-an-objective.md`.
 //!
 //! Layer: objectives.
@@ -14,6 +14,7 @@ use crate::losses::clip::HardClip;
 use crate::losses::clip_cov::ClipCov;
 use crate::losses::dppo::Dppo;
 use crate::losses::dro::Dro;
+use crate::losses::gate_family::GateFamily;
 use crate::losses::gmpo::GeometricClip;
 use crate::losses::kl_cov::KlCov;
 use crate::losses::objective::{DynObjective, Objective, Visit, VisitType};
@@ -87,11 +88,18 @@ impl TrustRegion {
     /// objectives (exhaustive: a variant not handled here does not compile).
     pub(crate) fn visit<V: Visit>(&self, body: V) -> V::Output {
         match *self {
+            // The sigmoid keeps its own objective (a branch-free scalar form the kernels
+            // vectorize); the other gates share one.
+            Self::SoftGate {
+                tau_pos,
+                tau_neg,
+                gate: GateFunction::Sigmoid,
+            } => body.visit(&SoftGate { tau_pos, tau_neg }),
             Self::SoftGate {
                 tau_pos,
                 tau_neg,
                 gate,
-            } => body.visit(&SoftGate {
+            } => body.visit(&GateFamily {
                 tau_pos,
                 tau_neg,
                 gate,
@@ -125,6 +133,7 @@ impl TrustRegion {
         body.visit::<GeometricClip>();
         body.visit::<Topr>();
         body.visit::<ClipCov>();
+        body.visit::<GateFamily>();
     }
 
     /// The objective this holds, for the queries that need no type parameter.
@@ -151,7 +160,7 @@ mod tests {
             TrustRegion::SoftGate {
                 tau_pos: 1.0,
                 tau_neg: 1.05,
-                gate: GateFunction::Arctan,
+                gate: GateFunction::Sigmoid,
             },
             TrustRegion::HardClip(HardClip::new(0.2, 0.28)),
             TrustRegion::Unclipped,
@@ -170,6 +179,11 @@ mod tests {
             }),
             TrustRegion::Topr(Topr::default()),
             TrustRegion::ClipCov(ClipCov::default()),
+            TrustRegion::SoftGate {
+                tau_pos: 1.0,
+                tau_neg: 1.05,
+                gate: GateFunction::Arctan,
+            },
         ]
     }
 

@@ -130,6 +130,10 @@ pub fn run_crate(
 
 /// erf by its series of positive terms, `2/√π·e^{−x²}·Σ 2ⁿx^{2n+1}/(2n+1)!!` (no cancellation).
 fn erf(x: f64) -> f64 {
+    // erfc(6) ≈ 2e-17: beyond, erf is ±1 in f64 (and the series would overflow).
+    if x.abs() > 6.0 {
+        return x.signum();
+    }
     let (mut term, mut sum) = (x, x);
     for n in 1..4000 {
         term *= 2.0 * x * x / f64::from(2 * n + 1);

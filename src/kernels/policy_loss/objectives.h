@@ -14,6 +14,7 @@
 #include "../../losses/gmpo.h"
 #include "../../losses/topr.h"
 #include "../../losses/clip_cov.h"
+#include "../../losses/gate_family.h"
 
 // The objective's loss, slopes and metrics. An id no objective has (never sent by the
 // crate) gives NaN, which the loss's check turns into an error.
@@ -31,6 +32,7 @@ SAPO_INLINE Eval shape_eval(SAPO_THREAD const PolicyParams& p, Token t) {
     case SAPO_OBJECTIVE_GMPO: return gmpo_eval(p, t);
     case SAPO_OBJECTIVE_TOPR: return topr_eval(p, t);
     case SAPO_OBJECTIVE_CLIP_COV: return clip_cov_eval(p, t);
+    case SAPO_OBJECTIVE_GATE_FAMILY: return gate_family_eval(p, t);
     default: return through_ratio(SAPO_NAN, SAPO_NAN);
   }
 }
