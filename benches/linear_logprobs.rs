@@ -8,9 +8,14 @@
 //! linear log-probs (four gemms per tile) and the fused policy kernel;
 //! `linear_loss/fused/<N>x<H>x<V>`: the whole objective in one pass
 //! (`PolicyLoss::forward_from_hidden`, three gemms per block of tokens).
+//!
+//! Each benchmark's throughput is set to the floating-point operations of its matrix products
+//! (`2·N·H·V` per gemm: three for the composed path and the one pass, four for the fused linear
+//! log-probs, whose backward recomputes the logits), so criterion's `thrpt` reads in GFLOP/s
+//! (`Gelem/s`), the figure to hold against the machine's peak and PyTorch's matmul.
 
 use candle_core::{DType, Device, Tensor, Var};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sapo::{Backend, LmHead, PolicyInputs, Sapo};
 
 const SHAPES: [(usize, usize, usize); 2] = [(1024, 512, 32768), (4096, 256, 32768)];
@@ -64,7 +69,11 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("linear_logprobs");
     group.sample_size(10);
     for ((n, h, v), s) in &setups {
-        for (path, backend) in [("composed", Backend::Composed), ("fused", Backend::Auto)] {
+        for (path, backend, gemms) in [
+            ("composed", Backend::Composed, 3),
+            ("fused", Backend::Auto, 4),
+        ] {
+            group.throughput(Throughput::Elements(gemms * 2 * (n * h * v) as u64));
             let loss = Sapo::default().build().unwrap().with_backend(backend);
             group.bench_function(BenchmarkId::new(path, format!("{n}x{h}x{v}")), |bencher| {
                 bencher.iter(|| {
@@ -93,6 +102,7 @@ fn bench(c: &mut Criterion) {
     for ((n, h, v), s) in &setups {
         let hidden = s.hidden.as_tensor().reshape((1, *n, *h)).unwrap();
         let targets = s.targets.reshape((1, *n)).unwrap();
+        group.throughput(Throughput::Elements(3 * 2 * (n * h * v) as u64));
         group.bench_function(
             BenchmarkId::new("fused", format!("{n}x{h}x{v}")),
             |bencher| {
