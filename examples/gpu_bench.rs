@@ -100,6 +100,36 @@ fn logits_grpo(dev: &Device, (b, l, v): (usize, usize, usize)) -> Result<()> {
         })?;
         report(&format!("logits_grpo/{path}/{}x{v}", b * l), median, reps);
     }
+    // Where the fused step's time goes: the log-probs forward alone, with the loss, and candle's
+    // own share of the backward (the gradient stored as zeros + the first gradient), beside a
+    // plain copy of the logits (the memory traffic of one read and one write).
+    let reps = 10;
+    let id = |part: &str| format!("logits_grpo/fused/{part}/{}x{v}", b * l);
+    let forward = || {
+        sapo::token_log_probs_and_entropy_with(logits.as_tensor(), &targets, 1.0, Backend::Fused)
+    };
+    let median = median_ms(dev, 2, reps, || {
+        forward()?;
+        Ok(())
+    })?;
+    report(&id("log_probs_forward"), median, reps);
+    let fused = loss.with_backend(Backend::Fused);
+    let median = median_ms(dev, 2, reps, || {
+        let (lp, _) = forward()?;
+        fused.forward(&PolicyInputs::new(&lp, &old, &adv, &mask))?;
+        Ok(())
+    })?;
+    report(&id("forward_and_loss"), median, reps);
+    let median = median_ms(dev, 2, reps, || {
+        logits.as_tensor().zeros_like()?.add(logits.as_tensor())?;
+        Ok(())
+    })?;
+    report(&id("candle_zeros_plus_gradient"), median, reps);
+    let median = median_ms(dev, 2, reps, || {
+        logits.as_tensor().copy()?;
+        Ok(())
+    })?;
+    report(&id("copy_of_the_logits"), median, reps);
     Ok(())
 }
 

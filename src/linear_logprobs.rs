@@ -15,12 +15,12 @@
 //! log-sum-exp, forward and backward (the backward recomputes each tile's logits), in f32 for
 //! f16/bf16/f32 inputs (f64 stays f64), with the same bits whatever the number of threads.
 
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 use crate::checks::compute_dtype;
 use crate::error::{check_device, check_float, Error, Result};
 use crate::kernels::linear_log_probs::FusedLinearLogProbs;
-use crate::kernels::{from_kernel, Backend, Path};
+use crate::kernels::{empty_on_gpu, from_kernel, Backend, Path};
 use crate::logprobs::{check_targets, check_temperature};
 
 pub use crate::lm_head::LmHead;
@@ -155,6 +155,16 @@ pub fn linear_log_probs_and_entropy_with(
         (temperature, path.gpu().is_none()),
     )?;
     let lead = &hidden.dims()[..hidden.rank() - 1];
+    if empty_on_gpu(hidden) {
+        // No row: computed on the CPU (see `empty_on_gpu`), the results moved back.
+        let empty = hidden
+            .to_device(&Device::Cpu)?
+            .reshape((n, h))?
+            .to_dtype(dtype)?
+            .sum(D::Minus1)?
+            .to_device(hidden.device())?;
+        return Ok((empty.reshape(lead)?, empty.reshape(lead)?));
+    }
     let hidden_2d = hidden.reshape((n, h))?.to_dtype(dtype)?;
     let weight = weight.to_dtype(dtype)?;
     let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;

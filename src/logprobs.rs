@@ -15,12 +15,12 @@
 //! gradient. Both forms live here: the tensor form (composed ops) and the scalar forms the
 //! kernels run per row and per logit.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::checks::compute_dtype;
 use crate::error::{check_device, check_float, check_positive_scale, Error, Result};
 use crate::kernels::log_probs::FusedLogProbs;
-use crate::kernels::{from_kernel, Backend, Path};
+use crate::kernels::{empty_on_gpu, from_kernel, Backend, Path};
 
 /// Checks that the sampling temperature `T` is finite and > 0 with `1/T` finite in f32.
 pub(crate) fn check_temperature(temperature: f64) -> Result<()> {
@@ -159,6 +159,17 @@ pub fn token_log_probs_and_entropy_with(
     // The GPU kernels check the target ids on the device (no host read).
     let path = backend.path(logits.device(), logits.dtype(), true);
     check_inputs(logits, targets, temperature, path.gpu().is_none())?;
+    if empty_on_gpu(logits) {
+        // No row: computed on the CPU (see `empty_on_gpu`), the results moved back.
+        let (cpu, device) = (&Device::Cpu, logits.device());
+        let (log_probs, entropy) = token_log_probs_and_entropy_with(
+            &logits.to_device(cpu)?,
+            &targets.to_device(cpu)?,
+            temperature,
+            backend,
+        )?;
+        return Ok((log_probs.to_device(device)?, entropy.to_device(device)?));
+    }
     let dims = logits.dims();
     let (lead, vocab) = (&dims[..dims.len() - 1], dims[dims.len() - 1]);
     let rows: usize = lead.iter().product();

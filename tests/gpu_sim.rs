@@ -485,6 +485,104 @@ fn simulated_gpus_handles_empty_batches() {
     }
 }
 
+/// The CPU copy of `x` (an empty tensor on a GPU is only moved, never computed on: candle's CUDA
+/// backend refuses zero-block launches).
+fn host(x: &Tensor) -> Tensor {
+    x.to_device(&Device::Cpu).unwrap()
+}
+
+/// The gradient of `Σ outputs` (summed on the CPU) with respect to each of `inputs`, on the CPU:
+/// `None` where none reaches it.
+fn empty_grads(outputs: &[&Tensor], inputs: &[&Var]) -> Vec<Option<Tensor>> {
+    let mut total = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for x in outputs {
+        assert_eq!(x.elem_count(), 0, "an empty batch gives empty results");
+        total = (total + host(x).sum_all().unwrap()).unwrap();
+    }
+    let grads = total.backward().unwrap();
+    inputs
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).map(host))
+        .collect()
+}
+
+#[test]
+fn simulated_gpus_log_probs_of_empty_batches_are_empty_and_differentiable() {
+    for target in gpus() {
+        let _gpu = target.sim.enter();
+        let gpu = target.name;
+        let mut results = vec![];
+        for on in [&target, &Gpu::cpu()] {
+            let mut got = vec![];
+            for dtype in [DType::F32, DType::BF16] {
+                // Token log-probs of [0, V] logits.
+                let logits = Tensor::zeros((0, 7), dtype, &Device::Cpu).unwrap();
+                let logits = Var::from_tensor(&on.put(&logits)).unwrap();
+                let targets = on.put(&Tensor::zeros(0, DType::U32, &Device::Cpu).unwrap());
+                let (lp, h) = sapo::token_log_probs_and_entropy_with(
+                    logits.as_tensor(),
+                    &targets,
+                    1.0,
+                    on.backend,
+                )
+                .unwrap();
+                assert_eq!((lp.dims(), h.dims()), (&[0][..], &[0][..]), "{gpu}");
+                assert!(lp.device().same_device(&on.device), "{gpu}: ℓ's device");
+                got.push(empty_grads(&[&lp, &h], &[&logits]));
+                // Linear log-probs and the policy loss from [2, 0, H] hidden states.
+                let hidden = Tensor::zeros((2, 0, 4), dtype, &Device::Cpu).unwrap();
+                let hidden = Var::from_tensor(&on.put(&hidden)).unwrap();
+                let weight =
+                    Var::from_tensor(&on.put(&floats(24, 61, 0.5).reshape((6, 4)).unwrap()))
+                        .unwrap();
+                let targets = on.put(&Tensor::zeros((2, 0), DType::U32, &Device::Cpu).unwrap());
+                let (lp, h) = sapo::linear_log_probs_and_entropy_with(
+                    hidden.as_tensor(),
+                    weight.as_tensor(),
+                    None,
+                    &targets,
+                    1.0,
+                    on.backend,
+                )
+                .unwrap();
+                assert_eq!((lp.dims(), h.dims()), (&[2, 0][..], &[2, 0][..]), "{gpu}");
+                got.push(empty_grads(&[&lp, &h], &[&hidden, &weight]));
+                let empty = on.put(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap());
+                let mask = on.put(&Tensor::zeros((2, 0), DType::U8, &Device::Cpu).unwrap());
+                let adv = on.put(&floats(2, 62, 1.0));
+                let head = sapo::LmHead::new(hidden.as_tensor(), weight.as_tensor(), &targets);
+                let out = Sapo::default()
+                    .build()
+                    .unwrap()
+                    .with_backend(on.backend)
+                    .forward_from_hidden(&PolicyInputs::new(head, &empty, &adv, &mask))
+                    .unwrap();
+                assert!(
+                    out.loss.device().same_device(&on.device),
+                    "{gpu}: the loss's device"
+                );
+                let loss = common::f64s(&out.loss)[0];
+                assert_eq!(loss, 0.0, "{gpu}: the loss of no token");
+                assert_eq!(out.metrics.read().unwrap().token_count, 0.0, "{gpu}");
+                let grads = host(&out.loss).backward().unwrap();
+                got.push(vec![grads.get(hidden.as_tensor()).map(host)]);
+            }
+            results.push(got);
+        }
+        // The same gradients reach the same inputs (all empty) on the GPU as on the CPU.
+        let shapes = |r: &Vec<Vec<Option<Tensor>>>| -> Vec<Vec<Option<Vec<usize>>>> {
+            r.iter()
+                .map(|g| {
+                    g.iter()
+                        .map(|x| x.as_ref().map(|x| x.dims().to_vec()))
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(shapes(&results[0]), shapes(&results[1]), "{gpu}");
+    }
+}
+
 /// `(ℓ, H, ∂(Σ u·ℓ + Σ v·H)/∂logits)` of `[n, vocab]` logits on `gpu`.
 fn log_probs_run(
     logits: &Tensor,

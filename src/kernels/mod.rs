@@ -12,8 +12,8 @@
 //!   `gpu/common.h`); `.cu` and `.metal` hold only each language's entry points.
 //!
 //! [`Backend::path`] is the one dispatch point. [`Backend::Auto`] (the default) picks the fused
-//! kernels that have run on their hardware (the CPU's; the CUDA and Metal kernels have run in
-//! simulation only so far); [`Backend::Fused`] picks every fused kernel that exists for the
+//! kernels that have run on their hardware (the CPU's and the CUDA kernels; the Metal kernels
+//! have run in simulation only so far); [`Backend::Fused`] picks every fused kernel that exists for the
 //! device; [`Backend::Composed`] forces the composed path (for checking, or to differentiate
 //! twice).
 //!
@@ -32,6 +32,16 @@ pub(crate) mod log_probs;
 pub(crate) mod policy_loss;
 pub(crate) mod simd;
 
+/// Whether `tensor` holds no element and lives on a GPU. candle 0.11's CUDA backend launches a
+/// grid of zero blocks for a cast, a comparison, a selection or a reduction of an empty tensor,
+/// which the driver refuses (`CUDA_ERROR_INVALID_VALUE`, first seen on an H200): the public
+/// entry points compute a batch of no token on the CPU, where there is nothing to compute, and
+/// move the results back. `to_device` is differentiable in candle, so gradients still reach the
+/// inputs on the GPU (empty, as on the CPU).
+pub(crate) fn empty_on_gpu(tensor: &candle_core::Tensor) -> bool {
+    tensor.elem_count() == 0 && !tensor.device().is_cpu()
+}
+
 /// Which implementation runs.
 ///
 /// ```
@@ -42,9 +52,10 @@ pub(crate) mod simd;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Backend {
-    /// The fused kernels that have run on their hardware: the CPU's. The CUDA and Metal kernels
-    /// have so far run in simulation only (see the README), so on CUDA and Metal `Auto` runs the
-    /// composed ops.
+    /// The fused kernels that have run on their hardware: the CPU's and (with the `cuda`
+    /// feature) the CUDA kernels, which passed the golden cases, the GPU-against-CPU tests, the
+    /// property tests and compute-sanitizer on an H200 (see the README). The Metal kernels have
+    /// run in simulation only, so on Metal `Auto` runs the composed ops.
     #[default]
     Auto,
     /// The fused kernel wherever one exists for the device and dtype: the CPU's, with the `cuda`
@@ -127,7 +138,9 @@ impl Backend {
         match self {
             Backend::Composed => Path::Composed,
             Backend::Auto | Backend::Fused if device.is_cpu() => Path::Cpu,
-            Backend::Fused if device.is_cuda() && gpu_dtype && cfg!(feature = "cuda") => {
+            Backend::Auto | Backend::Fused
+                if device.is_cuda() && gpu_dtype && cfg!(feature = "cuda") =>
+            {
                 Path::Gpu(Gpu::Device)
             }
             Backend::Fused if device.is_metal() && gpu_dtype && cfg!(feature = "metal") => {

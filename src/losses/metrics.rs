@@ -151,6 +151,20 @@ impl PolicyMetrics {
         self
     }
 
+    /// The same metrics on `device` (an empty batch on a GPU is computed on the CPU).
+    pub(crate) fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            sums: self.sums.to_device(device)?,
+            extrema: self.extrema.to_device(device)?,
+            kind: self.kind,
+            checks: self
+                .checks
+                .as_ref()
+                .map(|c| c.to_device(device))
+                .transpose()?,
+        })
+    }
+
     /// The input checks that the GPU kernels make on the device: `Err` names the first input
     /// with invalid values (a mask value other than 0/1, a non-finite value at an unmasked
     /// position), as the CPU path's error does.

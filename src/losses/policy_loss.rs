@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::aggregation::aggregate_masked;
 use crate::aggregation::MaskCounts;
@@ -16,7 +16,7 @@ use crate::checks::{check_finite_where, checked_mask, compute_dtype};
 use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
-use crate::kernels::{policy_loss::FusedPolicyLoss, Backend, Path};
+use crate::kernels::{empty_on_gpu, policy_loss::FusedPolicyLoss, Backend, Path};
 use crate::kl::kl_values;
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
@@ -228,6 +228,9 @@ impl PolicyLoss {
     fn forward_tensors(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
         let config = &self.config;
         let (_, t) = inputs.check(config.kl.is_some(), config.reads_entropy())?;
+        if empty_on_gpu(inputs.log_probs) {
+            return self.forward_on_cpu(inputs);
+        }
         masks::check_inputs(&config.masks, inputs)?;
         check_scores(config, inputs)?;
         checks::check_normalizer(config, &inputs.normalizer)?;
@@ -404,7 +407,10 @@ impl PolicyLoss {
         // vocabulary): they are replaced by 0 before anything reads them, so only unmasked ids
         // are checked and looked up.
         let padded_targets = inputs.log_probs.targets;
-        let targets = if inputs.mask.dims() == padded_targets.dims()
+        let targets = if empty_on_gpu(padded_targets) {
+            // No token: nothing to replace (candle cannot select on an empty GPU tensor).
+            padded_targets.clone()
+        } else if inputs.mask.dims() == padded_targets.dims()
             && inputs.mask.device().same_device(padded_targets.device())
         {
             inputs
@@ -502,6 +508,41 @@ impl PolicyLoss {
             loss,
             metrics: self.metrics(sums, extrema, inputs.normalizer.world_size)?,
             rollout_correction: None,
+        })
+    }
+
+    /// A batch of no token on a GPU, computed on the CPU (see `empty_on_gpu`): every input is
+    /// moved there (`to_device` keeps the graph: the gradient reaches the GPU's `log_probs` and
+    /// `entropy`), the loss and the metrics are moved back.
+    fn forward_on_cpu(&self, inputs: &PolicyInputs<'_>) -> Result<PolicyLossOutput> {
+        let (cpu, device) = (&Device::Cpu, inputs.log_probs.device());
+        let to_cpu = |x: &Tensor| x.to_device(cpu);
+        let optional = |x: Option<&Tensor>| x.map(to_cpu).transpose();
+        let log_probs = to_cpu(inputs.log_probs)?;
+        let old_log_probs = to_cpu(inputs.old_log_probs)?;
+        let advantages = to_cpu(inputs.advantages)?;
+        let mask = to_cpu(inputs.mask)?;
+        let ref_log_probs = optional(inputs.ref_log_probs)?;
+        let is_weights = optional(inputs.is_weights)?;
+        let entropy = optional(inputs.entropy)?;
+        let rollout_log_probs = optional(inputs.rollout_log_probs)?;
+        let scores = optional(inputs.scores)?;
+        let out = self.forward_tensors(&PolicyInputs {
+            log_probs: &log_probs,
+            old_log_probs: &old_log_probs,
+            advantages: &advantages,
+            mask: &mask,
+            ref_log_probs: ref_log_probs.as_ref(),
+            is_weights: is_weights.as_ref(),
+            entropy: entropy.as_ref(),
+            rollout_log_probs: rollout_log_probs.as_ref(),
+            scores: scores.as_ref(),
+            normalizer: inputs.normalizer,
+        })?;
+        Ok(PolicyLossOutput {
+            loss: out.loss.to_device(device)?,
+            metrics: out.metrics.to_device(device)?,
+            rollout_correction: out.rollout_correction,
         })
     }
 

@@ -547,7 +547,10 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], abs: f64, rel: f64) {
 
 /// All of a tensor's values as f64.
 pub fn f64s(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
+    // Read on the CPU: candle's CUDA backend cannot cast an empty tensor (a zero-block launch).
+    t.to_device(&candle_core::Device::Cpu)
+        .unwrap()
+        .flatten_all()
         .unwrap()
         .to_dtype(DType::F64)
         .unwrap()
