@@ -82,6 +82,21 @@ fn bench_masks(c: &mut Criterion) {
             })
         });
     }
+    // Beside the masks, the caller's own `[B, T]` rollout weights (all ones): their check.
+    let ones = x.old.ones_like().unwrap();
+    {
+        let (name, w) = ("token_is_weights", &ones);
+        let loss = Sapo::default().build().unwrap();
+        group.bench_function(BenchmarkId::new(name, format!("{b}x{t}")), |bencher| {
+            bencher.iter(|| {
+                let inputs =
+                    PolicyInputs::new(x.log_probs.as_tensor(), &x.old, &x.advantages, &x.mask)
+                        .with_is_weights(w);
+                let out = loss.forward(&inputs).unwrap();
+                out.loss.backward().unwrap()
+            })
+        });
+    }
     group.finish();
 }
 

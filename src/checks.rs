@@ -4,7 +4,7 @@
 //!
 //! Layer: math.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Storage, Tensor, WithDType};
 
 use crate::error::{check_device, check_float, check_shape, check_value, Error, Result};
 
@@ -156,4 +156,51 @@ pub(crate) fn scrubbed_matrices(
         mask: keep_f,
         values,
     })
+}
+
+/// Runs `f` on `x`'s values as `T`: the CPU storage itself when it is contiguous and of dtype
+/// `T`, else a converted copy (one host read).
+pub(crate) fn with_host<T: WithDType, O>(
+    x: &Tensor,
+    f: impl FnOnce(&[T]) -> Result<O>,
+) -> Result<O> {
+    if x.device().is_cpu() && x.dtype() == T::DTYPE {
+        let (storage, layout) = x.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return f(&cpu.as_slice::<T>()?[start..end]);
+        }
+    }
+    let values = x
+        .detach()
+        .to_dtype(T::DTYPE)?
+        .flatten_all()?
+        .to_vec1::<T>()?;
+    f(&values)
+}
+
+/// A mask element: unmasked when non-zero (the loss checks the values themselves).
+pub(crate) trait MaskValue: WithDType + Copy + Sync + Send {
+    /// Whether the position is unmasked.
+    fn on(self) -> bool;
+}
+
+impl MaskValue for u8 {
+    #[inline(always)]
+    fn on(self) -> bool {
+        self != 0
+    }
+}
+
+impl MaskValue for f32 {
+    #[inline(always)]
+    fn on(self) -> bool {
+        self != 0.0
+    }
+}
+
+impl MaskValue for f64 {
+    #[inline(always)]
+    fn on(self) -> bool {
+        self != 0.0
+    }
 }

@@ -14,10 +14,10 @@
 //! error. The GPU kernels read nothing back: their counts join the kernels' own and surface in
 //! [`crate::PolicyMetrics::check`].
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, WithDType};
 
 use crate::aggregation::{global_count_excess, Aggregation, BatchCount};
-use crate::checks::compute_dtype;
+use crate::checks::{compute_dtype, with_host, MaskValue};
 use crate::error::{Result, ValueCheck};
 use crate::kl::KlEstimator;
 use crate::losses::config::PolicyLossConfig;
@@ -72,6 +72,24 @@ pub(crate) fn pre_checks<L>(
         return Ok(None);
     }
     let mask = inputs.mask;
+    // On the CPU with only the weights to check: one pass over the host values (the tensor ops
+    // below cost more than the fused loss itself at 64×4096).
+    if let (true, false, None, None, Some(w)) = (
+        mask.device().is_cpu(),
+        k3,
+        normalizer.global_tokens,
+        normalizer.global_sequences,
+        inputs.is_weights,
+    ) {
+        let negative = match w.dtype() {
+            DType::F64 => negative_weights::<f64>(w, mask, t)?,
+            _ => negative_weights::<f32>(w, mask, t)?,
+        };
+        return Ok(Some(Tensor::new(
+            &[negative as f32, 0.0, 0.0, 0.0],
+            mask.device(),
+        )?));
+    }
     let keep = mask.ne(0.0)?.to_dtype(DType::F32)?;
     let zero = || -> Result<Tensor> { Ok(Tensor::zeros((), DType::F32, mask.device())?) };
     let masked_count = |flags: Tensor| -> Result<Tensor> {
@@ -95,6 +113,23 @@ pub(crate) fn pre_checks<L>(
     let excess = global_count_excess(&keep, every_row, normalizer)?;
     let counts = [negative, above, excess.get(0)?, excess.get(1)?];
     Ok(Some(Tensor::stack(&counts, 0)?))
+}
+
+/// The number of negative weights `w` (`[B,T]`, or `[B,1]` one per row, read as `W`: f64 stays
+/// f64, so no negative value rounds to zero) at unmasked positions, from the host values.
+fn negative_weights<W: WithDType>(w: &Tensor, mask: &Tensor, t: usize) -> Result<usize> {
+    fn count<W: WithDType, M: MaskValue>(w: &[W], mask: &[M], t: usize) -> usize {
+        let per_row = w.len() != mask.len();
+        mask.iter()
+            .enumerate()
+            .filter(|&(j, m)| m.on() && w[if per_row { j / t.max(1) } else { j }].to_f64() < 0.0)
+            .count()
+    }
+    with_host::<W, _>(w, |w| match mask.dtype() {
+        DType::U8 => with_host::<u8, _>(mask, |m| Ok(count(w, m, t))),
+        DType::F64 => with_host::<f64, _>(mask, |m| Ok(count(w, m, t))),
+        _ => with_host::<f32, _>(mask, |m| Ok(count(w, m, t))),
+    })
 }
 
 /// Off the GPU: reads the pre-checks' counts and returns the first violation.
@@ -128,4 +163,57 @@ pub(crate) fn deferred(pre: Option<Tensor>, loss: &Tensor) -> Result<Tensor> {
     let finite = loss.abs()?.lt(f64::INFINITY)?.to_dtype(DType::F32)?;
     let not_finite = (1.0 - finite)?.reshape(1)?;
     Ok(Tensor::cat(&[pre, not_finite], 0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use proptest::prelude::*;
+
+    /// The tensor form of the count: `Σ m·[w < 0]` with `w` broadcast over the row.
+    fn negative_weights_slow(w: &Tensor, mask: &Tensor) -> usize {
+        let w = w.broadcast_as(mask.shape()).unwrap();
+        let keep = mask.ne(0.0).unwrap().to_dtype(DType::F32).unwrap();
+        let negative = w.lt(0.0).unwrap().to_dtype(DType::F32).unwrap();
+        let count = negative.mul(&keep).unwrap().sum_all().unwrap();
+        count.to_scalar::<f32>().unwrap() as usize
+    }
+
+    proptest! {
+        /// The host count equals the tensor count for every weight dtype (f64 weights too small
+        /// for f32 stay negative), per-token and per-row weights, u8, f32, bf16 and f64 masks.
+        #[test]
+        fn host_count_of_negative_weights_equals_the_tensor_count(
+            (b, t, signs, bits, per_row, weight_dtype, mask_dtype) in (1usize..5, 1usize..7)
+                .prop_flat_map(|(b, t)| (
+                    Just(b), Just(t),
+                    prop::collection::vec(-2i8..=2, b * t),
+                    prop::collection::vec(any::<bool>(), b * t),
+                    any::<bool>(), 0usize..3, 0usize..4,
+                ))
+        ) {
+            let dev = Device::Cpu;
+            let rows = if per_row { b } else { b * t };
+            // Magnitudes include 1e-300: negative in f64, zero once rounded to f32.
+            let values: Vec<f64> = signs[..rows]
+                .iter()
+                .map(|&s| f64::from(s) * if s.abs() == 2 { 1e-300 } else { 0.5 })
+                .collect();
+            let shape = if per_row { (b, 1) } else { (b, t) };
+            let weight_dtype = [DType::F64, DType::F32, DType::BF16][weight_dtype];
+            let w = Tensor::from_vec(values, shape, &dev).unwrap().to_dtype(weight_dtype).unwrap();
+            let mask_values: Vec<f64> = bits.iter().map(|&k| f64::from(u8::from(k))).collect();
+            let mask_dtype = [DType::U8, DType::F32, DType::BF16, DType::F64][mask_dtype];
+            let mask = Tensor::from_vec(mask_values, (b, t), &dev)
+                .unwrap()
+                .to_dtype(mask_dtype)
+                .unwrap();
+            let fast = match w.dtype() {
+                DType::F64 => negative_weights::<f64>(&w, &mask, t).unwrap(),
+                _ => negative_weights::<f32>(&w, &mask, t).unwrap(),
+            };
+            prop_assert_eq!(fast, negative_weights_slow(&w, &mask));
+        }
+    }
 }

@@ -21,9 +21,10 @@
 //!
 //! Layer: objectives.
 
-use candle_core::{DType, Storage, Tensor, WithDType};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::checks::{with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
 
@@ -148,43 +149,6 @@ impl PolicyMasks {
 
 // ---------------------------------------------------------------------------------------------
 // Host reads.
-
-/// Runs `f` on `x`'s values as `T`: the CPU storage itself when it is contiguous and of dtype
-/// `T`, else a converted copy (one host read).
-fn with_host<T: WithDType, O>(x: &Tensor, f: impl FnOnce(&[T]) -> Result<O>) -> Result<O> {
-    if x.device().is_cpu() && x.dtype() == T::DTYPE {
-        let (storage, layout) = x.storage_and_layout();
-        if let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
-            return f(&cpu.as_slice::<T>()?[start..end]);
-        }
-    }
-    let values = x
-        .detach()
-        .to_dtype(T::DTYPE)?
-        .flatten_all()?
-        .to_vec1::<T>()?;
-    f(&values)
-}
-
-/// A mask element: unmasked when non-zero (the loss checks the values themselves).
-pub(crate) trait MaskValue: WithDType + Copy + Sync + Send {
-    /// Whether the position is unmasked.
-    fn on(self) -> bool;
-}
-
-impl MaskValue for u8 {
-    #[inline(always)]
-    fn on(self) -> bool {
-        self != 0
-    }
-}
-
-impl MaskValue for f32 {
-    #[inline(always)]
-    fn on(self) -> bool {
-        self != 0.0
-    }
-}
 
 /// The first unmasked non-finite value of `x`, as the typed error naming `arg`.
 fn check_finite<M: MaskValue>(arg: &'static str, x: &[f32], mask: &[M]) -> Result<()> {
