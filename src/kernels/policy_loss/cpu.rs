@@ -250,12 +250,21 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
     let mut bad = [0u32; 5];
     for (start, len) in tiles(x.t) {
         let padded = load(x, row, start, len, tile, &mut bad);
+        // Every slice cut to the tile's length: the loop runs without bounds checks and
+        // vectorizes (indexing the tile's fields directly kept it scalar).
+        let (keeps, lp, old, adv, w) = (
+            &tile.keep[..padded],
+            &tile.lp[..padded],
+            &tile.old[..padded],
+            &tile.adv[..padded],
+            &tile.w[..padded],
+        );
+        let (value, slope) = (&mut tile.value[..padded], &mut tile.slope[..padded]);
         for j in 0..padded {
-            let delta = ratio::log_ratio(tile.lp[j] - tile.old[j], p.clamp).0;
-            let keep = tile.keep[j];
-            tile.value[j] = keep * shape.log_ratio(delta, tile.adv[j]).0;
-            tile.slope[j] =
-                keep * shape.row_term(delta, R::select(keep != R::ZERO, tile.w[j], R::ONE));
+            let delta = ratio::log_ratio(lp[j] - old[j], p.clamp).0;
+            let keep = keeps[j];
+            value[j] = keep * shape.log_ratio(delta, adv[j]).0;
+            slope[j] = keep * shape.row_term(delta, R::select(keep != R::ZERO, w[j], R::ONE));
         }
         lane_sum(&tile.value[..padded], &mut sum);
         if S::ROW_STATISTIC {
