@@ -4,12 +4,13 @@
 #   scripts/gpu-check.sh            here (no GPU needed): builds everything the GPU run needs into
 #                                   gpu-run/ (git-ignored, at most 64 MiB: what a device run can
 #                                   carry) and prints the one command to run there.
-#   bash gpu-run/run.sh             there (an NVIDIA GPU, PyTorch and Triton installed): within
-#                                   8 minutes runs the golden cases, the GPU-vs-CPU kernel tests
-#                                   and the property tests on the CUDA device, compute-sanitizer
-#                                   (memcheck, racecheck, initcheck, synccheck) on one small case of
-#                                   each kernel, and the benchmarks against PyTorch eager and
-#                                   Liger-Kernel's Triton GRPO loss; writes one report,
+#   bash gpu-run/run.sh             there (an NVIDIA GPU, PyTorch and Triton installed): in
+#                                   64-79 s on an H200 runs the golden cases, the GPU-vs-CPU kernel
+#                                   tests and the property tests on the CUDA device,
+#                                   compute-sanitizer (memcheck, racecheck, initcheck, synccheck) on
+#                                   one small case of each kernel, the benchmarks against PyTorch
+#                                   eager and Liger-Kernel's Triton GRPO loss and an ncu profile of
+#                                   the log-probs kernels (informational); writes one report,
 #                                   $OUT/gpu-report.txt (gpu-run/gpu-report.txt without $OUT).
 #
 # The build uses the CUDA 13.0 wheels (scripts/cuda-env.sh) and its own target directory
@@ -99,7 +100,7 @@ if [ "$size_mb" -gt "$limit_mb" ]; then
 fi
 cat <<EOF
 
-The GPU half, with the device tool (about 8 minutes; leaves time to rerun):
-  run(command="bash gpu-run/run.sh", carry=["gpu-run"], timeout_s=540)
+The GPU half, with the device tool (64-79 s on an H200; the limit leaves time to rerun):
+  run(command="bash gpu-run/run.sh", carry=["gpu-run"], timeout_s=300)
 The report comes back as gpu-report.txt.
 EOF
