@@ -2,7 +2,10 @@
 //! kernel: the loss is `Σ w·log_prob` with one random weight per row, as in
 //! `../shared/bench/torch_baseline.py` (logits `3·N(0,1)`, uniform targets).
 //!
-//! Ids: `logprobs/<path>/<N>x<V>`.
+//! Ids: `logprobs/<path>/<N>x<V>`, and `candle_accumulation/<rows>x<cols>`: what candle 0.11's
+//! backward itself does with the first gradient of a tensor of that size (`zeros_like`, then an
+//! add into it), timed alone — the floor stock candle sets under every fused path (the policy
+//! loss's `[B,T]` log-probs at 64×4096, the logits at 1024×32768).
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
@@ -52,5 +55,17 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+fn bench_candle_accumulation(c: &mut Criterion) {
+    let mut group = c.benchmark_group("candle_accumulation");
+    group.sample_size(20);
+    for (rows, cols) in [(64, 4096), (1024, 32768)] {
+        let gradient = Tensor::ones((rows, cols), candle_core::DType::F32, &Device::Cpu).unwrap();
+        group.bench_function(BenchmarkId::from_parameter(format!("{rows}x{cols}")), |b| {
+            b.iter(|| gradient.zeros_like().unwrap().add(&gradient).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_candle_accumulation);
 criterion_main!(benches);
