@@ -4,7 +4,7 @@
 //! selection as rollout weights, M2PO as a reduced mask), their typed errors, and padding
 //! garbage that never reaches a value.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
     ClipCov, Error, Grpo, PolicyInputs, PolicyLoss, PolicyLossConfig, PolicyMasks, Sapo, Topr,
     Vespo,
@@ -92,13 +92,34 @@ fn run_all(
     mask: Option<Vec<f32>>,
     with: (bool, bool),
 ) -> Vec<(&'static str, f64, Vec<f64>)> {
-    let lp = Var::from_tensor(&mat(x.log_probs.clone())).unwrap();
-    let old = mat(x.old.clone());
-    let rollout = mat(x.rollout.clone());
-    let entropy = mat(x.entropy.clone());
-    let adv = Tensor::new(x.advantages.as_slice(), &dev()).unwrap();
+    run_all_in(loss, x, weights, mask, with, DType::F32)
+}
+
+/// [`run_all`] with every float input in `dtype` (the mask stays f32).
+fn run_all_in(
+    loss: &PolicyLoss,
+    x: &Batch,
+    weights: Option<Vec<f32>>,
+    mask: Option<Vec<f32>>,
+    with: (bool, bool),
+    dtype: DType,
+) -> Vec<(&'static str, f64, Vec<f64>)> {
+    let cast = |v: Vec<f32>| mat(v).to_dtype(dtype).unwrap();
+    let lp = Var::from_tensor(&cast(x.log_probs.clone())).unwrap();
+    let old = cast(x.old.clone());
+    let rollout = cast(x.rollout.clone());
+    let entropy = cast(x.entropy.clone());
+    // Row advantages, or per-token ones.
+    let adv = if x.advantages.len() == B {
+        Tensor::new(x.advantages.as_slice(), &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    } else {
+        cast(x.advantages.clone())
+    };
     let mask = mat(mask.unwrap_or_else(|| x.mask.clone()));
-    let weights = weights.map(mat);
+    let weights = weights.map(cast);
     let mut out = vec![];
     for (name, backend, sim) in sim::paths() {
         let _guard = sim.enter();
@@ -154,7 +175,12 @@ fn opsm_keep(x: &Batch, sampling: &[f32], delta: f64) -> Vec<f32> {
                 .map(|k| f64::from(sampling[k]) - f64::from(x.log_probs[k]))
                 .sum::<f64>()
                 / n.max(1) as f64;
-            f32::from(u8::from(x.advantages[i] >= 0.0 || kl <= delta))
+            let a = if x.advantages.len() == B {
+                x.advantages[i]
+            } else {
+                x.advantages[j]
+            };
+            f32::from(u8::from(a >= 0.0 || kl <= delta))
         })
         .collect()
 }
@@ -241,6 +267,54 @@ fn top_entropy_is_its_keep_as_rollout_weights_times_the_callers() {
             (false, false),
         );
         assert_same(&format!("top-entropy ρ {rho}"), &got, &want);
+    }
+}
+
+/// OPSM and the top-entropy selection together, with per-token advantages (signs that change
+/// within a row) and the caller's weights: the product of the two factors and the weights, on
+/// every path (the CPU kernel applies the decisions while it loads a tile; the other paths take
+/// the factor), in f32, bf16 and f64.
+#[test]
+fn opsm_and_top_entropy_with_per_token_advantages() {
+    let mut x = batch();
+    x.advantages = noise(B * T, 11).iter().map(|a| 3.0 * a).collect();
+    let caller: Vec<f32> = noise(B * T, 12).iter().map(|w| 1.0 + w).collect();
+    for (delta, rho) in [(0.02, 0.3), (0.05, 0.75)] {
+        let opsm = opsm_keep(&x, &x.rollout, delta);
+        let top = top_entropy_keep(&x, rho);
+        // Neither factor is trivial on the unmasked tokens.
+        let unmasked = |keep: &[f32], v: f32| (0..B * T).any(|j| x.mask[j] != 0.0 && keep[j] == v);
+        assert!(unmasked(&opsm, 0.0) && unmasked(&opsm, 1.0), "δ {delta}");
+        assert!(unmasked(&top, 0.0) && unmasked(&top, 1.0), "ρ {rho}");
+        let both: Vec<f32> = (0..B * T).map(|j| opsm[j] * top[j] * caller[j]).collect();
+        let masks = PolicyMasks::default()
+            .with_off_policy_threshold(delta)
+            .with_top_entropy_quantile(rho);
+        for config in [Sapo::default().config(), Grpo::default().config()] {
+            for dtype in [DType::F32, DType::BF16, DType::F64] {
+                let got = run_all_in(
+                    &with_masks(config, masks),
+                    &x,
+                    Some(caller.clone()),
+                    None,
+                    (true, true),
+                    dtype,
+                );
+                let want = run_all_in(
+                    &config.build().unwrap(),
+                    &x,
+                    Some(both.clone()),
+                    None,
+                    (false, false),
+                    dtype,
+                );
+                assert_same(
+                    &format!("OPSM δ {delta} and top-entropy ρ {rho}, {dtype:?}"),
+                    &got,
+                    &want,
+                );
+            }
+        }
     }
 }
 

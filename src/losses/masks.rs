@@ -1,12 +1,16 @@
 //! Masks inside the policy loss: off-policy sequence masking (OPSM), the top-entropy tokens and
 //! M2PO's second-moment mask. Each is a batch-wide decision taken once, on the host, before the
-//! loss runs; its 0/1 result is what every path (composed, fused CPU, the lm_head path, the GPU
-//! kernels) takes, so none of them needs to know the masks exist:
+//! loss runs:
 //!
 //! - OPSM and the top-entropy selection multiply the per-token policy loss by a 0/1 factor and
 //!   change nothing else (the normalisers, the KL and entropy terms and the metrics keep counting
-//!   the dropped tokens): the factor multiplies the rollout weights `w`.
-//! - M2PO replaces the mask `m` itself, so the normalisers and the metrics shrink with it.
+//!   the dropped tokens): the factor multiplies the rollout weights `w`. The composed path, the
+//!   lm_head path and the GPU kernels take the factor as a `[B,T]` (or `[B,1]`) tensor
+//!   ([`keep_weights`]); the CPU kernel takes the decisions themselves ([`KeepRule`]: a flag per
+//!   row for OPSM, `θ` for the entropy) and zeroes `w` while it loads a tile, so that no `[B,T]`
+//!   factor is written or read.
+//! - M2PO replaces the mask `m` itself, so the normalisers and the metrics shrink with it; every
+//!   path takes the reduced mask.
 //!
 //! ```text
 //! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
@@ -272,11 +276,15 @@ fn interpolate_at(values: &mut [f32], j: usize, frac: f64) -> f64 {
     below + frac * (above - below)
 }
 
-/// The top-entropy keep `m ∧ (H ≥ θ)` of every position, in one full pass: a sample brackets
-/// the quantile, the pass writes the decisions outside the bracket and collects the values
-/// inside it, whose exact order statistics give `θ` (the definition, [`entropy_threshold`],
-/// when the bracket misses).
-fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Result<Vec<f32>> {
+/// The top-entropy threshold `θ` in one full pass ([`entropy_threshold`]'s value, `None` without
+/// an unmasked token): a sample brackets the quantile, the pass counts the unmasked values below
+/// the bracket and collects those inside it, whose exact order statistics give `θ` (the
+/// definition when the bracket misses). Nothing of size `[B,T]` is written.
+fn top_entropy_threshold<M: MaskValue>(
+    entropy: &[f32],
+    mask: &[M],
+    rho: f64,
+) -> Result<Option<f64>> {
     let len = entropy.len();
     let mut sample = sample(len, mask, |j| entropy[j]);
     sample.sort_unstable_by(f32::total_cmp);
@@ -292,31 +300,27 @@ fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Resu
             sample.get(r + margin + 1).copied().unwrap_or(f32::INFINITY),
         )
     };
-    let mut keep = vec![0f32; len];
-    // Per chunk: unmasked count, count below the bracket, the bracket's (value, index), and
-    // whether an unmasked value is not finite.
-    type Part = (usize, usize, Vec<(f32, usize)>, bool);
-    let parts: Vec<Part> = keep
-        .par_chunks_mut(CHUNK)
-        .zip(entropy.par_chunks(CHUNK).zip(mask.par_chunks(CHUNK)))
-        .enumerate()
-        .map(|(c, (keep, (h, m)))| {
-            let (mut n, mut below, mut inside, mut bad) = (0, 0, vec![], false);
-            for k in 0..h.len() {
-                if !m[k].on() {
-                    continue;
-                }
-                n += 1;
-                let v = h[k];
-                bad |= !v.is_finite();
-                if v < lo {
-                    below += 1;
-                } else if v > hi {
-                    keep[k] = 1.0;
-                } else {
-                    inside.push((v, c * CHUNK + k));
-                }
+    // Per chunk: unmasked count, count below the bracket, the bracket's values, and whether an
+    // unmasked value is not finite.
+    type Part = (usize, usize, Vec<f32>, bool);
+    let parts: Vec<Part> = entropy
+        .par_chunks(CHUNK)
+        .zip(mask.par_chunks(CHUNK))
+        .map(|(h, m)| {
+            // Without branches: every value is written at the end of `inside`, which grows by
+            // one when the value is in the bracket (a push in the loop kept its counters on
+            // the stack).
+            let (mut n, mut below, mut k, mut bad) = (0, 0, 0, false);
+            let mut inside = vec![0f32; h.len() + 1];
+            for (&v, m) in h.iter().zip(m) {
+                let on = m.on();
+                n += usize::from(on);
+                bad |= on & !v.is_finite();
+                below += usize::from(on & (v < lo));
+                inside[k] = v;
+                k += usize::from(on & (v >= lo) & (v <= hi));
             }
+            inside.truncate(k);
             (n, below, inside, bad)
         })
         .collect();
@@ -325,34 +329,40 @@ fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Resu
     }
     let n: usize = parts.iter().map(|p| p.0).sum();
     if n == 0 {
-        return Ok(keep);
+        return Ok(None);
     }
     let below: usize = parts.iter().map(|p| p.1).sum();
-    let mut inside: Vec<(f32, usize)> = parts.into_iter().flat_map(|p| p.2).collect();
+    let mut inside: Vec<f32> = parts.into_iter().flat_map(|p| p.2).collect();
     let (j, frac) = quantile_rank(rho, n);
     let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
-    let theta = if j >= below && last < below + inside.len() {
-        let mut values: Vec<f32> = inside.iter().map(|(v, _)| *v).collect();
-        interpolate_at(&mut values, j - below, frac)
+    Ok(if j >= below && last < below + inside.len() {
+        Some(interpolate_at(&mut inside, j - below, frac))
     } else {
         // The sample missed: the definition over every unmasked value.
-        match entropy_threshold(entropy, mask, rho) {
-            Some(theta) => theta,
-            None => return Ok(keep),
-        }
-    };
-    // Outside the bracket the decision stands whatever θ inside it (lo ≤ θ ≤ hi) — but for a
-    // missed bracket θ may lie outside it: then decide every position again.
-    if theta >= f64::from(lo) && theta <= f64::from(hi) {
-        for (v, j) in inside.drain(..) {
-            keep[j] = f32::from(u8::from(f64::from(v) >= theta));
-        }
+        entropy_threshold(entropy, mask, rho)
+    })
+}
+
+/// The top-entropy keep `m ∧ (H ≥ θ)` of every position (for the paths that take the 0/1
+/// factor as rollout weights).
+fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Result<Vec<f32>> {
+    let theta = top_entropy_threshold(entropy, mask, rho)?.unwrap_or(f64::INFINITY);
+    Ok(entropy
+        .par_iter()
+        .zip(mask.par_iter())
+        .map(|(h, m)| f32::from(u8::from(m.on() && f64::from(*h) >= theta)))
+        .collect())
+}
+
+/// `θ` rounded up to `f32`: for every `f32` value `h`, `h ≥ θ` in `f64` exactly when `h ≥` the
+/// result in `f32` (the CPU kernel's comparison).
+pub(crate) fn threshold_f32(theta: f64) -> f32 {
+    let rounded = theta as f32;
+    if f64::from(rounded) < theta {
+        rounded.next_up()
     } else {
-        for (k, (h, m)) in keep.iter_mut().zip(entropy.iter().zip(mask)) {
-            *k = f32::from(u8::from(m.on() && f64::from(*h) >= theta));
-        }
+        rounded
     }
-    Ok(keep)
 }
 
 /// M2PO's reduced mask by its definition: `false` for the `k` unmasked tokens of largest
@@ -422,10 +432,21 @@ fn by_value_then_token(a: &(f64, usize), b: &(f64, usize)) -> std::cmp::Ordering
     a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
 }
 
+/// M2PO's reduced mask from [`m2po_keep`], the definition (in the mask's type).
+fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], tau: f64) -> Vec<M> {
+    let zero = M::from_f64(0.0);
+    m2po_keep(rollout, old, mask, tau)
+        .iter()
+        .zip(mask)
+        .map(|(&k, &m)| if k { m } else { zero })
+        .collect()
+}
+
 /// M2PO's reduced mask in one full pass, or `None` when it masks nothing (the mean of `u` is
 /// already below `τ`): a sample brackets the cut, the pass sums `u` below the bracket, keeps
 /// what is below it, drops what is above it and collects what is inside; the exact cut inside
 /// the bracket comes from those few values ([`m2po_keep`], the definition, when it misses).
+/// When the sample masks nothing (AReaL's usual case), the pass only sums `u` and writes nothing.
 fn m2po_reduced<M: MaskValue>(
     rollout: &[f32],
     old: &[f32],
@@ -444,10 +465,37 @@ fn m2po_reduced<M: MaskValue>(
         }
     }
     let s = sample.len();
-    let (lo, hi) = if sample_cut >= s {
-        // The sample masks nothing: most likely neither does the batch (checked below).
-        (f64::INFINITY, f64::INFINITY)
-    } else {
+    let zero = M::from_f64(0.0);
+    if sample_cut >= s {
+        // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
+        // written, to confirm it; the definition if it does not hold.
+        let (n, total) = rollout
+            .par_chunks(CHUNK)
+            .zip(old.par_chunks(CHUNK))
+            .zip(mask.par_chunks(CHUNK))
+            .map(|((r, o), m)| {
+                let (mut n, mut total) = (0usize, 0f64);
+                for ((r, o), m) in r.iter().zip(o).zip(m) {
+                    let on = m.on();
+                    n += usize::from(on);
+                    total += if on { second_moment(*r, *o) } else { 0.0 };
+                }
+                (n, total)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            // In chunk order: the same sum whatever the number of threads.
+            .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        if !total.is_finite() {
+            check_finite("rollout_log_probs", rollout, mask)?;
+            check_finite("old_log_probs", old, mask)?;
+        }
+        if n == 0 || total < tau * n as f64 {
+            return Ok(None);
+        }
+        return Ok(Some(m2po_by_definition(rollout, old, mask, tau)));
+    }
+    let (lo, hi) = {
         let f = sample_cut as f64 / s as f64;
         let margin = (3.0 * (s as f64 * f * (1.0 - f)).sqrt()) as usize + 4;
         (
@@ -460,7 +508,6 @@ fn m2po_reduced<M: MaskValue>(
                 .unwrap_or(f64::INFINITY),
         )
     };
-    let zero = M::from_f64(0.0);
     let mut out = vec![zero; len];
     // Per chunk: (count, Σu) of all unmasked, of those below the bracket, and the bracket's.
     type Part = (usize, f64, usize, f64, Vec<(f64, usize)>);
@@ -510,13 +557,7 @@ fn m2po_reduced<M: MaskValue>(
         && (above == 0 || (hi >= tau && end + (hi - tau) >= 0.0))
         && !(below == 0 && inside.is_empty());
     if !holds {
-        let keep = m2po_keep(rollout, old, mask, tau);
-        return Ok(Some(
-            keep.iter()
-                .zip(mask)
-                .map(|(&k, &m)| if k { m } else { zero })
-                .collect(),
-        ));
+        return Ok(Some(m2po_by_definition(rollout, old, mask, tau)));
     }
     let mut kept = cut(&mut inside, start, tau);
     if below + kept == 0 {
@@ -585,9 +626,72 @@ pub(crate) fn m2po_mask<L>(
     }
 }
 
+/// OPSM's and the top-entropy selection's decisions in the form the fused CPU kernel applies
+/// while it loads a tile: no `[B,T]` factor is written or read. A token's rollout weight `w`
+/// becomes 0 when its row is in `off_rows` and `A < 0`, and when `H < θ` — the same 0/1 factor
+/// [`keep_weights`] multiplies into the weights for the other paths.
+#[derive(Debug, Default)]
+pub(crate) struct KeepRule {
+    /// OPSM: whether each row's `KL_i` exceeds `δ` (`B` values).
+    pub off_rows: Option<Vec<bool>>,
+    /// The top-entropy selection: `H` (`[B,T]`, f32, contiguous) and `θ` rounded up to f32
+    /// ([`threshold_f32`]).
+    pub entropy: Option<(Tensor, f32)>,
+}
+
+/// The [`KeepRule`] of OPSM and the top-entropy selection; `None` when neither is on.
+/// `log_probs` is the current policy's `ℓ` (read detached).
+pub(crate) fn keep_rule(
+    masks: &PolicyMasks,
+    inputs: &PolicyInputs<'_>,
+    t: usize,
+) -> Result<Option<KeepRule>> {
+    if !masks.keeps() {
+        return Ok(None);
+    }
+    let entropy = check_entropy(masks, inputs)?;
+    fn decide<M: MaskValue>(
+        masks: &PolicyMasks,
+        inputs: &PolicyInputs<'_>,
+        entropy: Option<&Tensor>,
+        mask: &[M],
+        t: usize,
+    ) -> Result<KeepRule> {
+        let entropy = match (masks.top_entropy_quantile, entropy) {
+            (Some(rho), Some(entropy)) => {
+                let entropy = entropy.detach().to_dtype(DType::F32)?.contiguous()?;
+                let theta = with_host::<f32, _>(&entropy, |h| top_entropy_threshold(h, mask, rho))?;
+                Some((entropy, theta.map_or(f32::INFINITY, threshold_f32)))
+            }
+            _ => None,
+        };
+        Ok(KeepRule {
+            off_rows: opsm_off_rows(masks, inputs, mask, t)?,
+            entropy,
+        })
+    }
+    Ok(Some(match inputs.mask.dtype() {
+        DType::U8 => with_host::<u8, _>(inputs.mask, |m| decide(masks, inputs, entropy, m, t)),
+        _ => with_host::<f32, _>(inputs.mask, |m| decide(masks, inputs, entropy, m, t)),
+    }?))
+}
+
+/// The entropy the top-entropy selection reads: a typed error when it is on without one.
+fn check_entropy<'a>(masks: &PolicyMasks, inputs: &PolicyInputs<'a>) -> Result<Option<&'a Tensor>> {
+    if masks.top_entropy_quantile.is_some() && inputs.entropy.is_none() {
+        return Err(Error::InvalidValue {
+            arg: "entropy",
+            expected: "a [B, T] tensor (top_entropy_quantile selects by entropy)".into(),
+            actual: "None".into(),
+        });
+    }
+    Ok(inputs.entropy)
+}
+
 /// The rollout weights with OPSM's and the top-entropy selection's 0/1 factor multiplied in
 /// (`weights`: the objective's or the caller's, `None` = 1); `None` when neither mask is on and
-/// there were no weights. `log_probs` is the current policy's `ℓ` (read detached).
+/// there were no weights. `log_probs` is the current policy's `ℓ` (read detached). The paths
+/// other than the CPU kernel take the masks this way; the CPU kernel takes [`keep_rule`].
 pub(crate) fn keep_weights(
     masks: &PolicyMasks,
     inputs: &PolicyInputs<'_>,
@@ -603,19 +707,13 @@ pub(crate) fn keep_weights(
     let per_token_adv = advantages.rank() == 2 && t != 1;
     // The factor is per row (`[B,1]`) with row advantages and no entropy selection.
     let row_wise = masks.top_entropy_quantile.is_none() && !per_token_adv;
-    if masks.top_entropy_quantile.is_some() && inputs.entropy.is_none() {
-        return Err(Error::InvalidValue {
-            arg: "entropy",
-            expected: "a [B, T] tensor (top_entropy_quantile selects by entropy)".into(),
-            actual: "None".into(),
-        });
-    }
+    let entropy = check_entropy(masks, inputs)?;
     let keep = match inputs.mask.dtype() {
         DType::U8 => with_host::<u8, _>(inputs.mask, |m| {
-            keep_factor(masks, inputs, m, &advantages, (b, t), row_wise)
+            keep_factor(masks, inputs, entropy, m, &advantages, (b, t), row_wise)
         }),
         _ => with_host::<f32, _>(inputs.mask, |m| {
-            keep_factor(masks, inputs, m, &advantages, (b, t), row_wise)
+            keep_factor(masks, inputs, entropy, m, &advantages, (b, t), row_wise)
         }),
     }?;
     let shape = if row_wise { (b, 1) } else { (b, t) };
@@ -632,71 +730,79 @@ pub(crate) fn keep_weights(
 fn keep_factor<M: MaskValue>(
     masks: &PolicyMasks,
     inputs: &PolicyInputs<'_>,
+    entropy: Option<&Tensor>,
     mask: &[M],
     advantages: &Tensor,
     (b, t): (usize, usize),
     row_wise: bool,
 ) -> Result<Vec<f32>> {
-    let mut keep = match (masks.top_entropy_quantile, inputs.entropy) {
+    let mut keep = match (masks.top_entropy_quantile, entropy) {
         (Some(rho), Some(entropy)) => {
             with_host::<f32, _>(&entropy.detach(), |h| top_entropy_keep(h, mask, rho))?
         }
         _ => vec![1f32; if row_wise { b } else { b * t }],
     };
-    let Some(delta) = masks.off_policy_threshold else {
+    let Some(off_rows) = opsm_off_rows(masks, inputs, mask, t)? else {
         return Ok(keep);
     };
+    with_host::<f32, _>(advantages, |adv| {
+        let row_len = if row_wise { 1 } else { t };
+        keep.par_chunks_mut(row_len)
+            .zip(off_rows.par_iter())
+            .enumerate()
+            .filter(|(_, (_, off))| **off)
+            .for_each(|(i, (keep, _))| {
+                for (k, keep) in keep.iter_mut().enumerate() {
+                    let a = if adv.len() == b {
+                        adv[i]
+                    } else {
+                        adv[i * t + k]
+                    };
+                    if a < 0.0 {
+                        *keep = 0.0;
+                    }
+                }
+            });
+        Ok(())
+    })?;
+    Ok(keep)
+}
+
+/// OPSM's per-row decision, `KL_i > δ` for every row (its tokens with `A < 0` then lose their
+/// policy term), in one parallel pass over `ℓs`, `ℓ` and the mask; `None` when OPSM is off. A
+/// non-finite `KL_i` is the typed error naming the input that holds the non-finite value.
+fn opsm_off_rows<M: MaskValue>(
+    masks: &PolicyMasks,
+    inputs: &PolicyInputs<'_>,
+    mask: &[M],
+    t: usize,
+) -> Result<Option<Vec<bool>>> {
+    let Some(delta) = masks.off_policy_threshold else {
+        return Ok(None);
+    };
+    if t == 0 {
+        return Ok(Some(vec![]));
+    }
     let (sampling, sampling_arg) = match inputs.rollout_log_probs {
         Some(r) => (r, "rollout_log_probs"),
         None => (inputs.old_log_probs, "old_log_probs"),
     };
-    if t == 0 {
-        return Ok(keep);
-    }
     with_host::<f32, _>(sampling, |s| {
         with_host::<f32, _>(&inputs.log_probs.detach(), |lp| {
-            with_host::<f32, _>(advantages, |adv| {
-                let row_len = if row_wise { 1 } else { t };
-                // One pass per row: its KL (and whether an unmasked value is not finite), then
-                // its tokens' factor.
-                let finite = keep
-                    .par_chunks_mut(row_len)
-                    .zip(
-                        s.par_chunks(t)
-                            .zip(lp.par_chunks(t))
-                            .zip(mask.par_chunks(t)),
-                    )
-                    .enumerate()
-                    .map(|(i, (keep, ((s, lp), m)))| {
-                        let kl = opsm_row_kl(s, lp, m);
-                        if !kl.is_finite() {
-                            return false;
-                        }
-                        if kl > delta {
-                            for (k, keep) in keep.iter_mut().enumerate() {
-                                let a = if adv.len() == b {
-                                    adv[i]
-                                } else {
-                                    adv[i * t + k]
-                                };
-                                if a < 0.0 {
-                                    *keep = 0.0;
-                                }
-                            }
-                        }
-                        true
-                    })
-                    .reduce(|| true, |a, b| a && b);
-                if !finite {
-                    // Name the input (a NaN or ±inf somewhere made a row's KL non-finite).
-                    check_finite(sampling_arg, s, mask)?;
-                    check_finite("log_probs", lp, mask)?;
-                }
-                Ok(())
-            })
+            let kl: Vec<f64> = s
+                .par_chunks(t)
+                .zip(lp.par_chunks(t))
+                .zip(mask.par_chunks(t))
+                .map(|((s, lp), m)| opsm_row_kl(s, lp, m))
+                .collect();
+            if kl.iter().any(|kl| !kl.is_finite()) {
+                // Name the input (a NaN or ±inf somewhere made a row's KL non-finite).
+                check_finite(sampling_arg, s, mask)?;
+                check_finite("log_probs", lp, mask)?;
+            }
+            Ok(Some(kl.into_iter().map(|kl| kl > delta).collect()))
         })
-    })?;
-    Ok(keep)
+    })
 }
 
 #[cfg(test)]
@@ -804,6 +910,44 @@ mod tests {
                     m2po_by_sort(&roll, &old, &m, tau),
                     "τ {tau}"
                 );
+            }
+        }
+        // A sample that sees no outlier predicts that M2PO masks nothing; the batch's outliers
+        // (off the sample's stride) say otherwise: the definition decides.
+        let len = 40_000;
+        let old = vec![-1f32; len];
+        let roll: Vec<f32> = (0..len)
+            .map(|j| if j % 9 == 5 && j < 400 { 2.0 } else { -0.99 })
+            .collect();
+        let ones = vec![1f32; len];
+        let all = vec![true; len];
+        let reduced = reduced_as_bools(&roll, &old, &ones, 1e-3);
+        assert_eq!(reduced, m2po_by_sort(&roll, &old, &all, 1e-3));
+        assert!(reduced.iter().any(|k| !k), "nothing masked");
+    }
+
+    /// `θ` rounded up to f32 decides as `θ` in f64 does, for the f32 values around it.
+    #[test]
+    fn threshold_f32_decides_as_the_f64_threshold() {
+        for theta in [
+            0.1f64,
+            -0.3,
+            1.0 / 3.0,
+            2.5,
+            1e-40,
+            -1e-40,
+            0.0,
+            1e39,
+            f64::INFINITY,
+        ] {
+            let rounded = threshold_f32(theta);
+            let mut h = theta as f32;
+            for _ in 0..3 {
+                h = h.next_down();
+            }
+            for _ in 0..7 {
+                assert_eq!(h >= rounded, f64::from(h) >= theta, "θ {theta}, h {h}");
+                h = h.next_up();
             }
         }
     }

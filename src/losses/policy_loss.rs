@@ -269,13 +269,20 @@ impl PolicyLoss {
             log_ratio_clamp: config.log_ratio_clamp,
             mask_as: &mask_as,
         })?;
-        // OPSM's and the top-entropy selection's 0/1 factor, multiplied into the weights.
-        let weights = masks::keep_weights(
-            &config.masks,
-            inputs,
-            prepass.is_weights.as_ref().or(inputs.is_weights),
-            t,
-        )?;
+        // OPSM's and the top-entropy selection's 0/1 factor, multiplied into the weights; the
+        // CPU kernel applies their decisions itself, while it loads a tile.
+        let objective_weights = prepass.is_weights.as_ref().or(inputs.is_weights);
+        let (weights, keep_rule) = if path == Path::Cpu {
+            (
+                objective_weights.cloned(),
+                masks::keep_rule(&config.masks, inputs, t)?,
+            )
+        } else {
+            (
+                masks::keep_weights(&config.masks, inputs, objective_weights, t)?,
+                None,
+            )
+        };
         let inputs = &PolicyInputs {
             is_weights: weights.as_ref(),
             ..*inputs
@@ -295,6 +302,7 @@ impl PolicyLoss {
                 inputs,
                 (t, fused_dtype),
                 flags.as_ref(),
+                keep_rule,
                 path.gpu(),
             )?,
         };

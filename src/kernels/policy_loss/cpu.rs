@@ -46,6 +46,10 @@ pub(crate) struct Inputs<'a, F, M> {
     pub weights: Option<&'a [F]>,
     /// KL-Cov's per-token selection.
     pub flags: Option<&'a [F]>,
+    /// OPSM's rows whose tokens with `A < 0` lose their policy term (`w` set to 0).
+    pub off_rows: Option<&'a [bool]>,
+    /// The top-entropy selection: `H` and `θ`; a token with `H < θ` loses its policy term.
+    pub entropy: Option<(&'a [f32], f32)>,
 }
 
 /// Per-row coefficients: the policy aggregation's and `β` times the KL aggregation's.
@@ -224,7 +228,19 @@ fn load<F: Load<R>, M: Load<R>, R: Real>(
         None => 0,
     };
     if let Some(f) = x.flags {
-        load_tile(&f[span], keep, &mut tile.flag[..padded]);
+        load_tile(&f[span.clone()], keep, &mut tile.flag[..padded]);
+    }
+    // The masks' decisions (`losses/masks.rs`), applied to the weight as their 0/1 factor.
+    if x.off_rows.is_some_and(|off| off[row]) {
+        let (w, adv) = (&mut tile.w[..padded], &tile.adv[..padded]);
+        for (w, a) in w.iter_mut().zip(adv) {
+            *w = R::select(*a < R::ZERO, R::ZERO, *w);
+        }
+    }
+    if let Some((entropy, theta)) = x.entropy {
+        for (w, h) in tile.w[..len].iter_mut().zip(&entropy[span]) {
+            *w = R::select(*h >= theta, *w, R::ZERO);
+        }
     }
     for (b, v) in bad
         .iter_mut()
@@ -612,6 +628,10 @@ where
     let reference = op.ref_log_probs.as_ref().map(Tensor::storage_and_layout);
     let weights = op.is_weights.as_ref().map(Tensor::storage_and_layout);
     let flags = op.flags.as_ref().map(Tensor::storage_and_layout);
+    let rule = op.keep_rule.as_ref();
+    let entropy = rule
+        .and_then(|r| r.entropy.as_ref())
+        .map(|(h, theta)| (h.storage_and_layout(), *theta));
     let x = Inputs {
         t,
         log_probs,
@@ -629,6 +649,11 @@ where
         },
         flags: match &flags {
             Some((guard, layout)) => Some(cpu_slice::<F>(guard, layout)?),
+            None => None,
+        },
+        off_rows: rule.and_then(|r| r.off_rows.as_deref()),
+        entropy: match &entropy {
+            Some(((guard, layout), theta)) => Some((cpu_slice::<f32>(guard, layout)?, *theta)),
             None => None,
         },
     };

@@ -32,6 +32,7 @@ use crate::checks::check_mask_values;
 use crate::error::Result;
 use crate::losses::config::PolicyLossConfig;
 use crate::losses::inputs::PolicyInputs;
+use crate::losses::masks::KeepRule;
 use crate::losses::metrics::NUM_SLOTS;
 use crate::real::Real;
 
@@ -51,6 +52,9 @@ pub(crate) struct FusedPolicyLoss {
     is_weights: Option<Tensor>,
     /// `[B,T]` KL-Cov selection, the kernel's input dtype.
     flags: Option<Tensor>,
+    /// OPSM's and the top-entropy selection's decisions, applied by the CPU kernel (the other
+    /// paths take them as a factor in `is_weights`).
+    pub(crate) keep_rule: Option<KeepRule>,
     normalizer: Normalizer,
     /// Runs the GPU kernels (on a CUDA or Metal device; simulated on the CPU under `gpu-sim`).
     gpu: Option<Gpu>,
@@ -72,10 +76,13 @@ impl FusedPolicyLoss {
         inputs: &PolicyInputs<'_>,
         (t, dtype): (usize, DType),
         flags: Option<&Tensor>,
+        keep_rule: Option<KeepRule>,
         gpu: Option<Gpu>,
     ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let mut op = Self::new(config, inputs, t, dtype)?;
+        debug_assert!(gpu.is_none() || keep_rule.is_none());
         op.gpu = gpu;
+        op.keep_rule = keep_rule;
         op.flags = flags.map(|f| f.to_dtype(dtype)?.contiguous()).transpose()?;
         let log_probs = inputs.log_probs.to_dtype(dtype)?.contiguous()?;
         let out = log_probs.apply_op1(op).map_err(from_kernel)?;
@@ -112,6 +119,7 @@ impl FusedPolicyLoss {
             ref_log_probs: inputs.ref_log_probs.map(same).transpose()?,
             is_weights: inputs.is_weights(t)?.as_ref().map(same).transpose()?,
             flags: None,
+            keep_rule: None,
             normalizer: inputs.normalizer,
             gpu: None,
             grad: Mutex::new(None),
