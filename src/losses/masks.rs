@@ -210,6 +210,21 @@ fn opsm_row_kl<M: MaskValue>(sampling: &[f32], log_probs: &[f32], mask: &[M]) ->
     sum / n.max(1) as f64
 }
 
+/// OPSM's `KL_i` of every row (rows of `t` tokens, `t > 0`), in parallel.
+fn opsm_row_kls<M: MaskValue>(
+    sampling: &[f32],
+    log_probs: &[f32],
+    mask: &[M],
+    t: usize,
+) -> Vec<f64> {
+    sampling
+        .par_chunks(t)
+        .zip(log_probs.par_chunks(t))
+        .zip(mask.par_chunks(t))
+        .map(|((s, l), m)| opsm_row_kl(s, l, m))
+        .collect()
+}
+
 /// OPSM's per-row decision: whether row `i`'s `KL_i` exceeds `δ` (then its tokens with `A < 0`
 /// lose their policy term).
 #[cfg(test)]
@@ -223,11 +238,9 @@ pub(crate) fn opsm_rows_off<M: MaskValue>(
     if t == 0 {
         return vec![];
     }
-    sampling
-        .chunks(t)
-        .zip(log_probs.chunks(t))
-        .zip(mask.chunks(t))
-        .map(|((s, l), m)| opsm_row_kl(s, l, m) > delta)
+    opsm_row_kls(sampling, log_probs, mask, t)
+        .into_iter()
+        .map(|kl| kl > delta)
         .collect()
 }
 
@@ -789,12 +802,7 @@ fn opsm_off_rows<M: MaskValue>(
     };
     with_host::<f32, _>(sampling, |s| {
         with_host::<f32, _>(&inputs.log_probs.detach(), |lp| {
-            let kl: Vec<f64> = s
-                .par_chunks(t)
-                .zip(lp.par_chunks(t))
-                .zip(mask.par_chunks(t))
-                .map(|((s, lp), m)| opsm_row_kl(s, lp, m))
-                .collect();
+            let kl = opsm_row_kls(s, lp, mask, t);
             if kl.iter().any(|kl| !kl.is_finite()) {
                 // Name the input (a NaN or ±inf somewhere made a row's KL non-finite).
                 check_finite(sampling_arg, s, mask)?;
