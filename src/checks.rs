@@ -182,12 +182,18 @@ pub(crate) fn with_host<T: WithDType, O>(
 pub(crate) trait MaskValue: WithDType + Copy + Sync + Send {
     /// Whether the position is unmasked.
     fn on(self) -> bool;
+    /// Whether the value is 0 or 1 (what a mask may hold).
+    fn binary(self) -> bool;
 }
 
 impl MaskValue for u8 {
     #[inline(always)]
     fn on(self) -> bool {
         self != 0
+    }
+    #[inline(always)]
+    fn binary(self) -> bool {
+        self <= 1
     }
 }
 
@@ -196,11 +202,19 @@ impl MaskValue for f32 {
     fn on(self) -> bool {
         self != 0.0
     }
+    #[inline(always)]
+    fn binary(self) -> bool {
+        (self == 0.0) | (self == 1.0)
+    }
 }
 
 impl MaskValue for f64 {
     #[inline(always)]
     fn on(self) -> bool {
         self != 0.0
+    }
+    #[inline(always)]
+    fn binary(self) -> bool {
+        (self == 0.0) | (self == 1.0)
     }
 }

@@ -462,6 +462,27 @@ fn bad_masks_and_inputs_are_typed_errors() {
         Err("rollout_log_probs")
     );
     assert_eq!(forward(top, &inputs.with_entropy(&nan)), Err("entropy"));
+    // M2PO's reduced mask is 0/1 bytes: a mask value other than 0 and 1 stays the mask's error,
+    // whether M2PO masks tokens (small τ) or nothing (large τ), and a non-finite `ℓold` where
+    // unmasked is `old_log_probs`'s on the pass that masks tokens.
+    let drift: Vec<f32> = (0..B * T)
+        .map(|j| x.log_probs[j] + 0.1 * (j % 7) as f32)
+        .collect();
+    let drift = mat(drift);
+    let unmasked = x.mask.iter().position(|&m| m != 0.0).unwrap();
+    for odd_value in [0.5f32, 2.0] {
+        let mut odd = x.mask.clone();
+        odd[unmasked] = odd_value;
+        let odd = mat(odd);
+        for tau in [1e-4, 1e9] {
+            let inputs = PolicyInputs::new(&lp, &lp, &adv, &odd).with_rollout_log_probs(&drift);
+            let m2 = PolicyMasks::default().with_m2_threshold(tau);
+            assert_eq!(forward(m2, &inputs), Err("mask"), "{odd_value} τ {tau}");
+        }
+    }
+    let nan_old = PolicyInputs::new(&lp, &nan, &adv, &mask).with_rollout_log_probs(&drift);
+    let m2 = PolicyMasks::default().with_m2_threshold(1e-4);
+    assert_eq!(forward(m2, &nan_old), Err("old_log_probs"));
     // TOPR needs scores; no other objective takes them.
     let scores = Tensor::new(&[1f32, 0., -1., 2., 0., 1.], &dev()).unwrap();
     let topr = Topr::default().build().unwrap();

@@ -10,7 +10,12 @@
 //!   row for OPSM, `θ` for the entropy) and zeroes `w` while it loads a tile, so that no `[B,T]`
 //!   factor is written or read.
 //! - M2PO replaces the mask `m` itself, so the normalisers and the metrics shrink with it; every
-//!   path takes the reduced mask.
+//!   path takes the reduced mask, written as 0/1 bytes (a `u8` mask, which every path reads; the
+//!   pass that writes it checks the mask's values on the way, since bytes would hide a 0.5).
+//!
+//! The host passes read the batch once, in blocks of lanes without branches (counts and f64 sums
+//! in fixed lanes: the same bits whatever the number of threads); a sample brackets the quantile
+//! or the cut and only the few values inside the bracket are collected, by their bits.
 //!
 //! ```text
 //! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
@@ -28,7 +33,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::checks::{with_host, MaskValue};
+use crate::checks::{check_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
 
@@ -194,6 +199,152 @@ fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Ve
         .collect()
 }
 
+/// Values per block of the host passes' branch-free loops (one bit each in a `u32`).
+const BLOCK: usize = 16;
+
+/// `visit(x, mask)` for the blocks of `BLOCK` positions of `x` and `mask` (equal lengths), the
+/// last one padded with masked positions (value 0).
+#[inline(always)]
+fn for_blocks<M: MaskValue>(
+    x: &[f32],
+    mask: &[M],
+    mut visit: impl FnMut(&[f32; BLOCK], &[M; BLOCK]),
+) {
+    let (xs, x_tail) = x.as_chunks::<BLOCK>();
+    let (ms, m_tail) = mask.as_chunks::<BLOCK>();
+    for (x, m) in xs.iter().zip(ms) {
+        visit(x, m);
+    }
+    if !x_tail.is_empty() {
+        visit(&padded(x_tail, 0.0), &padded(m_tail, M::from_f64(0.0)));
+    }
+}
+
+/// `tail` followed by `fill` up to `N` values.
+fn padded<T: Copy, const N: usize>(tail: &[T], fill: T) -> [T; N] {
+    let mut block = [fill; N];
+    block[..tail.len()].copy_from_slice(tail);
+    block
+}
+
+/// `f(j)` for every set bit `j` of `bits`, lowest first.
+#[inline(always)]
+fn for_bits(mut bits: u32, mut f: impl FnMut(usize)) {
+    while bits != 0 {
+        f(bits.trailing_zeros() as usize);
+        bits &= bits - 1;
+    }
+}
+
+/// Lanes of M2PO's passes: `LANES` independent chains of f64 sums the compiler vectorizes,
+/// added in lane order at the end (the same bits whatever the number of threads).
+const LANES: usize = 8;
+
+/// Per lane: a count and a sum of `u`.
+#[derive(Default)]
+struct M2Sums {
+    n: [u32; LANES],
+    total: [f64; LANES],
+}
+
+impl M2Sums {
+    /// The count and the sum over the lanes, in lane order.
+    fn reduce(&self) -> (usize, f64) {
+        (
+            self.n.iter().map(|&n| n as usize).sum(),
+            self.total.iter().sum(),
+        )
+    }
+}
+
+/// The lane blocks of M2PO's inputs `(ℓroll, ℓold, mask)` (equal lengths): whole blocks, then
+/// the tail padded with masked positions (value 0).
+type M2Blocks<'a, M> = (
+    &'a [[f32; LANES]],
+    &'a [[f32; LANES]],
+    &'a [[M; LANES]],
+    [[f32; LANES]; 2],
+    [M; LANES],
+);
+
+/// M2PO's inputs in blocks of `LANES` ([`M2Blocks`]).
+fn m2_blocks<'a, M: MaskValue>(
+    rollout: &'a [f32],
+    old: &'a [f32],
+    mask: &'a [M],
+) -> M2Blocks<'a, M> {
+    let (r, r_tail) = rollout.as_chunks::<LANES>();
+    let (o, o_tail) = old.as_chunks::<LANES>();
+    let (m, m_tail) = mask.as_chunks::<LANES>();
+    (
+        r,
+        o,
+        m,
+        [padded(r_tail, 0.0), padded(o_tail, 0.0)],
+        padded(m_tail, M::from_f64(0.0)),
+    )
+}
+
+/// One block of M2PO's sums: the count and `Σu` of the unmasked positions, per lane.
+#[inline(always)]
+fn m2_sum_block<M: MaskValue>(
+    r: &[f32; LANES],
+    o: &[f32; LANES],
+    m: &[M; LANES],
+    all: &mut M2Sums,
+) {
+    for j in 0..LANES {
+        let on = m[j].on();
+        all.n[j] += u32::from(on);
+        all.total[j] += masked_second_moment(r[j], o[j], on);
+    }
+}
+
+/// `(ℓroll − ℓold)²` at an unmasked position, `0` at a masked one (whatever its values hold),
+/// selected with a bit mask rather than a branch so that the lanes vectorize.
+#[inline(always)]
+fn masked_second_moment(rollout: f32, old: f32, on: bool) -> f64 {
+    f64::from_bits(second_moment(rollout, old).to_bits() & u64::from(on).wrapping_neg())
+}
+
+/// One block of M2PO's bracket pass: the count of unmasked positions, the count and `Σu` of
+/// those below `lo` (kept: 1 in `keep`, the others 0), whether an unmasked `u` is not finite or
+/// a mask value is neither 0 nor 1 (`bad`); the bits of the unmasked positions in `[lo, hi]`.
+#[inline(always)]
+fn m2_cut_block<M: MaskValue>(
+    r: &[f32; LANES],
+    o: &[f32; LANES],
+    m: &[M; LANES],
+    (lo, hi): (f64, f64),
+    sums: &mut M2CutSums,
+    keep: &mut [u8; LANES],
+) -> u32 {
+    let mut within = 0u32;
+    for j in 0..LANES {
+        let on = m[j].on();
+        let u = masked_second_moment(r[j], o[j], on);
+        let below = on & (u < lo);
+        sums.n[j] += u32::from(on);
+        sums.below[j] += u32::from(below);
+        sums.below_sum[j] += f64::from_bits(u.to_bits() & u64::from(below).wrapping_neg());
+        // `u` is a square: NaN and +∞ are its only non-finite values.
+        sums.bad[j] |= !m[j].binary() | !u.is_finite();
+        keep[j] = u8::from(below);
+        within |= u32::from(on & (u >= lo) & (u <= hi)) << j;
+    }
+    within
+}
+
+/// Per lane, M2PO's bracket pass: the unmasked count, the count and `Σu` below the bracket,
+/// and whether a value was bad ([`m2_cut_block`]).
+#[derive(Default)]
+struct M2CutSums {
+    n: [u32; LANES],
+    below: [u32; LANES],
+    below_sum: [f64; LANES],
+    bad: [bool; LANES],
+}
+
 // ---------------------------------------------------------------------------------------------
 // The selections (scalar form, on the host).
 
@@ -300,41 +451,46 @@ fn top_entropy_threshold<M: MaskValue>(
 ) -> Result<Option<f64>> {
     let len = entropy.len();
     let mut sample = sample(len, mask, |j| entropy[j]);
-    sample.sort_unstable_by(f32::total_cmp);
+    // The bracket: the sample's order statistics `margin` below and above its quantile.
     let (lo, hi) = if sample.is_empty() {
         (f32::NEG_INFINITY, f32::INFINITY)
     } else {
         let s = sample.len();
         let (r, _) = quantile_rank(rho, s);
         let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+        let mut order_statistic = |k: usize| *sample.select_nth_unstable_by(k, f32::total_cmp).1;
         (
             r.checked_sub(margin)
-                .map_or(f32::NEG_INFINITY, |k| sample[k]),
-            sample.get(r + margin + 1).copied().unwrap_or(f32::INFINITY),
+                .map_or(f32::NEG_INFINITY, &mut order_statistic),
+            Some(r + margin + 1)
+                .filter(|&k| k < s)
+                .map_or(f32::INFINITY, order_statistic),
         )
     };
     // Per chunk: unmasked count, count below the bracket, the bracket's values, and whether an
-    // unmasked value is not finite.
+    // unmasked value is not finite; blocks of compares without branches, counted in lanes; the
+    // values inside the bracket (a few percent) are collected by their bits.
     type Part = (usize, usize, Vec<f32>, bool);
     let parts: Vec<Part> = entropy
         .par_chunks(CHUNK)
         .zip(mask.par_chunks(CHUNK))
         .map(|(h, m)| {
-            // Without branches: every value is written at the end of `inside`, which grows by
-            // one when the value is in the bracket (a push in the loop kept its counters on
-            // the stack).
-            let (mut n, mut below, mut k, mut bad) = (0, 0, 0, false);
-            let mut inside = vec![0f32; h.len() + 1];
-            for (&v, m) in h.iter().zip(m) {
-                let on = m.on();
-                n += usize::from(on);
-                bad |= on & !v.is_finite();
-                below += usize::from(on & (v < lo));
-                inside[k] = v;
-                k += usize::from(on & (v >= lo) & (v <= hi));
-            }
-            inside.truncate(k);
-            (n, below, inside, bad)
+            let (mut n, mut below, mut bad) = ([0u32; BLOCK], [0u32; BLOCK], [false; BLOCK]);
+            let mut inside = vec![];
+            for_blocks(h, m, |h, m| {
+                let mut within = 0u32;
+                for j in 0..BLOCK {
+                    let (v, on) = (h[j], m[j].on());
+                    n[j] += u32::from(on);
+                    bad[j] |= on & !v.is_finite();
+                    below[j] += u32::from(on & (v < lo));
+                    within |= u32::from(on & (v >= lo) & (v <= hi)) << j;
+                }
+                for_bits(within, |j| inside.push(h[j]));
+            });
+            let count = |lanes: [u32; BLOCK]| lanes.iter().map(|&n| n as usize).sum::<usize>();
+            let bad = bad.iter().any(|&bad| bad);
+            (count(n), count(below), inside, bad)
         })
         .collect();
     if parts.iter().any(|p| p.3) {
@@ -445,14 +601,25 @@ fn by_value_then_token(a: &(f64, usize), b: &(f64, usize)) -> std::cmp::Ordering
     a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
 }
 
-/// M2PO's reduced mask from [`m2po_keep`], the definition (in the mask's type).
-fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], tau: f64) -> Vec<M> {
-    let zero = M::from_f64(0.0);
+/// M2PO's reduced mask from [`m2po_keep`], the definition, as 0/1 bytes.
+fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], tau: f64) -> Vec<u8> {
     m2po_keep(rollout, old, mask, tau)
-        .iter()
-        .zip(mask)
-        .map(|(&k, &m)| if k { m } else { zero })
+        .into_iter()
+        .map(u8::from)
         .collect()
+}
+
+/// Whether `mask` holds a value other than 0 and 1.
+fn odd_mask_values<M: MaskValue>(mask: &[M]) -> bool {
+    mask.par_iter().any(|m| !m.binary())
+}
+
+/// M2PO's reduced mask as 0/1 bytes.
+struct Reduced {
+    keep: Vec<u8>,
+    /// Whether the input mask holds a value other than 0 and 1 (which the byte mask would hide:
+    /// the caller reports it).
+    odd_mask: bool,
 }
 
 /// M2PO's reduced mask in one full pass, or `None` when it masks nothing (the mean of `u` is
@@ -465,20 +632,18 @@ fn m2po_reduced<M: MaskValue>(
     old: &[f32],
     mask: &[M],
     tau: f64,
-) -> Result<Option<Vec<M>>> {
+) -> Result<Option<Reduced>> {
     let len = old.len();
-    let mut sample = sample(len, mask, |j| second_moment(rollout[j], old[j]));
-    sample.sort_unstable_by(f64::total_cmp);
-    // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0.
-    let (mut excess, mut sample_cut) = (0f64, 0usize);
-    for (i, u) in sample.iter().enumerate() {
-        excess += u - tau;
-        if excess < 0.0 {
-            sample_cut = i + 1;
-        }
-    }
+    let mut sample = sample(len, mask, |j| (second_moment(rollout[j], old[j]), j));
     let s = sample.len();
-    let zero = M::from_f64(0.0);
+    // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
+    let sample_cut = cut(&mut sample, 0.0, tau);
+    let by_definition = || -> Result<Option<Reduced>> {
+        Ok(Some(Reduced {
+            keep: m2po_by_definition(rollout, old, mask, tau),
+            odd_mask: odd_mask_values(mask),
+        }))
+    };
     if sample_cut >= s {
         // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
         // written, to confirm it; the definition if it does not hold.
@@ -487,15 +652,15 @@ fn m2po_reduced<M: MaskValue>(
             .zip(old.par_chunks(CHUNK))
             .zip(mask.par_chunks(CHUNK))
             .map(|((r, o), m)| {
-                let (mut n, mut total) = (0usize, 0f64);
+                let mut sums = M2Sums::default();
+                let (r, o, m, [r_tail, o_tail], m_tail) = m2_blocks(r, o, m);
                 for ((r, o), m) in r.iter().zip(o).zip(m) {
-                    let on = m.on();
-                    n += usize::from(on);
-                    total += if on { second_moment(*r, *o) } else { 0.0 };
+                    m2_sum_block(r, o, m, &mut sums);
                 }
-                (n, total)
+                m2_sum_block(&r_tail, &o_tail, &m_tail, &mut sums);
+                sums.reduce()
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<(usize, f64)>>()
             .into_iter()
             // In chunk order: the same sum whatever the number of threads.
             .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
@@ -506,61 +671,73 @@ fn m2po_reduced<M: MaskValue>(
         if n == 0 || total < tau * n as f64 {
             return Ok(None);
         }
-        return Ok(Some(m2po_by_definition(rollout, old, mask, tau)));
+        return by_definition();
     }
+    // The bracket: the sample's order statistics `margin` below and above its cut.
     let (lo, hi) = {
         let f = sample_cut as f64 / s as f64;
         let margin = (3.0 * (s as f64 * f * (1.0 - f)).sqrt()) as usize + 4;
-        (
-            sample_cut
-                .checked_sub(margin)
-                .map_or(f64::NEG_INFINITY, |k| sample[k]),
-            sample
-                .get(sample_cut + margin)
-                .copied()
-                .unwrap_or(f64::INFINITY),
-        )
+        let (smaller, larger) = sample.split_at_mut(sample_cut);
+        let lo = match sample_cut.checked_sub(margin) {
+            Some(k) => smaller.select_nth_unstable_by(k, by_value_then_token).1 .0,
+            None => f64::NEG_INFINITY,
+        };
+        let hi = if margin < larger.len() {
+            larger
+                .select_nth_unstable_by(margin, by_value_then_token)
+                .1
+                 .0
+        } else {
+            f64::INFINITY
+        };
+        (lo, hi)
     };
-    let mut out = vec![zero; len];
-    // Per chunk: (count, Σu) of all unmasked, of those below the bracket, and the bracket's.
-    type Part = (usize, f64, usize, f64, Vec<(f64, usize)>);
-    let parts: Vec<Part> = out
+    let mut keep = vec![0u8; len];
+    // Per chunk: the unmasked count, the count and Σu below the bracket, and the bracket's
+    // values; the tokens below it are kept. Blocks of lanes without branches; the positions
+    // inside the bracket (a few percent) are collected by their bits.
+    let parts: Vec<(M2CutSums, Vec<(f64, usize)>)> = keep
         .par_chunks_mut(CHUNK)
         .zip(rollout.par_chunks(CHUNK).zip(old.par_chunks(CHUNK)))
         .zip(mask.par_chunks(CHUNK))
         .enumerate()
-        .map(|(c, ((out, (r, o)), m))| {
-            let (mut n, mut total, mut below, mut below_sum, mut inside) = (0, 0.0, 0, 0.0, vec![]);
-            for k in 0..o.len() {
-                if !m[k].on() {
-                    continue;
-                }
-                let u = second_moment(r[k], o[k]);
-                n += 1;
-                total += u;
-                if u < lo {
-                    below += 1;
-                    below_sum += u;
-                    out[k] = m[k];
-                } else if u <= hi {
-                    inside.push((u, c * CHUNK + k));
-                }
+        .map(|(c, ((keep, (r, o)), m))| {
+            let (mut sums, mut inside) = (M2CutSums::default(), vec![]);
+            let mut collect = |start: usize, r: &[f32; LANES], o: &[f32; LANES], within| {
+                for_bits(within, |j| {
+                    inside.push((second_moment(r[j], o[j]), c * CHUNK + start + j));
+                });
+            };
+            let (rs, os, ms, [r_tail, o_tail], m_tail) = m2_blocks(r, o, m);
+            let (keep_blocks, keep_tail) = keep.as_chunks_mut::<LANES>();
+            let blocks = rs.iter().zip(os).zip(ms).zip(keep_blocks);
+            for (k, (((r, o), m), keep)) in blocks.enumerate() {
+                let within = m2_cut_block(r, o, m, (lo, hi), &mut sums, keep);
+                collect(k * LANES, r, o, within);
             }
-            (n, total, below, below_sum, inside)
+            let mut tail = [0u8; LANES];
+            let within = m2_cut_block(&r_tail, &o_tail, &m_tail, (lo, hi), &mut sums, &mut tail);
+            collect(rs.len() * LANES, &r_tail, &o_tail, within);
+            let n = keep_tail.len();
+            keep_tail.copy_from_slice(&tail[..n]);
+            (sums, inside)
         })
         .collect();
-    let n: usize = parts.iter().map(|p| p.0).sum();
-    let total: f64 = parts.iter().map(|p| p.1).sum();
-    if !total.is_finite() {
+    let mut odd_mask = false;
+    if parts.iter().any(|p| p.0.bad.iter().any(|&bad| bad)) {
         check_finite("rollout_log_probs", rollout, mask)?;
         check_finite("old_log_probs", old, mask)?;
+        odd_mask = odd_mask_values(mask);
     }
-    if n == 0 || total < tau * n as f64 {
-        return Ok(None);
-    }
-    let below: usize = parts.iter().map(|p| p.2).sum();
-    let below_sum: f64 = parts.iter().map(|p| p.3).sum();
-    let mut inside: Vec<(f64, usize)> = parts.into_iter().flat_map(|p| p.4).collect();
+    // In chunk order: the same sums whatever the number of threads.
+    let count = |lanes: &[u32; LANES]| lanes.iter().map(|&n| n as usize).sum::<usize>();
+    let n: usize = parts.iter().map(|p| count(&p.0.n)).sum();
+    let below: usize = parts.iter().map(|p| count(&p.0.below)).sum();
+    let below_sum: f64 = parts
+        .iter()
+        .map(|p| p.0.below_sum.iter().sum::<f64>())
+        .sum();
+    let mut inside: Vec<(f64, usize)> = parts.into_iter().flat_map(|p| p.1).collect();
     let above = n - below - inside.len();
     let start = below_sum - tau * below as f64;
     let end = start + inside.iter().map(|(u, _)| u - tau).sum::<f64>();
@@ -570,7 +747,7 @@ fn m2po_reduced<M: MaskValue>(
         && (above == 0 || (hi >= tau && end + (hi - tau) >= 0.0))
         && !(below == 0 && inside.is_empty());
     if !holds {
-        return Ok(Some(m2po_by_definition(rollout, old, mask, tau)));
+        return by_definition();
     }
     let mut kept = cut(&mut inside, start, tau);
     if below + kept == 0 {
@@ -578,10 +755,14 @@ fn m2po_reduced<M: MaskValue>(
         inside.select_nth_unstable_by(0, by_value_then_token);
         kept = 1;
     }
-    for &(_, j) in &inside[..kept] {
-        out[j] = mask[j];
+    if below + kept == n {
+        // The mean of every u is below τ: M2PO masks nothing.
+        return Ok(None);
     }
-    Ok(Some(out))
+    for &(_, j) in &inside[..kept] {
+        keep[j] = 1;
+    }
+    Ok(Some(Reduced { keep, odd_mask }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -607,8 +788,9 @@ pub(crate) fn check_inputs<L>(masks: &PolicyMasks, inputs: &PolicyInputs<'_, L>)
     Ok(())
 }
 
-/// M2PO's reduced mask (in the input mask's dtype), or `None` when M2PO is off or masks
-/// nothing.
+/// M2PO's reduced mask (a `u8` 0/1 tensor on the mask's device), or `None` when M2PO is off or
+/// masks nothing. A mask value other than 0 and 1 is the mask's typed error here (the byte mask
+/// would hide it from the checks that follow).
 pub(crate) fn m2po_mask<L>(
     masks: &PolicyMasks,
     inputs: &PolicyInputs<'_, L>,
@@ -626,9 +808,16 @@ pub(crate) fn m2po_mask<L>(
         with_host::<f32, _>(rollout, |rollout| {
             with_host::<f32, _>(old, |old| match m2po_reduced(rollout, old, mask, tau)? {
                 None => Ok(None),
-                Some(out) => Ok(Some(
-                    Tensor::from_vec(out, like.dims(), like.device())?.to_dtype(like.dtype())?,
-                )),
+                Some(reduced) => {
+                    if reduced.odd_mask {
+                        check_mask_values(like)?;
+                    }
+                    Ok(Some(Tensor::from_vec(
+                        reduced.keep,
+                        like.dims(),
+                        like.device(),
+                    )?))
+                }
             })
         })
     }
@@ -872,7 +1061,7 @@ mod tests {
     /// The one-pass M2PO as bools (the mask unchanged when it masks nothing).
     fn reduced_as_bools(roll: &[f32], old: &[f32], mask: &[f32], tau: f64) -> Vec<bool> {
         match m2po_reduced(roll, old, mask, tau).unwrap() {
-            Some(out) => out.iter().map(|&m| m != 0.0).collect(),
+            Some(out) => out.keep.iter().map(|&m| m != 0).collect(),
             None => mask.iter().map(|&m| m != 0.0).collect(),
         }
     }
@@ -1036,7 +1225,7 @@ mod tests {
             vec![true, false, false, false]
         );
         assert_eq!(
-            m2po_reduced(&roll, &old, &on, 0.5).unwrap(),
+            m2po_reduced(&roll, &old, &on, 0.5).unwrap().map(|r| r.keep),
             Some(vec![1, 0, 0, 0])
         );
     }
