@@ -139,28 +139,25 @@ impl<R: Real> Shape<R> for ClipBounds<R> {
         let clipped = l2 > l1;
         let loss = R::select(clipped, l2, l1);
         let slope = R::select(l1 == l2, half * (d1 + d2), R::select(clipped, d2, d1));
-        let (loss, slope, cut) = match self.dual {
-            Some(c) => {
-                let floor = -(c * a);
-                let negative = a < R::ZERO;
-                let cut = negative && loss > floor;
-                let tie = negative && loss == floor;
-                (
-                    R::select(cut, floor, loss),
-                    R::select(cut, R::ZERO, R::select(tie, half * slope, slope)),
-                    cut,
-                )
-            }
-            None => (loss, slope, false),
+        // Branch-free (the dual clip's switch a select), so that the kernel's sweep vectorizes.
+        let (dual_on, dual) = match self.dual {
+            Some(c) => (true, c),
+            None => (false, R::ZERO),
         };
+        let floor = -(dual * a);
+        let negative = dual_on & (a < R::ZERO);
+        let cut = negative & (loss > floor);
+        let tie = negative & (loss == floor);
+        let loss = R::select(cut, floor, loss);
+        let slope = R::select(cut, R::ZERO, R::select(tie, half * slope, slope));
         Eval::through_ratio(
             loss,
             slope,
             [
                 R::indicator(clipped),
                 R::indicator(cut),
-                R::indicator(r < self.low && a < R::ZERO),
-                R::indicator(r > self.high && a > R::ZERO),
+                R::indicator((r < self.low) & (a < R::ZERO)),
+                R::indicator((r > self.high) & (a > R::ZERO)),
             ],
         )
     }
