@@ -33,7 +33,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::checks::{check_mask_values, with_host, MaskValue};
+use crate::checks::{mask_error, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
 
@@ -609,17 +609,14 @@ fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], ta
         .collect()
 }
 
-/// Whether `mask` holds a value other than 0 and 1.
-fn odd_mask_values<M: MaskValue>(mask: &[M]) -> bool {
-    mask.par_iter().any(|m| !m.binary())
-}
-
-/// M2PO's reduced mask as 0/1 bytes.
-struct Reduced {
-    keep: Vec<u8>,
-    /// Whether the input mask holds a value other than 0 and 1 (which the byte mask would hide:
-    /// the caller reports it).
-    odd_mask: bool,
+/// The mask's typed error when it holds a value other than 0 and 1, which M2PO's byte mask
+/// would hide from the checks that follow.
+fn check_binary<M: MaskValue>(mask: &[M]) -> Result<()> {
+    let bad = mask.par_iter().filter(|m| !m.binary()).count();
+    if bad > 0 {
+        return Err(mask_error(bad as f64));
+    }
+    Ok(())
 }
 
 /// M2PO's reduced mask in one full pass, or `None` when it masks nothing (the mean of `u` is
@@ -627,22 +624,21 @@ struct Reduced {
 /// what is below it, drops what is above it and collects what is inside; the exact cut inside
 /// the bracket comes from those few values ([`m2po_keep`], the definition, when it misses).
 /// When the sample masks nothing (AReaL's usual case), the pass only sums `u` and writes nothing.
+/// A mask value other than 0 and 1 is the mask's typed error whenever a mask is written.
 fn m2po_reduced<M: MaskValue>(
     rollout: &[f32],
     old: &[f32],
     mask: &[M],
     tau: f64,
-) -> Result<Option<Reduced>> {
+) -> Result<Option<Vec<u8>>> {
     let len = old.len();
     let mut sample = sample(len, mask, |j| (second_moment(rollout[j], old[j]), j));
     let s = sample.len();
     // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
     let sample_cut = cut(&mut sample, 0.0, tau);
-    let by_definition = || -> Result<Option<Reduced>> {
-        Ok(Some(Reduced {
-            keep: m2po_by_definition(rollout, old, mask, tau),
-            odd_mask: odd_mask_values(mask),
-        }))
+    let by_definition = || -> Result<Option<Vec<u8>>> {
+        check_binary(mask)?;
+        Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
     };
     if sample_cut >= s {
         // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
@@ -723,11 +719,10 @@ fn m2po_reduced<M: MaskValue>(
             (sums, inside)
         })
         .collect();
-    let mut odd_mask = false;
     if parts.iter().any(|p| p.0.bad.iter().any(|&bad| bad)) {
         check_finite("rollout_log_probs", rollout, mask)?;
         check_finite("old_log_probs", old, mask)?;
-        odd_mask = odd_mask_values(mask);
+        check_binary(mask)?;
     }
     // In chunk order: the same sums whatever the number of threads.
     let count = |lanes: &[u32; LANES]| lanes.iter().map(|&n| n as usize).sum::<usize>();
@@ -762,7 +757,7 @@ fn m2po_reduced<M: MaskValue>(
     for &(_, j) in &inside[..kept] {
         keep[j] = 1;
     }
-    Ok(Some(Reduced { keep, odd_mask }))
+    Ok(Some(keep))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -808,16 +803,7 @@ pub(crate) fn m2po_mask<L>(
         with_host::<f32, _>(rollout, |rollout| {
             with_host::<f32, _>(old, |old| match m2po_reduced(rollout, old, mask, tau)? {
                 None => Ok(None),
-                Some(reduced) => {
-                    if reduced.odd_mask {
-                        check_mask_values(like)?;
-                    }
-                    Ok(Some(Tensor::from_vec(
-                        reduced.keep,
-                        like.dims(),
-                        like.device(),
-                    )?))
-                }
+                Some(keep) => Ok(Some(Tensor::from_vec(keep, like.dims(), like.device())?)),
             })
         })
     }
@@ -1061,7 +1047,7 @@ mod tests {
     /// The one-pass M2PO as bools (the mask unchanged when it masks nothing).
     fn reduced_as_bools(roll: &[f32], old: &[f32], mask: &[f32], tau: f64) -> Vec<bool> {
         match m2po_reduced(roll, old, mask, tau).unwrap() {
-            Some(out) => out.keep.iter().map(|&m| m != 0).collect(),
+            Some(out) => out.iter().map(|&m| m != 0).collect(),
             None => mask.iter().map(|&m| m != 0.0).collect(),
         }
     }
@@ -1225,7 +1211,7 @@ mod tests {
             vec![true, false, false, false]
         );
         assert_eq!(
-            m2po_reduced(&roll, &old, &on, 0.5).unwrap().map(|r| r.keep),
+            m2po_reduced(&roll, &old, &on, 0.5).unwrap(),
             Some(vec![1, 0, 0, 0])
         );
     }
