@@ -29,6 +29,7 @@ pub(crate) mod gpu;
 pub(crate) mod linear_log_probs;
 pub(crate) mod linear_policy_loss;
 pub(crate) mod log_probs;
+pub(crate) mod memory;
 pub(crate) mod policy_loss;
 pub(crate) mod simd;
 

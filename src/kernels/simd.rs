@@ -2,13 +2,15 @@
 //! the storage dtypes, lane arrays (`LANES` independent accumulators, so that sums vectorize
 //! without reassociating floating-point additions — which also keeps the results bit-identical on
 //! every machine), the run-time choice of instruction set ([`dispatch`]) and the tiles' matrix
-//! products ([`matmul`]): the CPU kernels' only `unsafe` code is here. The crate's other `unsafe`
+//! products ([`matmul`]): the CPU kernels' `unsafe` code is here and in
+//! [`crate::kernels::memory`] (zeroed buffers advised as huge pages). The crate's other `unsafe`
 //! sites are the CUDA host code's kernel launches (`kernels/*/cuda.rs`, under the `cuda` feature)
 //! and the GPU parameters' bytes (`kernels/policy_loss/gpu.rs`, for the simulation), each with its
 //! `SAFETY` comment.
 
 use half::{bf16, f16};
 
+use crate::kernels::memory::ZeroBits;
 use crate::real::Real;
 
 /// Independent accumulators per row: one AVX2 register of f32.
@@ -19,8 +21,9 @@ pub(crate) trait Load<R>: Copy + Send + Sync {
     fn load(self) -> R;
 }
 
-/// A compute-type value written back as a storage element.
-pub(crate) trait Store<R>: Copy + Send + Sync {
+/// A compute-type value written back as a storage element (whose zero is all zero bits, so
+/// its output buffers come from [`crate::kernels::memory::zeroed`]).
+pub(crate) trait Store<R>: Copy + Send + Sync + ZeroBits {
     fn store(value: R) -> Self;
 }
 

@@ -15,6 +15,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::kernels::log_probs::cpu::{stack_rows, Online, RowGrad, RowStats};
+use crate::kernels::memory;
 use crate::kernels::simd::{matmul, Load, Matrix, Store};
 use crate::real::Real;
 
@@ -204,7 +205,7 @@ impl<R: Real + Load<R> + Store<R>> Problem<'_, R> {
         };
         let chunk = v.div_ceil(CHUNKS).max(1);
         // One buffer, `[∂hidden | ∂W | ∂b]`: the op's output, written in place.
-        let mut out = vec![R::ZERO; n * h + v * h + v];
+        let mut out = memory::zeroed::<R>(n * h + v * h + v);
         let (grad_hidden, rest) = out.split_at_mut(n * h);
         let (grad_weight, grad_bias) = rest.split_at_mut(v * h);
         let partials: Vec<Vec<R>> = grad_weight

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use crate::kernels::linear_log_probs::cpu::{blocks, Problem, TileGradient};
 use crate::kernels::log_probs::cpu::{Online, RowGrad};
+use crate::kernels::memory;
 use crate::kernels::policy_loss::cpu::{Constants, WithShape};
 use crate::kernels::simd::{Load, Store};
 use crate::losses::chain::{effective_weight, kl_terms, token_terms, SequenceRatio, TokenInputs};
@@ -60,12 +61,12 @@ where
     let (n, h, v) = (lin.n, lin.h, lin.v);
     let mut out = Gradients {
         log_probs: vec![R::ZERO; n],
-        hidden: vec![R::ZERO; n * h],
-        weight: weight_gradient.then(|| vec![R::ZERO; v * h]),
+        hidden: memory::zeroed(n * h),
+        weight: weight_gradient.then(|| memory::zeroed(v * h)),
         bias: vec![R::ZERO; v],
     };
     let size = TOKENS.min(n);
-    let (mut logits, mut dlogits) = (vec![R::ZERO; size * v], vec![R::ZERO; size * v]);
+    let (mut logits, mut dlogits) = (memory::zeroed(size * v), memory::zeroed(size * v));
     let mut clean = vec![R::ZERO; size * h];
     for block in blocks(n, TOKENS) {
         let rows = block.len();

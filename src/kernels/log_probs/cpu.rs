@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, DType, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::kernels::cpu_slice;
+use crate::kernels::memory;
 use crate::kernels::simd::{dispatch, Load, Store, Vectorized, LANES};
 use crate::real::Real;
 use crate::softmax::{finish_row, logit_gradient, weighted_logit};
@@ -320,7 +321,7 @@ pub(super) struct Backward<'a> {
 impl Backward<'_> {
     /// The logits' gradient `[N·V]`, in the logits' storage type, computed in `R`.
     pub(super) fn run<F: Load<R> + Store<R>, R: Real>(&self, logits: &[F], inv_t: R) -> Vec<F> {
-        let mut out = vec![F::store(R::ZERO); logits.len()];
+        let mut out = memory::zeroed::<F>(logits.len());
         out.par_chunks_mut(self.vocab)
             .zip(logits.par_chunks(self.vocab))
             .enumerate()

@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::kernels::simd::{
     dispatch, lane_max, lane_min, lane_sum, total, Load, Store, Vectorized, LANES,
 };
-use crate::kernels::{cpu_slice, kernel_error};
+use crate::kernels::{cpu_slice, kernel_error, memory};
 use crate::losses::chain::{
     effective_weight, kl_terms, ratio_terms, token_terms, KlParams, Params, SequenceRatio,
     TokenInputs,
@@ -730,7 +730,7 @@ where
     R: Real,
 {
     with_constants(op, log_probs, mask, dims, |c| {
-        let mut grad = vec![F::store(R::ZERO); dims.0 * dims.1];
+        let mut grad = memory::zeroed::<F>(dims.0 * dims.1);
         let rows = with_shape(&op.config.trust_region, AllRows { c, grad: &mut grad });
         Ok((reduce(&rows, &c.coefficients)?, grad))
     })
