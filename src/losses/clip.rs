@@ -108,7 +108,8 @@ impl HardClip {
             low: R::from_f64(1.0 - self.eps_low),
             high: R::from_f64(1.0 + self.eps_high),
             delta: self.delta.map_or(R::INFINITY, R::from_f64),
-            dual: self.dual_clip.map(R::from_f64),
+            dual_on: self.dual_clip.is_some(),
+            dual: R::from_f64(self.dual_clip.unwrap_or(0.0)),
         }
     }
 }
@@ -122,7 +123,10 @@ pub(crate) struct ClipBounds<R> {
     pub(crate) high: R,
     /// `δ`, or `+∞`.
     pub(crate) delta: R,
-    pub(crate) dual: Option<R>,
+    /// Whether the dual clip is on, and its `c` (0 when off): stored as a flag and a value so
+    /// that the per-token function selects without a branch and the kernel's sweep vectorizes.
+    pub(crate) dual_on: bool,
+    pub(crate) dual: R,
 }
 
 impl<R: Real> Shape<R> for ClipBounds<R> {
@@ -140,12 +144,8 @@ impl<R: Real> Shape<R> for ClipBounds<R> {
         let loss = R::select(clipped, l2, l1);
         let slope = R::select(l1 == l2, half * (d1 + d2), R::select(clipped, d2, d1));
         // Branch-free (the dual clip's switch a select), so that the kernel's sweep vectorizes.
-        let (dual_on, dual) = match self.dual {
-            Some(c) => (true, c),
-            None => (false, R::ZERO),
-        };
-        let floor = -(dual * a);
-        let negative = dual_on & (a < R::ZERO);
+        let floor = -(self.dual * a);
+        let negative = self.dual_on & (a < R::ZERO);
         let cut = negative & (loss > floor);
         let tie = negative & (loss == floor);
         let loss = R::select(cut, floor, loss);
@@ -225,8 +225,8 @@ impl Objective for HardClip {
     fn gpu(&self) -> GpuShape {
         let b = self.bounds::<f32>();
         GpuShape {
-            flag: i32::from(b.dual.is_some()),
-            ..GpuShape::new(&[b.low, b.high, b.delta, b.dual.unwrap_or(0.0)])
+            flag: i32::from(b.dual_on),
+            ..GpuShape::new(&[b.low, b.high, b.delta, b.dual])
         }
     }
 }

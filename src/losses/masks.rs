@@ -33,7 +33,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::checks::{mask_error, with_host, MaskValue};
+use crate::checks::{check_host_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
 
@@ -609,16 +609,6 @@ fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], ta
         .collect()
 }
 
-/// The mask's typed error when it holds a value other than 0 and 1, which M2PO's byte mask
-/// would hide from the checks that follow.
-fn check_binary<M: MaskValue>(mask: &[M]) -> Result<()> {
-    let bad = mask.par_iter().filter(|m| !m.binary()).count();
-    if bad > 0 {
-        return Err(mask_error(bad as f64));
-    }
-    Ok(())
-}
-
 /// M2PO's reduced mask in one full pass, or `None` when it masks nothing (the mean of `u` is
 /// already below `τ`): a sample brackets the cut, the pass sums `u` below the bracket, keeps
 /// what is below it, drops what is above it and collects what is inside; the exact cut inside
@@ -637,7 +627,7 @@ fn m2po_reduced<M: MaskValue>(
     // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
     let sample_cut = cut(&mut sample, 0.0, tau);
     let by_definition = || -> Result<Option<Vec<u8>>> {
-        check_binary(mask)?;
+        check_host_mask_values(mask)?;
         Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
     };
     if sample_cut >= s {
@@ -722,7 +712,7 @@ fn m2po_reduced<M: MaskValue>(
     if parts.iter().any(|p| p.0.bad.iter().any(|&bad| bad)) {
         check_finite("rollout_log_probs", rollout, mask)?;
         check_finite("old_log_probs", old, mask)?;
-        check_binary(mask)?;
+        check_host_mask_values(mask)?;
     }
     // In chunk order: the same sums whatever the number of threads.
     let count = |lanes: &[u32; LANES]| lanes.iter().map(|&n| n as usize).sum::<usize>();
