@@ -16,9 +16,6 @@ use half::{bf16, f16};
 /// memory, and hold at most one huge page).
 const HUGE_PAGE_MIN_BYTES: usize = 4 << 20;
 
-/// The huge page of x86-64 and of aarch64 with 4 KiB pages.
-const HUGE_PAGE_BYTES: usize = 2 << 20;
-
 /// Types whose all-zero bit pattern is their zero.
 ///
 /// # Safety
@@ -74,6 +71,8 @@ fn advise_huge_pages(start: *mut u8, bytes: usize) {
     }
     /// `MADV_HUGEPAGE` of `<asm-generic/mman-common.h>` (every Linux architecture).
     const MADV_HUGEPAGE: c_int = 14;
+    /// The huge page of x86-64 and of aarch64 with 4 KiB pages.
+    const HUGE_PAGE_BYTES: usize = 2 << 20;
     let begin = (start as usize).next_multiple_of(HUGE_PAGE_BYTES);
     let end = (start as usize + bytes) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
     if end > begin {
