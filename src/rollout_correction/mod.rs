@@ -140,10 +140,7 @@ pub fn rollout_correction(
             .to_vec1::<f64>()?)
     };
     let m = read(mask)?;
-    let bad = m.iter().filter(|&&v| v != 0.0 && v != 1.0).count();
-    if bad > 0 {
-        return Err(crate::checks::mask_error(bad as f64));
-    }
+    crate::checks::check_host_mask_values(&m)?;
     let (old, roll) = (read(old_log_probs)?, read(rollout_log_probs)?);
     for (arg, x) in [("old_log_probs", &old), ("rollout_log_probs", &roll)] {
         let bad = x
