@@ -8,12 +8,12 @@
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sapo::{Backend, PolicyInputs, PolicyMasks, Sapo};
+use sapo::{Backend, PolicyInputs, Sapo};
 
 #[path = "shared/policy_inputs.rs"]
 mod policy_inputs;
 
-use policy_inputs::{inputs, mask_inputs, objectives};
+use policy_inputs::{inputs, mask_inputs, mask_settings, masked_inputs, objectives};
 
 fn bench(c: &mut Criterion) {
     for (name, loss) in objectives() {
@@ -41,43 +41,21 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-/// SAPO on the fused CPU path at 64×4096 with each mask inside the loss, against the same call
-/// without it (ids `masks/<mask>/64x4096`). The behaviour policy drifts from the old one by
-/// `0.1·N(0,1)` per token, the entropies are `3·U`: OPSM (δ 0.002) drops part of the negative rows,
-/// the entropy quantile keeps 20%, M2PO (τ 0.008) masks the tokens of largest drift; `m2po_idle`
-/// (τ 0.04, above the mean second moment 0.01) masks nothing, AReaL's usual case.
+/// SAPO on the fused CPU path at 64×4096 with each mask inside the loss
+/// ([`policy_inputs::mask_settings`]), against the same call without it (ids
+/// `masks/<mask>/64x4096`). The behaviour policy drifts from the old one by `0.1·N(0,1)` per
+/// token, the entropies are `3·U`.
 fn bench_masks(c: &mut Criterion) {
     let (b, t) = (64, 4096);
     let x = inputs(b, t, &Device::Cpu);
-    let (rollout, entropy) = mask_inputs(&x, b, t);
+    let extra = mask_inputs(&x, b, t);
     let mut group = c.benchmark_group("masks");
     group.sample_size(30);
-    let masks = [
-        ("none", PolicyMasks::default()),
-        (
-            "opsm",
-            PolicyMasks::default().with_off_policy_threshold(0.002),
-        ),
-        (
-            "top_entropy",
-            PolicyMasks::default().with_top_entropy_quantile(0.2),
-        ),
-        ("m2po", PolicyMasks::default().with_m2_threshold(0.008)),
-        ("m2po_idle", PolicyMasks::default().with_m2_threshold(0.04)),
-    ];
-    for (name, masks) in masks {
+    for (name, masks) in mask_settings() {
         let loss = Sapo::default().config().with_masks(masks).build().unwrap();
         group.bench_function(BenchmarkId::new(name, format!("{b}x{t}")), |bencher| {
             bencher.iter(|| {
-                let mut inputs =
-                    PolicyInputs::new(x.log_probs.as_tensor(), &x.old, &x.advantages, &x.mask);
-                if masks.off_policy_threshold.is_some() || masks.m2_threshold.is_some() {
-                    inputs = inputs.with_rollout_log_probs(&rollout);
-                }
-                if masks.top_entropy_quantile.is_some() {
-                    inputs = inputs.with_entropy(&entropy);
-                }
-                let out = loss.forward(&inputs).unwrap();
+                let out = loss.forward(&masked_inputs(&x, &masks, &extra)).unwrap();
                 out.loss.backward().unwrap()
             })
         });

@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use candle_core::{Device, Tensor, Var};
-use sapo::{Aggregation, Grpo, Gspo, PolicyLoss, RatioLevel, Sapo};
+use sapo::{Aggregation, Grpo, Gspo, PolicyInputs, PolicyLoss, PolicyMasks, RatioLevel, Sapo};
 
 /// A splitmix64 stream.
 pub struct Rng(pub u64);
@@ -66,6 +66,42 @@ pub fn mask_inputs(x: &Inputs, b: usize, t: usize) -> (Tensor, Tensor) {
     let dev = x.old.device();
     let m = |v: Vec<f32>| Tensor::from_vec(v, (b, t), dev).unwrap();
     (m(rollout), m(entropy))
+}
+
+/// The masks of the criterion group `masks/` (and of `examples/masks_overhead.rs`), the call
+/// without a mask first: OPSM (δ 0.002) drops part of the negative rows, the entropy quantile
+/// keeps 20%, M2PO (τ 0.008) masks the tokens of largest drift; `m2po_idle` (τ 0.04, above the
+/// mean second moment 0.01) masks nothing, AReaL's usual case.
+pub fn mask_settings() -> Vec<(&'static str, PolicyMasks)> {
+    vec![
+        ("none", PolicyMasks::default()),
+        (
+            "opsm",
+            PolicyMasks::default().with_off_policy_threshold(0.002),
+        ),
+        (
+            "top_entropy",
+            PolicyMasks::default().with_top_entropy_quantile(0.2),
+        ),
+        ("m2po", PolicyMasks::default().with_m2_threshold(0.008)),
+        ("m2po_idle", PolicyMasks::default().with_m2_threshold(0.04)),
+    ]
+}
+
+/// The loss's inputs on the batch `x`, with the extra inputs of [`mask_inputs`] that `masks` read.
+pub fn masked_inputs<'a>(
+    x: &'a Inputs,
+    masks: &PolicyMasks,
+    (rollout, entropy): &'a (Tensor, Tensor),
+) -> PolicyInputs<'a> {
+    let mut inputs = PolicyInputs::new(x.log_probs.as_tensor(), &x.old, &x.advantages, &x.mask);
+    if masks.off_policy_threshold.is_some() || masks.m2_threshold.is_some() {
+        inputs = inputs.with_rollout_log_probs(rollout);
+    }
+    if masks.top_entropy_quantile.is_some() {
+        inputs = inputs.with_entropy(entropy);
+    }
+    inputs
 }
 
 /// The benchmarked objectives, SAPO, GSPO-token and GRPO first.
