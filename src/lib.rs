@@ -25,6 +25,7 @@ pub mod rollout_correction;
 pub mod simulation;
 mod softmax;
 pub mod value_loss;
+mod vectorize;
 
 pub use advantages::{
     group_advantages, group_advantages_vec, token_advantages, AdvantageEstimator, Groups,

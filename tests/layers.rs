@@ -2,7 +2,8 @@
 //! from a layer above its own or takes part in an import circle.
 //!
 //! ```text
-//! math        error, real, piecewise, gate, kl, aggregation, entropy, softmax, checks
+//! math        error, real, piecewise, gate, kl, aggregation, entropy, softmax, checks,
+//!             vectorize
 //!   ↑
 //! objectives  losses/{objective, trust_region, each objective's file, ratio, metrics, inputs,
 //!             config, bypass, checks}, rollout_correction/config
@@ -33,6 +34,7 @@ const TABLE: &[(&str, usize)] = &[
     ("entropy", 0),
     ("softmax", 0),
     ("checks", 0),
+    ("vectorize", 0),
     ("lm_head", 1),
     ("losses::objective", 1),
     ("losses::trust_region", 1),

@@ -1,8 +1,9 @@
 //! Building blocks of the fused CPU kernels, written so that LLVM vectorizes them: loads from
 //! the storage dtypes, lane arrays (`LANES` independent accumulators, so that sums vectorize
 //! without reassociating floating-point additions — which also keeps the results bit-identical on
-//! every machine), the run-time choice of instruction set ([`dispatch`]) and the tiles' matrix
-//! products ([`matmul`]): the CPU kernels' `unsafe` code is here and in
+//! every machine), the tiles' matrix products ([`matmul`]), and the run-time choice of instruction set
+//! ([`dispatch`], from the math layer's [`crate::vectorize`], which the masks' host passes use
+//! too): the CPU kernels' `unsafe` code is here, in [`crate::vectorize`] and in
 //! [`crate::kernels::memory`] (zeroed buffers advised as huge pages). The crate's other `unsafe`
 //! sites are the CUDA host code's kernel launches (`kernels/*/cuda.rs`, under the `cuda` feature)
 //! and the GPU parameters' bytes (`kernels/policy_loss/gpu.rs`, for the simulation), each with its
@@ -12,6 +13,7 @@ use half::{bf16, f16};
 
 use crate::kernels::memory::ZeroBits;
 use crate::real::Real;
+pub(crate) use crate::vectorize::{dispatch, Vectorized};
 
 /// Independent accumulators per row: one AVX2 register of f32.
 pub(crate) const LANES: usize = 8;
@@ -60,63 +62,6 @@ impl Load<f64> for u8 {
     fn load(self) -> f64 {
         self as f64
     }
-}
-
-/// Whether the kernels' AVX-512 builds can run here (see [`has_avx2`]).
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx512() -> bool {
-    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        has_avx2()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    })
-}
-
-/// Whether the kernels' AVX2 + FMA builds can run here. Every build performs the same
-/// operations in the same order (nothing is contracted into FMA without fast-math, and the
-/// reductions run in fixed lanes), so their results are identical; the wider builds only use
-/// wider and more registers. (Other architectures run the portable build.)
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn has_avx2() -> bool {
-    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
-}
-
-/// A kernel body that [`dispatch`] compiles for the widest instruction set the CPU has.
-/// `run` must be `#[inline(always)]`, so that it is compiled into each build.
-pub(crate) trait Vectorized {
-    type Output;
-    fn run(self) -> Self::Output;
-}
-
-/// Runs `body` compiled for AVX-512, or AVX2 and FMA, when the CPU has them, and the portable
-/// build otherwise (the `unsafe` calls of the CPU kernels).
-#[inline]
-pub(crate) fn dispatch<K: Vectorized>(body: K) -> K::Output {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        fn avx512<K: Vectorized>(body: K) -> K::Output {
-            body.run()
-        }
-        #[target_feature(enable = "avx2,fma")]
-        fn avx2<K: Vectorized>(body: K) -> K::Output {
-            body.run()
-        }
-        if has_avx512() {
-            // SAFETY: `has_avx512` checked at run time that the CPU supports every feature
-            // `avx512` is compiled for.
-            return unsafe { avx512(body) };
-        }
-        if has_avx2() {
-            // SAFETY: `has_avx2` checked at run time that the CPU supports avx2 and fma.
-            return unsafe { avx2(body) };
-        }
-    }
-    body.run()
 }
 
 /// A row-major or strided matrix view: `rows × cols` values at `data[r·row_stride + c·col_stride]`.
