@@ -195,8 +195,16 @@ const RUN: usize = 16;
 
 /// The unmasked positions of `SAMPLE / RUN` evenly spaced runs of `RUN` consecutive positions
 /// (every position when `len ≤ SAMPLE`), `f` of each index: about `SAMPLE` values.
+///
+/// The runs' first and last positions are read first, in a loop of independent loads the CPU
+/// overlaps (the runs lie a page or more apart, beyond the hardware prefetcher's reach), so that
+/// the loop that builds the sample finds its lines in the cache instead of waiting for each.
 fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Vec<T> {
     let stride = (len / (SAMPLE / RUN)).max(RUN);
+    for start in (0..len).step_by(stride) {
+        let last = (start + RUN).min(len) - 1;
+        std::hint::black_box((mask[start].on(), mask[last].on(), f(start), f(last)));
+    }
     let mut values = Vec::with_capacity(len.div_ceil(stride) * RUN);
     for start in (0..len).step_by(stride) {
         let end = (start + RUN).min(len);
@@ -250,14 +258,14 @@ fn for_bits(mut bits: u32, mut f: impl FnMut(usize)) {
 /// added in lane order at the end (the same bits whatever the number of threads).
 const LANES: usize = 8;
 
-/// Per lane: a count and a sum of `u`.
+/// Per lane: a count and an f64 sum (M2PO's `Σu`, OPSM's row `Σ (ℓs − ℓ)`).
 #[derive(Default)]
-struct M2Sums {
+struct LaneSums {
     n: [u32; LANES],
     total: [f64; LANES],
 }
 
-impl M2Sums {
+impl LaneSums {
     /// The count and the sum over the lanes, in lane order.
     fn reduce(&self) -> (usize, f64) {
         (
@@ -267,9 +275,10 @@ impl M2Sums {
     }
 }
 
-/// The lane blocks of M2PO's inputs `(ℓroll, ℓold, mask)` (equal lengths): whole blocks, then
-/// the tail padded with masked positions (value 0).
-type M2Blocks<'a, M> = (
+/// The lane blocks of two inputs and the mask (M2PO's `(ℓroll, ℓold, mask)`, OPSM's
+/// `(ℓs, ℓ, mask)`; equal lengths): whole blocks, then the tail padded with masked positions
+/// (value 0).
+type LaneBlocks<'a, M> = (
     &'a [[f32; LANES]],
     &'a [[f32; LANES]],
     &'a [[M; LANES]],
@@ -277,36 +286,36 @@ type M2Blocks<'a, M> = (
     [M; LANES],
 );
 
-/// M2PO's inputs in blocks of `LANES` ([`M2Blocks`]).
-fn m2_blocks<'a, M: MaskValue>(
-    rollout: &'a [f32],
-    old: &'a [f32],
-    mask: &'a [M],
-) -> M2Blocks<'a, M> {
-    let (r, r_tail) = rollout.as_chunks::<LANES>();
-    let (o, o_tail) = old.as_chunks::<LANES>();
+/// Two inputs and the mask in blocks of `LANES` ([`LaneBlocks`]).
+fn lane_blocks<'a, M: MaskValue>(a: &'a [f32], b: &'a [f32], mask: &'a [M]) -> LaneBlocks<'a, M> {
+    let (a, a_tail) = a.as_chunks::<LANES>();
+    let (b, b_tail) = b.as_chunks::<LANES>();
     let (m, m_tail) = mask.as_chunks::<LANES>();
     (
-        r,
-        o,
+        a,
+        b,
         m,
-        [padded(r_tail, 0.0), padded(o_tail, 0.0)],
+        [padded(a_tail, 0.0), padded(b_tail, 0.0)],
         padded(m_tail, M::from_f64(0.0)),
     )
 }
 
-/// One block of M2PO's sums: the count and `Σu` of the unmasked positions, per lane.
+/// One block of a [`MaskedSums`] pass: per lane, the count and the sum of `v` over the unmasked
+/// positions, `v = (a − b)²` in f64 when `SQUARED` (M2PO's `u`), else `a − b` (OPSM's term); a
+/// masked position is selected to 0 by a bit mask, whatever its values hold.
 #[inline(always)]
-fn m2_sum_block<M: MaskValue>(
-    r: &[f32; LANES],
-    o: &[f32; LANES],
+fn masked_sum_block<M: MaskValue, const SQUARED: bool>(
+    a: &[f32; LANES],
+    b: &[f32; LANES],
     m: &[M; LANES],
-    all: &mut M2Sums,
+    sums: &mut LaneSums,
 ) {
     for j in 0..LANES {
         let on = m[j].on();
-        all.n[j] += u32::from(on);
-        all.total[j] += masked_second_moment(r[j], o[j], on);
+        let d = f64::from(a[j]) - f64::from(b[j]);
+        let v = if SQUARED { d * d } else { d };
+        sums.n[j] += u32::from(on);
+        sums.total[j] += f64::from_bits(v.to_bits() & u64::from(on).wrapping_neg());
     }
 }
 
@@ -436,25 +445,26 @@ impl<M: MaskValue> Vectorized for EntropyChunk<'_, M> {
     }
 }
 
-/// M2PO's idle pass over one chunk of `(ℓroll, ℓold, mask)`: per lane, the unmasked count and
-/// `Σu` ([`m2_sum_block`]). A [`Vectorized`] body.
-struct M2SumChunk<'a, M> {
-    r: &'a [f32],
-    o: &'a [f32],
+/// A pass over `(a, b, mask)` in lane blocks: per lane, the unmasked count and the sum of
+/// `(a − b)²` (`SQUARED`: M2PO's idle pass, `Σu` over `(ℓroll, ℓold)`) or of `a − b` (OPSM's
+/// row sum over `(ℓs, ℓ)`) ([`masked_sum_block`]). A [`Vectorized`] body.
+struct MaskedSums<'a, M, const SQUARED: bool> {
+    a: &'a [f32],
+    b: &'a [f32],
     m: &'a [M],
 }
 
-impl<M: MaskValue> Vectorized for M2SumChunk<'_, M> {
-    type Output = M2Sums;
+impl<M: MaskValue, const SQUARED: bool> Vectorized for MaskedSums<'_, M, SQUARED> {
+    type Output = LaneSums;
 
     #[inline(always)]
-    fn run(self) -> M2Sums {
-        let mut sums = M2Sums::default();
-        let (r, o, m, [r_tail, o_tail], m_tail) = m2_blocks(self.r, self.o, self.m);
-        for ((r, o), m) in r.iter().zip(o).zip(m) {
-            m2_sum_block(r, o, m, &mut sums);
+    fn run(self) -> LaneSums {
+        let mut sums = LaneSums::default();
+        let (a, b, m, [a_tail, b_tail], m_tail) = lane_blocks(self.a, self.b, self.m);
+        for ((a, b), m) in a.iter().zip(b).zip(m) {
+            masked_sum_block::<M, SQUARED>(a, b, m, &mut sums);
         }
-        m2_sum_block(&r_tail, &o_tail, &m_tail, &mut sums);
+        masked_sum_block::<M, SQUARED>(&a_tail, &b_tail, &m_tail, &mut sums);
         sums
     }
 }
@@ -477,7 +487,7 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
     #[inline(always)]
     fn run(self) -> Self::Output {
         let mut sums = M2CutSums::default();
-        let (rs, os, ms, [r_tail, o_tail], m_tail) = m2_blocks(self.r, self.o, self.m);
+        let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks(self.r, self.o, self.m);
         let (keep_blocks, keep_tail) = self.keep.as_chunks_mut::<LANES>();
         for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
             m2_cut_block(r, o, m, self.bracket, &mut sums, keep);
@@ -510,16 +520,16 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
 // ---------------------------------------------------------------------------------------------
 // The selections (scalar form, on the host).
 
-/// OPSM's per-row `KL_i = Σ m·(ℓs − ℓ) / max(n, 1)` of the row `i` (slices of one row).
+/// OPSM's per-row `KL_i = Σ m·(ℓs − ℓ) / max(n, 1)` of the row `i` (slices of one row): the
+/// sum in `LANES` f64 lanes added in lane order ([`MaskedSums`]).
 #[inline]
 fn opsm_row_kl<M: MaskValue>(sampling: &[f32], log_probs: &[f32], mask: &[M]) -> f64 {
-    let (mut sum, mut n) = (0f64, 0usize);
-    for ((s, l), m) in sampling.iter().zip(log_probs).zip(mask) {
-        if m.on() {
-            sum += f64::from(*s) - f64::from(*l);
-            n += 1;
-        }
-    }
+    let (n, sum) = dispatch(MaskedSums::<M, false> {
+        a: sampling,
+        b: log_probs,
+        m: mask,
+    })
+    .reduce();
     sum / n.max(1) as f64
 }
 
@@ -721,13 +731,15 @@ pub(crate) fn m2po_keep<M: MaskValue>(
 /// (`m = 0` when only `start < 0` holds, and when nothing does), leaving the `m` smallest first.
 /// The excess is decreasing while `u < τ` and increasing after, so a quickselect-style search
 /// on the sums of the smaller values finds it in O(n).
-fn cut(order: &mut [Drift], start: f64, tau: f64) -> usize {
+/// Generic over the values' form ([`Moment`]): the sample's cut orders bare `u` (only its
+/// values matter), the exact cut [`Drift`]s.
+fn cut<D: Moment>(order: &mut [D], start: f64, tau: f64) -> usize {
     let (mut lo, mut hi, mut prefix) = (0usize, order.len(), start);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         let slice = &mut order[lo..hi];
         slice.select_nth_unstable(mid - lo);
-        let part: f64 = slice[..=mid - lo].iter().map(|&d| value(d) - tau).sum();
+        let part: f64 = slice[..=mid - lo].iter().map(|&d| d.u() - tau).sum();
         if prefix + part < 0.0 {
             prefix += part;
             lo = mid + 1;
@@ -758,10 +770,26 @@ fn drift(rollout: &[f32], old: &[f32], j: usize) -> Drift {
     (second_moment(rollout[j], old[j]).to_bits(), j)
 }
 
-/// The `u` of a [`Drift`].
-#[inline(always)]
-fn value(d: Drift) -> f64 {
-    f64::from_bits(d.0)
+/// A value of M2PO's cut, ordered by its `u` (then, for a [`Drift`], by its token): the bits of
+/// `u`'s f64 alone (the sample's, where only values matter; a `u64` orders and moves more
+/// cheaply than a tuple), or a [`Drift`].
+trait Moment: Copy + Ord {
+    /// The `u` it holds.
+    fn u(self) -> f64;
+}
+
+impl Moment for u64 {
+    #[inline(always)]
+    fn u(self) -> f64 {
+        f64::from_bits(self)
+    }
+}
+
+impl Moment for Drift {
+    #[inline(always)]
+    fn u(self) -> f64 {
+        f64::from_bits(self.0)
+    }
 }
 
 /// M2PO's reduced mask from [`m2po_keep`], the definition, as 0/1 bytes.
@@ -785,7 +813,7 @@ fn m2po_reduced<M: MaskValue>(
     tau: f64,
 ) -> Result<Option<Vec<u8>>> {
     let len = old.len();
-    let mut sample = sample(len, mask, |j| drift(rollout, old, j));
+    let mut sample = sample(len, mask, |j| second_moment(rollout[j], old[j]).to_bits());
     let s = sample.len();
     // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
     let sample_cut = cut(&mut sample, 0.0, tau);
@@ -800,7 +828,7 @@ fn m2po_reduced<M: MaskValue>(
             .par_chunks(CHUNK)
             .zip(old.par_chunks(CHUNK))
             .zip(mask.par_chunks(CHUNK))
-            .map(|((r, o), m)| dispatch(M2SumChunk { r, o, m }).reduce())
+            .map(|((a, b), m)| dispatch(MaskedSums::<M, true> { a, b, m }).reduce())
             .collect::<Vec<(usize, f64)>>()
             .into_iter()
             // In chunk order: the same sum whatever the number of threads.
@@ -820,11 +848,11 @@ fn m2po_reduced<M: MaskValue>(
         let margin = (3.0 * (s as f64 * f * (1.0 - f)).sqrt()) as usize + 4;
         let (smaller, larger) = sample.split_at_mut(sample_cut);
         let lo = match sample_cut.checked_sub(margin) {
-            Some(k) => value(*smaller.select_nth_unstable(k).1),
+            Some(k) => smaller.select_nth_unstable(k).1.u(),
             None => f64::NEG_INFINITY,
         };
         let hi = if margin < larger.len() {
-            value(*larger.select_nth_unstable(margin).1)
+            larger.select_nth_unstable(margin).1.u()
         } else {
             f64::INFINITY
         };
@@ -870,7 +898,7 @@ fn m2po_reduced<M: MaskValue>(
     }
     let above = n - below - inside.len();
     let start = below_sum - tau * below as f64;
-    let end = start + inside.iter().map(|&d| value(d) - tau).sum::<f64>();
+    let end = start + inside.iter().map(|&d| d.u() - tau).sum::<f64>();
     // The bracket holds the cut when the excess is negative at its start (or nothing is below
     // it) and the first value above it (> hi) already makes the excess non-negative.
     let holds = (below == 0 || start < 0.0)
