@@ -312,18 +312,27 @@ fn masked_sum_block<M: MaskValue, const SQUARED: bool>(
 ) {
     for j in 0..LANES {
         let on = m[j].on();
-        let d = f64::from(a[j]) - f64::from(b[j]);
-        let v = if SQUARED { d * d } else { d };
+        let v = if SQUARED {
+            second_moment(a[j], b[j])
+        } else {
+            f64::from(a[j]) - f64::from(b[j])
+        };
         sums.n[j] += u32::from(on);
-        sums.total[j] += f64::from_bits(v.to_bits() & u64::from(on).wrapping_neg());
+        sums.total[j] += selected(v, on);
     }
 }
 
-/// `(ℓroll − ℓold)²` at an unmasked position, `0` at a masked one (whatever its values hold),
-/// selected with a bit mask rather than a branch so that the lanes vectorize.
+/// `v` where `on`, else `0` (whatever `v` holds, NaN and ±inf included), selected with a bit
+/// mask rather than a branch so that the lanes vectorize.
+#[inline(always)]
+fn selected(v: f64, on: bool) -> f64 {
+    f64::from_bits(v.to_bits() & u64::from(on).wrapping_neg())
+}
+
+/// `(ℓroll − ℓold)²` at an unmasked position, `0` at a masked one ([`selected`]).
 #[inline(always)]
 fn masked_second_moment(rollout: f32, old: f32, on: bool) -> f64 {
-    f64::from_bits(second_moment(rollout, old).to_bits() & u64::from(on).wrapping_neg())
+    selected(second_moment(rollout, old), on)
 }
 
 /// The byte M2PO's bracket pass writes at an unmasked position below the bracket (kept).
@@ -354,7 +363,7 @@ fn m2_cut_block<M: MaskValue>(
         let inside = on & (u >= lo) & (u <= hi);
         sums.n[j] += u32::from(on);
         sums.below[j] += u32::from(below);
-        sums.below_sum[j] += f64::from_bits(u.to_bits() & u64::from(below).wrapping_neg());
+        sums.below_sum[j] += selected(u, below);
         // A non-finite unmasked `u` makes the lane's total non-finite: one add, no compare.
         sums.total[j] += u;
         sums.bad[j] += u32::from(!m[j].binary());
