@@ -5,7 +5,6 @@
 //! Layer: math.
 
 use candle_core::{DType, Storage, Tensor, WithDType};
-use rayon::prelude::*;
 
 use crate::error::{check_device, check_float, check_shape, check_value, Error, Result};
 
@@ -39,7 +38,11 @@ pub(crate) fn check_mask_values(mask: &Tensor) -> Result<()> {
 /// [`check_mask_values`] on values already on the host: the mask's typed error when it holds
 /// a value other than 0 and 1 (one parallel pass over the slice).
 pub(crate) fn check_host_mask_values<M: MaskValue>(mask: &[M]) -> Result<()> {
-    let bad = mask.par_iter().filter(|m| !m.binary()).count();
+    let bad: usize = crate::pool::chunks(mask, 1 << 14, |_, part| {
+        part.iter().filter(|m| !m.binary()).count()
+    })
+    .into_iter()
+    .sum();
     if bad > 0 {
         return Err(mask_error(bad as f64));
     }

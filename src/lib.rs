@@ -17,6 +17,7 @@ mod lm_head;
 pub mod logprobs;
 pub mod losses;
 mod piecewise;
+mod pool;
 pub mod real;
 pub mod reward;
 pub mod rollout_correction;

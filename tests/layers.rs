@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! math        error, real, piecewise, gate, kl, aggregation, entropy, softmax, checks,
-//!             vectorize
+//!             vectorize, pool
 //!   ↑
 //! objectives  losses/{objective, trust_region, each objective's file, ratio, metrics, inputs,
 //!             config, bypass, checks}, rollout_correction/config
@@ -35,6 +35,7 @@ const TABLE: &[(&str, usize)] = &[
     ("softmax", 0),
     ("checks", 0),
     ("vectorize", 0),
+    ("pool", 0),
     ("lm_head", 1),
     ("losses::objective", 1),
     ("losses::trust_region", 1),

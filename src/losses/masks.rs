@@ -31,11 +31,11 @@
 //! Layer: objectives.
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 use crate::checks::{check_host_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
+use crate::pool;
 use crate::vectorize::{dispatch, Vectorized};
 
 /// The masks of the policy loss: [TRL's and slime's off-policy sequence masking][opsm], [TRL's
@@ -162,14 +162,15 @@ impl PolicyMasks {
 
 /// The first unmasked non-finite value of `x`, as the typed error naming `arg`.
 fn check_finite<M: MaskValue>(arg: &'static str, x: &[f32], mask: &[M]) -> Result<()> {
-    let bad = x
-        .par_chunks(CHUNK)
-        .zip(mask.par_chunks(CHUNK))
-        .enumerate()
-        .find_first(|(_, (x, m))| x.iter().zip(*m).any(|(v, m)| m.on() && !v.is_finite()));
-    match bad {
+    let bad = pool::chunks(x, CHUNK, |c, x| {
+        let m = &mask[c * CHUNK..c * CHUNK + x.len()];
+        x.iter().zip(m).any(|(v, m)| m.on() && !v.is_finite())
+    });
+    match bad.iter().position(|&bad| bad) {
         None => Ok(()),
-        Some((c, (x, m))) => {
+        Some(c) => {
+            let x = &x[c * CHUNK..((c + 1) * CHUNK).min(x.len())];
+            let m = &mask[c * CHUNK..c * CHUNK + x.len()];
             let k = (0..x.len())
                 .find(|&k| m[k].on() && !x[k].is_finite())
                 .unwrap_or(0);
@@ -549,12 +550,10 @@ fn opsm_row_kls<M: MaskValue>(
     mask: &[M],
     t: usize,
 ) -> Vec<f64> {
-    sampling
-        .par_chunks(t)
-        .zip(log_probs.par_chunks(t))
-        .zip(mask.par_chunks(t))
-        .map(|((s, l), m)| opsm_row_kl(s, l, m))
-        .collect()
+    pool::chunks(sampling, t, |i, s| {
+        let row = i * t..i * t + s.len();
+        opsm_row_kl(s, &log_probs[row.clone()], &mask[row])
+    })
 }
 
 /// OPSM's per-row decision: whether row `i`'s `KL_i` exceeds `δ` (then its tokens with `A < 0`
@@ -652,15 +651,12 @@ fn top_entropy_threshold<M: MaskValue>(
     // unmasked value is not finite; blocks of compares without branches, counted in lanes; the
     // values inside the bracket (a few percent) are collected by their bits.
     type Part = (usize, usize, Vec<f32>, bool);
-    let parts: Vec<Part> = entropy
-        .par_chunks(CHUNK)
-        .zip(mask.par_chunks(CHUNK))
-        .map(|(h, m)| {
-            let (n, below, inside, bad) = dispatch(EntropyChunk { h, m, lo, hi });
-            let count = |lanes: [u32; BLOCK]| lanes.iter().map(|&n| n as usize).sum::<usize>();
-            (count(n), count(below), inside, bad.iter().any(|&bad| bad))
-        })
-        .collect();
+    let parts: Vec<Part> = pool::chunks(entropy, CHUNK, |c, h| {
+        let m = &mask[c * CHUNK..c * CHUNK + h.len()];
+        let (n, below, inside, bad) = dispatch(EntropyChunk { h, m, lo, hi });
+        let count = |lanes: [u32; BLOCK]| lanes.iter().map(|&n| n as usize).sum::<usize>();
+        (count(n), count(below), inside, bad.iter().any(|&bad| bad))
+    });
     if parts.iter().any(|p| p.3) {
         check_finite("entropy", entropy, mask)?;
     }
@@ -684,11 +680,14 @@ fn top_entropy_threshold<M: MaskValue>(
 /// factor as rollout weights).
 fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Result<Vec<f32>> {
     let theta = top_entropy_threshold(entropy, mask, rho)?.unwrap_or(f64::INFINITY);
-    Ok(entropy
-        .par_iter()
-        .zip(mask.par_iter())
-        .map(|(h, m)| f32::from(u8::from(m.on() && f64::from(*h) >= theta)))
-        .collect())
+    Ok(pool::chunks(entropy, CHUNK, |c, h| {
+        let m = &mask[c * CHUNK..c * CHUNK + h.len()];
+        h.iter()
+            .zip(m)
+            .map(|(h, m)| f32::from(u8::from(m.on() && f64::from(*h) >= theta)))
+            .collect::<Vec<f32>>()
+    })
+    .concat())
 }
 
 /// `θ` rounded up to `f32`: for every `f32` value `h`, `h ≥ θ` in `f64` exactly when `h ≥` the
@@ -833,15 +832,14 @@ fn m2po_reduced<M: MaskValue>(
     if sample_cut >= s {
         // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
         // written, to confirm it; the definition if it does not hold.
-        let (n, total) = rollout
-            .par_chunks(CHUNK)
-            .zip(old.par_chunks(CHUNK))
-            .zip(mask.par_chunks(CHUNK))
-            .map(|((a, b), m)| dispatch(MaskedSums::<M, true> { a, b, m }).reduce())
-            .collect::<Vec<(usize, f64)>>()
-            .into_iter()
-            // In chunk order: the same sum whatever the number of threads.
-            .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let (n, total) = pool::chunks(rollout, CHUNK, |c, a| {
+            let chunk = c * CHUNK..c * CHUNK + a.len();
+            let (b, m) = (&old[chunk.clone()], &mask[chunk]);
+            dispatch(MaskedSums::<M, true> { a, b, m }).reduce()
+        })
+        .into_iter()
+        // In chunk order: the same sum whatever the number of threads.
+        .fold((0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
         if !total.is_finite() {
             check_finite("rollout_log_probs", rollout, mask)?;
             check_finite("old_log_probs", old, mask)?;
@@ -872,22 +870,17 @@ fn m2po_reduced<M: MaskValue>(
     // values; a byte per token (kept below the bracket, dropped above it). Blocks of lanes
     // without branches; the positions inside the bracket (a few percent) are then collected
     // from their bytes while the chunk is in cache.
-    let parts: Vec<(M2CutSums, Vec<Drift>)> = keep
-        .par_chunks_mut(CHUNK)
-        .zip(rollout.par_chunks(CHUNK).zip(old.par_chunks(CHUNK)))
-        .zip(mask.par_chunks(CHUNK))
-        .enumerate()
-        .map(|(c, ((keep, (r, o)), m))| {
-            dispatch(M2CutChunk {
-                r,
-                o,
-                m,
-                bracket: (lo, hi),
-                keep,
-                start: c * CHUNK,
-            })
+    let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(&mut keep, CHUNK, |c, keep| {
+        let chunk = c * CHUNK..c * CHUNK + keep.len();
+        dispatch(M2CutChunk {
+            r: &rollout[chunk.clone()],
+            o: &old[chunk.clone()],
+            m: &mask[chunk],
+            bracket: (lo, hi),
+            keep,
+            start: c * CHUNK,
         })
-        .collect();
+    });
     if parts.iter().any(|p| p.0.bad()) {
         check_finite("rollout_log_probs", rollout, mask)?;
         check_finite("old_log_probs", old, mask)?;
@@ -1110,22 +1103,21 @@ fn keep_factor<M: MaskValue>(
     };
     with_host::<f32, _>(advantages, |adv| {
         let row_len = if row_wise { 1 } else { t };
-        keep.par_chunks_mut(row_len)
-            .zip(off_rows.par_iter())
-            .enumerate()
-            .filter(|(_, (_, off))| **off)
-            .for_each(|(i, (keep, _))| {
-                for (k, keep) in keep.iter_mut().enumerate() {
-                    let a = if adv.len() == b {
-                        adv[i]
-                    } else {
-                        adv[i * t + k]
-                    };
-                    if a < 0.0 {
-                        *keep = 0.0;
-                    }
+        pool::chunks_mut(&mut keep, row_len, |i, keep| {
+            if !off_rows[i] {
+                return;
+            }
+            for (k, keep) in keep.iter_mut().enumerate() {
+                let a = if adv.len() == b {
+                    adv[i]
+                } else {
+                    adv[i * t + k]
+                };
+                if a < 0.0 {
+                    *keep = 0.0;
                 }
-            });
+            }
+        });
         Ok(())
     })?;
     Ok(keep)

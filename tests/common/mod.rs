@@ -580,12 +580,15 @@ pub fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
         .install(f)
 }
 
-/// Asserts that `bits` gives the same result with 1, 2 and 3 threads.
+/// Asserts that `bits` gives the same result with 1, 2 and 3 threads (rayon pools) and on
+/// candle's CPU pool (called outside rayon).
 pub fn assert_same_bits_across_threads<T: Send + PartialEq + std::fmt::Debug>(
     what: &str,
     bits: impl Fn() -> T + Send + Sync,
 ) {
     let one = in_pool(1, &bits);
+    // Outside any rayon pool the CPU kernels run on candle's own pool.
+    assert_eq!(one, bits(), "{what}: 1 thread vs candle's pool");
     assert_eq!(one, in_pool(2, &bits), "{what}: 1 vs 2 threads");
     assert_eq!(one, in_pool(3, &bits), "{what}: 1 vs 3 threads");
 }

@@ -2,7 +2,7 @@
 //! `losses/chain.rs`, the formulas come from their concept files (`losses/ratio.rs`, each
 //! objective's file, `gate.rs`, `kl.rs`, `aggregation.rs`).
 //!
-//! Rows run in parallel (rayon), each writing its own gradient slice. A row is processed in tiles
+//! Rows run in parallel on candle's CPU pool (`crate::pool`), each writing its own gradient slice. A row is processed in tiles
 //! that stay in L1: each tile is loaded once from the storage dtype (f16/bf16 read in place) with
 //! the masked positions zeroed and the inputs validated; one vectorized sweep evaluates the
 //! per-token loss, its derivative and the metric streams; the streams are summed into f64 lanes;
@@ -12,7 +12,6 @@
 //! threads.
 
 use candle_core::{Tensor, WithDType};
-use rayon::prelude::*;
 
 use super::FusedPolicyLoss;
 use crate::aggregation::row_coefficient;
@@ -29,6 +28,7 @@ use crate::losses::metrics::{self, NUM_SLOTS};
 use crate::losses::objective::{Objective, Shape, Visit};
 use crate::losses::ratio::{self, RatioLevel};
 use crate::losses::trust_region::TrustRegion;
+use crate::pool;
 use crate::real::Real;
 
 /// Tokens per tile: a tile's buffers stay in L1.
@@ -542,29 +542,25 @@ where
     R: Real,
     S: Shape<R>,
 {
-    grad.par_chunks_mut(x.t.max(1))
-        .enumerate()
-        .map_init(Tile::new, |tile, (row, grad)| {
-            let coef = &coefficients[row];
-            dispatch(PolicyRow {
-                x,
-                row,
-                p,
-                shape,
-                coef,
-                tile,
-                grad,
-            })
+    pool::chunks_mut_init(grad, x.t, Tile::new, |tile, row, grad| {
+        let coef = &coefficients[row];
+        dispatch(PolicyRow {
+            x,
+            row,
+            p,
+            shape,
+            coef,
+            tile,
+            grad,
         })
-        .collect()
+    })
 }
 
 /// `n_i` of every row, and the number of mask values other than 0 and 1.
 fn row_tokens<M: Load<R>, R: Real>(mask: &[M], t: usize) -> (Vec<f64>, f64) {
-    let per_row: Vec<(f64, f64)> = mask
-        .par_chunks(t.max(1))
-        .map(|row| dispatch(RowTokens::<M, R>(row, std::marker::PhantomData)))
-        .collect();
+    let per_row: Vec<(f64, f64)> = pool::chunks(mask, t, |_, row| {
+        dispatch(RowTokens::<M, R>(row, std::marker::PhantomData))
+    });
     let bad = per_row.iter().map(|(_, b)| b).sum();
     (per_row.into_iter().map(|(n, _)| n).collect(), bad)
 }
