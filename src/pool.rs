@@ -10,6 +10,10 @@
 //! 300 µs; on candle's pool both threads start at once and it takes about 170 µs). Work handed to
 //! candle's pool is picked up by that spinning worker at once.
 //!
+//! The closures handed to it must not run candle ops: the calling thread holds candle's pool
+//! while it takes its own share of the items, and candle's pool is not reentrant from that
+//! thread. Every caller hands it loops over host slices only.
+//!
 //! Called from inside a rayon pool (a caller's own parallel work, or the tests' pools of 1, 2
 //! and 3 threads), the work runs on that pool instead.
 //!
