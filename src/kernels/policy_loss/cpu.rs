@@ -2,14 +2,14 @@
 //! `losses/chain.rs`, the formulas come from their concept files (`losses/ratio.rs`, each
 //! objective's file, `gate.rs`, `kl.rs`, `aggregation.rs`).
 //!
-//! Rows run in parallel on candle's CPU pool (`crate::pool`), each writing its own gradient slice. A row is processed in tiles
-//! that stay in L1: each tile is loaded once from the storage dtype (f16/bf16 read in place) with
-//! the masked positions zeroed and the inputs validated; one vectorized sweep evaluates the
-//! per-token loss, its derivative and the metric streams; the streams are summed into f64 lanes;
-//! the KL penalty is added; the tile's gradient is stored. The sequence levels first sum the
-//! row's log-ratios (in f64), and `Sequence` stores its gradient after the row, once `∂l/∂s` is
-//! known. Row results are reduced in row order, so the bits do not depend on the number of
-//! threads.
+//! Rows run in parallel on candle's CPU pool (`crate::pool`), each writing its own gradient slice.
+//! A row is processed in tiles that stay in L1: each tile is loaded once from the storage dtype
+//! (f16/bf16 read in place) with the masked positions zeroed and the inputs validated; one
+//! vectorized sweep evaluates the per-token loss, its derivative and the metric streams; the
+//! streams are summed into f64 lanes; the KL penalty is added; the tile's gradient is stored. The
+//! sequence levels first sum the row's log-ratios (in f64), and `Sequence` stores its gradient
+//! after the row, once `∂l/∂s` is known. Row results are reduced in row order, so the bits do not
+//! depend on the number of threads.
 
 use candle_core::{Tensor, WithDType};
 
