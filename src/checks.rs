@@ -38,7 +38,7 @@ pub(crate) fn check_mask_values(mask: &Tensor) -> Result<()> {
 /// [`check_mask_values`] on values already on the host: the mask's typed error when it holds
 /// a value other than 0 and 1 (one parallel pass over the slice).
 pub(crate) fn check_host_mask_values<M: MaskValue>(mask: &[M]) -> Result<()> {
-    let bad: usize = crate::pool::chunks(mask, 1 << 14, |_, part| {
+    let bad: usize = crate::pool::chunks(mask, crate::pool::CHUNK, |_, part| {
         part.iter().filter(|m| !m.binary()).count()
     })
     .into_iter()

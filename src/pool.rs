@@ -25,6 +25,11 @@
 use rayon::prelude::*;
 use std::sync::{Mutex, OnceLock};
 
+/// Elements per parallel task of the host passes over a whole batch (the masks' passes, the
+/// mask check): fixed, so that their per-chunk sums, added in chunk order, are the same bits
+/// whatever the number of threads.
+pub(crate) const CHUNK: usize = 1 << 14;
+
 /// `f(state, i)` for every `i < n`, in parallel on candle's CPU pool, the results in index
 /// order; `state` comes from `init` once per run of consecutive items a thread claims
 /// (a kernel's scratch tile).

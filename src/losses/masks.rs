@@ -35,7 +35,7 @@ use candle_core::{DType, Tensor};
 use crate::checks::{check_host_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
-use crate::pool;
+use crate::pool::{self, CHUNK};
 use crate::vectorize::{dispatch, Vectorized};
 
 /// The masks of the policy loss: [TRL's and slime's off-policy sequence masking][opsm], [TRL's
@@ -162,30 +162,22 @@ impl PolicyMasks {
 
 /// The first unmasked non-finite value of `x`, as the typed error naming `arg`.
 fn check_finite<M: MaskValue>(arg: &'static str, x: &[f32], mask: &[M]) -> Result<()> {
-    let bad = pool::chunks(x, CHUNK, |c, x| {
-        let m = &mask[c * CHUNK..c * CHUNK + x.len()];
-        x.iter().zip(m).any(|(v, m)| m.on() && !v.is_finite())
-    });
-    match bad.iter().position(|&bad| bad) {
+    let first_bad = pool::chunks(x, CHUNK, |c, part| {
+        let start = c * CHUNK;
+        (start..start + part.len()).find(|&j| mask[j].on() && !x[j].is_finite())
+    })
+    .into_iter()
+    .flatten()
+    .next();
+    match first_bad {
         None => Ok(()),
-        Some(c) => {
-            let x = &x[c * CHUNK..((c + 1) * CHUNK).min(x.len())];
-            let m = &mask[c * CHUNK..c * CHUNK + x.len()];
-            let k = (0..x.len())
-                .find(|&k| m[k].on() && !x[k].is_finite())
-                .unwrap_or(0);
-            Err(Error::InvalidValue {
-                arg,
-                expected: "finite values at unmasked positions".into(),
-                actual: format!("{} at flat index {}", x[k], c * CHUNK + k),
-            })
-        }
+        Some(j) => Err(Error::InvalidValue {
+            arg,
+            expected: "finite values at unmasked positions".into(),
+            actual: format!("{} at flat index {j}", x[j]),
+        }),
     }
 }
-
-/// Elements per parallel task of the host passes (fixed: the same sums whatever the number of
-/// threads).
-const CHUNK: usize = 1 << 14;
 
 /// The number of values the selections sample before their one full pass.
 const SAMPLE: usize = 4096;
@@ -680,14 +672,14 @@ fn top_entropy_threshold<M: MaskValue>(
 /// factor as rollout weights).
 fn top_entropy_keep<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> Result<Vec<f32>> {
     let theta = top_entropy_threshold(entropy, mask, rho)?.unwrap_or(f64::INFINITY);
-    Ok(pool::chunks(entropy, CHUNK, |c, h| {
-        let m = &mask[c * CHUNK..c * CHUNK + h.len()];
-        h.iter()
-            .zip(m)
-            .map(|(h, m)| f32::from(u8::from(m.on() && f64::from(*h) >= theta)))
-            .collect::<Vec<f32>>()
-    })
-    .concat())
+    let mut keep = vec![0f32; entropy.len()];
+    pool::chunks_mut(&mut keep, CHUNK, |c, keep| {
+        let start = c * CHUNK;
+        for (j, keep) in (start..).zip(keep) {
+            *keep = f32::from(u8::from(mask[j].on() && f64::from(entropy[j]) >= theta));
+        }
+    });
+    Ok(keep)
 }
 
 /// `θ` rounded up to `f32`: for every `f32` value `h`, `h ≥ θ` in `f64` exactly when `h ≥` the
