@@ -354,6 +354,99 @@ fn m2po_is_a_reduced_mask() {
     }
 }
 
+/// M2PO's reduced mask by its definition: the mask without the `k` unmasked tokens of largest
+/// `u`, ties dropped from the later token, `k` the smallest with the rest's mean below `τ`; and
+/// `k`.
+fn m2po_definition(x: &Batch, tau: f64) -> (Vec<f32>, usize) {
+    let u: Vec<f64> = (0..B * T)
+        .map(|j| (f64::from(x.rollout[j]) - f64::from(x.old[j])).powi(2))
+        .collect();
+    let mut order: Vec<usize> = (0..B * T).filter(|&j| x.mask[j] != 0.0).collect();
+    order.sort_by(|&a, &b| u[b].total_cmp(&u[a]).then(b.cmp(&a)));
+    let k = (0..order.len())
+        .find(|&k| {
+            let rest = &order[k..];
+            rest.iter().map(|&j| u[j]).sum::<f64>() / (rest.len() as f64) < tau
+        })
+        .unwrap_or(order.len() - 1);
+    let mut reduced = x.mask.clone();
+    for &j in &order[..k] {
+        reduced[j] = 0.0;
+    }
+    (reduced, k)
+}
+
+/// M2PO's reduced mask is its definition on every path, ties at the cut included (the later
+/// token dropped first), with per-row counts (`seq-mean-token-mean`, the sequence-level ratio of
+/// GSPO-token), inputs in f32 and f64, and beside OPSM and the entropy bonus.
+#[test]
+fn m2po_cut_is_its_definition_with_ties_and_rows() {
+    let mut x = batch();
+    // Exact ties: rows 1, 2 and 5 drift by 0.25 at their even tokens (u = 0.0625).
+    for j in 0..B * T {
+        if matches!(j / T, 1 | 2 | 5) && (j % T).is_multiple_of(2) {
+            x.old[j] = -1.25;
+            x.rollout[j] = -1.5;
+        }
+    }
+    let tied: Vec<usize> = (0..B * T)
+        .filter(|&j| x.mask[j] != 0.0 && x.rollout[j] == -1.5)
+        .collect();
+    let mut split_ties = 0;
+    for tau in (1..=24).map(|k| f64::from(k) * 0.0025) {
+        let (reduced, k) = m2po_definition(&x, tau);
+        if k == 0 {
+            continue;
+        }
+        let kept_ties = tied.iter().filter(|&&j| reduced[j] != 0.0).count();
+        split_ties += usize::from(kept_ties > 0 && kept_ties < tied.len());
+        let m2po = PolicyMasks::default().with_m2_threshold(tau);
+        let bonus = Some(sapo::EntropyBonus::new(0.01));
+        let configs = [
+            (
+                Sapo::default()
+                    .config()
+                    .with_aggregation(sapo::Aggregation::SeqMeanTokenMean),
+                m2po,
+                (true, false),
+            ),
+            (
+                Grpo::default()
+                    .config()
+                    .with_ratio_level(sapo::RatioLevel::SequenceToken),
+                m2po,
+                (true, false),
+            ),
+            // OPSM that drops nothing.
+            (
+                Grpo::default().config(),
+                m2po.with_off_policy_threshold(1e9),
+                (true, false),
+            ),
+            (
+                Sapo::default().config().with_entropy(bonus),
+                m2po,
+                (true, true),
+            ),
+        ];
+        for (config, masks, with) in configs {
+            for dtype in [DType::F32, DType::F64] {
+                let got = run_all_in(&with_masks(config, masks), &x, None, None, with, dtype);
+                let want = run_all_in(
+                    &config.build().unwrap(),
+                    &x,
+                    None,
+                    Some(reduced.clone()),
+                    (false, with.1),
+                    dtype,
+                );
+                assert_same(&format!("M2PO τ {tau} {dtype:?}"), &got, &want);
+            }
+        }
+    }
+    assert!(split_ties > 0, "no τ cut through the ties");
+}
+
 /// Garbage (NaN, ±inf) at masked positions of `rollout_log_probs` and `entropy` reaches nothing.
 #[test]
 fn padding_garbage_never_reaches_the_masks() {
@@ -373,6 +466,12 @@ fn padding_garbage_never_reaches_the_masks() {
     let clean = run_all(&loss, &x, None, None, (true, true));
     let got = run_all(&loss, &dirty, None, None, (true, true));
     assert_same("garbage", &got, &clean);
+    // M2PO alone.
+    let masks = PolicyMasks::default().with_m2_threshold(0.02);
+    let loss = with_masks(Grpo::default().config(), masks);
+    let clean = run_all(&loss, &x, None, None, (true, false));
+    let got = run_all(&loss, &dirty, None, None, (true, false));
+    assert_same("garbage, M2PO alone", &got, &clean);
 }
 
 /// Every bad input is a typed error naming its argument (the peers' key).
