@@ -321,24 +321,9 @@ fn opsm_and_top_entropy_with_per_token_advantages() {
 #[test]
 fn m2po_is_a_reduced_mask() {
     let x = batch();
-    let u: Vec<f64> = (0..B * T)
-        .map(|j| (f64::from(x.rollout[j]) - f64::from(x.old[j])).powi(2))
-        .collect();
     for tau in [0.004, 0.012] {
-        // The definition: drop the largest u until the rest's mean is below τ.
-        let mut order: Vec<usize> = (0..B * T).filter(|&j| x.mask[j] != 0.0).collect();
-        order.sort_by(|&a, &b| u[b].total_cmp(&u[a]));
-        let k = (0..order.len())
-            .find(|&k| {
-                let rest = &order[k..];
-                rest.iter().map(|&j| u[j]).sum::<f64>() / (rest.len() as f64) < tau
-            })
-            .unwrap();
+        let (reduced, k) = m2po_definition(&x, tau);
         assert!(k > 0, "τ {tau}: nothing masked");
-        let mut reduced = x.mask.clone();
-        for &j in &order[..k] {
-            reduced[j] = 0.0;
-        }
         for config in [Grpo::default().config(), Sapo::default().config()] {
             let masks = PolicyMasks::default().with_m2_threshold(tau);
             let got = run_all(&with_masks(config, masks), &x, None, None, (true, false));
