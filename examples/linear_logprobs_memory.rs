@@ -13,14 +13,29 @@
 //! ```
 //!
 //! and subtract the `none` run's "Maximum resident set size" from the others: that is the extra
-//! memory of the path (PyTorch's: `python3 ../shared/bench/torch_baseline.py --memory
-//! linear_logprobs/torch/4096x256x32768`).
+//! memory of the path on a cold step.
+//!
+//! `--warm` measures as `python3 ../shared/bench/torch_baseline.py --memory
+//! linear_logprobs/torch/4096x256x32768` does for PyTorch: two warm-up steps, then the peak
+//! resident set is reset (`5` written to `/proc/self/clear_refs`) and the step runs a third time;
+//! it prints `VmHWM − VmRSS` around that step, in MiB. Memory the allocator kept from the
+//! warm-up steps is part of the base there, for both programs.
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{Backend, LmHead, PolicyInputs, Sapo};
 
+/// A field of `/proc/self/status` in MiB (`VmRSS:`, `VmHWM:`); `None` where there is no such file.
+fn status_mib(key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 fn main() -> sapo::error::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let warm = args.iter().any(|a| a == "--warm");
+    args.retain(|a| a != "--warm");
     let path = args.get(1).map_or("fused", String::as_str);
     let dim =
         |k: usize, default: usize| args.get(k).and_then(|s| s.parse().ok()).unwrap_or(default);
@@ -49,32 +64,56 @@ fn main() -> sapo::error::Result<()> {
         _ => Backend::Auto,
     };
     let loss = Sapo::default().build()?.with_backend(backend);
-    let out = if path == "fused" {
-        let hidden_3d = hidden.as_tensor().reshape((1, n, h))?;
-        let targets_2d = targets.reshape((1, n))?;
-        let head = LmHead::new(&hidden_3d, weight.as_tensor(), &targets_2d);
-        loss.forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask))?
-    } else {
-        let (log_probs, _) = sapo::linear_log_probs_and_entropy_with(
-            hidden.as_tensor(),
-            weight.as_tensor(),
-            None,
-            &targets,
-            1.0,
-            backend,
-        )?;
-        let log_probs = log_probs.unsqueeze(0)?;
-        loss.forward(&PolicyInputs::new(&log_probs, &old, &adv, &mask))?
+    // One forward and backward to `hidden` and `W`: the gradients, as PyTorch's step returns
+    // them (their norms are taken after the measured step).
+    let step = || -> sapo::error::Result<candle_core::backprop::GradStore> {
+        let out = if path == "fused" {
+            let hidden_3d = hidden.as_tensor().reshape((1, n, h))?;
+            let targets_2d = targets.reshape((1, n))?;
+            let head = LmHead::new(&hidden_3d, weight.as_tensor(), &targets_2d);
+            loss.forward_from_hidden(&PolicyInputs::new(head, &old, &adv, &mask))?
+        } else {
+            let (log_probs, _) = sapo::linear_log_probs_and_entropy_with(
+                hidden.as_tensor(),
+                weight.as_tensor(),
+                None,
+                &targets,
+                1.0,
+                backend,
+            )?;
+            let log_probs = log_probs.unsqueeze(0)?;
+            loss.forward(&PolicyInputs::new(&log_probs, &old, &adv, &mask))?
+        };
+        Ok(out.loss.backward()?)
     };
-    let grads = out.loss.backward()?;
-    let norm = |t: &Var| -> sapo::error::Result<f32> {
-        let g = grads.get(t.as_tensor()).expect("gradient");
-        Ok(g.abs()?.sum_all()?.to_scalar::<f32>()?)
+    // The `L1` norms of `∂hidden` and `∂W`.
+    let norms = |grads: &candle_core::backprop::GradStore| -> sapo::error::Result<(f32, f32)> {
+        let norm = |t: &Var| -> sapo::error::Result<f32> {
+            let g = grads.get(t.as_tensor()).expect("gradient");
+            Ok(g.abs()?.sum_all()?.to_scalar::<f32>()?)
+        };
+        Ok((norm(&hidden)?, norm(&weight)?))
     };
+    if !warm {
+        let (d_hidden, d_weight) = norms(&step()?)?;
+        println!("{path}: |∂hidden|₁ = {d_hidden}, |∂W|₁ = {d_weight}");
+        return Ok(());
+    }
+    step()?;
+    step()?;
+    // Resets VmHWM to the current resident set (Linux).
+    let reset = std::fs::write("/proc/self/clear_refs", "5");
+    let (Ok(()), Some(base)) = (reset, status_mib("VmRSS:")) else {
+        println!("--warm needs Linux's /proc/self/clear_refs and /proc/self/status: not measured");
+        return Ok(());
+    };
+    let grads = step()?;
+    let peak = status_mib("VmHWM:").unwrap_or(f64::NAN);
+    let (d_hidden, d_weight) = norms(&grads)?;
     println!(
-        "{path}: |∂hidden|₁ = {}, |∂W|₁ = {}",
-        norm(&hidden)?,
-        norm(&weight)?
+        "{path}: |∂hidden|₁ = {d_hidden}, |∂W|₁ = {d_weight}; warm step: extra peak {:.1} MiB \
+         (VmHWM {peak:.1} − VmRSS {base:.1} before the step)",
+        peak - base
     );
     Ok(())
 }
