@@ -19,7 +19,8 @@
 //! linear_logprobs/torch/4096x256x32768` does for PyTorch: two warm-up steps, then the peak
 //! resident set is reset (`5` written to `/proc/self/clear_refs`) and the step runs a third time;
 //! it prints `VmHWM − VmRSS` around that step, in MiB. Memory the allocator kept from the
-//! warm-up steps is part of the base there, for both programs.
+//! warm-up steps is part of the base there, for both programs. `--warm=K` runs `K` warm-up steps
+//! instead (glibc's heap settles after a few: compare the absolute `VmHWM` too).
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{Backend, LmHead, PolicyInputs, Sapo};
@@ -34,8 +35,13 @@ fn status_mib(key: &str) -> Option<f64> {
 
 fn main() -> sapo::error::Result<()> {
     let mut args: Vec<String> = std::env::args().collect();
-    let warm = args.iter().any(|a| a == "--warm");
-    args.retain(|a| a != "--warm");
+    // `--warm` (two warm-up steps, as PyTorch's measurement) or `--warm=K` (K of them).
+    let warm = args.iter().find_map(|a| match a.strip_prefix("--warm") {
+        Some("") => Some(2),
+        Some(k) => k.strip_prefix('=').and_then(|k| k.parse::<usize>().ok()),
+        None => None,
+    });
+    args.retain(|a| !a.starts_with("--warm"));
     let path = args.get(1).map_or("fused", String::as_str);
     let dim =
         |k: usize, default: usize| args.get(k).and_then(|s| s.parse().ok()).unwrap_or(default);
@@ -94,13 +100,14 @@ fn main() -> sapo::error::Result<()> {
         };
         Ok((norm(&hidden)?, norm(&weight)?))
     };
-    if !warm {
+    let Some(warm_up_steps) = warm else {
         let (d_hidden, d_weight) = norms(&step()?)?;
         println!("{path}: |∂hidden|₁ = {d_hidden}, |∂W|₁ = {d_weight}");
         return Ok(());
+    };
+    for _ in 0..warm_up_steps {
+        step()?;
     }
-    step()?;
-    step()?;
     // Resets VmHWM to the current resident set (Linux).
     let reset = std::fs::write("/proc/self/clear_refs", "5");
     let (Ok(()), Some(base)) = (reset, status_mib("VmRSS:")) else {
@@ -111,8 +118,8 @@ fn main() -> sapo::error::Result<()> {
     let peak = status_mib("VmHWM:").unwrap_or(f64::NAN);
     let (d_hidden, d_weight) = norms(&grads)?;
     println!(
-        "{path}: |∂hidden|₁ = {d_hidden}, |∂W|₁ = {d_weight}; warm step: extra peak {:.1} MiB \
-         (VmHWM {peak:.1} − VmRSS {base:.1} before the step)",
+        "{path}: |∂hidden|₁ = {d_hidden}, |∂W|₁ = {d_weight}; step after {warm_up_steps} \
+         warm-up steps: extra peak {:.1} MiB (VmHWM {peak:.1} − VmRSS {base:.1} before the step)",
         peak - base
     );
     Ok(())
