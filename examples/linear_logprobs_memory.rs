@@ -36,11 +36,19 @@ fn status_mib(key: &str) -> Option<f64> {
 fn main() -> sapo::error::Result<()> {
     let mut args: Vec<String> = std::env::args().collect();
     // `--warm` (two warm-up steps, as PyTorch's measurement) or `--warm=K` (K of them).
-    let warm = args.iter().find_map(|a| match a.strip_prefix("--warm") {
-        Some("") => Some(2),
-        Some(k) => k.strip_prefix('=').and_then(|k| k.parse::<usize>().ok()),
-        None => None,
-    });
+    let mut warm = None;
+    for arg in args.iter().filter_map(|a| a.strip_prefix("--warm")) {
+        warm = Some(match arg {
+            "" => 2,
+            k => match k.strip_prefix('=').and_then(|k| k.parse::<usize>().ok()) {
+                Some(k) => k,
+                None => {
+                    eprintln!("--warm{arg}: expected --warm or --warm=K with K a whole number");
+                    std::process::exit(2);
+                }
+            },
+        });
+    }
     args.retain(|a| !a.starts_with("--warm"));
     let path = args.get(1).map_or("fused", String::as_str);
     let dim =
