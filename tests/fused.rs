@@ -372,3 +372,87 @@ fn kept_gradient_is_scaled_by_the_upstream_gradient_and_survives_a_second_backwa
         }
     }
 }
+
+/// The CPU kernel skips the tiles (256 tokens) before a row's first and after its last unmasked
+/// token. Rows of 1300 tokens (five whole tiles and a partial one) whose only unmasked tokens
+/// sit at tile edges (the last token of a tile, the first of the next live one), inside holes,
+/// in the partial tile, or nowhere; garbage (NaN, ±∞) everywhere padding is. Every loss must
+/// match the composed ops, give the same bits as the same batch with finite padding, and leave
+/// an exact zero gradient on every masked token.
+#[test]
+fn padding_tiles_are_skipped_without_changing_a_value() {
+    let (b, t) = (7, 1300);
+    let live: [&[(usize, usize)]; 7] = [
+        &[(255, 256), (768, 769)],  // last token of tile 0, first of tile 3
+        &[(0, 1300)],               // no padding
+        &[],                        // all padding
+        &[(1299, 1300)],            // the partial tile's last token only
+        &[(300, 310), (900, 1030)], // a hole of whole tiles between two runs
+        &[(0, 256)],                // exactly the first tile
+        &[(1024, 1280)],            // exactly the last whole tile
+    ];
+    let unmasked = |j: usize| {
+        live[j / t]
+            .iter()
+            .any(|&(start, end)| (start..end).contains(&(j % t)))
+    };
+    let mask: Vec<f32> = (0..b * t)
+        .map(|j| f32::from(u8::from(unmasked(j))))
+        .collect();
+    let garbage = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    let with_padding = |values: Vec<f32>, fill: &dyn Fn(usize) -> f32| -> Tensor {
+        let v = (0..b * t)
+            .map(|j| if unmasked(j) { values[j] } else { fill(j) })
+            .collect();
+        Tensor::from_vec(v, (b, t), &dev()).unwrap()
+    };
+    let clean = batch(b, t, DType::F32);
+    let dirty_fill = |j: usize| garbage[j % 3];
+    let tidy_fill = |j: usize| -0.5 - (j % 7) as f32 * 0.1;
+    let make = |fill: &dyn Fn(usize) -> f32| Batch {
+        log_probs: with_padding(f32s(&clean.log_probs), fill),
+        old: with_padding(f32s(&clean.old), fill),
+        adv: clean.adv.clone(),
+        mask: Tensor::from_vec(mask.clone(), (b, t), &dev()).unwrap(),
+        reference: with_padding(f32s(&clean.reference), fill),
+        weights: with_padding(f32s(&clean.weights), fill),
+    };
+    let (dirty, tidy) = (make(&dirty_fill), make(&tidy_fill));
+    for loss in losses() {
+        let what = format!("{:?}", loss.config());
+        let bits = run_bits(&loss, &dirty, &dirty.mask);
+        assert_eq!(bits, run_bits(&loss, &tidy, &tidy.mask), "{what}");
+        let (lf, gf, mf) = values(&loss, &dirty, &dirty.mask, Backend::Auto);
+        let (lc, gc, mc) = values(&loss, &tidy, &tidy.mask, Backend::Composed);
+        assert!(
+            (lf - lc).abs() <= 2e-5 * (1.0 + lc.abs()),
+            "{what}: loss {lf} vs {lc}"
+        );
+        for (j, (a, c)) in gf.iter().zip(&gc).enumerate() {
+            if unmasked(j) {
+                assert!(
+                    (a - c).abs() <= 2e-5 * (1e-3 + c.abs()) + 1e-6,
+                    "{what}: ∂ℓ[{j}] {a} vs {c}"
+                );
+            } else {
+                assert_eq!(*a, 0.0, "{what}: masked ∂ℓ[{j}]");
+            }
+        }
+        assert_eq!(mf.token_count, mc.token_count, "{what}");
+        for (got, want) in [
+            (mf.neg_log_ratio_sum, mc.neg_log_ratio_sum),
+            (mf.ratio_excess_sum, mc.ratio_excess_sum),
+            (mf.lowest_ratio, mc.lowest_ratio),
+            (mf.highest_ratio, mc.highest_ratio),
+        ] {
+            assert!(
+                (got - want).abs() <= 2e-5 * (1.0 + want.abs()),
+                "{what}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}

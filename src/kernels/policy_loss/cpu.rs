@@ -143,10 +143,45 @@ struct RowAcc<R> {
     bad: [u32; 5],
 }
 
-fn tiles(t: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..t)
-        .step_by(TILE)
-        .map(move |start| (start, TILE.min(t - start)))
+/// Whether tokens `start..start + len` of row `row` are all masked.
+#[inline(always)]
+fn all_masked<F, M: Load<R>, R: Real>(
+    x: &Inputs<'_, F, M>,
+    row: usize,
+    (start, len): (usize, usize),
+) -> bool {
+    let begin = row * x.t + start;
+    // A count, not an early exit: the compiler keeps it in vector lanes.
+    let unmasked: u32 = x.mask[begin..begin + len]
+        .iter()
+        .map(|m| u32::from(m.load() != R::ZERO))
+        .sum();
+    unmasked == 0
+}
+
+/// The tiles of row `row` from its first to its last tile that holds an unmasked token. The
+/// tiles outside that span (the padding before and after a sequence) add nothing to any sum —
+/// every stream, the KL terms and the sequence ratio's sums are weighted by the mask, and the
+/// ratio's extremes take `±∞` there — and their gradient is zero, which the gradient buffer
+/// holds from its allocation ([`memory::zeroed`]): the traversal skips them after one read of
+/// their mask, instead of loading, evaluating and storing them. (The span is found before the
+/// row's loop, so that the loop itself is the plain traversal the compiler vectorizes.)
+#[inline(always)]
+fn live_tiles<F, M: Load<R>, R: Real>(
+    x: &Inputs<'_, F, M>,
+    row: usize,
+) -> impl Iterator<Item = (usize, usize)> + use<F, M, R> {
+    let t = x.t;
+    let tile = move |k: usize| (k * TILE, TILE.min(t - k * TILE));
+    let count = t.div_ceil(TILE);
+    let first = (0..count)
+        .find(|&k| !all_masked(x, row, tile(k)))
+        .unwrap_or(count);
+    let last = (first..count)
+        .rev()
+        .find(|&k| !all_masked(x, row, tile(k)))
+        .map_or(first, |k| k + 1);
+    (first..last).map(tile)
 }
 
 /// Loads `src` into a padded buffer (zero where masked and in the padding); returns the number
@@ -264,7 +299,7 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
 ) -> SequenceRatio<R> {
     let (mut sum, mut stat) = ([0.0; LANES], [0.0; LANES]);
     let mut bad = [0u32; 5];
-    for (start, len) in tiles(x.t) {
+    for (start, len) in live_tiles(x, row) {
         let padded = load(x, row, start, len, tile, &mut bad);
         // Every slice cut to the tile's length: the loop runs without bounds checks and
         // vectorizes (indexing the tile's fields directly kept it scalar).
@@ -407,7 +442,8 @@ fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [F]) {
     }
 }
 
-/// One row: loss, metrics and gradient.
+/// One row: loss, metrics and gradient. `grad` (the row's slice) must hold zeros: the tiles
+/// without an unmasked token are not stored ([`live_tiles`]).
 #[inline(always)]
 fn policy_row<F, M, R, S>(
     x: &Inputs<'_, F, M>,
@@ -441,7 +477,7 @@ where
     };
     let sequence = p.level == RatioLevel::Sequence;
     let kl = p.kl.is_some();
-    for (start, len) in tiles(x.t) {
+    for (start, len) in live_tiles(x, row) {
         let padded = load(x, row, start, len, tile, &mut acc.bad);
         sweep(tile, padded, p, shape, coef, seq);
         accumulate::<R, S>(tile, padded, kl, &mut acc);
@@ -461,7 +497,7 @@ where
         let shared = (coef.policy * R::from_f64(total(&acc.slope)) + kl_share) * seq.ds
             / R::from_f64(coef.tokens.max(1.0));
         let mut bad = [0; 5];
-        for (start, len) in tiles(x.t) {
+        for (start, len) in live_tiles(x, row) {
             let padded = load(x, row, start, len, tile, &mut bad);
             sweep(tile, padded, p, shape, coef, seq);
             for j in 0..padded {
