@@ -443,7 +443,7 @@ fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [F]) {
 }
 
 /// One row: loss, metrics and gradient. `grad` (the row's slice) must hold zeros: the tiles
-/// without an unmasked token are not stored ([`live_tiles`]).
+/// outside the row's span of [`live_tiles`] are not stored.
 #[inline(always)]
 fn policy_row<F, M, R, S>(
     x: &Inputs<'_, F, M>,
