@@ -11,6 +11,8 @@
 //! after the row, once `∂l/∂s` is known. Row results are reduced in row order, so the bits do not
 //! depend on the number of threads.
 
+use std::ops::Range;
+
 use candle_core::{Tensor, WithDType};
 
 use super::FusedPolicyLoss;
@@ -159,29 +161,36 @@ fn all_masked<F, M: Load<R>, R: Real>(
     unmasked == 0
 }
 
-/// The tiles of row `row` from its first to its last tile that holds an unmasked token. The
-/// tiles outside that span (the padding before and after a sequence) add nothing to any sum —
-/// every stream, the KL terms and the sequence ratio's sums are weighted by the mask, and the
-/// ratio's extremes take `±∞` there — and their gradient is zero, which the gradient buffer
-/// holds from its allocation ([`memory::zeroed`]): the traversal skips them after one read of
-/// their mask, instead of loading, evaluating and storing them. (The span is found before the
-/// row's loop, so that the loop itself is the plain traversal the compiler vectorizes.)
+/// The tile `k` of a row of `t` tokens: its first token and its length.
 #[inline(always)]
-fn live_tiles<F, M: Load<R>, R: Real>(
-    x: &Inputs<'_, F, M>,
-    row: usize,
-) -> impl Iterator<Item = (usize, usize)> + use<F, M, R> {
-    let t = x.t;
-    let tile = move |k: usize| (k * TILE, TILE.min(t - k * TILE));
-    let count = t.div_ceil(TILE);
+fn tile_at(t: usize, k: usize) -> (usize, usize) {
+    (k * TILE, TILE.min(t - k * TILE))
+}
+
+/// The indices of row `row`'s tiles from its first to its last tile that holds an unmasked
+/// token. The tiles outside that span (the padding before and after a sequence) add nothing to
+/// any sum — every stream, the KL terms and the sequence ratio's sums are weighted by the mask,
+/// and the ratio's extremes take `±∞` there — and their gradient is zero, which the gradient
+/// buffer holds from its allocation ([`memory::zeroed`]): the traversal skips them after one
+/// read of their mask, instead of loading, evaluating and storing them. Found once per row,
+/// before the row's loops, so that each loop is the plain traversal the compiler vectorizes.
+#[inline(always)]
+fn live_span<F, M: Load<R>, R: Real>(x: &Inputs<'_, F, M>, row: usize) -> Range<usize> {
+    let count = x.t.div_ceil(TILE);
     let first = (0..count)
-        .find(|&k| !all_masked(x, row, tile(k)))
+        .find(|&k| !all_masked(x, row, tile_at(x.t, k)))
         .unwrap_or(count);
     let last = (first..count)
         .rev()
-        .find(|&k| !all_masked(x, row, tile(k)))
+        .find(|&k| !all_masked(x, row, tile_at(x.t, k)))
         .map_or(first, |k| k + 1);
-    (first..last).map(tile)
+    first..last
+}
+
+/// The tiles of a row of `t` tokens whose indices lie in `span` ([`live_span`]).
+#[inline(always)]
+fn tiles(t: usize, span: &Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+    span.clone().map(move |k| tile_at(t, k))
 }
 
 /// Loads `src` into a padded buffer (zero where masked and in the padding); returns the number
@@ -295,11 +304,12 @@ fn sequence_ratio<F: Load<R>, M: Load<R>, R: Real, S: Shape<R>>(
     p: &Params<R>,
     shape: &S,
     n: f64,
+    live: &Range<usize>,
     tile: &mut Tile<R>,
 ) -> SequenceRatio<R> {
     let (mut sum, mut stat) = ([0.0; LANES], [0.0; LANES]);
     let mut bad = [0u32; 5];
-    for (start, len) in live_tiles(x, row) {
+    for (start, len) in tiles(x.t, live) {
         let padded = load(x, row, start, len, tile, &mut bad);
         // Every slice cut to the tile's length: the loop runs without bounds checks and
         // vectorizes (indexing the tile's fields directly kept it scalar).
@@ -443,7 +453,7 @@ fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [F]) {
 }
 
 /// One row: loss, metrics and gradient. `grad` (the row's slice) must hold zeros: the tiles
-/// outside the row's span of [`live_tiles`] are not stored.
+/// outside the row's [`live_span`] are not stored.
 #[inline(always)]
 fn policy_row<F, M, R, S>(
     x: &Inputs<'_, F, M>,
@@ -470,14 +480,15 @@ where
         hi: [-R::INFINITY; LANES],
         bad: [0; 5],
     };
+    let live = live_span(x, row);
     let seq = if p.level == RatioLevel::Token && !S::ROW_STATISTIC {
         SequenceRatio::token_level()
     } else {
-        sequence_ratio(x, row, p, shape, coef.tokens, tile)
+        sequence_ratio(x, row, p, shape, coef.tokens, &live, tile)
     };
     let sequence = p.level == RatioLevel::Sequence;
     let kl = p.kl.is_some();
-    for (start, len) in live_tiles(x, row) {
+    for (start, len) in tiles(x.t, &live) {
         let padded = load(x, row, start, len, tile, &mut acc.bad);
         sweep(tile, padded, p, shape, coef, seq);
         accumulate::<R, S>(tile, padded, kl, &mut acc);
@@ -497,7 +508,7 @@ where
         let shared = (coef.policy * R::from_f64(total(&acc.slope)) + kl_share) * seq.ds
             / R::from_f64(coef.tokens.max(1.0));
         let mut bad = [0; 5];
-        for (start, len) in live_tiles(x, row) {
+        for (start, len) in tiles(x.t, &live) {
             let padded = load(x, row, start, len, tile, &mut bad);
             sweep(tile, padded, p, shape, coef, seq);
             for j in 0..padded {
