@@ -14,8 +14,9 @@
 //!   pass that writes it checks the mask's values on the way, since bytes would hide a 0.5).
 //!
 //! The host passes read the batch once, in blocks of lanes without branches (counts and f64 sums
-//! in fixed lanes: the same bits whatever the number of threads); a sample brackets the quantile
-//! or the cut and only the few values inside the bracket are collected, by their bits.
+//! in fixed lanes: the same bits whatever the number of threads), passing over the spans of
+//! padding after one read of their mask; a sample brackets the quantile or the cut and only the
+//! few values inside the bracket are collected, by their bits.
 //!
 //! ```text
 //! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
@@ -29,6 +30,8 @@
 //! values, both O(N).
 //!
 //! Layer: objectives.
+
+use std::mem::MaybeUninit;
 
 use candle_core::{DType, Tensor};
 
@@ -247,6 +250,19 @@ fn for_bits(mut bits: u32, mut f: impl FnMut(usize)) {
     }
 }
 
+/// Positions per span of the host passes: a span whose mask holds no unmasked position (the
+/// padding before and after a sequence) is passed over after one read of its mask, as the CPU
+/// kernel passes over its padding tiles; it would add nothing to any count or sum. A multiple of
+/// [`BLOCK`] and of [`LANES`], so that every position keeps its lane.
+const SPAN: usize = 256;
+
+/// Whether `mask` holds an unmasked position: one OR over the span, without an early exit, so
+/// that the compiler vectorizes it.
+#[inline(always)]
+fn any_on<M: MaskValue>(mask: &[M]) -> bool {
+    mask.iter().fold(false, |any, m| any | m.on())
+}
+
 /// Lanes of M2PO's passes: `LANES` independent chains of f64 sums the compiler vectorizes,
 /// added in lane order at the end (the same bits whatever the number of threads).
 const LANES: usize = 8;
@@ -347,7 +363,7 @@ fn m2_cut_block<M: MaskValue>(
     m: &[M; LANES],
     (lo, hi): (f64, f64),
     sums: &mut M2CutSums,
-    keep: &mut [u8; LANES],
+    keep: &mut [MaybeUninit<u8>; LANES],
 ) {
     for j in 0..LANES {
         let on = m[j].on();
@@ -360,7 +376,7 @@ fn m2_cut_block<M: MaskValue>(
         // A non-finite unmasked `u` makes the lane's total non-finite: one add, no compare.
         sums.total[j] += u;
         sums.bad[j] += u32::from(!m[j].binary());
-        keep[j] = u8::from(below) * BELOW + u8::from(inside) * INSIDE;
+        keep[j] = MaybeUninit::new(u8::from(below) * BELOW + u8::from(inside) * INSIDE);
     }
 }
 
@@ -432,17 +448,22 @@ impl<M: MaskValue> Vectorized for EntropyChunk<'_, M> {
         let EntropyChunk { h, m, lo, hi } = self;
         let (mut n, mut below, mut bad) = ([0u32; BLOCK], [0u32; BLOCK], [false; BLOCK]);
         let mut inside = vec![];
-        for_blocks(h, m, |h, m| {
-            let mut within = 0u32;
-            for j in 0..BLOCK {
-                let (v, on) = (h[j], m[j].on());
-                n[j] += u32::from(on);
-                bad[j] |= on & !v.is_finite();
-                below[j] += u32::from(on & (v < lo));
-                within |= u32::from(on & (v >= lo) & (v <= hi)) << j;
+        for (h, m) in h.chunks(SPAN).zip(m.chunks(SPAN)) {
+            if !any_on(m) {
+                continue;
             }
-            for_bits(within, |j| inside.push(h[j]));
-        });
+            for_blocks(h, m, |h, m| {
+                let mut within = 0u32;
+                for j in 0..BLOCK {
+                    let (v, on) = (h[j], m[j].on());
+                    n[j] += u32::from(on);
+                    bad[j] |= on & !v.is_finite();
+                    below[j] += u32::from(on & (v < lo));
+                    within |= u32::from(on & (v >= lo) & (v <= hi)) << j;
+                }
+                for_bits(within, |j| inside.push(h[j]));
+            });
+        }
         (n, below, inside, bad)
     }
 }
@@ -462,11 +483,17 @@ impl<M: MaskValue, const SQUARED: bool> Vectorized for MaskedSums<'_, M, SQUARED
     #[inline(always)]
     fn run(self) -> LaneSums {
         let mut sums = LaneSums::default();
-        let (a, b, m, [a_tail, b_tail], m_tail) = lane_blocks(self.a, self.b, self.m);
-        for ((a, b), m) in a.iter().zip(b).zip(m) {
-            masked_sum_block::<M, SQUARED>(a, b, m, &mut sums);
+        let spans = self.a.chunks(SPAN).zip(self.b.chunks(SPAN));
+        for ((a, b), m) in spans.zip(self.m.chunks(SPAN)) {
+            if !any_on(m) {
+                continue;
+            }
+            let (a, b, m, [a_tail, b_tail], m_tail) = lane_blocks(a, b, m);
+            for ((a, b), m) in a.iter().zip(b).zip(m) {
+                masked_sum_block::<M, SQUARED>(a, b, m, &mut sums);
+            }
+            masked_sum_block::<M, SQUARED>(&a_tail, &b_tail, &m_tail, &mut sums);
         }
-        masked_sum_block::<M, SQUARED>(&a_tail, &b_tail, &m_tail, &mut sums);
         sums
     }
 }
@@ -478,7 +505,8 @@ struct M2CutChunk<'a, M> {
     o: &'a [f32],
     m: &'a [M],
     bracket: (f64, f64),
-    keep: &'a mut [u8],
+    /// The chunk's bytes of the reduced mask, every one written by the pass.
+    keep: &'a mut [MaybeUninit<u8>],
     /// The flat index of the chunk's first position.
     start: usize,
 }
@@ -489,34 +517,57 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
     #[inline(always)]
     fn run(self) -> Self::Output {
         let mut sums = M2CutSums::default();
-        let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks(self.r, self.o, self.m);
-        let (keep_blocks, keep_tail) = self.keep.as_chunks_mut::<LANES>();
-        for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
-            m2_cut_block(r, o, m, self.bracket, &mut sums, keep);
-        }
-        let mut tail = [0u8; LANES];
-        m2_cut_block(
-            &r_tail,
-            &o_tail,
-            &m_tail,
-            self.bracket,
-            &mut sums,
-            &mut tail,
-        );
-        let n = keep_tail.len();
-        keep_tail.copy_from_slice(&tail[..n]);
-        // The positions inside the bracket, collected while the chunk is in cache.
-        let inside = inside_positions(self.keep)
-            .into_iter()
-            .map(|j| {
+        let mut inside = vec![];
+        for (s, keep) in self.keep.chunks_mut(SPAN).enumerate() {
+            let span = s * SPAN..s * SPAN + keep.len();
+            let (r, o, m) = (
+                &self.r[span.clone()],
+                &self.o[span.clone()],
+                &self.m[span.clone()],
+            );
+            if !any_on(m) {
+                // Padding: every position masked, so dropped.
+                keep.fill(MaybeUninit::new(0));
+                continue;
+            }
+            let bytes = m2_cut_span(r, o, m, self.bracket, &mut sums, keep);
+            // The positions inside the bracket, collected while the span is in cache.
+            inside.extend(inside_positions(bytes).into_iter().map(|j| {
                 (
-                    second_moment(self.r[j], self.o[j]).to_bits(),
-                    self.start + j,
+                    second_moment(r[j], o[j]).to_bits(),
+                    self.start + span.start + j,
                 )
-            })
-            .collect();
+            }));
+        }
         (sums, inside)
     }
+}
+
+/// M2PO's bracket pass over one span of `(ℓroll, ℓold, mask)` ([`m2_cut_block`]): writes every
+/// byte of `keep` (fresh memory, never zeroed first) and returns them.
+#[inline(always)]
+fn m2_cut_span<'k, M: MaskValue>(
+    r: &[f32],
+    o: &[f32],
+    m: &[M],
+    bracket: (f64, f64),
+    sums: &mut M2CutSums,
+    keep: &'k mut [MaybeUninit<u8>],
+) -> &'k [u8] {
+    let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks(r, o, m);
+    let (keep_blocks, keep_tail) = keep.as_chunks_mut::<LANES>();
+    for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
+        m2_cut_block(r, o, m, bracket, sums, keep);
+    }
+    if !keep_tail.is_empty() {
+        let mut tail = [MaybeUninit::new(0u8); LANES];
+        m2_cut_block(&r_tail, &o_tail, &m_tail, bracket, sums, &mut tail);
+        let n = keep_tail.len();
+        keep_tail.copy_from_slice(&tail[..n]);
+    }
+    // SAFETY: every byte of `keep` was written above (the whole blocks by `m2_cut_block`, the
+    // rest by the copy of the tail's block), and `MaybeUninit<u8>` has `u8`'s layout.
+    unsafe { &*(std::ptr::from_ref::<[MaybeUninit<u8>]>(keep) as *const [u8]) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -857,12 +908,14 @@ fn m2po_reduced<M: MaskValue>(
         };
         (lo, hi)
     };
-    let mut keep = vec![0u8; len];
     // Per chunk: the unmasked count, the count and Σu below the bracket, and the bracket's
-    // values; a byte per token (kept below the bracket, dropped above it). Blocks of lanes
-    // without branches; the positions inside the bracket (a few percent) are then collected
-    // from their bytes while the chunk is in cache.
-    let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(&mut keep, CHUNK, |c, keep| {
+    // values; a byte per token (kept below the bracket, dropped above it), written into memory
+    // that is not zeroed first (the pass writes every byte). Blocks of lanes without branches;
+    // the positions inside the bracket (a few percent) are then collected from their bytes
+    // while the span is in cache; the padding's spans are only filled with zeros.
+    let mut keep: Vec<u8> = Vec::with_capacity(len);
+    let fresh = &mut keep.spare_capacity_mut()[..len];
+    let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
         let chunk = c * CHUNK..c * CHUNK + keep.len();
         dispatch(M2CutChunk {
             r: &rollout[chunk.clone()],
@@ -873,6 +926,9 @@ fn m2po_reduced<M: MaskValue>(
             start: c * CHUNK,
         })
     });
+    // SAFETY: the pass wrote each of the `len` bytes: the chunks cover them, and each chunk
+    // writes every byte of its spans ([`M2CutChunk`]).
+    unsafe { keep.set_len(len) };
     if parts.iter().any(|p| p.0.bad()) {
         check_finite("rollout_log_probs", rollout, mask)?;
         check_finite("old_log_probs", old, mask)?;
@@ -1211,17 +1267,21 @@ mod tests {
         }
     }
 
-    /// Batches far larger than the sample (the bracket's path and its misses), on values with
-    /// many ties and on smooth ones: the one-pass selections are their definitions.
-    #[test]
-    fn one_pass_selections_on_large_batches() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
+    /// A xorshift stream of uniforms in `[0, 1)` from `state` (non-zero).
+    fn uniforms(mut state: u64) -> impl FnMut() -> f64 {
+        move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        }
+    }
+
+    /// Batches far larger than the sample (the bracket's path and its misses), on values with
+    /// many ties and on smooth ones: the one-pass selections are their definitions.
+    #[test]
+    fn one_pass_selections_on_large_batches() {
+        let mut next = uniforms(0x2545_F491_4F6C_DD1Du64);
         for (len, coarse) in [(20_000, false), (50_000, true), (9_000, false)] {
             let value = |x: f64| {
                 if coarse {
@@ -1274,6 +1334,65 @@ mod tests {
         let reduced = reduced_as_bools(&roll, &old, &ones, 1e-3);
         assert_eq!(reduced, m2po_by_sort(&roll, &old, &all, 1e-3));
         assert!(reduced.iter().any(|k| !k), "nothing masked");
+    }
+
+    /// Rows with padding before and after their tokens (spans of [`SPAN`] all masked, passed
+    /// over) holding garbage (NaN, ±inf, huge values): every selection is its definition, and
+    /// the garbage reaches no decision and raises no error.
+    #[test]
+    fn padding_spans_are_passed_over() {
+        let mut next = uniforms(0x9E37_79B9_7F4A_7C15u64);
+        let (b, t) = (40, 1000);
+        let mut m = vec![false; b * t];
+        for row in 0..b {
+            let first = (next() * 600.0) as usize;
+            let last = first + (next() * (t - first) as f64) as usize;
+            m[row * t + first..row * t + last].fill(true);
+        }
+        let garbage = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 3e38, -3e38];
+        let mut draw = |on: bool, x: f32| {
+            if on {
+                x
+            } else {
+                garbage[(next() * 5.0) as usize]
+            }
+        };
+        let old: Vec<f32> = (0..b * t)
+            .map(|j| draw(m[j], (j % 7) as f32 * -0.3))
+            .collect();
+        let roll: Vec<f32> = (0..b * t)
+            .map(|j| draw(m[j], old[j] + ((j * 31 % 17) as f32 - 8.0) * 0.02))
+            .collect();
+        let h: Vec<f32> = (0..b * t)
+            .map(|j| draw(m[j], (j * 13 % 29) as f32 * 0.1))
+            .collect();
+        let lp: Vec<f32> = (0..b * t).map(|j| draw(m[j], old[j] + 0.01)).collect();
+        let maskf: Vec<f32> = m.iter().map(|&m| f32::from(u8::from(m))).collect();
+        let masku: Vec<u8> = m.iter().map(|&m| u8::from(m)).collect();
+        for rho in [0.05, 0.2, 1.0] {
+            assert_eq!(
+                top_entropy_keep(&h, &masku, rho).unwrap(),
+                keep_by_sort(&h, &m, rho),
+                "ρ {rho}"
+            );
+        }
+        for tau in [1e-3, 0.01, 0.03, 1.0] {
+            assert_eq!(
+                reduced_as_bools(&roll, &old, &maskf, tau),
+                m2po_by_sort(&roll, &old, &m, tau),
+                "τ {tau}"
+            );
+        }
+        let rows = opsm_rows_off(&roll, &lp, &masku, t, 0.005);
+        for (i, off) in rows.iter().enumerate() {
+            let row = i * t..(i + 1) * t;
+            let n = row.clone().filter(|&j| m[j]).count();
+            let sum: f64 = row
+                .filter(|&j| m[j])
+                .map(|j| f64::from(roll[j]) - f64::from(lp[j]))
+                .sum();
+            assert_eq!(*off, sum / n.max(1) as f64 > 0.005, "row {i}");
+        }
     }
 
     /// `θ` rounded up to f32 decides as `θ` in f64 does, for the f32 values around it.
