@@ -24,7 +24,8 @@ pub(crate) trait Load<R>: Copy + Send + Sync {
 }
 
 /// A compute-type value written back as a storage element (whose zero is all zero bits, so
-/// its output buffers come from [`crate::kernels::memory::zeroed`]).
+/// its output buffers can come from [`crate::kernels::memory::zeroed`]; the policy loss's
+/// gradient, every value of which its kernel writes, comes from [`crate::kernels::memory::room`]).
 pub(crate) trait Store<R>: Copy + Send + Sync + ZeroBits {
     fn store(value: R) -> Self;
 }

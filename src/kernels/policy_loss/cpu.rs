@@ -11,6 +11,7 @@
 //! after the row, once `∂l/∂s` is known. Row results are reduced in row order, so the bits do not
 //! depend on the number of threads.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use candle_core::{Tensor, WithDType};
@@ -170,10 +171,10 @@ fn tile_at(t: usize, k: usize) -> (usize, usize) {
 /// The indices of row `row`'s tiles from its first to its last tile that holds an unmasked
 /// token. The tiles outside that span (the padding before and after a sequence) add nothing to
 /// any sum — every stream, the KL terms and the sequence ratio's sums are weighted by the mask,
-/// and the ratio's extremes take `±∞` there — and their gradient is zero, which the gradient
-/// buffer holds from its allocation ([`memory::zeroed`]): the traversal skips them after one
-/// read of their mask, instead of loading, evaluating and storing them. Found once per row,
-/// before the row's loops, so that each loop is the plain traversal the compiler vectorizes.
+/// and the ratio's extremes take `±∞` there — and their gradient is zero: the traversal skips
+/// them after one read of their mask and writes their zeros ([`zero_outside`]), instead of
+/// loading, evaluating and storing them. Found once per row, before the row's loops, so that
+/// each loop is the plain traversal the compiler vectorizes.
 #[inline(always)]
 fn live_span<F, M: Load<R>, R: Real>(x: &Inputs<'_, F, M>, row: usize) -> Range<usize> {
     let count = x.t.div_ceil(TILE);
@@ -444,16 +445,26 @@ fn accumulate<R: Real, S: Shape<R>>(tile: &Tile<R>, padded: usize, kl: bool, acc
     }
 }
 
-/// Stores a tile's gradient.
+/// Stores a tile's gradient (every value of `grad`).
 #[inline(always)]
-fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [F]) {
+fn store<F: Store<R>, R: Real>(tile: &Tile<R>, grad: &mut [MaybeUninit<F>]) {
     for (dst, v) in grad.iter_mut().zip(&tile.g) {
-        *dst = F::store(*v);
+        dst.write(F::store(*v));
     }
 }
 
-/// One row: loss, metrics and gradient. `grad` (the row's slice) must hold zeros: the tiles
-/// outside the row's [`live_span`] are not stored.
+/// Writes the zero gradient of a row's tokens outside the tiles of `live` ([`live_span`]).
+#[inline(always)]
+fn zero_outside<F: Store<R>, R: Real>(t: usize, live: &Range<usize>, grad: &mut [MaybeUninit<F>]) {
+    let begin = (live.start * TILE).min(t);
+    let end = (live.end * TILE).clamp(begin, t);
+    let zero = MaybeUninit::new(F::store(R::ZERO));
+    grad[..begin].fill(zero);
+    grad[end..].fill(zero);
+}
+
+/// One row: loss, metrics and gradient; writes every value of `grad` (the row's slice): the
+/// tiles of the row's [`live_span`] by [`store`], the others by [`zero_outside`].
 #[inline(always)]
 fn policy_row<F, M, R, S>(
     x: &Inputs<'_, F, M>,
@@ -462,7 +473,7 @@ fn policy_row<F, M, R, S>(
     shape: &S,
     coef: &RowCoefficients<R>,
     tile: &mut Tile<R>,
-    grad: &mut [F],
+    grad: &mut [MaybeUninit<F>],
 ) -> RowOut
 where
     F: Load<R> + Store<R>,
@@ -481,6 +492,7 @@ where
         bad: [0; 5],
     };
     let live = live_span(x, row);
+    zero_outside::<F, R>(x.t, &live, grad);
     let seq = if p.level == RatioLevel::Token && !S::ROW_STATISTIC {
         SequenceRatio::token_level()
     } else {
@@ -556,7 +568,7 @@ struct PolicyRow<'a, 'b, F, M, R, S> {
     shape: &'a S,
     coef: &'a RowCoefficients<R>,
     tile: &'a mut Tile<R>,
-    grad: &'a mut [F],
+    grad: &'a mut [MaybeUninit<F>],
 }
 
 impl<F, M, R, S> Vectorized for PolicyRow<'_, '_, F, M, R, S>
@@ -581,7 +593,7 @@ fn rows_with<F, M, R, S>(
     p: &Params<R>,
     shape: &S,
     coefficients: &[RowCoefficients<R>],
-    grad: &mut [F],
+    grad: &mut [MaybeUninit<F>],
 ) -> Vec<RowOut>
 where
     F: Load<R> + Store<R>,
@@ -755,7 +767,7 @@ pub(crate) fn with_shape<R: Real, W: WithShape<R>>(
 /// Every row of the policy loss, as a [`WithShape`] body.
 struct AllRows<'a, 'b, F, M, R> {
     c: &'a Constants<'b, F, M, R>,
-    grad: &'a mut [F],
+    grad: &'a mut [MaybeUninit<F>],
 }
 
 impl<F, M, R> WithShape<R> for AllRows<'_, '_, F, M, R>
@@ -784,8 +796,13 @@ where
     R: Real,
 {
     with_constants(op, log_probs, mask, dims, |c| {
-        let mut grad = memory::zeroed::<F>(dims.0 * dims.1);
-        let rows = with_shape(&op.config.trust_region, AllRows { c, grad: &mut grad });
+        let len = dims.0 * dims.1;
+        let mut grad = memory::room::<F>(len);
+        let fresh = &mut grad.spare_capacity_mut()[..len];
+        let rows = with_shape(&op.config.trust_region, AllRows { c, grad: fresh });
+        // SAFETY: the rows cover the `len` values (`t` each), and each row wrote every one of
+        // its values ([`policy_row`]).
+        unsafe { grad.set_len(len) };
         Ok((reduce(&rows, &c.coefficients)?, grad))
     })
 }
