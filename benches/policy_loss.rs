@@ -13,9 +13,12 @@ use sapo::{Backend, PolicyInputs, Sapo};
 #[path = "shared/policy_inputs.rs"]
 mod policy_inputs;
 
-use policy_inputs::{inputs, mask_inputs, mask_settings, masked_inputs, objectives};
+use policy_inputs::{
+    inputs, like_a_training_process, mask_inputs, mask_settings, masked_inputs, objectives,
+};
 
 fn bench(c: &mut Criterion) {
+    like_a_training_process();
     for (name, loss) in objectives() {
         let mut group = c.benchmark_group(name);
         group.sample_size(20);
@@ -47,6 +50,7 @@ fn bench(c: &mut Criterion) {
 /// token, the entropies are `3·U`.
 fn bench_masks(c: &mut Criterion) {
     let (b, t) = (64, 4096);
+    like_a_training_process();
     let x = inputs(b, t, &Device::Cpu);
     let extra = mask_inputs(&x, b, t);
     let mut group = c.benchmark_group("masks");

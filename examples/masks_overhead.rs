@@ -22,7 +22,9 @@ use sapo::{PolicyLoss, PolicyMasks, Sapo};
 #[path = "../benches/shared/policy_inputs.rs"]
 mod policy_inputs;
 
-use policy_inputs::{inputs, mask_inputs, mask_settings, masked_inputs, Inputs};
+use policy_inputs::{
+    inputs, like_a_training_process, mask_inputs, mask_settings, masked_inputs, Inputs,
+};
 
 #[derive(Parser)]
 #[command(about = "Each mask's cost as a ratio to the call without it, in alternation")]
@@ -67,6 +69,7 @@ fn quantile(values: &mut [f64], q: f64) -> f64 {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let (b, t) = (args.batch, args.tokens);
+    like_a_training_process();
     let x = inputs(b, t, &Device::Cpu);
     let extra = mask_inputs(&x, b, t);
     let none = PolicyMasks::default();

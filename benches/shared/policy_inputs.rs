@@ -26,6 +26,19 @@ impl Rng {
     }
 }
 
+/// Puts the process's allocator in the state of a training process before anything is timed:
+/// frees one 16 MiB buffer, as a training step does many times over (the logits, the
+/// activations). glibc's malloc raises its mmap threshold to the largest mapped buffer freed so
+/// far (up to 32 MiB) and its trim threshold to twice that; a micro-benchmark whose largest
+/// freed buffer is 1 MiB keeps them at 1 MiB and 2 MiB, returns the 2 MiB of candle's backward
+/// (its zeros and its sum) to the system after every call and maps them back in, a page fault
+/// per 4 KiB, during the next — on the README's AMD machine, up to twice the call's time, and
+/// bimodal from one run to the next. Other allocators ignore this; it changes no value.
+pub fn like_a_training_process() {
+    let freed = std::hint::black_box(vec![1u8; 16 << 20]);
+    drop(freed);
+}
+
 /// One batch: `[B,T]` tensors (advantages broadcast over the row).
 pub struct Inputs {
     pub log_probs: Var,
