@@ -430,9 +430,10 @@ fn inside_positions(bytes: &[u8]) -> Vec<usize> {
 }
 
 /// The top-entropy selection's pass over one chunk of `H` and the mask: per lane, the unmasked
-/// count, the count below `lo` and whether an unmasked value is not finite; the values inside
-/// `[lo, hi]` (a few percent), collected by their bits. A [`Vectorized`] body, so that its
-/// lanes are compiled for the CPU's widest vectors.
+/// count, the count below `lo` and whether an unmasked value is not finite; the [`order_key`]s of
+/// the values inside `[lo, hi]` (a few percent), in order. A [`Vectorized`] body, so that its
+/// lanes are compiled for the CPU's widest vectors; [`entropy_chunk`] runs it, or its AVX-512
+/// form where the CPU has one.
 struct EntropyChunk<'a, M> {
     h: &'a [f32],
     m: &'a [M],
@@ -440,8 +441,12 @@ struct EntropyChunk<'a, M> {
     hi: f32,
 }
 
+/// [`EntropyChunk`]'s result: the lanes' unmasked counts and counts below the bracket, the keys
+/// inside it, and the lanes' flags of a non-finite unmasked value.
+type EntropyPart = ([u32; BLOCK], [u32; BLOCK], Vec<i32>, [bool; BLOCK]);
+
 impl<M: MaskValue> Vectorized for EntropyChunk<'_, M> {
-    type Output = ([u32; BLOCK], [u32; BLOCK], Vec<f32>, [bool; BLOCK]);
+    type Output = EntropyPart;
 
     #[inline(always)]
     fn run(self) -> Self::Output {
@@ -461,10 +466,103 @@ impl<M: MaskValue> Vectorized for EntropyChunk<'_, M> {
                     below[j] += u32::from(on & (v < lo));
                     within |= u32::from(on & (v >= lo) & (v <= hi)) << j;
                 }
-                for_bits(within, |j| inside.push(h[j]));
+                for_bits(within, |j| inside.push(order_key(h[j])));
             });
         }
         (n, below, inside, bad)
+    }
+}
+
+/// [`EntropyChunk`]'s pass, in its AVX-512 form where the CPU has one (the same result: the
+/// inside values are gathered by one compress per block instead of a branch per value, which
+/// the portable form pays as a mispredicted branch), else the portable body through
+/// [`dispatch`].
+fn entropy_chunk<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
+    #[cfg(target_arch = "x86_64")]
+    if crate::vectorize::has_avx512() {
+        // SAFETY: `has_avx512` checked at run time that the CPU has the features the function
+        // is compiled for.
+        return unsafe { entropy_chunk_avx512(chunk) };
+    }
+    dispatch(chunk)
+}
+
+/// [`EntropyChunk`]'s pass with AVX-512: per block of 16, the compares as mask registers, the
+/// counts in vector lanes, and the keys of the inside values compressed to the front of a vector
+/// and stored after those already found. Every count, flag and key is the portable body's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
+    use std::arch::x86_64::*;
+    let EntropyChunk { h, m, lo, hi } = chunk;
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let (one, infinity) = (_mm512_set1_epi32(1), _mm512_set1_ps(f32::INFINITY));
+    let (mut n, mut below, mut bad) = (_mm512_setzero_si512(), _mm512_setzero_si512(), 0u16);
+    // Room for every key of the chunk: the compressed stores write 16 keys from the cursor.
+    let mut inside: Vec<i32> = Vec::with_capacity(h.len() + BLOCK);
+    let keys_out = inside.as_mut_ptr();
+    let mut found = 0usize;
+    for (h, m) in h.chunks(SPAN).zip(m.chunks(SPAN)) {
+        if !any_on(m) {
+            continue;
+        }
+        for_blocks(h, m, |h, m| {
+            let on = on_bits_avx512(m);
+            // SAFETY: `h` holds 16 values, the unaligned load's width.
+            let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+            let lt = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(on, v, vlo);
+            let at_least = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(on, v, vlo);
+            let within = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(at_least, v, vhi);
+            // Not finite: not `|v| < ∞` (NaN included).
+            bad |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(on, _mm512_abs_ps(v), infinity);
+            n = _mm512_mask_add_epi32(n, on, n, one);
+            below = _mm512_mask_add_epi32(below, lt, below, one);
+            let bits = _mm512_castps_si512(v);
+            let flip = _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(bits));
+            let keys = _mm512_maskz_compress_epi32(within, _mm512_xor_si512(bits, flip));
+            // SAFETY: `found` ≤ the positions passed so far, so `found + 16` ≤ the chunk's
+            // length + 16, the capacity.
+            unsafe { _mm512_storeu_si512(keys_out.add(found).cast(), keys) };
+            found += within.count_ones() as usize;
+        });
+    }
+    // SAFETY: the first `found` keys were written by the stores above (each store's first
+    // `within.count_ones()` lanes are its block's inside keys, in order).
+    unsafe { inside.set_len(found) };
+    let lanes = |v: __m512i| {
+        let mut out = [0u32; BLOCK];
+        // SAFETY: `out` holds 16 u32, the unaligned store's width.
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), v) };
+        out
+    };
+    let flags = std::array::from_fn(|j| bad & (1 << j) != 0);
+    (lanes(n), lanes(below), inside, flags)
+}
+
+/// The unmasked positions of a block of 16 as the bits of an AVX-512 mask: one compare for the
+/// `f32` and `u8` masks every caller passes (the types are told apart by their candle `DType`),
+/// one bit at a time for another type.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[inline]
+fn on_bits_avx512<M: MaskValue>(m: &[M; BLOCK]) -> u16 {
+    use std::arch::x86_64::*;
+    match M::DTYPE {
+        DType::F32 => {
+            // SAFETY: `M` is `f32` (its DType), so the block is 16 f32, the load's width.
+            let m = unsafe { _mm512_loadu_ps(m.as_ptr().cast()) };
+            // `m ≠ 0`, true for NaN, as `MaskValue::on`.
+            _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m, _mm512_setzero_ps())
+        }
+        DType::U8 => {
+            // SAFETY: `M` is `u8` (its DType), so the block is 16 bytes, the load's width.
+            let m = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(m.as_ptr().cast()) });
+            _mm512_test_epi32_mask(m, m)
+        }
+        _ => m
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (j, m)| bits | (u16::from(m.on()) << j)),
     }
 }
 
@@ -626,19 +724,18 @@ pub(crate) fn entropy_threshold<M: MaskValue>(
     mask: &[M],
     rho: f64,
 ) -> Option<f64> {
-    let values: Vec<f32> = entropy
+    let mut keys: Vec<i32> = entropy
         .iter()
         .zip(mask)
         .filter(|(_, m)| m.on())
-        .map(|(h, _)| *h)
+        .map(|(h, _)| order_key(*h))
         .collect();
-    let n = values.len();
+    let n = keys.len();
     if n == 0 {
         return None;
     }
     let (j, frac) = quantile_rank(rho, n);
-    let mut values = values;
-    Some(interpolate_at(&mut values, j, frac))
+    Some(interpolate_at(&mut keys, j, frac))
 }
 
 /// The rank `j` and the interpolation weight of the `(1 − ρ)` quantile of `n` values.
@@ -648,18 +745,34 @@ fn quantile_rank(rho: f64, n: usize) -> (usize, f64) {
     (j, p - j as f64)
 }
 
-/// `v_(j) + frac·(v_(j+1) − v_(j))` of `values` (reordered), `v_(n) := v_(n−1)`.
-fn interpolate_at(values: &mut [f32], j: usize, frac: f64) -> f64 {
-    let (_, below, upper) = values.select_nth_unstable_by(j, f32::total_cmp);
-    let below = f64::from(*below);
+/// The key of `v` in `f32::total_cmp`'s order, as an `i32`: the bits, with the magnitude
+/// bits flipped for negative values (the transform `total_cmp` itself applies). Integer keys
+/// select faster than `total_cmp`'s comparisons and give the same order statistics.
+#[inline(always)]
+fn order_key(v: f32) -> i32 {
+    let bits = v.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
+/// The value of an [`order_key`] (the transform is its own inverse).
+#[inline(always)]
+fn from_order_key(key: i32) -> f32 {
+    f32::from_bits((key ^ (((key >> 31) as u32) >> 1) as i32) as u32)
+}
+
+/// `v_(j) + frac·(v_(j+1) − v_(j))` of the values whose [`order_key`]s are `keys` (reordered),
+/// `v_(n) := v_(n−1)`.
+fn interpolate_at(keys: &mut [i32], j: usize, frac: f64) -> f64 {
+    let (_, below, upper) = keys.select_nth_unstable(j);
+    let below = f64::from(from_order_key(*below));
     if frac == 0.0 {
         return below;
     }
     let above = upper
         .iter()
         .copied()
-        .min_by(f32::total_cmp)
-        .map_or(below, f64::from);
+        .min()
+        .map_or(below, |k| f64::from(from_order_key(k)));
     below + frac * (above - below)
 }
 
@@ -673,7 +786,7 @@ fn top_entropy_threshold<M: MaskValue>(
     rho: f64,
 ) -> Result<Option<f64>> {
     let len = entropy.len();
-    let mut sample = sample(len, mask, |j| entropy[j]);
+    let mut sample = sample(len, mask, |j| order_key(entropy[j]));
     // The bracket: the sample's order statistics `margin` below and above its quantile.
     let (lo, hi) = if sample.is_empty() {
         (f32::NEG_INFINITY, f32::INFINITY)
@@ -681,7 +794,7 @@ fn top_entropy_threshold<M: MaskValue>(
         let s = sample.len();
         let (r, _) = quantile_rank(rho, s);
         let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
-        let mut order_statistic = |k: usize| *sample.select_nth_unstable_by(k, f32::total_cmp).1;
+        let mut order_statistic = |k: usize| from_order_key(*sample.select_nth_unstable(k).1);
         (
             r.checked_sub(margin)
                 .map_or(f32::NEG_INFINITY, &mut order_statistic),
@@ -690,13 +803,13 @@ fn top_entropy_threshold<M: MaskValue>(
                 .map_or(f32::INFINITY, order_statistic),
         )
     };
-    // Per chunk: unmasked count, count below the bracket, the bracket's values, and whether an
-    // unmasked value is not finite; blocks of compares without branches, counted in lanes; the
-    // values inside the bracket (a few percent) are collected by their bits.
-    type Part = (usize, usize, Vec<f32>, bool);
+    // Per chunk: unmasked count, count below the bracket, the keys of the bracket's values, and
+    // whether an unmasked value is not finite; blocks of compares without branches, counted in
+    // lanes; the values inside the bracket (a few percent) are collected by their bits.
+    type Part = (usize, usize, Vec<i32>, bool);
     let parts: Vec<Part> = pool::chunks(entropy, CHUNK, |c, h| {
         let m = &mask[c * CHUNK..c * CHUNK + h.len()];
-        let (n, below, inside, bad) = dispatch(EntropyChunk { h, m, lo, hi });
+        let (n, below, inside, bad) = entropy_chunk(EntropyChunk { h, m, lo, hi });
         let count = |lanes: [u32; BLOCK]| lanes.iter().map(|&n| n as usize).sum::<usize>();
         (count(n), count(below), inside, bad.iter().any(|&bad| bad))
     });
@@ -708,7 +821,7 @@ fn top_entropy_threshold<M: MaskValue>(
         return Ok(None);
     }
     let below: usize = parts.iter().map(|p| p.1).sum();
-    let mut inside: Vec<f32> = parts.into_iter().flat_map(|p| p.2).collect();
+    let mut inside: Vec<i32> = parts.into_iter().flat_map(|p| p.2).collect();
     let (j, frac) = quantile_rank(rho, n);
     let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
     Ok(if j >= below && last < below + inside.len() {
@@ -1426,7 +1539,82 @@ mod tests {
         prop::collection::vec((0u8..12).prop_map(|v| f32::from(v) * 0.25), len)
     }
 
+    /// Values where the top-entropy pass's compares differ: ±0, ±∞, NaN, the bracket's ends
+    /// `0.5` and `1.5` and their neighbours, negatives.
+    fn entropy_values() -> impl Strategy<Value = f32> {
+        prop::sample::select(vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            0.5f32.next_down(),
+            1.5,
+            1.5f32.next_up(),
+            1.0,
+            -1.0,
+            2.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ])
+    }
+
+    /// The AVX-512 form of the top-entropy pass against the portable body, for a mask type.
+    #[cfg(target_arch = "x86_64")]
+    fn entropy_forms_agree<M: MaskValue + std::fmt::Debug>(
+        h: &[f32],
+        mask: &[M],
+    ) -> std::result::Result<(), TestCaseError> {
+        let chunk = || EntropyChunk {
+            h,
+            m: mask,
+            lo: 0.5,
+            hi: 1.5,
+        };
+        let portable = dispatch(chunk());
+        // SAFETY: called only where the CPU has AVX-512 (checked by the caller).
+        let wide = unsafe { entropy_chunk_avx512(chunk()) };
+        prop_assert_eq!(wide, portable, "mask {:?}", mask);
+        Ok(())
+    }
+
     proptest! {
+        /// The AVX-512 form of the top-entropy pass gives the portable body's counts, flags and
+        /// keys (in order), on every kind of value, with `f32`, `u8` and `f64` masks (the last
+        /// one bit at a time), across spans of padding and a last partial block.
+        #[test]
+        fn entropy_pass_avx512_is_the_portable_pass(
+            h in prop::collection::vec(entropy_values(), 0..700),
+            on in prop::collection::vec(prop::sample::select(vec![0u8, 1, 2]), 700),
+            padding in prop::collection::vec(any::<bool>(), 3),
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if !crate::vectorize::has_avx512() {
+                    eprintln!("not run: this CPU has no AVX-512 (the portable pass runs instead)");
+                    return Ok(());
+                }
+                // Spans of padding: whole thirds of the positions masked.
+                let len = h.len();
+                let masked = |j: usize| padding[(3 * j / len.max(1)).min(2)];
+                let bytes: Vec<u8> = (0..len).map(|j| if masked(j) { 0 } else { on[j] }).collect();
+                let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+                let doubles: Vec<f64> = bytes.iter().map(|&b| f64::from(b)).collect();
+                entropy_forms_agree(&h, &bytes)?;
+                entropy_forms_agree(&h, &floats)?;
+                entropy_forms_agree(&h, &doubles)?;
+                // A NaN in an `f32` mask counts as unmasked, as `MaskValue::on` says.
+                let nan_mask: Vec<f32> = floats.iter().map(|&m| if m == 2.0 { f32::NAN } else { m }).collect();
+                entropy_forms_agree(&h, &nan_mask)?;
+            }
+        }
+
+        /// The integer keys order as `f32::total_cmp` and give the values back.
+        #[test]
+        fn order_keys_are_total_cmp(a in any::<f32>(), b in any::<f32>()) {
+            prop_assert_eq!(order_key(a).cmp(&order_key(b)), a.total_cmp(&b));
+            prop_assert_eq!(from_order_key(order_key(a)).to_bits(), a.to_bits());
+        }
+
         /// The bracket pass's bytes scanned a word at a time give every [`INSIDE`] position
         /// once (several in a word, and in the bytes after the last whole word, included).
         #[test]
