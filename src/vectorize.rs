@@ -5,7 +5,9 @@
 //! host passes, `losses::masks`) both use it. Every build performs the same operations in the
 //! same order, so the choice never changes a bit of a result.
 
-/// Whether the AVX-512 builds can run here (see [`has_avx2`]).
+/// Whether the AVX-512 builds can run here (see [`has_avx2`]), and the masks' hand-written
+/// AVX-512 passes (`losses::masks`), which also count bits with `popcnt` (every CPU with
+/// AVX-512 has it).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512() -> bool {
     static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -13,6 +15,7 @@ pub(crate) fn has_avx512() -> bool {
         has_avx2()
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("popcnt")
     })
 }
 

@@ -16,7 +16,10 @@
 //! The host passes read the batch once, in blocks of lanes without branches (counts and f64 sums
 //! in fixed lanes: the same bits whatever the number of threads), passing over the spans of
 //! padding after one read of their mask; a sample brackets the quantile or the cut and only the
-//! few values inside the bracket are collected, by their bits.
+//! few values inside the bracket are collected, by their bits. Where the CPU has AVX-512, the
+//! top-entropy pass runs in a hand-written form beside its portable body
+//! (`entropy_chunk_avx512`: a compress instruction gathers the inside values, with no branch per
+//! value), which gives the same counts, flags and values — tested against the portable body.
 //!
 //! ```text
 //! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
@@ -491,7 +494,7 @@ fn entropy_chunk<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
 /// counts in vector lanes, and the keys of the inside values compressed to the front of a vector
 /// and stored after those already found. Every count, flag and key is the portable body's.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
 fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
     use std::arch::x86_64::*;
     let EntropyChunk { h, m, lo, hi } = chunk;
@@ -507,7 +510,7 @@ fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart
         inside.reserve(h.len() + BLOCK);
         let (keys_out, mut found) = (inside.as_mut_ptr(), inside.len());
         for_blocks(h, m, |h, m| {
-            let (on, _) = mask_bits_avx512(m);
+            let on = on_bits_avx512(m);
             // SAFETY: `h` holds 16 values, the unaligned load's width.
             let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
             let lt = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(on, v, vlo);
@@ -539,39 +542,30 @@ fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart
     (lanes(n), lanes(below), inside, flags)
 }
 
-/// A block of 16 mask values as two AVX-512 masks: the unmasked positions, and those whose
-/// value is neither 0 nor 1. One compare each for the `f32` and `u8` masks every caller passes
-/// (the types are told apart by their candle `DType`), one bit at a time for another type.
+/// The unmasked positions of a block of 16 as the bits of an AVX-512 mask: one compare for the
+/// `f32` and `u8` masks every caller passes (the types are told apart by their candle `DType`),
+/// one bit at a time for another type.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
 #[inline]
-fn mask_bits_avx512<M: MaskValue>(m: &[M; BLOCK]) -> (u16, u16) {
+fn on_bits_avx512<M: MaskValue>(m: &[M; BLOCK]) -> u16 {
     use std::arch::x86_64::*;
     match M::DTYPE {
         DType::F32 => {
             // SAFETY: `M` is `f32` (its DType), so the block is 16 f32, the load's width.
             let m = unsafe { _mm512_loadu_ps(m.as_ptr().cast()) };
-            let (zero, one) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0));
             // `m ≠ 0`, true for NaN, as `MaskValue::on`.
-            let on = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m, zero);
-            let binary = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m, zero)
-                | _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(m, one);
-            (on, !binary)
+            _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m, _mm512_setzero_ps())
         }
         DType::U8 => {
             // SAFETY: `M` is `u8` (its DType), so the block is 16 bytes, the load's width.
             let m = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(m.as_ptr().cast()) });
-            (
-                _mm512_test_epi32_mask(m, m),
-                _mm512_cmpgt_epu32_mask(m, _mm512_set1_epi32(1)),
-            )
+            _mm512_test_epi32_mask(m, m)
         }
-        _ => m.iter().enumerate().fold((0, 0), |(on, bad), (j, m)| {
-            (
-                on | (u16::from(m.on()) << j),
-                bad | (u16::from(!m.binary()) << j),
-            )
-        }),
+        _ => m
+            .iter()
+            .enumerate()
+            .fold(0, |bits, (j, m)| bits | (u16::from(m.on()) << j)),
     }
 }
 
@@ -648,162 +642,6 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
         }
         (sums, inside)
     }
-}
-
-/// M2PO's bracket pass over a chunk, in its AVX-512 form where the CPU has one (the same sums,
-/// bytes and inside tokens: the inside tokens are gathered by compresses per block instead of a
-/// scan of the bytes and a branch per token), else the portable body through [`dispatch`].
-fn m2_cut_chunk<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::vectorize::has_avx512() {
-        // SAFETY: `has_avx512` checked at run time that the CPU has the features the function
-        // is compiled for.
-        return unsafe { m2_cut_chunk_avx512(chunk) };
-    }
-    dispatch(chunk)
-}
-
-/// [`M2CutChunk`]'s pass with AVX-512, 16 positions a step: `u` in two vectors of 8 f64 (the
-/// portable lanes: position `j` in lane `j mod 8`, added in the same order, so every sum has the
-/// same bits), the compares as mask registers, the bytes narrowed from 32-bit lanes, and the
-/// inside tokens' `u` and flat index compressed to the front of a vector and stored after those
-/// already found. Every sum, count, byte and token is the portable body's.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-fn m2_cut_chunk_avx512<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
-    use std::arch::x86_64::*;
-    let M2CutChunk {
-        r,
-        o,
-        m,
-        bracket: (lo, hi),
-        keep,
-        start,
-    } = chunk;
-    let (vlo, vhi) = (_mm512_set1_pd(lo), _mm512_set1_pd(hi));
-    let one = _mm256_set1_epi32(1);
-    let (mut n, mut below, mut bad) = (
-        _mm256_setzero_si256(),
-        _mm256_setzero_si256(),
-        _mm256_setzero_si256(),
-    );
-    let (mut below_sum, mut total) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    let (mut moments, mut tokens): (Vec<u64>, Vec<u64>) = (vec![], vec![]);
-    let lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    // One step: 16 positions from flat index `first`; returns their 16 bytes, stores the inside
-    // tokens' `u` and index at `out` from `found` on.
-    let mut step = |(r, o, m): (&[f32; BLOCK], &[f32; BLOCK], &[M; BLOCK]),
-                    first: usize,
-                    out: (*mut u64, *mut u64),
-                    found: &mut usize| {
-        let (on, not_binary) = mask_bits_avx512(m);
-        let (mut below_bits, mut inside_bits) = (0u16, 0u16);
-        for half in 0..2 {
-            // SAFETY: `r` and `o` hold 16 values; each load reads 8 of them.
-            let (r8, o8) = unsafe {
-                (
-                    _mm256_loadu_ps(r.as_ptr().add(8 * half)),
-                    _mm256_loadu_ps(o.as_ptr().add(8 * half)),
-                )
-            };
-            let d = _mm512_sub_pd(_mm512_cvtps_pd(r8), _mm512_cvtps_pd(o8));
-            let u = _mm512_mul_pd(d, d);
-            let (on8, bad8) = ((on >> (8 * half)) as u8, (not_binary >> (8 * half)) as u8);
-            let lt = _mm512_mask_cmp_pd_mask::<_CMP_LT_OQ>(on8, u, vlo);
-            let at_least = _mm512_mask_cmp_pd_mask::<_CMP_GE_OQ>(on8, u, vlo);
-            let within = _mm512_mask_cmp_pd_mask::<_CMP_LE_OQ>(at_least, u, vhi);
-            n = _mm256_mask_add_epi32(n, on8, n, one);
-            below = _mm256_mask_add_epi32(below, lt, below, one);
-            bad = _mm256_mask_add_epi32(bad, bad8, bad, one);
-            below_sum = _mm512_mask_add_pd(below_sum, lt, below_sum, u);
-            total = _mm512_mask_add_pd(total, on8, total, u);
-            let index = _mm512_add_epi64(_mm512_set1_epi64((first + 8 * half) as i64), lanes);
-            let packed_u = _mm512_maskz_compress_epi64(within, _mm512_castpd_si512(u));
-            let packed_index = _mm512_maskz_compress_epi64(within, index);
-            // SAFETY: the caller reserved, in both buffers, room for the values before the span,
-            // the span's positions and 8 more; `found` ≤ the values before the span + the
-            // span's positions passed (padding is never inside), so the 8 stored fit.
-            unsafe {
-                _mm512_storeu_si512(out.0.add(*found).cast(), packed_u);
-                _mm512_storeu_si512(out.1.add(*found).cast(), packed_index);
-            }
-            *found += within.count_ones() as usize;
-            below_bits |= u16::from(lt) << (8 * half);
-            inside_bits |= u16::from(within) << (8 * half);
-        }
-        let bytes = _mm512_or_si512(
-            _mm512_maskz_mov_epi32(below_bits, _mm512_set1_epi32(i32::from(BELOW))),
-            _mm512_maskz_mov_epi32(inside_bits, _mm512_set1_epi32(i32::from(INSIDE))),
-        );
-        _mm512_cvtepi32_epi8(bytes)
-    };
-    for (s, keep) in keep.chunks_mut(SPAN).enumerate() {
-        let span = s * SPAN..s * SPAN + keep.len();
-        let (r, o, m) = (&r[span.clone()], &o[span.clone()], &m[span.clone()]);
-        if !any_on(m) {
-            // Padding: every position masked, so dropped.
-            keep.fill(MaybeUninit::new(0));
-            continue;
-        }
-        let first = start + span.start;
-        // Room for every token of the span: each compressed store writes 8 values from the
-        // cursor.
-        moments.reserve(keep.len() + LANES);
-        tokens.reserve(keep.len() + LANES);
-        let out = (moments.as_mut_ptr(), tokens.as_mut_ptr());
-        let mut found = moments.len();
-        let ((rs, r_tail), (os, o_tail)) = (r.as_chunks::<BLOCK>(), o.as_chunks::<BLOCK>());
-        let (ms, m_tail) = m.as_chunks::<BLOCK>();
-        let (keeps, keep_tail) = keep.as_chunks_mut::<BLOCK>();
-        for (k, (((r, o), m), keep)) in rs.iter().zip(os).zip(ms).zip(keeps).enumerate() {
-            let bytes = step((r, o, m), first + k * BLOCK, out, &mut found);
-            // SAFETY: `keep` holds 16 bytes, the unaligned store's width.
-            unsafe { _mm_storeu_si128(keep.as_mut_ptr().cast(), bytes) };
-        }
-        if !keep_tail.is_empty() {
-            // The last partial block, padded with masked positions (never below nor inside).
-            let (r, o, m) = (
-                padded(r_tail, 0.0),
-                padded(o_tail, 0.0),
-                padded(m_tail, M::from_f64(0.0)),
-            );
-            let bytes = step((&r, &o, &m), first + rs.len() * BLOCK, out, &mut found);
-            let mut block = [0u8; BLOCK];
-            // SAFETY: `block` holds 16 bytes, the unaligned store's width.
-            unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), bytes) };
-            for (keep, byte) in keep_tail.iter_mut().zip(block) {
-                keep.write(byte);
-            }
-        }
-        // SAFETY: the values up to `found` of each buffer were there or written by the stores
-        // above (each store's first `within.count_ones()` lanes are its half-block's inside
-        // tokens, in order).
-        unsafe {
-            moments.set_len(found);
-            tokens.set_len(found);
-        }
-    }
-    let inside = moments
-        .into_iter()
-        .zip(tokens)
-        .map(|(u, j)| (u, j as usize))
-        .collect();
-    let (mut sums, store) = (
-        M2CutSums::default(),
-        |v: __m256i, out: &mut [u32; LANES]| {
-            // SAFETY: `out` holds 8 u32, the unaligned store's width.
-            unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), v) }
-        },
-    );
-    store(n, &mut sums.n);
-    store(below, &mut sums.below);
-    store(bad, &mut sums.bad);
-    // SAFETY: each array holds 8 f64, the unaligned store's width.
-    unsafe {
-        _mm512_storeu_pd(sums.below_sum.as_mut_ptr(), below_sum);
-        _mm512_storeu_pd(sums.total.as_mut_ptr(), total);
-    }
-    (sums, inside)
 }
 
 /// M2PO's bracket pass over one span of `(ℓroll, ℓold, mask)` ([`m2_cut_block`]): writes every
@@ -1195,7 +1033,7 @@ fn m2po_reduced<M: MaskValue>(
     let fresh = &mut keep.spare_capacity_mut()[..len];
     let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
         let chunk = c * CHUNK..c * CHUNK + keep.len();
-        m2_cut_chunk(M2CutChunk {
+        dispatch(M2CutChunk {
             r: &rollout[chunk.clone()],
             o: &old[chunk.clone()],
             m: &mask[chunk],
@@ -1742,61 +1580,6 @@ mod tests {
         Ok(())
     }
 
-    /// The AVX-512 form of M2PO's bracket pass against the portable body, for a mask type: the
-    /// sums (by their bits), every byte and the inside tokens.
-    #[cfg(target_arch = "x86_64")]
-    fn m2_cut_forms_agree<M: MaskValue + std::fmt::Debug>(
-        (r, o): (&[f32], &[f32]),
-        mask: &[M],
-        bracket: (f64, f64),
-        start: usize,
-    ) -> std::result::Result<(), TestCaseError> {
-        type Bits = (
-            [u32; LANES],
-            [u32; LANES],
-            [u64; LANES],
-            [u64; LANES],
-            [u32; LANES],
-        );
-        let run = |wide: bool| -> (Bits, Vec<u8>, Vec<Drift>) {
-            let len = r.len();
-            let mut keep: Vec<u8> = Vec::with_capacity(len);
-            let chunk = M2CutChunk {
-                r,
-                o,
-                m: mask,
-                bracket,
-                keep: &mut keep.spare_capacity_mut()[..len],
-                start,
-            };
-            let (sums, inside) = if wide {
-                // SAFETY: called only where the CPU has AVX-512 (checked by the caller).
-                unsafe { m2_cut_chunk_avx512(chunk) }
-            } else {
-                dispatch(chunk)
-            };
-            // SAFETY: both forms write every byte of the chunk.
-            unsafe { keep.set_len(len) };
-            let bits = sums.below_sum.map(f64::to_bits);
-            let sums = (
-                sums.n,
-                sums.below,
-                bits,
-                sums.total.map(f64::to_bits),
-                sums.bad,
-            );
-            (sums, keep, inside)
-        };
-        prop_assert_eq!(
-            run(true),
-            run(false),
-            "mask {:?}, bracket {:?}",
-            mask,
-            bracket
-        );
-        Ok(())
-    }
-
     proptest! {
         /// The AVX-512 form of the top-entropy pass gives the portable body's counts, flags and
         /// keys (in order), on every kind of value, with `f32`, `u8` and `f64` masks (the last
@@ -1825,52 +1608,6 @@ mod tests {
                 // A NaN in an `f32` mask counts as unmasked, as `MaskValue::on` says.
                 let nan_mask: Vec<f32> = floats.iter().map(|&m| if m == 2.0 { f32::NAN } else { m }).collect();
                 entropy_forms_agree(&h, &nan_mask)?;
-            }
-        }
-
-        /// The AVX-512 form of M2PO's bracket pass gives the portable body's sums (bit for bit),
-        /// bytes and inside tokens, with ties at the bracket's ends, non-finite inputs, every
-        /// kind of mask value and type, spans of padding and a last partial block.
-        #[test]
-        fn m2_cut_pass_avx512_is_the_portable_pass(
-            r in prop::collection::vec(entropy_values(), 0..700),
-            o in grid(700),
-            on in prop::collection::vec(prop::sample::select(vec![0u8, 1, 2]), 700),
-            padding in prop::collection::vec(any::<bool>(), 3),
-            ends in prop::sample::select(vec![
-                (f64::NEG_INFINITY, f64::INFINITY),
-                (0.0, 0.25),
-                (0.25, 0.25),
-                (0.0625, 2.25),
-                (f64::NEG_INFINITY, 1.0),
-                (1.0, f64::INFINITY),
-            ]),
-            start in 0usize..100_000,
-        ) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if !crate::vectorize::has_avx512() {
-                    eprintln!("not run: this CPU has no AVX-512 (the portable pass runs instead)");
-                    return Ok(());
-                }
-                let len = r.len();
-                let o = &o[..len];
-                let masked = |j: usize| padding[(3 * j / len.max(1)).min(2)];
-                let bytes: Vec<u8> = (0..len).map(|j| if masked(j) { 0 } else { on[j] }).collect();
-                // In the f32 mask a 2 becomes 0.5 (neither 0 nor 1) or NaN (unmasked, not 0/1).
-                let floats: Vec<f32> = bytes
-                    .iter()
-                    .enumerate()
-                    .map(|(j, &b)| match b {
-                        2 if j % 2 == 0 => 0.5,
-                        2 => f32::NAN,
-                        b => f32::from(b),
-                    })
-                    .collect();
-                let doubles: Vec<f64> = floats.iter().map(|&b| f64::from(b)).collect();
-                m2_cut_forms_agree((&r, o), &bytes, ends, start)?;
-                m2_cut_forms_agree((&r, o), &floats, ends, start)?;
-                m2_cut_forms_agree((&r, o), &doubles, ends, start)?;
             }
         }
 
