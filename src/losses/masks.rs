@@ -982,13 +982,15 @@ fn m2po_reduced<M: MaskValue>(
     let len = old.len();
     let mut sample = sample(len, mask, |j| second_moment(rollout[j], old[j]).to_bits());
     let s = sample.len();
-    // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
-    let sample_cut = cut(&mut sample, 0.0, tau);
     let by_definition = || -> Result<Option<Vec<u8>>> {
         check_host_mask_values(mask)?;
         Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
     };
-    if sample_cut >= s {
+    // Whether the sample masks nothing: its whole excess `Σ (u − τ)` is negative (the excess
+    // falls while `u < τ` and rises after, so its last prefix is negative exactly when every
+    // token is kept) — one sum, no selection. Only the route depends on it: each route checks
+    // its own result against the batch.
+    if s == 0 || sample.iter().map(|&u| u.u() - tau).sum::<f64>() < 0.0 {
         // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
         // written, to confirm it; the definition if it does not hold.
         let (n, total) = pool::chunks(rollout, CHUNK, |c, a| {
@@ -1008,6 +1010,8 @@ fn m2po_reduced<M: MaskValue>(
         }
         return by_definition();
     }
+    // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
+    let sample_cut = cut(&mut sample, 0.0, tau);
     // The bracket: the sample's order statistics `margin` below and above its cut.
     let (lo, hi) = {
         let f = sample_cut as f64 / s as f64;
