@@ -543,29 +543,28 @@ fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart
 }
 
 /// The unmasked positions of a block of 16 as the bits of an AVX-512 mask: one compare for the
-/// `f32` and `u8` masks every caller passes (the types are told apart by their candle `DType`),
-/// one bit at a time for another type.
+/// `f32` and `u8` masks every caller passes (the types told apart by their `TypeId`, a constant
+/// the compiler folds), one bit at a time for another type.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,popcnt")]
 #[inline]
 fn on_bits_avx512<M: MaskValue>(m: &[M; BLOCK]) -> u16 {
+    use std::any::TypeId;
     use std::arch::x86_64::*;
-    match M::DTYPE {
-        DType::F32 => {
-            // SAFETY: `M` is `f32` (its DType), so the block is 16 f32, the load's width.
-            let m = unsafe { _mm512_loadu_ps(m.as_ptr().cast()) };
-            // `m ≠ 0`, true for NaN, as `MaskValue::on`.
-            _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m, _mm512_setzero_ps())
-        }
-        DType::U8 => {
-            // SAFETY: `M` is `u8` (its DType), so the block is 16 bytes, the load's width.
-            let m = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(m.as_ptr().cast()) });
-            _mm512_test_epi32_mask(m, m)
-        }
-        _ => m
-            .iter()
+    let is = |t: TypeId| TypeId::of::<M>() == t;
+    if is(TypeId::of::<f32>()) {
+        // SAFETY: `M` is `f32`, so the block is 16 f32, the load's width.
+        let m = unsafe { _mm512_loadu_ps(m.as_ptr().cast()) };
+        // `m ≠ 0`, true for NaN, as `MaskValue::on`.
+        _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(m, _mm512_setzero_ps())
+    } else if is(TypeId::of::<u8>()) {
+        // SAFETY: `M` is `u8`, so the block is 16 bytes, the load's width.
+        let m = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(m.as_ptr().cast()) });
+        _mm512_test_epi32_mask(m, m)
+    } else {
+        m.iter()
             .enumerate()
-            .fold(0, |bits, (j, m)| bits | (u16::from(m.on()) << j)),
+            .fold(0, |bits, (j, m)| bits | (u16::from(m.on()) << j))
     }
 }
 
