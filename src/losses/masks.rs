@@ -520,6 +520,7 @@ fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart
             bad |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(on, _mm512_abs_ps(v), infinity);
             n = _mm512_mask_add_epi32(n, on, n, one);
             below = _mm512_mask_add_epi32(below, lt, below, one);
+            // The inside values' [`order_key`]s ([`flip_negative`] in vector form).
             let bits = _mm512_castps_si512(v);
             let flip = _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(bits));
             let keys = _mm512_maskz_compress_epi32(within, _mm512_xor_si512(bits, flip));
@@ -752,14 +753,20 @@ fn quantile_rank(rho: f64, n: usize) -> (usize, f64) {
 /// select faster than `total_cmp`'s comparisons and give the same order statistics.
 #[inline(always)]
 fn order_key(v: f32) -> i32 {
-    let bits = v.to_bits() as i32;
-    bits ^ (((bits >> 31) as u32) >> 1) as i32
+    flip_negative(v.to_bits() as i32)
 }
 
 /// The value of an [`order_key`] (the transform is its own inverse).
 #[inline(always)]
 fn from_order_key(key: i32) -> f32 {
-    f32::from_bits((key ^ (((key >> 31) as u32) >> 1) as i32) as u32)
+    f32::from_bits(flip_negative(key) as u32)
+}
+
+/// `bits` with its 31 magnitude bits flipped when its sign bit is set ([`order_key`]'s
+/// transform, `entropy_chunk_avx512`'s in vector form).
+#[inline(always)]
+fn flip_negative(bits: i32) -> i32 {
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
 
 /// `v_(j) + frac·(v_(j+1) − v_(j))` of the values whose [`order_key`]s are `keys` (reordered),
