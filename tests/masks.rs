@@ -749,3 +749,182 @@ fn clip_cov_is_grpo_with_drawn_tokens_zeroed() {
         assert_eq!(fraction, Some(0.0));
     }
 }
+
+/// A batch larger than the selections' sample (4096 values), so that the top-entropy bracket is
+/// a strided sample's and most values fall outside it: `b` rows of `t` tokens of
+/// different lengths (one empty, one full), NaN and ±inf in the entropy's padding, row
+/// advantages of both signs, a reference policy for the KL penalty, the caller's weights, and
+/// entropies continuous or on a grid of a few values (ties at `θ`).
+struct Large {
+    dims: (usize, usize),
+    log_probs: Vec<f32>,
+    old: Vec<f32>,
+    reference: Vec<f32>,
+    advantages: Vec<f32>,
+    mask: Vec<f32>,
+    entropy: Vec<f32>,
+    weights: Vec<f32>,
+}
+
+fn large(ties: bool) -> Large {
+    let (b, t) = (24, 1000);
+    let n = b * t;
+    let old: Vec<f32> = noise(n, 11).iter().map(|x| -1.5 + 2.0 * x).collect();
+    let log_probs = old
+        .iter()
+        .zip(noise(n, 12))
+        .map(|(o, e)| o + 0.4 * e)
+        .collect();
+    let reference = old
+        .iter()
+        .zip(noise(n, 13))
+        .map(|(o, e)| o + 0.2 * e)
+        .collect();
+    let advantages = noise(b, 14).iter().map(|a| 4.0 * a).collect();
+    let mask = (0..n)
+        .map(|j| {
+            let (i, k) = (j / t, j % t);
+            let len = match i {
+                5 => 0,
+                7 => t,
+                _ => t - (i * 37) % 600,
+            };
+            f32::from(u8::from(k < len))
+        })
+        .collect::<Vec<f32>>();
+    let entropy = noise(n, 15)
+        .iter()
+        .enumerate()
+        .map(|(j, x)| match (mask[j] != 0.0, ties) {
+            (false, _) => [f32::NAN, f32::INFINITY, f32::NEG_INFINITY][j % 3],
+            (true, false) => (x + 0.5) * 3.0,
+            (true, true) => ((x + 0.5) * 8.0).floor() * 0.25,
+        })
+        .collect();
+    let weights = noise(n, 16).iter().map(|w| 1.0 + w).collect();
+    Large {
+        dims: (b, t),
+        log_probs,
+        old,
+        reference,
+        advantages,
+        mask,
+        entropy,
+        weights,
+    }
+}
+
+/// The top-entropy keep of `entropy` (as the loss reads it, in f32) written out: a full sort,
+/// linear interpolation, `H ≥ θ`.
+fn keep_by_sort(entropy: &[f32], mask: &[f32], rho: f64) -> Vec<f32> {
+    let mut v: Vec<f64> = (0..mask.len())
+        .filter(|&j| mask[j] != 0.0)
+        .map(|j| f64::from(entropy[j]))
+        .collect();
+    v.sort_by(f64::total_cmp);
+    let p = (1.0 - rho) * (v.len() - 1) as f64;
+    let j = p.floor() as usize;
+    let theta = v[j] + (p - j as f64) * (v.get(j + 1).copied().unwrap_or(v[j]) - v[j]);
+    (0..mask.len())
+        .map(|j| f32::from(u8::from(mask[j] != 0.0 && f64::from(entropy[j]) >= theta)))
+        .collect()
+}
+
+/// Loss and gradient on the fused CPU path of `loss` on `x` in `dtype`, with `weights` and,
+/// when given, the entropy.
+fn run_large(
+    loss: &PolicyLoss,
+    x: &Large,
+    weights: &[f32],
+    entropy: Option<&[f32]>,
+    dtype: DType,
+) -> (f64, Vec<f64>) {
+    let cast = |v: &[f32]| {
+        Tensor::from_slice(v, x.dims, &dev())
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let lp = Var::from_tensor(&cast(&x.log_probs)).unwrap();
+    let (old, reference, weights) = (cast(&x.old), cast(&x.reference), cast(weights));
+    let adv = Tensor::from_slice(&x.advantages, x.dims.0, &dev())
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let mask = Tensor::from_slice(&x.mask, x.dims, &dev()).unwrap();
+    let entropy = entropy.map(cast);
+    let mut inputs = PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask);
+    inputs.is_weights = Some(&weights);
+    if loss.config().kl.is_some() {
+        inputs = inputs.with_ref_log_probs(&reference);
+    }
+    if let Some(entropy) = &entropy {
+        inputs = inputs.with_entropy(entropy);
+    }
+    let result = loss.forward(&inputs).unwrap();
+    result.metrics.check().unwrap();
+    let grad = result.loss.backward().unwrap();
+    let as_f64 = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        t.to_vec1().unwrap()
+    };
+    let grad = as_f64(grad.get(lp.as_tensor()).unwrap());
+    (as_f64(&result.loss)[0], grad)
+}
+
+/// On batches larger than the sample, the fused CPU path's top-entropy selection (`θ` from the
+/// sample's bracket and one pass, the kernel cutting `H` at `θ` while it loads a tile) is the
+/// keep written out, multiplied into the caller's weights: the same loss and gradient to the
+/// bit — for token-level and sequence-level objectives, with ties at `θ`, NaN and ±inf in
+/// the padding, a KL penalty, and f32 and bf16 inputs.
+#[test]
+fn top_entropy_on_batches_larger_than_the_sample_is_its_keep() {
+    let kl = sapo::KlPenalty::new(0.1, sapo::KlEstimator::K3);
+    let configs = [
+        ("SAPO", Sapo::default().config()),
+        ("GRPO with KL", Grpo::default().config().with_kl(Some(kl))),
+        ("GSPO", sapo::Gspo::default().config()),
+        (
+            "SAPO at the sequence-token level",
+            Sapo::default()
+                .config()
+                .with_ratio_level(sapo::RatioLevel::SequenceToken),
+        ),
+    ];
+    for ties in [false, true] {
+        let x = large(ties);
+        for dtype in [DType::F32, DType::BF16] {
+            // The entropy as the loss reads it (rounded to `dtype`, in f32).
+            let entropy: Vec<f32> = Tensor::from_slice(&x.entropy, x.dims, &dev())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for rho in [0.05, 0.3, 1.0] {
+                let keep = keep_by_sort(&entropy, &x.mask, rho);
+                let kept: Vec<f32> = keep.iter().zip(&x.weights).map(|(k, w)| k * w).collect();
+                for (name, config) in configs {
+                    let what = format!("{name}, ρ {rho}, ties {ties}, {dtype:?}");
+                    let masks = PolicyMasks::default().with_top_entropy_quantile(rho);
+                    let got = run_large(
+                        &with_masks(config, masks),
+                        &x,
+                        &x.weights,
+                        Some(&entropy),
+                        dtype,
+                    );
+                    let want = run_large(&config.build().unwrap(), &x, &kept, None, dtype);
+                    assert!(got.0 == want.0, "{what}: loss {} vs {}", got.0, want.0);
+                    for (j, (a, b)) in got.1.iter().zip(&want.1).enumerate() {
+                        assert!(a == b, "{what}: grad[{j}] {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}

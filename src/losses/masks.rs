@@ -785,33 +785,53 @@ fn interpolate_at(keys: &mut [i32], j: usize, frac: f64) -> f64 {
     below + frac * (above - below)
 }
 
+/// The bracket `[lo, hi]` of the top-entropy quantile: the order statistics of a sample
+/// ([`sample`]) a margin of three standard deviations (plus four) below and above the sample's
+/// own quantile, so that the batch's two order statistics lie inside it but for a chance of a
+/// few in a thousand; `(−∞, ∞)` without a sampled value. The upper statistic is selected
+/// among the values above the lower one, which its selection has already partitioned off.
+fn entropy_bracket<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> (f32, f32) {
+    let mut sample = sample(entropy.len(), mask, |j| order_key(entropy[j]));
+    if sample.is_empty() {
+        return (f32::NEG_INFINITY, f32::INFINITY);
+    }
+    let s = sample.len();
+    let (r, _) = quantile_rank(rho, s);
+    let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+    let lo = match r.checked_sub(margin) {
+        Some(k) => from_order_key(*sample.select_nth_unstable(k).1),
+        None => f32::NEG_INFINITY,
+    };
+    let upper = r + margin + 1;
+    let hi = if upper >= s {
+        f32::INFINITY
+    } else {
+        let from = r.saturating_sub(margin);
+        from_order_key(*sample[from..].select_nth_unstable(upper - from).1)
+    };
+    (lo, hi)
+}
+
+/// `θ` from a pass over the bracket of [`entropy_bracket`]: `n > 0` unmasked values, `below`
+/// of them under the bracket, the [`order_key`]s of those inside it (reordered). `None` when
+/// the bracket misses one of the two order statistics `θ` interpolates (then the definition,
+/// [`entropy_threshold`], decides).
+fn threshold_in_bracket(rho: f64, n: usize, below: usize, inside: &mut [i32]) -> Option<f64> {
+    let (j, frac) = quantile_rank(rho, n);
+    let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
+    (j >= below && last < below + inside.len()).then(|| interpolate_at(inside, j - below, frac))
+}
+
 /// The top-entropy threshold `θ` in one full pass ([`entropy_threshold`]'s value, `None` without
-/// an unmasked token): a sample brackets the quantile, the pass counts the unmasked values below
-/// the bracket and collects those inside it, whose exact order statistics give `θ` (the
-/// definition when the bracket misses). Nothing of size `[B,T]` is written.
+/// an unmasked token): a sample brackets the quantile ([`entropy_bracket`]), the pass counts the
+/// unmasked values below the bracket and collects those inside it, whose exact order statistics
+/// give `θ` (the definition when the bracket misses). Nothing of size `[B,T]` is written.
 fn top_entropy_threshold<M: MaskValue>(
     entropy: &[f32],
     mask: &[M],
     rho: f64,
 ) -> Result<Option<f64>> {
-    let len = entropy.len();
-    let mut sample = sample(len, mask, |j| order_key(entropy[j]));
-    // The bracket: the sample's order statistics `margin` below and above its quantile.
-    let (lo, hi) = if sample.is_empty() {
-        (f32::NEG_INFINITY, f32::INFINITY)
-    } else {
-        let s = sample.len();
-        let (r, _) = quantile_rank(rho, s);
-        let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
-        let mut order_statistic = |k: usize| from_order_key(*sample.select_nth_unstable(k).1);
-        (
-            r.checked_sub(margin)
-                .map_or(f32::NEG_INFINITY, &mut order_statistic),
-            Some(r + margin + 1)
-                .filter(|&k| k < s)
-                .map_or(f32::INFINITY, order_statistic),
-        )
-    };
+    let (lo, hi) = entropy_bracket(entropy, mask, rho);
     // Per chunk: unmasked count, count below the bracket, the keys of the bracket's values, and
     // whether an unmasked value is not finite; blocks of compares without branches, counted in
     // lanes; the values inside the bracket (a few percent) are collected by their bits.
@@ -831,14 +851,9 @@ fn top_entropy_threshold<M: MaskValue>(
     }
     let below: usize = parts.iter().map(|p| p.1).sum();
     let mut inside: Vec<i32> = parts.into_iter().flat_map(|p| p.2).collect();
-    let (j, frac) = quantile_rank(rho, n);
-    let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
-    Ok(if j >= below && last < below + inside.len() {
-        Some(interpolate_at(&mut inside, j - below, frac))
-    } else {
+    Ok(threshold_in_bracket(rho, n, below, &mut inside)
         // The sample missed: the definition over every unmasked value.
-        entropy_threshold(entropy, mask, rho)
-    })
+        .or_else(|| entropy_threshold(entropy, mask, rho)))
 }
 
 /// The top-entropy keep `m ∧ (H ≥ θ)` of every position (for the paths that take the 0/1
@@ -1654,6 +1669,42 @@ mod tests {
                 (g, w) => prop_assert_eq!(g, w),
             }
             prop_assert_eq!(top_entropy_keep(&h, &mask, rho).unwrap(), keep_by_sort(&h, &m, rho));
+        }
+
+        /// The bracket's two order statistics of the sample (the upper one selected among the
+        /// values the lower one's selection left above it) are those of the sorted sample, on
+        /// batches larger than the sample (a strided sample) and smaller, with ties.
+        #[test]
+        fn entropy_bracket_is_the_sorted_samples(
+            len in 1usize..12_000,
+            seed in any::<u64>(),
+            levels in 2u32..100_000,
+            rho in 0.01f64..=1.0,
+        ) {
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state
+            };
+            let h: Vec<f32> = (0..len).map(|_| (next() % u64::from(levels)) as f32 * 0.01).collect();
+            let mask: Vec<u8> = (0..len).map(|_| u8::from(next() % 4 != 0)).collect();
+            let mut sorted = sample(len, &mask, |j| order_key(h[j]));
+            sorted.sort_unstable();
+            let want = if sorted.is_empty() {
+                (f32::NEG_INFINITY, f32::INFINITY)
+            } else {
+                let s = sorted.len();
+                let (r, _) = quantile_rank(rho, s);
+                let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+                (
+                    r.checked_sub(margin).map_or(f32::NEG_INFINITY, |k| from_order_key(sorted[k])),
+                    sorted.get(r + margin + 1).map_or(f32::INFINITY, |&k| from_order_key(k)),
+                )
+            };
+            let got = entropy_bracket(&h, &mask, rho);
+            prop_assert_eq!((got.0.to_bits(), got.1.to_bits()), (want.0.to_bits(), want.1.to_bits()));
         }
 
         #[test]
