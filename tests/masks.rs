@@ -185,25 +185,6 @@ fn opsm_keep(x: &Batch, sampling: &[f32], delta: f64) -> Vec<f32> {
         .collect()
 }
 
-/// The top-entropy keep written out: a full sort, linear interpolation, `H ≥ θ`.
-fn top_entropy_keep(x: &Batch, rho: f64) -> Vec<f32> {
-    let mut v: Vec<f64> = (0..B * T)
-        .filter(|&j| x.mask[j] != 0.0)
-        .map(|j| f64::from(x.entropy[j]))
-        .collect();
-    v.sort_by(f64::total_cmp);
-    let p = (1.0 - rho) * (v.len() - 1) as f64;
-    let j = p.floor() as usize;
-    let theta = v[j] + (p - j as f64) * (v.get(j + 1).copied().unwrap_or(v[j]) - v[j]);
-    (0..B * T)
-        .map(|j| {
-            f32::from(u8::from(
-                x.mask[j] != 0.0 && f64::from(x.entropy[j]) >= theta,
-            ))
-        })
-        .collect()
-}
-
 fn with_masks(loss: PolicyLossConfig, masks: PolicyMasks) -> PolicyLoss {
     loss.with_masks(masks).build().unwrap()
 }
@@ -248,7 +229,7 @@ fn top_entropy_is_its_keep_as_rollout_weights_times_the_callers() {
     let x = batch();
     let caller: Vec<f32> = noise(B * T, 9).iter().map(|w| 1.0 + w).collect();
     for rho in [0.2, 0.5, 1.0] {
-        let keep = top_entropy_keep(&x, rho);
+        let keep = keep_by_sort(&x.entropy, &x.mask, rho);
         let both: Vec<f32> = keep.iter().zip(&caller).map(|(k, w)| k * w).collect();
         let config = Grpo::default().config();
         let masks = PolicyMasks::default().with_top_entropy_quantile(rho);
@@ -281,7 +262,7 @@ fn opsm_and_top_entropy_with_per_token_advantages() {
     let caller: Vec<f32> = noise(B * T, 12).iter().map(|w| 1.0 + w).collect();
     for (delta, rho) in [(0.02, 0.3), (0.05, 0.75)] {
         let opsm = opsm_keep(&x, &x.rollout, delta);
-        let top = top_entropy_keep(&x, rho);
+        let top = keep_by_sort(&x.entropy, &x.mask, rho);
         // Neither factor is trivial on the unmasked tokens.
         let unmasked = |keep: &[f32], v: f32| (0..B * T).any(|j| x.mask[j] != 0.0 && keep[j] == v);
         assert!(unmasked(&opsm, 0.0) && unmasked(&opsm, 1.0), "δ {delta}");

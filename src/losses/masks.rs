@@ -785,6 +785,13 @@ fn interpolate_at(keys: &mut [i32], j: usize, frac: f64) -> f64 {
     below + frac * (above - below)
 }
 
+/// The margin, in sample ranks, of a bracket around the sample's rank at fraction `p` of its `s`
+/// values: three standard deviations of that rank (binomial), plus four — the top-entropy
+/// quantile's and M2PO's cut's brackets.
+fn bracket_margin(s: usize, p: f64) -> usize {
+    (3.0 * (s as f64 * p * (1.0 - p)).sqrt()) as usize + 4
+}
+
 /// The bracket `[lo, hi]` of the top-entropy quantile: the order statistics of a sample
 /// ([`sample`]) a margin of three standard deviations (plus four) below and above the sample's
 /// own quantile, so that the batch's two order statistics lie inside it but for a chance of a
@@ -797,7 +804,7 @@ fn entropy_bracket<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> (f32,
     }
     let s = sample.len();
     let (r, _) = quantile_rank(rho, s);
-    let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+    let margin = bracket_margin(s, rho);
     let lo = match r.checked_sub(margin) {
         Some(k) => from_order_key(*sample.select_nth_unstable(k).1),
         None => f32::NEG_INFINITY,
@@ -1036,7 +1043,7 @@ fn m2po_reduced<M: MaskValue>(
     // The bracket: the sample's order statistics `margin` below and above its cut.
     let (lo, hi) = {
         let f = sample_cut as f64 / s as f64;
-        let margin = (3.0 * (s as f64 * f * (1.0 - f)).sqrt()) as usize + 4;
+        let margin = bracket_margin(s, f);
         let (smaller, larger) = sample.split_at_mut(sample_cut);
         let lo = match sample_cut.checked_sub(margin) {
             Some(k) => smaller.select_nth_unstable(k).1.u(),
@@ -1681,15 +1688,10 @@ mod tests {
             levels in 2u32..100_000,
             rho in 0.01f64..=1.0,
         ) {
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state
-            };
-            let h: Vec<f32> = (0..len).map(|_| (next() % u64::from(levels)) as f32 * 0.01).collect();
-            let mask: Vec<u8> = (0..len).map(|_| u8::from(next() % 4 != 0)).collect();
+            let mut next = uniforms(seed | 1);
+            let h: Vec<f32> =
+                (0..len).map(|_| (next() * f64::from(levels)).floor() as f32 * 0.01).collect();
+            let mask: Vec<u8> = (0..len).map(|_| u8::from(next() >= 0.25)).collect();
             let mut sorted = sample(len, &mask, |j| order_key(h[j]));
             sorted.sort_unstable();
             let want = if sorted.is_empty() {
@@ -1697,7 +1699,7 @@ mod tests {
             } else {
                 let s = sorted.len();
                 let (r, _) = quantile_rank(rho, s);
-                let margin = (3.0 * (s as f64 * rho * (1.0 - rho)).sqrt()) as usize + 4;
+                let margin = bracket_margin(s, rho);
                 (
                     r.checked_sub(margin).map_or(f32::NEG_INFINITY, |k| from_order_key(sorted[k])),
                     sorted.get(r + margin + 1).map_or(f32::INFINITY, |&k| from_order_key(k)),
