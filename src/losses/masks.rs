@@ -401,16 +401,16 @@ impl M2CutSums {
     }
 }
 
-/// The positions of `bytes` that hold [`INSIDE`] (a few percent of them), in order, 64 at a
-/// time: the bytes hold 0, [`BELOW`] or [`INSIDE`], so bit 1 of a byte is set only by
-/// [`INSIDE`]; each word of eight bytes gives its eight marks as one byte of a 64-bit mask (the
-/// multiplication gathers bit 0 of each byte into the top byte, no carries for 0/1 bytes), and
-/// only the set bits of the mask cost a branch.
+/// `f(j)` for each position `j` of `bytes` that holds [`INSIDE`] (a few percent of them), in
+/// order, 64 at a time: the bytes hold 0, [`BELOW`] or [`INSIDE`], so bit 1 of a byte is set
+/// only by [`INSIDE`]; each word of eight bytes gives its eight marks as one byte of a 64-bit
+/// mask (the multiplication gathers bit 0 of each byte into the top byte, no carries for 0/1
+/// bytes), and only the set bits of the mask cost a branch. No buffer of positions: the pass
+/// calls it once per span.
 #[inline(always)]
-fn inside_positions(bytes: &[u8]) -> Vec<usize> {
+fn for_inside_positions(bytes: &[u8], mut f: impl FnMut(usize)) {
     const ONES: u64 = u64::from_le_bytes([1; 8]);
     const GATHER: u64 = 0x0102_0408_1020_4080;
-    let mut found = vec![];
     let (groups, rest) = bytes.as_chunks::<64>();
     for (g, group) in groups.iter().enumerate() {
         let mut bits = 0u64;
@@ -419,17 +419,16 @@ fn inside_positions(bytes: &[u8]) -> Vec<usize> {
             bits |= (marks.wrapping_mul(GATHER) >> 56) << (8 * w);
         }
         while bits != 0 {
-            found.push(g * 64 + bits.trailing_zeros() as usize);
+            f(g * 64 + bits.trailing_zeros() as usize);
             bits &= bits - 1;
         }
     }
     let start = groups.len() * 64;
-    found.extend(
-        (0..rest.len())
-            .filter(|&k| rest[k] == INSIDE)
-            .map(|k| start + k),
-    );
-    found
+    for (k, &byte) in rest.iter().enumerate() {
+        if byte == INSIDE {
+            f(start + k);
+        }
+    }
 }
 
 /// The top-entropy selection's pass over one chunk of `H` and the mask: per lane, the unmasked
@@ -633,12 +632,12 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
             }
             let bytes = m2_cut_span(r, o, m, self.bracket, &mut sums, keep);
             // The positions inside the bracket, collected while the span is in cache.
-            inside.extend(inside_positions(bytes).into_iter().map(|j| {
-                (
+            for_inside_positions(bytes, |j| {
+                inside.push((
                     second_moment(r[j], o[j]).to_bits(),
                     self.start + span.start + j,
-                )
-            }));
+                ));
+            });
         }
         (sums, inside)
     }
@@ -1657,7 +1656,8 @@ mod tests {
             bytes in prop::collection::vec(prop::sample::select(vec![0u8, BELOW, INSIDE]), 0..300),
         ) {
             // Several groups of 64 and a tail; the positions in order.
-            let got = inside_positions(&bytes);
+            let mut got = vec![];
+            for_inside_positions(&bytes, |j| got.push(j));
             let want: Vec<usize> = (0..bytes.len()).filter(|&j| bytes[j] == INSIDE).collect();
             prop_assert_eq!(got, want);
         }
