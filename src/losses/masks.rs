@@ -856,7 +856,11 @@ fn top_entropy_threshold<M: MaskValue>(
         return Ok(None);
     }
     let below: usize = parts.iter().map(|p| p.1).sum();
-    let mut inside: Vec<i32> = parts.into_iter().flat_map(|p| p.2).collect();
+    // Sized first: the chunks' keys are copied once, with no growth.
+    let mut inside: Vec<i32> = Vec::with_capacity(parts.iter().map(|p| p.2.len()).sum());
+    for part in &parts {
+        inside.extend_from_slice(&part.2);
+    }
     Ok(threshold_in_bracket(rho, n, below, &mut inside)
         // The sample missed: the definition over every unmasked value.
         .or_else(|| entropy_threshold(entropy, mask, rho)))
