@@ -131,21 +131,24 @@ fn run_all_in(
             inputs = inputs.with_entropy(&entropy);
         }
         inputs.is_weights = weights.as_ref();
-        let result = loss.with_backend(backend).forward(&inputs).unwrap();
-        result.metrics.check().unwrap();
-        let grad = result.loss.backward().unwrap();
-        let grad = grad.get(lp.as_tensor()).unwrap();
-        let flat = |t: &Tensor| {
-            t.flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F64)
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap()
-        };
-        out.push((name, flat(&result.loss)[0], flat(grad)));
+        let (loss, grad) = loss_and_grad(&loss.with_backend(backend), &inputs, &lp);
+        out.push((name, loss, grad));
     }
     out
+}
+
+/// The loss of `inputs` (its metrics checked) and its gradient with respect to `log_probs`,
+/// in f64.
+fn loss_and_grad(loss: &PolicyLoss, inputs: &PolicyInputs<'_>, log_probs: &Var) -> (f64, Vec<f64>) {
+    let result = loss.forward(inputs).unwrap();
+    result.metrics.check().unwrap();
+    let grads = result.loss.backward().unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        t.to_vec1().unwrap()
+    };
+    let grad = flat(grads.get(log_probs.as_tensor()).unwrap());
+    (flat(&result.loss)[0], grad)
 }
 
 fn assert_same(what: &str, got: &[(&str, f64, Vec<f64>)], want: &[(&str, f64, Vec<f64>)]) {
@@ -842,15 +845,7 @@ fn run_large(
     if let Some(entropy) = &entropy {
         inputs = inputs.with_entropy(entropy);
     }
-    let result = loss.forward(&inputs).unwrap();
-    result.metrics.check().unwrap();
-    let grad = result.loss.backward().unwrap();
-    let as_f64 = |t: &Tensor| -> Vec<f64> {
-        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-        t.to_vec1().unwrap()
-    };
-    let grad = as_f64(grad.get(lp.as_tensor()).unwrap());
-    (as_f64(&result.loss)[0], grad)
+    loss_and_grad(loss, &inputs, &lp)
 }
 
 /// On batches larger than the sample, the fused CPU path's top-entropy selection (`θ` from the
