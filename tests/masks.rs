@@ -328,7 +328,7 @@ fn m2po_is_a_reduced_mask() {
 /// `k`.
 fn m2po_definition(x: &Batch, tau: f64) -> (Vec<f32>, usize) {
     let u: Vec<f64> = (0..B * T)
-        .map(|j| (f64::from(x.rollout[j]) - f64::from(x.old[j])).powi(2))
+        .map(|j| f64::from(x.rollout[j] - x.old[j]).powi(2))
         .collect();
     let mut order: Vec<usize> = (0..B * T).filter(|&j| x.mask[j] != 0.0).collect();
     order.sort_by(|&a, &b| u[b].total_cmp(&u[a]).then(b.cmp(&a)));

@@ -25,7 +25,7 @@
 //! OPSM       KL_i = Σ_t m·(ℓs − sg[ℓ]) / max(n_i, 1)       keep = (A ≥ 0) ∨ (KL_i ≤ δ)
 //! top-H      θ = the batch's (1 − ρ) quantile of H over unmasked tokens (linear interpolation)
 //!            keep = H ≥ θ
-//! M2PO       u = (ℓroll − ℓold)²; drop the k largest u, k the smallest with mean(rest) < τ
+//! M2PO       u = d², d = ℓroll − ℓold in f32; drop the k largest u, k the smallest with mean(rest) < τ
 //! ```
 //!
 //! The selections need no full sort: the quantile is two order statistics found by
@@ -290,19 +290,23 @@ impl LaneSums {
 /// The lane blocks of two inputs and the mask (M2PO's `(ℓroll, ℓold, mask)`, OPSM's
 /// `(ℓs, ℓ, mask)`; equal lengths): whole blocks, then the tail padded with masked positions
 /// (value 0).
-type LaneBlocks<'a, M> = (
-    &'a [[f32; LANES]],
-    &'a [[f32; LANES]],
-    &'a [[M; LANES]],
-    [[f32; LANES]; 2],
-    [M; LANES],
+type LaneBlocks<'a, M, const N: usize> = (
+    &'a [[f32; N]],
+    &'a [[f32; N]],
+    &'a [[M; N]],
+    [[f32; N]; 2],
+    [M; N],
 );
 
-/// Two inputs and the mask in blocks of `LANES` ([`LaneBlocks`]).
-fn lane_blocks<'a, M: MaskValue>(a: &'a [f32], b: &'a [f32], mask: &'a [M]) -> LaneBlocks<'a, M> {
-    let (a, a_tail) = a.as_chunks::<LANES>();
-    let (b, b_tail) = b.as_chunks::<LANES>();
-    let (m, m_tail) = mask.as_chunks::<LANES>();
+/// Two inputs and the mask in blocks of `N` lanes ([`LaneBlocks`]).
+fn lane_blocks<'a, M: MaskValue, const N: usize>(
+    a: &'a [f32],
+    b: &'a [f32],
+    mask: &'a [M],
+) -> LaneBlocks<'a, M, N> {
+    let (a, a_tail) = a.as_chunks::<N>();
+    let (b, b_tail) = b.as_chunks::<N>();
+    let (m, m_tail) = mask.as_chunks::<N>();
     (
         a,
         b,
@@ -341,12 +345,6 @@ fn selected(v: f64, on: bool) -> f64 {
     f64::from_bits(v.to_bits() & u64::from(on).wrapping_neg())
 }
 
-/// `(ℓroll − ℓold)²` at an unmasked position, `0` at a masked one ([`selected`]).
-#[inline(always)]
-fn masked_second_moment(rollout: f32, old: f32, on: bool) -> f64 {
-    selected(second_moment(rollout, old), on)
-}
-
 /// The byte M2PO's bracket pass writes at an unmasked position below the bracket (kept).
 const BELOW: u8 = 1;
 
@@ -354,50 +352,67 @@ const BELOW: u8 = 1;
 /// the exact cut afterwards); masked positions and those above the bracket get 0 (dropped).
 const INSIDE: u8 = 2;
 
+/// Lanes of M2PO's bracket pass: its compares run on f32 (`|d|`, [`second_moment`]), sixteen to
+/// a 512-bit vector; its sums of `u` in f64, sixteen lanes added in lane order.
+const CUT_LANES: usize = 16;
+
+/// M2PO's bracket `[lo, hi]` on `u` as bounds on `|d|` (f32, `u = d²`): `u < lo` exactly when
+/// `|d| < √lo` and `u ≤ hi` exactly when `|d| ≤ √hi`, since `u` and the bounds (values of `u`
+/// from the sample, or ±∞) are exact squares of f32 values, whose roots are exact.
+fn bracket_on_differences((lo, hi): (f64, f64)) -> (f32, f32) {
+    let root = |u: f64| {
+        if u < 0.0 {
+            f32::NEG_INFINITY
+        } else {
+            u.sqrt() as f32
+        }
+    };
+    (root(lo), root(hi))
+}
+
 /// One block of M2PO's bracket pass: per lane, the count of unmasked positions, the count and
-/// `Σu` of those below `lo`, `Σu` of all of them (not finite when an unmasked `u` is not) and the
-/// count of mask values neither 0 nor 1; a byte per position in `keep` ([`BELOW`], [`INSIDE`] for
-/// `lo ≤ u ≤ hi`, else 0). Bytes and counts rather than bits and flags: the compiler keeps them
-/// in vector lanes.
+/// `Σu` of those below the bracket, and the count of bad positions (a mask value neither 0 nor
+/// 1, or an unmasked `d` that is not finite); a byte per position in `keep` ([`BELOW`],
+/// [`INSIDE`] for `lo ≤ u ≤ hi`, else 0). The position's class comes from `|d|` against the
+/// bracket's roots ([`bracket_on_differences`]), in f32; only the sum below needs `u` in f64.
+/// Bytes and counts rather than bits and flags: the compiler keeps them in vector lanes.
 #[inline(always)]
 fn m2_cut_block<M: MaskValue>(
-    r: &[f32; LANES],
-    o: &[f32; LANES],
-    m: &[M; LANES],
-    (lo, hi): (f64, f64),
+    r: &[f32; CUT_LANES],
+    o: &[f32; CUT_LANES],
+    m: &[M; CUT_LANES],
+    (lo, hi): (f32, f32),
     sums: &mut M2CutSums,
-    keep: &mut [MaybeUninit<u8>; LANES],
+    keep: &mut [MaybeUninit<u8>; CUT_LANES],
 ) {
-    for j in 0..LANES {
+    for j in 0..CUT_LANES {
         let on = m[j].on();
-        let u = masked_second_moment(r[j], o[j], on);
-        let below = on & (u < lo);
-        let inside = on & (u >= lo) & (u <= hi);
+        let d = r[j] - o[j];
+        let size = d.abs();
+        let below = on & (size < lo);
+        let inside = on & (size >= lo) & (size <= hi);
         sums.n[j] += u32::from(on);
         sums.below[j] += u32::from(below);
-        sums.below_sum[j] += selected(u, below);
-        // A non-finite unmasked `u` makes the lane's total non-finite: one add, no compare.
-        sums.total[j] += u;
-        sums.bad[j] += u32::from(!m[j].binary());
+        sums.below_sum[j] += selected(f64::from(d) * f64::from(d), below);
+        sums.bad[j] += u32::from(!m[j].binary() | (on & !d.is_finite()));
         keep[j] = MaybeUninit::new(u8::from(below) * BELOW + u8::from(inside) * INSIDE);
     }
 }
 
-/// Per lane, M2PO's bracket pass: the unmasked count, the count and `Σu` below the bracket,
-/// the total `Σu` and the count of bad mask values ([`m2_cut_block`]).
+/// Per lane, M2PO's bracket pass: the unmasked count, the count and `Σu` below the bracket
+/// and the count of bad positions ([`m2_cut_block`]).
 #[derive(Default)]
 struct M2CutSums {
-    n: [u32; LANES],
-    below: [u32; LANES],
-    below_sum: [f64; LANES],
-    total: [f64; LANES],
-    bad: [u32; LANES],
+    n: [u32; CUT_LANES],
+    below: [u32; CUT_LANES],
+    below_sum: [f64; CUT_LANES],
+    bad: [u32; CUT_LANES],
 }
 
 impl M2CutSums {
-    /// Whether an unmasked `u` was not finite or a mask value was neither 0 nor 1.
+    /// Whether an unmasked `d` was not finite or a mask value was neither 0 nor 1.
     fn bad(&self) -> bool {
-        self.bad.iter().any(|&bad| bad > 0) || !self.total.iter().sum::<f64>().is_finite()
+        self.bad.iter().any(|&bad| bad > 0)
     }
 }
 
@@ -588,7 +603,7 @@ impl<M: MaskValue, const SQUARED: bool> Vectorized for MaskedSums<'_, M, SQUARED
             if !any_on(m) {
                 continue;
             }
-            let (a, b, m, [a_tail, b_tail], m_tail) = lane_blocks(a, b, m);
+            let (a, b, m, [a_tail, b_tail], m_tail) = lane_blocks::<M, LANES>(a, b, m);
             for ((a, b), m) in a.iter().zip(b).zip(m) {
                 masked_sum_block::<M, SQUARED>(a, b, m, &mut sums);
             }
@@ -604,7 +619,8 @@ struct M2CutChunk<'a, M> {
     r: &'a [f32],
     o: &'a [f32],
     m: &'a [M],
-    bracket: (f64, f64),
+    /// The bracket as bounds on `|d|` ([`bracket_on_differences`]).
+    bracket: (f32, f32),
     /// The chunk's bytes of the reduced mask, every one written by the pass.
     keep: &'a mut [MaybeUninit<u8>],
     /// The flat index of the chunk's first position.
@@ -650,17 +666,17 @@ fn m2_cut_span<'k, M: MaskValue>(
     r: &[f32],
     o: &[f32],
     m: &[M],
-    bracket: (f64, f64),
+    bracket: (f32, f32),
     sums: &mut M2CutSums,
     keep: &'k mut [MaybeUninit<u8>],
 ) -> &'k [u8] {
-    let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks(r, o, m);
-    let (keep_blocks, keep_tail) = keep.as_chunks_mut::<LANES>();
+    let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks::<M, CUT_LANES>(r, o, m);
+    let (keep_blocks, keep_tail) = keep.as_chunks_mut::<CUT_LANES>();
     for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
         m2_cut_block(r, o, m, bracket, sums, keep);
     }
     if !keep_tail.is_empty() {
-        let mut tail = [MaybeUninit::new(0u8); LANES];
+        let mut tail = [MaybeUninit::new(0u8); CUT_LANES];
         m2_cut_block(&r_tail, &o_tail, &m_tail, bracket, sums, &mut tail);
         let n = keep_tail.len();
         keep_tail.copy_from_slice(&tail[..n]);
@@ -948,10 +964,14 @@ fn cut<D: Moment>(order: &mut [D], start: f64, tau: f64) -> usize {
     lo
 }
 
-/// `(ℓroll − ℓold)²` in f64.
+/// M2PO's `u = d²` with `d = ℓroll − ℓold` in f32 (as AReaL's f32 tensors take it), squared
+/// in f64, where the square of an f32 is exact (24 significant bits squared fit f64's 53): `u`
+/// orders the tokens as `|d|` does, which lets the bracket pass compare `|d|` in f32
+/// ([`bracket_on_differences`]). Log-probs (≤ 0) never overflow `d`; values of opposite signs
+/// beyond `f32::MAX` apart give `d = ±∞`, `u = ∞`: such a token goes first.
 #[inline(always)]
 fn second_moment(rollout: f32, old: f32) -> f64 {
-    let d = f64::from(rollout) - f64::from(old);
+    let d = f64::from(rollout - old);
     d * d
 }
 
@@ -1072,7 +1092,7 @@ fn m2po_reduced<M: MaskValue>(
             r: &rollout[chunk.clone()],
             o: &old[chunk.clone()],
             m: &mask[chunk],
-            bracket: (lo, hi),
+            bracket: bracket_on_differences((lo, hi)),
             keep,
             start: c * CHUNK,
         })
@@ -1086,7 +1106,7 @@ fn m2po_reduced<M: MaskValue>(
         check_host_mask_values(mask)?;
     }
     // In chunk order: the same sums whatever the number of threads.
-    let count = |lanes: &[u32; LANES]| lanes.iter().map(|&n| n as usize).sum::<usize>();
+    let count = |lanes: &[u32; CUT_LANES]| lanes.iter().map(|&n| n as usize).sum::<usize>();
     let n: usize = parts.iter().map(|p| count(&p.0.n)).sum();
     let below: usize = parts.iter().map(|p| count(&p.0.below)).sum();
     let below_sum: f64 = parts
@@ -1377,7 +1397,7 @@ mod tests {
 
     /// M2PO by its definition: sort descending, drop until the rest's mean is below τ.
     fn m2po_by_sort(roll: &[f32], old: &[f32], m: &[bool], tau: f64) -> Vec<bool> {
-        let u = |j: usize| (f64::from(roll[j]) - f64::from(old[j])).powi(2);
+        let u = |j: usize| f64::from(roll[j] - old[j]).powi(2);
         let mut order: Vec<usize> = (0..old.len()).filter(|&j| m[j]).collect();
         // Descending u; among equal u the later token first (the crate's tie rule).
         order.sort_by(|&a, &b| u(b).total_cmp(&u(a)).then(b.cmp(&a)));
@@ -1613,6 +1633,34 @@ mod tests {
         let wide = unsafe { entropy_chunk_avx512(chunk()) };
         prop_assert_eq!(wide, portable, "mask {:?}", mask);
         Ok(())
+    }
+
+    proptest! {
+        /// M2PO's bracket pass classifies by `|d|` in f32 exactly as by `u` in f64: for any two
+        /// log-prob pairs, `u < lo` and `u ≤ hi` hold where their bounds on `|d|` do, the
+        /// bracket taken from another pair's `u` (as the sample gives it) or ±∞.
+        #[test]
+        fn bracket_on_differences_classifies_as_u(
+            r in -30f32..0.0,
+            o in -30f32..0.0,
+            bound_r in -30f32..0.0,
+            bound_o in -30f32..0.0,
+            which in 0u8..3,
+        ) {
+            let u = second_moment(r, o);
+            // The bound's `d` one ulp on either side of this one (close calls), or another's.
+            let d = (r - o).abs();
+            let bound = match which {
+                0 => f64::from(d.next_up()).powi(2),
+                1 => f64::from(d.next_down().max(0.0)).powi(2),
+                _ => second_moment(bound_r, bound_o),
+            };
+            for (lo, hi) in [(bound, bound), (f64::NEG_INFINITY, bound), (bound, f64::INFINITY), (u, u)] {
+                let (lo_d, hi_d) = bracket_on_differences((lo, hi));
+                prop_assert_eq!(u < lo, d < lo_d, "u {} lo {}", u, lo);
+                prop_assert_eq!(u <= hi, d <= hi_d, "u {} hi {}", u, hi);
+            }
+        }
     }
 
     proptest! {
