@@ -188,24 +188,46 @@ fn check_finite<M: MaskValue>(arg: &'static str, x: &[f32], mask: &[M]) -> Resul
 /// The number of values the selections sample before their one full pass.
 const SAMPLE: usize = 4096;
 
+/// M2PO decides its route from every `ROUTE_EVERY`-th run of the sample (about
+/// `SAMPLE / ROUTE_EVERY` values): when they mask nothing, the whole sample is not needed.
+const ROUTE_EVERY: usize = 4;
+
 /// Consecutive positions per run of the sample: one cache line of f32 values, so that the
 /// sample reads `SAMPLE / RUN` lines of each input rather than `SAMPLE`.
 const RUN: usize = 16;
 
 /// The unmasked positions of `SAMPLE / RUN` evenly spaced runs of `RUN` consecutive positions
 /// (every position when `len ≤ SAMPLE`), `f` of each index: about `SAMPLE` values.
+fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Vec<T> {
+    sample_runs(len, mask, f, |_| true)
+}
+
+/// [`sample`]'s values from the runs whose ordinal `k` (`0, 1, …` along the batch) `pick`
+/// takes: a part of the sample, which the other part completes.
 ///
 /// The runs' first and last positions are read first, in a loop of independent loads the CPU
 /// overlaps (the runs lie a page or more apart, beyond the hardware prefetcher's reach), so that
 /// the loop that builds the sample finds its lines in the cache instead of waiting for each.
-fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Vec<T> {
+fn sample_runs<M: MaskValue, T>(
+    len: usize,
+    mask: &[M],
+    f: impl Fn(usize) -> T,
+    pick: impl Fn(usize) -> bool,
+) -> Vec<T> {
     let stride = (len / (SAMPLE / RUN)).max(RUN);
-    for start in (0..len).step_by(stride) {
+    let starts = || {
+        (0..len)
+            .step_by(stride)
+            .enumerate()
+            .filter(|&(k, _)| pick(k))
+            .map(|(_, start)| start)
+    };
+    for start in starts() {
         let last = (start + RUN).min(len) - 1;
         std::hint::black_box((mask[start].on(), mask[last].on(), f(start), f(last)));
     }
     let mut values = Vec::with_capacity(len.div_ceil(stride) * RUN);
-    for start in (0..len).step_by(stride) {
+    for start in starts() {
         let end = (start + RUN).min(len);
         for (k, m) in mask[start..end].iter().enumerate() {
             if m.on() {
@@ -1022,7 +1044,8 @@ fn m2po_by_definition<M: MaskValue>(rollout: &[f32], old: &[f32], mask: &[M], ta
 /// already below `τ`): a sample brackets the cut, the pass sums `u` below the bracket, keeps
 /// what is below it, drops what is above it and collects what is inside; the exact cut inside
 /// the bracket comes from those few values ([`m2po_keep`], the definition, when it misses).
-/// When the sample masks nothing (AReaL's usual case), the pass only sums `u` and writes nothing.
+/// When a quarter of the sample's runs mask nothing (AReaL's usual case), a pass only sums `u`
+/// and writes nothing, and the rest of the sample is not read unless that pass finds a cut.
 /// A mask value other than 0 and 1 is the mask's typed error whenever a mask is written.
 fn m2po_reduced<M: MaskValue>(
     rollout: &[f32],
@@ -1031,19 +1054,16 @@ fn m2po_reduced<M: MaskValue>(
     tau: f64,
 ) -> Result<Option<Vec<u8>>> {
     let len = old.len();
-    let mut sample = sample(len, mask, |j| second_moment(rollout[j], old[j]).to_bits());
-    let s = sample.len();
-    let by_definition = || -> Result<Option<Vec<u8>>> {
-        check_host_mask_values(mask)?;
-        Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
-    };
-    // Whether the sample masks nothing: its whole excess `Σ (u − τ)` is negative (the excess
-    // falls while `u < τ` and rises after, so its last prefix is negative exactly when every
-    // token is kept) — one sum, no selection. Only the route depends on it: each route checks
-    // its own result against the batch.
-    if s == 0 || sample.iter().map(|&u| u.u() - tau).sum::<f64>() < 0.0 {
-        // The sample masks nothing (AReaL's usual case): one read of the batch, nothing
-        // written, to confirm it; the definition if it does not hold.
+    let u_bits = |j: usize| second_moment(rollout[j], old[j]).to_bits();
+    // The route first, from a quarter of the sample's runs: whether they mask nothing, from
+    // their whole excess `Σ (u − τ)` (the excess falls while `u < τ` and rises after, so its
+    // last prefix is negative exactly when every token is kept) — one sum, no selection. Only
+    // the route depends on it: each route checks its own result against the batch.
+    let route_runs = |k: usize| k.is_multiple_of(ROUTE_EVERY);
+    let mut sample = sample_runs(len, mask, u_bits, route_runs);
+    if sample.is_empty() || sample.iter().map(|&u| u.u() - tau).sum::<f64>() < 0.0 {
+        // They mask nothing (AReaL's usual case): one read of the batch, nothing written, to
+        // confirm it; the cutting route below when it does not hold.
         let (n, total) = pool::chunks(rollout, CHUNK, |c, a| {
             let chunk = c * CHUNK..c * CHUNK + a.len();
             let (b, m) = (&old[chunk.clone()], &mask[chunk]);
@@ -1059,6 +1079,15 @@ fn m2po_reduced<M: MaskValue>(
         if n == 0 || total < tau * n as f64 {
             return Ok(None);
         }
+    }
+    // The rest of the sample's runs.
+    sample.extend(sample_runs(len, mask, u_bits, |k| !route_runs(k)));
+    let s = sample.len();
+    let by_definition = || -> Result<Option<Vec<u8>>> {
+        check_host_mask_values(mask)?;
+        Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
+    };
+    if s == 0 {
         return by_definition();
     }
     // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
@@ -1504,6 +1533,22 @@ mod tests {
         assert!(sample(len, &ones, |j| roll[j]).iter().all(|&r| r == -0.99));
         let reduced = reduced_as_bools(&roll, &old, &ones, 1e-3);
         assert_eq!(reduced, m2po_by_sort(&roll, &old, &all, 1e-3));
+        assert!(reduced.iter().any(|k| !k), "nothing masked");
+        // The route's quarter of the runs sees no drift, the rest of the batch drifts: the
+        // route's pass finds the cut, and the whole sample then brackets it.
+        let roll: Vec<f32> = (0..len)
+            .map(|j| {
+                if (j / stride).is_multiple_of(ROUTE_EVERY) && j % stride < RUN {
+                    -1.0
+                } else {
+                    -0.9
+                }
+            })
+            .collect();
+        let route = sample_runs(len, &ones, |j| roll[j], |k| k.is_multiple_of(ROUTE_EVERY));
+        assert!(route.iter().all(|&r| r == -1.0));
+        let reduced = reduced_as_bools(&roll, &old, &ones, 5e-3);
+        assert_eq!(reduced, m2po_by_sort(&roll, &old, &all, 5e-3));
         assert!(reduced.iter().any(|k| !k), "nothing masked");
     }
 
