@@ -975,7 +975,7 @@ fn cut<D: Moment>(order: &mut [D], start: f64, tau: f64) -> usize {
         let mid = lo + (hi - lo) / 2;
         let slice = &mut order[lo..hi];
         slice.select_nth_unstable(mid - lo);
-        let part: f64 = slice[..=mid - lo].iter().map(|&d| d.u() - tau).sum();
+        let part = excess(&slice[..=mid - lo], tau);
         if prefix + part < 0.0 {
             prefix += part;
             lo = mid + 1;
@@ -984,6 +984,23 @@ fn cut<D: Moment>(order: &mut [D], start: f64, tau: f64) -> usize {
         }
     }
     lo
+}
+
+/// `Σ (u − τ)` over `values`, in [`LANES`] f64 chains added in lane order: the additions of
+/// one chain wait for each other, those of different chains do not (one chain made the sums of
+/// M2PO's cuts wait four cycles per value).
+fn excess<D: Moment>(values: &[D], tau: f64) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let (blocks, tail) = values.as_chunks::<LANES>();
+    for block in blocks {
+        for (lane, &d) in lanes.iter_mut().zip(block) {
+            *lane += d.u() - tau;
+        }
+    }
+    for (lane, &d) in lanes.iter_mut().zip(tail) {
+        *lane += d.u() - tau;
+    }
+    lanes.iter().sum()
 }
 
 /// M2PO's `u = d²` with `d = ℓroll − ℓold` in f32 (as AReaL's f32 tensors take it), squared
@@ -1061,7 +1078,7 @@ fn m2po_reduced<M: MaskValue>(
     // the route depends on it: each route checks its own result against the batch.
     let route_runs = |k: usize| k.is_multiple_of(ROUTE_EVERY);
     let mut sample = sample_runs(len, mask, u_bits, route_runs);
-    if sample.is_empty() || sample.iter().map(|&u| u.u() - tau).sum::<f64>() < 0.0 {
+    if sample.is_empty() || excess(&sample, tau) < 0.0 {
         // They mask nothing (AReaL's usual case): one read of the batch, nothing written, to
         // confirm it; the cutting route below when it does not hold.
         let (n, total) = pool::chunks(rollout, CHUNK, |c, a| {
@@ -1148,7 +1165,7 @@ fn m2po_reduced<M: MaskValue>(
     }
     let above = n - below - inside.len();
     let start = below_sum - tau * below as f64;
-    let end = start + inside.iter().map(|&d| d.u() - tau).sum::<f64>();
+    let end = start + excess(&inside, tau);
     // The bracket holds the cut when the excess is negative at its start (or nothing is below
     // it) and the first value above it (> hi) already makes the excess non-negative.
     let holds = (below == 0 || start < 0.0)
