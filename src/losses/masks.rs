@@ -415,7 +415,7 @@ fn m2_cut_block<M: MaskValue>(
         let inside = on & (size >= lo) & (size <= hi);
         sums.n[j] += u32::from(on);
         sums.below[j] += u32::from(below);
-        sums.below_sum[j] += selected(f64::from(d) * f64::from(d), below);
+        sums.below_sum[j] += selected(exact_square(d), below);
         sums.bad[j] += u32::from(!m[j].binary() | (on & !d.is_finite()));
         keep[j] = MaybeUninit::new(u8::from(below) * BELOW + u8::from(inside) * INSIDE);
     }
@@ -1010,7 +1010,14 @@ fn excess<D: Moment>(values: &[D], tau: f64) -> f64 {
 /// beyond `f32::MAX` apart give `d = ±∞`, `u = ∞`: such a token goes first.
 #[inline(always)]
 fn second_moment(rollout: f32, old: f32) -> f64 {
-    let d = f64::from(rollout - old);
+    exact_square(rollout - old)
+}
+
+/// `d²` in f64, exact for every f32 `d` ([`second_moment`] of a difference already taken; the
+/// bracket pass has `d` at hand for its compares).
+#[inline(always)]
+fn exact_square(d: f32) -> f64 {
+    let d = f64::from(d);
     d * d
 }
 
