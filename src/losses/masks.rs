@@ -339,8 +339,9 @@ fn lane_blocks<'a, M: MaskValue, const N: usize>(
 }
 
 /// One block of a [`MaskedSums`] pass: per lane, the count and the sum of `v` over the unmasked
-/// positions, `v = (a − b)²` in f64 when `SQUARED` (M2PO's `u`), else `a − b` (OPSM's term); a
-/// masked position is selected to 0 by a bit mask, whatever its values hold.
+/// positions, `v` M2PO's `u` of `(a, b)` when `SQUARED` ([`second_moment`]: `a − b` in f32,
+/// squared exactly in f64), else `a − b` in f64 (OPSM's term); a masked position is selected to
+/// 0 by a bit mask, whatever its values hold.
 #[inline(always)]
 fn masked_sum_block<M: MaskValue, const SQUARED: bool>(
     a: &[f32; LANES],
@@ -606,8 +607,8 @@ fn on_bits_avx512<M: MaskValue>(m: &[M; BLOCK]) -> u16 {
 }
 
 /// A pass over `(a, b, mask)` in lane blocks: per lane, the unmasked count and the sum of
-/// `(a − b)²` (`SQUARED`: M2PO's idle pass, `Σu` over `(ℓroll, ℓold)`) or of `a − b` (OPSM's
-/// row sum over `(ℓs, ℓ)`) ([`masked_sum_block`]). A [`Vectorized`] body.
+/// M2PO's `u` (`SQUARED`: its idle pass, `Σu` over `(ℓroll, ℓold)`, [`second_moment`]) or of
+/// `a − b` (OPSM's row sum over `(ℓs, ℓ)`) ([`masked_sum_block`]). A [`Vectorized`] body.
 struct MaskedSums<'a, M, const SQUARED: bool> {
     a: &'a [f32],
     b: &'a [f32],
@@ -930,9 +931,9 @@ pub(crate) fn threshold_f32(theta: f64) -> f32 {
 }
 
 /// M2PO's reduced mask by its definition: `false` for the `k` unmasked tokens of largest
-/// `u = (ℓroll − ℓold)²`, `k` the smallest with the mean of the others below `τ` (`N − 1` if
-/// there is none). Ties of `u` at the cut: the later tokens are masked first. A quickselect
-/// search on the sums of the smaller values, O(N).
+/// `u = (ℓroll − ℓold)²` ([`second_moment`]), `k` the smallest with the mean of the others
+/// below `τ` (`N − 1` if there is none). Ties of `u` at the cut: the later tokens are masked
+/// first. A quickselect search on the sums of the smaller values, O(N).
 pub(crate) fn m2po_keep<M: MaskValue>(
     rollout: &[f32],
     old: &[f32],
