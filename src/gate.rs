@@ -24,6 +24,14 @@ use crate::real::Real;
 /// `4/τ` (`4/τ · 2⁻²³`) must not exceed it. This bounds `τ` below by `4·2⁻²³/10⁻⁴ ≈ 4.8e-3`;
 /// smaller temperatures make `−f(ρ)·A` a sum of near-equal constants `±(2/τ)·A` that f32 cannot
 /// tell apart (τ = 1e-6: loss −0.0625 in f32 where f64 gives −0.0319).
+///
+/// ```
+/// use sapo::gate::{value_scalar, GATE_RESOLUTION};
+/// // the smallest τ accepted: f32's spacing at 4/τ is the resolution
+/// let tau_min = 4.0 * f64::from(f32::EPSILON) / GATE_RESOLUTION;
+/// assert!(value_scalar(1.0, tau_min * 1.01).is_ok());
+/// assert!(value_scalar(1.0, tau_min * 0.99).is_err());
+/// ```
 pub const GATE_RESOLUTION: f64 = 1e-4;
 
 /// Checks that a temperature `τ` is finite and > 0, that `4/τ` is finite in f32, and that f32
@@ -77,6 +85,11 @@ pub enum GateFunction {
 
 impl GateFunction {
     /// Every gate, in the order of their GPU ids.
+    ///
+    /// ```
+    /// let names: Vec<_> = sapo::GateFunction::ALL.iter().map(|g| g.name()).collect();
+    /// assert_eq!(names, ["sigmoid", "erf", "arctan", "softsign"]);
+    /// ```
     pub const ALL: [GateFunction; 4] = [Self::Sigmoid, Self::Erf, Self::Arctan, Self::Softsign];
 
     /// Its name (`sigmoid`, `erf`, `arctan`, `softsign`).

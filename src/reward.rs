@@ -57,7 +57,16 @@ pub struct OverlongPenalty {
 }
 
 impl OverlongPenalty {
-    /// verl's and AReaL's form (`overlong_buffer.len`, `penalty_factor`), checked.
+    /// verl's and AReaL's form (`overlong_buffer.len`, `penalty_factor`), checked:
+    /// `p = min(−(L − (L_max − b))/b · f, 0)`, no floor past `L_max`.
+    ///
+    /// ```
+    /// use sapo::reward::{BeyondMax, OverlongPenalty};
+    /// let p = OverlongPenalty::verl(1024, 256, 0.5)?;
+    /// assert_eq!((p.beyond_max, p.penalty(1024)), (BeyondMax::Linear, -0.5));
+    /// assert!(OverlongPenalty::verl(1024, 2048, 0.5).is_err()); // b > L_max
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn verl(max_length: usize, buffer: usize, penalty_factor: f64) -> Result<Self> {
         let out = Self {
             max_length,
@@ -69,7 +78,15 @@ impl OverlongPenalty {
         Ok(out)
     }
 
-    /// TRL's form (`max_completion_len`, `soft_punish_cache`), checked.
+    /// TRL's form (`max_completion_len`, `soft_punish_cache`), checked:
+    /// `p = 0` up to `L_max − b`, `(L_max − b − L)/b` up to `L_max`, `−1` past it (`f = 1`).
+    ///
+    /// ```
+    /// use sapo::reward::{BeyondMax, OverlongPenalty};
+    /// let p = OverlongPenalty::trl(1024, 0)?; // b = 0: a step at L_max
+    /// assert_eq!((p.beyond_max, p.penalty(1024), p.penalty(1025)), (BeyondMax::Cap, 0.0, -1.0));
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn trl(max_length: usize, buffer: usize) -> Result<Self> {
         let out = Self {
             max_length,
@@ -105,7 +122,15 @@ impl OverlongPenalty {
         )
     }
 
-    /// The penalty `p` of a response of `length` tokens.
+    /// The penalty `p` of a response of `length` tokens (the formulas of [`Self::verl`] and
+    /// [`Self::trl`], by [`Self::beyond_max`]).
+    ///
+    /// ```
+    /// let p = sapo::reward::OverlongPenalty::verl(16, 4, 2.0)?;
+    /// // 0 up to L_max − b = 12, then −(L − 12)/4 · 2
+    /// assert_eq!([p.penalty(12), p.penalty(13), p.penalty(16)], [0.0, -0.5, -2.0]);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn penalty(&self, length: usize) -> f64 {
         let start = (self.max_length - self.buffer) as f64;
         let length = length as f64;
@@ -204,14 +229,32 @@ pub enum KlController {
 }
 
 impl KlController {
-    /// A fixed `β` (finite, ≥ 0).
+    /// A fixed `β` (finite, ≥ 0; verl's `FixedKLController`).
+    ///
+    /// ```
+    /// use sapo::reward::KlController;
+    /// assert_eq!(KlController::fixed(0.001)?.coef(), 0.001);
+    /// assert!(KlController::fixed(-0.1).is_err());
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn fixed(coef: f64) -> Result<Self> {
         check_coef(coef)?;
         Ok(Self::Fixed { coef })
     }
 
     /// An adaptive controller from `β₀` (finite, ≥ 0) toward `target` (finite, > 0) over
-    /// `horizon` steps (> 0).
+    /// `horizon` steps (> 0; verl's `AdaptiveKLController`):
+    /// `β ← β·(1 + clip(current_kl/target − 1, −0.2, 0.2)·n_steps/horizon)` at each
+    /// [`Self::update`].
+    ///
+    /// ```
+    /// use sapo::reward::KlController;
+    /// let mut c = KlController::adaptive(0.1, 0.05, 100)?;
+    /// c.update(0.0, 10)?; // no KL at all: the error clips at −0.2, β shrinks by 0.2·10/100
+    /// assert!((c.coef() - 0.1 * 0.98).abs() < 1e-15);
+    /// assert!(KlController::adaptive(0.1, 0.0, 100).is_err());
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn adaptive(init_coef: f64, target: f64, horizon: usize) -> Result<Self> {
         check_coef(init_coef)?;
         check_config(
@@ -229,6 +272,12 @@ impl KlController {
     }
 
     /// The current `β`.
+    ///
+    /// ```
+    /// let c = sapo::reward::KlController::adaptive(0.2, 6.0, 10_000)?;
+    /// assert_eq!(c.coef(), 0.2); // β₀ until the first update
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn coef(&self) -> f64 {
         match *self {
             Self::Fixed { coef } | Self::Adaptive { coef, .. } => coef,
@@ -278,6 +327,23 @@ fn check_coef(coef: f64) -> Result<()> {
 }
 
 /// What [`kl_in_reward`] returns.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use sapo::reward::{kl_in_reward, KlController};
+/// let dev = Device::Cpu;
+/// let scores = Tensor::new(&[[0.0f32, 1.0], [0.0, 0.0]], &dev)?;
+/// let old = Tensor::new(&[[-1.0f32, -1.0], [-1.0, 9.0]], &dev)?;
+/// let reference = Tensor::new(&[[-1.5f32, -1.5], [-1.0, 0.0]], &dev)?;
+/// let mask = Tensor::new(&[[1u8, 1], [1, 0]], &dev)?;
+/// let controller = KlController::fixed(0.1)?;
+/// let out = kl_in_reward(&scores, &old, &reference, &mask, sapo::KlEstimator::K1, false, &controller)?;
+/// // k1 = ℓold − ℓref: 0.5 per token in the first row, 0 in the second (its padding ignored);
+/// // current_kl = the mean over the rows of each row's token mean
+/// assert!((out.current_kl - 0.25).abs() < 1e-6);
+/// assert_eq!(out.rewards.to_vec2::<f32>()?, [[-0.05, 0.95], [0.0, 0.0]]);
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct KlInReward {
     /// `[B,T]` `s − β·k·m`, in `scores`' dtype.

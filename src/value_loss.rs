@@ -47,6 +47,21 @@ pub struct ValueLoss {
 
 /// What [`ValueLoss::forward`] returns: the loss and its metrics (detached scalars on the
 /// inputs' device).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let values_pred = Tensor::new(&[[0.5f32, 2.0, 7.0]], &dev)?;
+/// let old_values = Tensor::new(&[[0.4f32, 1.0, 0.0]], &dev)?;
+/// let returns = Tensor::new(&[[1.0f32, 1.0, 0.0]], &dev)?;
+/// let mask = Tensor::new(&[[1u8, 1, 0]], &dev)?;
+/// let out = sapo::ValueLoss::new(0.5).forward(&values_pred, &old_values, &returns, &mask)?;
+/// // token 2: v̂ = 1.5, (v̂ − R)² = 0.25 < (v − R)² = 1: not the clipped term; the masked
+/// // token counts nowhere
+/// assert_eq!(out.clip_fraction.to_scalar::<f32>()?, 0.0);
+/// assert_eq!(out.vpred_mean.to_scalar::<f32>()?, 1.25);
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct ValueLossOutput {
     /// The scalar loss in the compute dtype (f32, f64 for f64 inputs), differentiable with
@@ -59,7 +74,12 @@ pub struct ValueLossOutput {
 }
 
 impl ValueLoss {
-    /// The loss with clip `c` and `token-mean` aggregation.
+    /// The loss with clip `c` and `token-mean` aggregation (checked when it runs).
+    ///
+    /// ```
+    /// let l = sapo::ValueLoss::new(0.5);
+    /// assert_eq!((l.clip, l.aggregation), (0.5, sapo::Aggregation::TokenMean));
+    /// ```
     pub fn new(clip: f64) -> Self {
         Self {
             clip,
@@ -80,6 +100,12 @@ impl ValueLoss {
     }
 
     /// The same with a normalizer (see [`crate::Normalizer`]).
+    ///
+    /// ```
+    /// let n = sapo::Normalizer::default().with_global_tokens(1024.0).with_world_size(4);
+    /// let l = sapo::ValueLoss::new(0.5).with_normalizer(n);
+    /// assert_eq!(l.normalizer.world_size, 4);
+    /// ```
     pub fn with_normalizer(mut self, normalizer: Normalizer) -> Self {
         self.normalizer = normalizer;
         self
@@ -103,7 +129,24 @@ impl ValueLoss {
 
     /// The loss of the predicted values `values_pred` `[B,T]` (carrying the gradient) against
     /// the `returns`, with the rollout's `old_values`, over the 0/1 `mask` (all `[B,T]`; masked
-    /// positions may hold anything and get no gradient).
+    /// positions may hold anything and get no gradient):
+    /// `½ · agg(max((v − R)², (clip(v, v_old ± c) − R)²))`.
+    ///
+    /// ```
+    /// use candle_core::{Device, Tensor, Var};
+    /// let dev = Device::Cpu;
+    /// let values_pred = Var::new(&[[3.0f32, f32::NAN]], &dev)?;
+    /// let old_values = Tensor::new(&[[0.0f32, 0.0]], &dev)?;
+    /// let returns = Tensor::new(&[[0.0f32, 0.0]], &dev)?;
+    /// let mask = Tensor::new(&[[1u8, 0]], &dev)?;
+    /// let out = sapo::ValueLoss::new(0.5).forward(values_pred.as_tensor(), &old_values, &returns, &mask)?;
+    /// // (v − R)² = 9 > (0.5 − R)²: the unclipped term, ½·9; the masked NaN never reaches it
+    /// assert_eq!(out.loss.to_scalar::<f32>()?, 4.5);
+    /// let grads = out.loss.backward()?;
+    /// let g = grads.get(values_pred.as_tensor()).unwrap().to_vec2::<f32>()?;
+    /// assert_eq!(g, [[3.0, 0.0]]); // ½·2(v − R), 0 on the padding
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn forward(
         &self,
         values_pred: &Tensor,

@@ -118,6 +118,14 @@ pub struct TokenAdvantageInputs<'a> {
 
 impl<'a> TokenAdvantageInputs<'a> {
     /// The mask alone; add what the estimator reads.
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// let mask = Tensor::new(&[[1u8, 0]], &Device::Cpu)?;
+    /// let inputs = sapo::TokenAdvantageInputs::new(&mask);
+    /// assert!(inputs.token_level_rewards.is_none() && inputs.groups.is_none());
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
     pub fn new(mask: &'a Tensor) -> Self {
         Self {
             mask,
@@ -128,35 +136,108 @@ impl<'a> TokenAdvantageInputs<'a> {
             reward_baselines: None,
         }
     }
-    /// With the token rewards `[B,T]`.
+    /// With the token rewards `r` `[B,T]` (every estimator reads them but `gdpo`).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use sapo::{token_advantages, TokenAdvantageInputs, TokenEstimator};
+    /// let mask = Tensor::new(&[[1f32, 1.0]], &Device::Cpu)?;
+    /// let rewards = Tensor::new(&[[1f32, 2.0]], &Device::Cpu)?;
+    /// let inputs = TokenAdvantageInputs::new(&mask).with_token_level_rewards(&rewards);
+    /// // reinforce_plus_plus with γ = 1: the returns G[t] = Σ_{u≥t} r[u]
+    /// let out = token_advantages(&TokenEstimator::ReinforcePlusPlus { gamma: 1.0 }, &inputs)?;
+    /// assert_eq!(out.returns.unwrap().to_vec2::<f32>()?, [[3.0, 2.0]]);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn with_token_level_rewards(self, rewards: &'a Tensor) -> Self {
         Self {
             token_level_rewards: Some(rewards),
             ..self
         }
     }
-    /// With the groups.
+    /// With the group of every response (`grpo_passk`, `opo`, `gpg`, `gdpo` and
+    /// `reinforce_plus_plus_baseline`).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use sapo::{token_advantages, Groups, TokenAdvantageInputs, TokenEstimator};
+    /// let mask = Tensor::new(&[[1f32, 1.0], [1.0, 1.0]], &Device::Cpu)?;
+    /// let rewards = Tensor::new(&[[0f32, 1.0], [0.0, 0.0]], &Device::Cpu)?;
+    /// let inputs = TokenAdvantageInputs::new(&mask)
+    ///     .with_token_level_rewards(&rewards)
+    ///     .with_groups(Groups::Size(2));
+    /// // gpg: A = α·(S_i − mean_g S), S = [1, 0], α = B / #{S ≠ 0} = 2
+    /// let out = token_advantages(&TokenEstimator::Gpg, &inputs)?;
+    /// assert_eq!(out.advantages.to_vec2::<f32>()?, [[1.0, 1.0], [-1.0, -1.0]]);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn with_groups(self, groups: Groups<'a>) -> Self {
         Self {
             groups: Some(groups),
             ..self
         }
     }
-    /// With the critic's values `[B,T]`.
+    /// With the critic's values `v` `[B,T]` (`gae`).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use sapo::{token_advantages, TokenAdvantageInputs, TokenEstimator};
+    /// let mask = Tensor::new(&[[1f32, 1.0]], &Device::Cpu)?;
+    /// let rewards = Tensor::new(&[[0f32, 1.0]], &Device::Cpu)?;
+    /// let values = Tensor::new(&[[0.5f32, 0.5]], &Device::Cpu)?;
+    /// let inputs = TokenAdvantageInputs::new(&mask)
+    ///     .with_token_level_rewards(&rewards)
+    ///     .with_values(&values);
+    /// // δ = r[t] + γ·v[t+1] − v[t] = [0, 0.5], Â = [0.5, 0.5]; the returns are Â + v
+    /// let gae = TokenEstimator::Gae { gamma: 1.0, lambda: 1.0 };
+    /// let out = token_advantages(&gae, &inputs)?;
+    /// assert_eq!(out.returns.unwrap().to_vec2::<f32>()?, [[1.0, 1.0]]);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn with_values(self, values: &'a Tensor) -> Self {
         Self {
             values: Some(values),
             ..self
         }
     }
-    /// With the reward components `[B,K]`.
+    /// With the reward components `c` `[B,K]` (`gdpo`).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use sapo::{token_advantages, Groups, TokenAdvantageInputs, TokenEstimator};
+    /// let mask = Tensor::new(&[[1f32], [1.0]], &Device::Cpu)?;
+    /// let components = Tensor::new(&[[1f32, 0.0], [0.0, 0.0]], &Device::Cpu)?;
+    /// let inputs = TokenAdvantageInputs::new(&mask)
+    ///     .with_reward_components(&components)
+    ///     .with_groups(Groups::Size(2));
+    /// let gdpo = TokenEstimator::Gdpo { epsilon: 1e-6, reward_weights: None };
+    /// let a = token_advantages(&gdpo, &inputs)?.advantages.to_vec2::<f32>()?;
+    /// // the first response is better on the first component, equal on the second
+    /// assert!(a[0][0] > 0.0 && a[1][0] < 0.0);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn with_reward_components(self, components: &'a Tensor) -> Self {
         Self {
             reward_components: Some(components),
             ..self
         }
     }
-    /// With the baselines' rewards `[B]`.
+    /// With the greedy baselines' rewards `b` `[B]` (`remax`).
+    ///
+    /// ```
+    /// # use candle_core::{Device, Tensor};
+    /// use sapo::{token_advantages, TokenAdvantageInputs, TokenEstimator};
+    /// let mask = Tensor::new(&[[1f32, 1.0]], &Device::Cpu)?;
+    /// let rewards = Tensor::new(&[[0f32, 1.0]], &Device::Cpu)?;
+    /// let baselines = Tensor::new(&[0.25f32], &Device::Cpu)?;
+    /// let inputs = TokenAdvantageInputs::new(&mask)
+    ///     .with_token_level_rewards(&rewards)
+    ///     .with_reward_baselines(&baselines);
+    /// // A = R − b with R[t] = Σ_{u≥t} m·r
+    /// let out = token_advantages(&TokenEstimator::Remax, &inputs)?;
+    /// assert_eq!(out.advantages.to_vec2::<f32>()?, [[0.75, 0.75]]);
+    /// # Ok::<(), sapo::Error>(())
+    /// ```
     pub fn with_reward_baselines(self, baselines: &'a Tensor) -> Self {
         Self {
             reward_baselines: Some(baselines),
@@ -167,6 +248,19 @@ impl<'a> TokenAdvantageInputs<'a> {
 
 /// The advantages `[B,T]` and, for `reinforce_plus_plus`, `gae` and `remax`, the returns `[B,T]`;
 /// both 0 on masked positions, in the mask's float dtype (f32 for an integer mask) on its device.
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// use sapo::{token_advantages, TokenAdvantageInputs, TokenEstimator};
+/// let mask = Tensor::new(&[[1u8, 1, 0]], &Device::Cpu)?;
+/// let rewards = Tensor::new(&[[0f32, 1.0, 7.0]], &Device::Cpu)?;
+/// let inputs = TokenAdvantageInputs::new(&mask).with_token_level_rewards(&rewards);
+/// let out = token_advantages(&TokenEstimator::ReinforcePlusPlus { gamma: 1.0 }, &inputs)?;
+/// // an integer mask gives f32; the masked position is 0 in both, its reward dropped
+/// assert_eq!(out.returns.unwrap().to_vec2::<f32>()?, [[1.0, 1.0, 0.0]]);
+/// assert_eq!(out.advantages.to_vec2::<f32>()?[0][2], 0.0);
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct TokenAdvantages {
     /// `A`, `[B,T]`.

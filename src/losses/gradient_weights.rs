@@ -22,12 +22,39 @@ use crate::losses::policy_loss::PolicyLoss;
 
 /// A token keeps "most" of its on-policy gradient at this relative weight or above
 /// ([`GradientWeightSummary::active_token_share`]).
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// # let lp = Tensor::new(&[[-1.0f32, -1.0]], &Device::Cpu)?;
+/// # let adv = Tensor::new(&[1.0f32], &Device::Cpu)?;
+/// # let mask = Tensor::new(&[[1u8, 1]], &Device::Cpu)?;
+/// let weights = sapo::Sapo::default().build()?
+///     .gradient_weights(&sapo::PolicyInputs::new(&lp, &lp, &adv, &mask))?;
+/// // on-policy every weight is 1 ≥ ACTIVE_WEIGHT
+/// assert!(weights.relative.to_vec2::<f32>()?[0].iter().all(|&w| f64::from(w) >= sapo::ACTIVE_WEIGHT));
+/// # Ok::<(), sapo::Error>(())
+/// ```
 pub const ACTIVE_WEIGHT: f64 = 0.5;
 
 /// A token whose relative weight is below this gets no gradient to speak of
 /// ([`GradientWeightSummary::silenced_token_share`] and
 /// [`GradientWeightSummary::silenced_sequence_share`]): `1e-3`, a thousandth of its on-policy
 /// weight (hard clips give exactly 0; soft gates never do).
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let log_probs = Tensor::new(&[[-0.2f32, -1.0]], &dev)?;
+/// let old = Tensor::new(&[[-1.0f32, -1.0]], &dev)?;
+/// let adv = Tensor::new(&[1.0f32], &dev)?;
+/// let mask = Tensor::new(&[[1u8, 1]], &dev)?;
+/// let inputs = sapo::PolicyInputs::new(&log_probs, &old, &adv, &mask);
+/// // ρ = e^0.8: GRPO's clip silences the token, SAPO's gate only down-weights it
+/// let grpo = sapo::Grpo::default().build()?.gradient_weights(&inputs)?.summary()?;
+/// let sapo = sapo::Sapo::default().build()?.gradient_weights(&inputs)?.summary()?;
+/// assert_eq!((grpo.silenced_token_share, sapo.silenced_token_share), (0.5, 0.0));
+/// # Ok::<(), sapo::Error>(())
+/// ```
 pub const SILENCED_WEIGHT: f64 = 1e-3;
 
 /// Per-token gradient weights relative to on-policy ([`PolicyLoss::gradient_weights`]):
@@ -52,6 +79,21 @@ pub struct GradientWeights {
 
 /// Shares of tokens and sequences by relative gradient weight, over the defined tokens
 /// ([`GradientWeights::summary`]).
+///
+/// ```
+/// # use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let log_probs = Tensor::new(&[[-0.2f32, -1.0], [-1.0, -1.0]], &dev)?;
+/// let old = Tensor::new(&[[-1.0f32, -1.0], [-1.0, -1.0]], &dev)?;
+/// let adv = Tensor::new(&[1.0f32, 0.0], &dev)?;
+/// let mask = Tensor::new(&[[1u8, 1], [1, 1]], &dev)?;
+/// let inputs = sapo::PolicyInputs::new(&log_probs, &old, &adv, &mask);
+/// let s = sapo::Grpo::default().build()?.gradient_weights(&inputs)?.summary()?;
+/// // the second row has A = 0: no on-policy gradient, so no defined weight
+/// assert_eq!((s.tokens, s.sequences), (2, 1));
+/// assert_eq!((s.mean_weight, s.active_token_share, s.silenced_sequence_share), (0.5, 0.5, 0.0));
+/// # Ok::<(), sapo::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GradientWeightSummary {
     /// Tokens with a defined weight.
