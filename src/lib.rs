@@ -16,6 +16,7 @@ pub mod linear_logprobs;
 mod lm_head;
 pub mod logprobs;
 pub mod losses;
+mod order_statistics;
 mod piecewise;
 mod pool;
 pub mod real;

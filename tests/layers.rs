@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! math        error, real, piecewise, gate, kl, aggregation, entropy, softmax, checks,
-//!             vectorize, pool
+//!             vectorize, pool, order_statistics
 //!   ↑
 //! objectives  losses/{objective, trust_region, each objective's file, ratio, metrics, inputs,
 //!             config, bypass, checks}, rollout_correction/config
@@ -36,6 +36,7 @@ const TABLE: &[(&str, usize)] = &[
     ("checks", 0),
     ("vectorize", 0),
     ("pool", 0),
+    ("order_statistics", 0),
     ("lm_head", 1),
     ("losses::objective", 1),
     ("losses::trust_region", 1),

@@ -28,8 +28,9 @@
 //! M2PO       u = d², d = ℓroll − ℓold in f32; drop the k largest u, k the smallest with mean(rest) < τ
 //! ```
 //!
-//! The selections need no full sort: the quantile is two order statistics found by
-//! `select_nth_unstable`, the M2PO cut a quickselect-style search on the sums of the smaller
+//! The selections need no full sort: the quantile is two order statistics (`order_statistics`:
+//! a pass between two pivots a small sample places, then `select_nth_unstable` among the few
+//! keys between them), the M2PO cut a quickselect-style search on the sums of the smaller
 //! values, both O(N).
 //!
 //! Layer: objectives.
@@ -41,6 +42,7 @@ use candle_core::{DType, Tensor};
 use crate::checks::{check_host_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
+use crate::order_statistics::{order_pair, order_statistics};
 use crate::pool::{self, CHUNK};
 use crate::vectorize::{dispatch, Vectorized};
 
@@ -196,44 +198,64 @@ const ROUTE_EVERY: usize = 4;
 /// sample reads `SAMPLE / RUN` lines of each input rather than `SAMPLE`.
 const RUN: usize = 16;
 
+/// The sample's runs are gathered in this many pieces of consecutive runs, in parallel: each
+/// run's loads wait on memory (the runs lie a page or more apart), so two threads gather the
+/// sample in about half the time one takes.
+const SAMPLE_PIECES: usize = 4;
+
 /// The unmasked positions of `SAMPLE / RUN` evenly spaced runs of `RUN` consecutive positions
 /// (every position when `len ≤ SAMPLE`), `f` of each index: about `SAMPLE` values.
-fn sample<M: MaskValue, T>(len: usize, mask: &[M], f: impl Fn(usize) -> T) -> Vec<T> {
+fn sample<M: MaskValue, T: Send + Sync>(
+    len: usize,
+    mask: &[M],
+    f: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
     sample_runs(len, mask, f, |_| true)
 }
 
 /// [`sample`]'s values from the runs whose ordinal `k` (`0, 1, …` along the batch) `pick`
-/// takes: a part of the sample, which the other part completes.
+/// takes: a part of the sample, which the other part completes. The values come in the order
+/// of their positions, whatever the number of threads.
 ///
-/// The runs' first and last positions are read first, in a loop of independent loads the CPU
-/// overlaps (the runs lie a page or more apart, beyond the hardware prefetcher's reach), so that
-/// the loop that builds the sample finds its lines in the cache instead of waiting for each.
-fn sample_runs<M: MaskValue, T>(
+/// The runs are gathered in [`SAMPLE_PIECES`] pieces on the pool's threads (one piece when the
+/// batch is small). In each piece the runs' first and last positions are read first, in a loop
+/// of independent loads the CPU overlaps (the runs lie a page or more apart, beyond the
+/// hardware prefetcher's reach), so that the loop that builds the sample finds its lines in the
+/// cache instead of waiting for each.
+fn sample_runs<M: MaskValue, T: Send + Sync>(
     len: usize,
     mask: &[M],
-    f: impl Fn(usize) -> T,
-    pick: impl Fn(usize) -> bool,
+    f: impl Fn(usize) -> T + Sync,
+    pick: impl Fn(usize) -> bool + Sync,
 ) -> Vec<T> {
     let stride = (len / (SAMPLE / RUN)).max(RUN);
-    let starts = || {
-        (0..len)
-            .step_by(stride)
-            .enumerate()
-            .filter(|&(k, _)| pick(k))
-            .map(|(_, start)| start)
-    };
-    for start in starts() {
-        let last = (start + RUN).min(len) - 1;
-        std::hint::black_box((mask[start].on(), mask[last].on(), f(start), f(last)));
-    }
-    let mut values = Vec::with_capacity(len.div_ceil(stride) * RUN);
-    for start in starts() {
-        let end = (start + RUN).min(len);
-        for (k, m) in mask[start..end].iter().enumerate() {
-            if m.on() {
-                values.push(f(start + k));
+    let runs = len.div_ceil(stride);
+    let gather = |ordinals: std::ops::Range<usize>| {
+        let starts = || ordinals.clone().filter(|&k| pick(k)).map(|k| k * stride);
+        for start in starts() {
+            let last = (start + RUN).min(len) - 1;
+            std::hint::black_box((mask[start].on(), mask[last].on(), f(start), f(last)));
+        }
+        let mut values = Vec::with_capacity(ordinals.len() * RUN);
+        for start in starts() {
+            let end = (start + RUN).min(len);
+            for (k, m) in mask[start..end].iter().enumerate() {
+                if m.on() {
+                    values.push(f(start + k));
+                }
             }
         }
+        values
+    };
+    if len <= SAMPLE {
+        return gather(0..runs);
+    }
+    let pieces = pool::map(SAMPLE_PIECES, |p| {
+        gather(p * runs / SAMPLE_PIECES..(p + 1) * runs / SAMPLE_PIECES)
+    });
+    let mut values = Vec::with_capacity(pieces.iter().map(Vec::len).sum());
+    for piece in pieces {
+        values.extend(piece);
     }
     values
 }
@@ -758,14 +780,14 @@ pub(crate) fn opsm_rows_off<M: MaskValue>(
 }
 
 /// The entropy threshold `θ` by its definition: the `(1 − ρ)` quantile of the unmasked
-/// entropies with `torch.quantile`'s linear interpolation (two order statistics by
-/// `select_nth_unstable`); `None` without an unmasked token.
+/// entropies with `torch.quantile`'s linear interpolation (two order statistics,
+/// [`order_pair`]); `None` without an unmasked token.
 pub(crate) fn entropy_threshold<M: MaskValue>(
     entropy: &[f32],
     mask: &[M],
     rho: f64,
 ) -> Option<f64> {
-    let mut keys: Vec<i32> = entropy
+    let keys: Vec<i32> = entropy
         .iter()
         .zip(mask)
         .filter(|(_, m)| m.on())
@@ -776,7 +798,7 @@ pub(crate) fn entropy_threshold<M: MaskValue>(
         return None;
     }
     let (j, frac) = quantile_rank(rho, n);
-    Some(interpolate_at(&mut keys, j, frac))
+    Some(interpolate_at(&[&keys], j, frac))
 }
 
 /// The rank `j` and the interpolation weight of the `(1 − ρ)` quantile of `n` values.
@@ -807,20 +829,15 @@ fn flip_negative(bits: i32) -> i32 {
     bits ^ (((bits >> 31) as u32) >> 1) as i32
 }
 
-/// `v_(j) + frac·(v_(j+1) − v_(j))` of the values whose [`order_key`]s are `keys` (reordered),
-/// `v_(n) := v_(n−1)`.
-fn interpolate_at(keys: &mut [i32], j: usize, frac: f64) -> f64 {
-    let (_, below, upper) = keys.select_nth_unstable(j);
-    let below = f64::from(from_order_key(*below));
+/// `v_(j) + frac·(v_(j+1) − v_(j))` of the values whose [`order_key`]s are the keys of `parts`
+/// taken together, `v_(n) := v_(n−1)` ([`order_pair`]).
+fn interpolate_at(parts: &[&[i32]], j: usize, frac: f64) -> f64 {
+    let (below, above) = order_pair(parts, j);
+    let below = f64::from(from_order_key(below));
     if frac == 0.0 {
         return below;
     }
-    let above = upper
-        .iter()
-        .copied()
-        .min()
-        .map_or(below, |k| f64::from(from_order_key(k)));
-    below + frac * (above - below)
+    below + frac * (f64::from(from_order_key(above)) - below)
 }
 
 /// The margin, in sample ranks, of a bracket around the sample's rank at fraction `p` of its `s`
@@ -833,38 +850,36 @@ fn bracket_margin(s: usize, p: f64) -> usize {
 /// The bracket `[lo, hi]` of the top-entropy quantile: the order statistics of a sample
 /// ([`sample`]) a margin of three standard deviations (plus four) below and above the sample's
 /// own quantile, so that the batch's two order statistics lie inside it but for a chance of a
-/// few in a thousand; `(−∞, ∞)` without a sampled value. The upper statistic is selected
-/// among the values above the lower one, which its selection has already partitioned off.
+/// few in a thousand; `(−∞, ∞)` without a sampled value. Both statistics come from one
+/// [`order_statistics`] call.
 fn entropy_bracket<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> (f32, f32) {
-    let mut sample = sample(entropy.len(), mask, |j| order_key(entropy[j]));
+    let sample = sample(entropy.len(), mask, |j| order_key(entropy[j]));
     if sample.is_empty() {
         return (f32::NEG_INFINITY, f32::INFINITY);
     }
     let s = sample.len();
     let (r, _) = quantile_rank(rho, s);
     let margin = bracket_margin(s, rho);
-    let lo = match r.checked_sub(margin) {
-        Some(k) => from_order_key(*sample.select_nth_unstable(k).1),
-        None => f32::NEG_INFINITY,
-    };
-    let upper = r + margin + 1;
-    let hi = if upper >= s {
-        f32::INFINITY
-    } else {
-        let from = r.saturating_sub(margin);
-        from_order_key(*sample[from..].select_nth_unstable(upper - from).1)
-    };
-    (lo, hi)
+    // The two ranks, each `None` beyond the sample (then the bracket is open on that side).
+    let lower = r.checked_sub(margin);
+    let upper = Some(r + margin + 1).filter(|&k| k < s);
+    let ranks = (lower.unwrap_or(0), upper.unwrap_or(s - 1));
+    let (lo, hi) = order_statistics(&[&sample], ranks);
+    (
+        lower.map_or(f32::NEG_INFINITY, |_| from_order_key(lo)),
+        upper.map_or(f32::INFINITY, |_| from_order_key(hi)),
+    )
 }
 
 /// `θ` from a pass over the bracket of [`entropy_bracket`]: `n > 0` unmasked values, `below`
-/// of them under the bracket, the [`order_key`]s of those inside it (reordered). `None` when
+/// of them under the bracket, the [`order_key`]s of those inside it (the chunks' keys). `None` when
 /// the bracket misses one of the two order statistics `θ` interpolates (then the definition,
 /// [`entropy_threshold`], decides).
-fn threshold_in_bracket(rho: f64, n: usize, below: usize, inside: &mut [i32]) -> Option<f64> {
+fn threshold_in_bracket(rho: f64, n: usize, below: usize, inside: &[&[i32]]) -> Option<f64> {
     let (j, frac) = quantile_rank(rho, n);
     let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
-    (j >= below && last < below + inside.len()).then(|| interpolate_at(inside, j - below, frac))
+    let count: usize = inside.iter().map(|part| part.len()).sum();
+    (j >= below && last < below + count).then(|| interpolate_at(inside, j - below, frac))
 }
 
 /// The top-entropy threshold `θ` in one full pass ([`entropy_threshold`]'s value, `None` without
@@ -895,12 +910,9 @@ fn top_entropy_threshold<M: MaskValue>(
         return Ok(None);
     }
     let below: usize = parts.iter().map(|p| p.1).sum();
-    // Sized first: the chunks' keys are copied once, with no growth.
-    let mut inside: Vec<i32> = Vec::with_capacity(parts.iter().map(|p| p.2.len()).sum());
-    for part in &parts {
-        inside.extend_from_slice(&part.2);
-    }
-    Ok(threshold_in_bracket(rho, n, below, &mut inside)
+    // The chunks' keys where they are (no copy).
+    let inside: Vec<&[i32]> = parts.iter().map(|p| p.2.as_slice()).collect();
+    Ok(threshold_in_bracket(rho, n, below, &inside)
         // The sample missed: the definition over every unmasked value.
         .or_else(|| entropy_threshold(entropy, mask, rho)))
 }
