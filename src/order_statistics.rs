@@ -1,8 +1,9 @@
 //! Order statistics of `i32` keys spread over several slices (the top-entropy selection's keys,
 //! collected per chunk by its pass): one pass over the keys between two pivots a small sample
-//! puts around the wanted rank, then a selection among the few keys between them (Floyd and
-//! Rivest's select, one level). The pass has an AVX-512 form (compares as mask registers, the
-//! keys between the pivots gathered by one compress per block) beside the portable one.
+//! puts around the wanted ranks, the same again among those keys while they are many, then a
+//! selection among the few left (Floyd and Rivest's select). The pass has an AVX-512 form
+//! (compares as mask registers, the keys between the pivots gathered by one compress per block)
+//! beside the portable one.
 //!
 //! ```text
 //! v_(0) ≤ v_(1) ≤ … ≤ v_(n−1):  the keys of every slice, sorted (ties counted);  v_(n) := v_(n−1)
@@ -31,8 +32,8 @@ pub(crate) fn order_pair(parts: &[&[i32]], j: usize) -> (i32, i32) {
 /// Two pivots from a sample of [`SAMPLE`] evenly spaced keys, three standard deviations (plus
 /// four) of the sample's rank below `i`'s and above `j`'s; one pass counts the keys below the
 /// lower pivot and collects those between the two; the same again among those while they are
-/// more than [`DIRECT`] and at most half the keys, then a selection. When the pivots miss a rank (a chance of a few in a
-/// thousand), the selection runs on every key.
+/// more than [`DIRECT`] and at most half the keys, then a selection. When the pivots miss a
+/// rank (a chance of a few in a thousand), the selection runs on every key.
 pub(crate) fn order_statistics(parts: &[&[i32]], (i, j): (usize, usize)) -> (i32, i32) {
     let n: usize = parts.iter().map(|p| p.len()).sum();
     assert!(i <= j && j < n, "ranks {i} and {j} of {n} keys");

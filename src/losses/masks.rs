@@ -872,9 +872,9 @@ fn entropy_bracket<M: MaskValue>(entropy: &[f32], mask: &[M], rho: f64) -> (f32,
 }
 
 /// `θ` from a pass over the bracket of [`entropy_bracket`]: `n > 0` unmasked values, `below`
-/// of them under the bracket, the [`order_key`]s of those inside it (the chunks' keys). `None` when
-/// the bracket misses one of the two order statistics `θ` interpolates (then the definition,
-/// [`entropy_threshold`], decides).
+/// of them under the bracket, the [`order_key`]s of those inside it (the chunks' keys). `None`
+/// when the bracket misses one of the two order statistics `θ` interpolates (then the
+/// definition, [`entropy_threshold`], decides).
 fn threshold_in_bracket(rho: f64, n: usize, below: usize, inside: &[&[i32]]) -> Option<f64> {
     let (j, frac) = quantile_rank(rho, n);
     let last = if frac == 0.0 { j } else { (j + 1).min(n - 1) };
