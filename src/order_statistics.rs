@@ -19,6 +19,13 @@ const DIRECT: usize = 1024;
 /// Keys in the sample that places the pivots.
 const SAMPLE: usize = 128;
 
+/// The margin, in sample ranks, of a bracket around the sample's rank at fraction `p` of its `s`
+/// values: three standard deviations of that rank (binomial), plus four — the pivots here, and
+/// the top-entropy quantile's and M2PO's cut's brackets over the batch (`losses::masks`).
+pub(crate) fn bracket_margin(s: usize, p: f64) -> usize {
+    (3.0 * (s as f64 * p * (1.0 - p)).sqrt()) as usize + 4
+}
+
 /// `(v_(j), v_(j+1))` of the keys of every slice of `parts` taken together, `v_(n) := v_(n−1)`
 /// (see the module's formula); `j` < the total count `n`, which is not 0.
 pub(crate) fn order_pair(parts: &[&[i32]], j: usize) -> (i32, i32) {
@@ -45,8 +52,7 @@ pub(crate) fn order_statistics(parts: &[&[i32]], (i, j): (usize, usize)) -> (i32
     // The sample's rank of a rank of the keys, and its margin.
     let place = |rank: usize| {
         let q = (rank as f64 + 0.5) / n as f64;
-        let margin = (3.0 * (s as f64 * q * (1.0 - q)).sqrt()) as usize + 4;
-        (((q * s as f64) as usize).min(s - 1), margin)
+        (((q * s as f64) as usize).min(s - 1), bracket_margin(s, q))
     };
     let ((ri, mi), (rj, mj)) = (place(i), place(j));
     let lo = match ri.checked_sub(mi) {

@@ -42,7 +42,7 @@ use candle_core::{DType, Tensor};
 use crate::checks::{check_host_mask_values, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
-use crate::order_statistics::{order_pair, order_statistics};
+use crate::order_statistics::{bracket_margin, order_pair, order_statistics};
 use crate::pool::{self, CHUNK};
 use crate::vectorize::{dispatch, Vectorized};
 
@@ -838,13 +838,6 @@ fn interpolate_at(parts: &[&[i32]], j: usize, frac: f64) -> f64 {
         return below;
     }
     below + frac * (f64::from(from_order_key(above)) - below)
-}
-
-/// The margin, in sample ranks, of a bracket around the sample's rank at fraction `p` of its `s`
-/// values: three standard deviations of that rank (binomial), plus four — the top-entropy
-/// quantile's and M2PO's cut's brackets.
-fn bracket_margin(s: usize, p: f64) -> usize {
-    (3.0 * (s as f64 * p * (1.0 - p)).sqrt()) as usize + 4
 }
 
 /// The bracket `[lo, hi]` of the top-entropy quantile: the order statistics of a sample
