@@ -46,6 +46,9 @@ use crate::order_statistics::{bracket_margin, order_pair, order_statistics};
 use crate::pool::{self, CHUNK};
 use crate::vectorize::{dispatch, Vectorized};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// The masks of the policy loss: [TRL's and slime's off-policy sequence masking][opsm], [TRL's
 /// top-entropy tokens][topent] and [AReaL's M2PO][m2po]. Each is off (`None`) by default.
 ///
@@ -535,16 +538,59 @@ impl<M: MaskValue> Vectorized for EntropyChunk<'_, M> {
     }
 }
 
+/// The walk of the top-entropy pass's SIMD forms: `block(h, m, out)` for each block of the
+/// spans that hold an unmasked position ([`for_blocks`]), `out` the end of the keys found so
+/// far, with room for [`BLOCK`] keys there (room is reserved for every position of the span,
+/// and padding is never inside); `block` returns how many keys it stored there, in order, its
+/// block's inside keys. The keys, in order.
+///
+/// # Safety
+///
+/// `block` writes nothing beyond [`BLOCK`] keys from `out`, and the first `k` keys it returns
+/// are written.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn collect_inside_keys<M: MaskValue>(
+    h: &[f32],
+    m: &[M],
+    mut block: impl FnMut(&[f32; BLOCK], &[M; BLOCK], *mut i32) -> usize,
+) -> Vec<i32> {
+    let mut inside: Vec<i32> = vec![];
+    for (h, m) in h.chunks(SPAN).zip(m.chunks(SPAN)) {
+        if !any_on(m) {
+            continue;
+        }
+        inside.reserve(h.len() + BLOCK);
+        let (keys_out, mut found) = (inside.as_mut_ptr(), inside.len());
+        // SAFETY: `found` ≤ the keys before the span + the span's positions passed (a block
+        // stores no more keys than it has positions), so `BLOCK` keys from it fit the room.
+        for_blocks(h, m, |h, m| {
+            found += block(h, m, unsafe { keys_out.add(found) })
+        });
+        // SAFETY: the keys up to `found` were there or written by the blocks (the caller's
+        // contract).
+        unsafe { inside.set_len(found) };
+    }
+    inside
+}
+
 /// [`EntropyChunk`]'s pass, in its AVX-512 form where the CPU has one (the same result: the
 /// inside values are gathered by one compress per block instead of a branch per value, which
-/// the portable form pays as a mispredicted branch), else the portable body through
-/// [`dispatch`].
+/// the portable form pays as a mispredicted branch), in its AVX2 form on a CPU with AVX2 and
+/// without AVX-512 ([`avx2::entropy_chunk`], the same result, packed by a permutation), else the
+/// portable body through [`dispatch`].
 fn entropy_chunk<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
     #[cfg(target_arch = "x86_64")]
     if crate::vectorize::has_avx512() {
         // SAFETY: `has_avx512` checked at run time that the CPU has the features the function
         // is compiled for.
         return unsafe { entropy_chunk_avx512(chunk) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable::<M>() {
+        // SAFETY: `usable` checked at run time that the CPU has the features the function is
+        // compiled for.
+        return unsafe { avx2::entropy_chunk(chunk) };
     }
     dispatch(chunk)
 }
@@ -560,38 +606,28 @@ fn entropy_chunk_avx512<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let (one, infinity) = (_mm512_set1_epi32(1), _mm512_set1_ps(f32::INFINITY));
     let (mut n, mut below, mut bad) = (_mm512_setzero_si512(), _mm512_setzero_si512(), 0u16);
-    let mut inside: Vec<i32> = vec![];
-    for (h, m) in h.chunks(SPAN).zip(m.chunks(SPAN)) {
-        if !any_on(m) {
-            continue;
-        }
-        // Room for every key of the span: each compressed store writes 16 keys from the cursor.
-        inside.reserve(h.len() + BLOCK);
-        let (keys_out, mut found) = (inside.as_mut_ptr(), inside.len());
-        for_blocks(h, m, |h, m| {
-            let on = on_bits_avx512(m);
-            // SAFETY: `h` holds 16 values, the unaligned load's width.
-            let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
-            let lt = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(on, v, vlo);
-            let at_least = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(on, v, vlo);
-            let within = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(at_least, v, vhi);
-            // Not finite: not `|v| < ∞` (NaN included).
-            bad |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(on, _mm512_abs_ps(v), infinity);
-            n = _mm512_mask_add_epi32(n, on, n, one);
-            below = _mm512_mask_add_epi32(below, lt, below, one);
-            // The inside values' [`order_key`]s ([`flip_negative`] in vector form).
-            let bits = _mm512_castps_si512(v);
-            let flip = _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(bits));
-            let keys = _mm512_maskz_compress_epi32(within, _mm512_xor_si512(bits, flip));
-            // SAFETY: `found` ≤ the keys before the span + the span's positions passed (padding
-            // is never inside), so the 16 stored fit in the room reserved for the span.
-            unsafe { _mm512_storeu_si512(keys_out.add(found).cast(), keys) };
-            found += within.count_ones() as usize;
-        });
-        // SAFETY: the keys up to `found` were there or written by the stores above (each
-        // store's first `within.count_ones()` lanes are its block's inside keys, in order).
-        unsafe { inside.set_len(found) };
-    }
+    let block = |h: &[f32; BLOCK], m: &[M; BLOCK], out: *mut i32| {
+        let on = on_bits_avx512(m);
+        // SAFETY: `h` holds 16 values, the unaligned load's width.
+        let v = unsafe { _mm512_loadu_ps(h.as_ptr()) };
+        let lt = _mm512_mask_cmp_ps_mask::<_CMP_LT_OQ>(on, v, vlo);
+        let at_least = _mm512_mask_cmp_ps_mask::<_CMP_GE_OQ>(on, v, vlo);
+        let within = _mm512_mask_cmp_ps_mask::<_CMP_LE_OQ>(at_least, v, vhi);
+        // Not finite: not `|v| < ∞` (NaN included).
+        bad |= _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(on, _mm512_abs_ps(v), infinity);
+        n = _mm512_mask_add_epi32(n, on, n, one);
+        below = _mm512_mask_add_epi32(below, lt, below, one);
+        // The inside values' [`order_key`]s ([`flip_negative`] in vector form).
+        let bits = _mm512_castps_si512(v);
+        let flip = _mm512_srli_epi32::<1>(_mm512_srai_epi32::<31>(bits));
+        let keys = _mm512_maskz_compress_epi32(within, _mm512_xor_si512(bits, flip));
+        // SAFETY: `out` has room for 16 keys ([`collect_inside_keys`]).
+        unsafe { _mm512_storeu_si512(out.cast(), keys) };
+        within.count_ones() as usize
+    };
+    // SAFETY: each block stores 16 keys from `out` and returns how many of them are its inside
+    // keys (compressed to the front, in order).
+    let inside = unsafe { collect_inside_keys(h, m, block) };
     let lanes = |v: __m512i| {
         let mut out = [0u32; BLOCK];
         // SAFETY: `out` holds 16 u32, the unaligned store's width.
@@ -677,8 +713,20 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
 
     #[inline(always)]
     fn run(self) -> Self::Output {
+        self.walk::<false>()
+    }
+}
+
+impl<M: MaskValue> M2CutChunk<'_, M> {
+    /// The pass over the chunk's spans, each by [`m2_cut_span`] or (`AVX2`, only from
+    /// [`m2_cut_chunk_avx2`]) its AVX2 form.
+    #[inline(always)]
+    fn walk<const AVX2: bool>(self) -> (M2CutSums, Vec<Drift>) {
         let mut sums = M2CutSums::default();
         let mut inside = vec![];
+        // The AVX2 form's inside positions of a span.
+        #[cfg(target_arch = "x86_64")]
+        let mut positions: Vec<u32> = vec![];
         for (s, keep) in self.keep.chunks_mut(SPAN).enumerate() {
             let span = s * SPAN..s * SPAN + keep.len();
             let (r, o, m) = (
@@ -691,17 +739,49 @@ impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
                 keep.fill(MaybeUninit::new(0));
                 continue;
             }
-            let bytes = m2_cut_span(r, o, m, self.bracket, &mut sums, keep);
-            // The positions inside the bracket, collected while the span is in cache.
-            for_inside_positions(bytes, |j| {
+            let mut add = |j: usize| {
                 inside.push((
                     second_moment(r[j], o[j]).to_bits(),
                     self.start + span.start + j,
                 ));
-            });
+            };
+            #[cfg(target_arch = "x86_64")]
+            if AVX2 {
+                positions.clear();
+                // SAFETY: `AVX2` is set only by `m2_cut_chunk_avx2`, which runs where
+                // `avx2::usable` found the features this form is compiled for.
+                unsafe {
+                    avx2::m2_cut_span(r, o, m, self.bracket, &mut sums, keep, &mut positions);
+                }
+                positions.iter().for_each(|&j| add(j as usize));
+                continue;
+            }
+            let bytes = m2_cut_span(r, o, m, self.bracket, &mut sums, keep);
+            // The positions inside the bracket, collected while the span is in cache.
+            for_inside_positions(bytes, &mut add);
         }
         (sums, inside)
     }
+}
+
+/// M2PO's bracket pass over one chunk ([`M2CutChunk`]): in its AVX2 form on a CPU with AVX2
+/// and without AVX-512 ([`avx2`]: the same result), else the body [`dispatch`] compiles for
+/// the CPU's widest vectors.
+fn m2_cut_chunk<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable::<M>() {
+        // SAFETY: `usable` checked at run time that the CPU has the features the function is
+        // compiled for.
+        return unsafe { m2_cut_chunk_avx2(chunk) };
+    }
+    dispatch(chunk)
+}
+
+/// [`M2CutChunk::walk`] with the AVX2 form of each span's pass.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,popcnt")]
+fn m2_cut_chunk_avx2<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
+    chunk.walk::<true>()
 }
 
 /// M2PO's bracket pass over one span of `(ℓroll, ℓold, mask)` ([`m2_cut_block`]): writes every
@@ -1147,7 +1227,7 @@ fn m2po_reduced<M: MaskValue>(
     let fresh = &mut keep.spare_capacity_mut()[..len];
     let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
         let chunk = c * CHUNK..c * CHUNK + keep.len();
-        dispatch(M2CutChunk {
+        m2_cut_chunk(M2CutChunk {
             r: &rollout[chunk.clone()],
             o: &old[chunk.clone()],
             m: &mask[chunk],
@@ -1691,7 +1771,8 @@ mod tests {
         ])
     }
 
-    /// The AVX-512 form of the top-entropy pass against the portable body, for a mask type.
+    /// The AVX-512 and AVX2 forms of the top-entropy pass (where the CPU has them) against the
+    /// portable body, for a mask type.
     #[cfg(target_arch = "x86_64")]
     fn entropy_forms_agree<M: MaskValue + std::fmt::Debug>(
         h: &[f32],
@@ -1704,9 +1785,16 @@ mod tests {
             hi: 1.5,
         };
         let portable = dispatch(chunk());
-        // SAFETY: called only where the CPU has AVX-512 (checked by the caller).
-        let wide = unsafe { entropy_chunk_avx512(chunk()) };
-        prop_assert_eq!(wide, portable, "mask {:?}", mask);
+        if crate::vectorize::has_avx512() {
+            // SAFETY: the CPU has AVX-512 (checked just above).
+            let wide = unsafe { entropy_chunk_avx512(chunk()) };
+            prop_assert_eq!(&wide, &portable, "AVX-512, mask {:?}", mask);
+        }
+        if avx2::runs_here() && avx2::takes::<M>() {
+            // SAFETY: the CPU has the AVX2 form's features (checked just above).
+            let wide = unsafe { avx2::entropy_chunk(chunk()) };
+            prop_assert_eq!(&wide, &portable, "AVX2, mask {:?}", mask);
+        }
         Ok(())
     }
 
@@ -1738,20 +1826,76 @@ mod tests {
         }
     }
 
+    /// Log-probs for the bracket pass's AVX2 test: a grid of close values (ties of `|d|` and
+    /// values at the bracket's bounds), and the non-finite ones.
+    fn log_prob_values() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            8 => (0u8..12).prop_map(|k| -0.25 * f32::from(k)),
+            2 => -30f32..0.0,
+            1 => prop::sample::select(vec![f32::NEG_INFINITY, f32::INFINITY, f32::NAN, f32::MAX, -f32::MAX]),
+        ]
+    }
+
+    /// M2PO's bracket pass over one chunk, the portable body and the AVX2 form, for a mask type:
+    /// the same counts, the same `Σu` lane by lane (bits), the same bad flag, bytes and inside
+    /// positions.
+    #[cfg(target_arch = "x86_64")]
+    fn bracket_forms_agree<M: MaskValue>(
+        r: &[f32],
+        o: &[f32],
+        m: &[M],
+        bracket: (f32, f32),
+    ) -> std::result::Result<(), TestCaseError> {
+        let len = r.len();
+        let run = |avx2: bool| {
+            let mut keep = vec![MaybeUninit::new(7u8); len];
+            let chunk = M2CutChunk {
+                r,
+                o,
+                m,
+                bracket,
+                keep: &mut keep,
+                start: 3,
+            };
+            // SAFETY: the caller checked `avx2::runs_here()`.
+            let (sums, inside) = if avx2 {
+                unsafe { m2_cut_chunk_avx2(chunk) }
+            } else {
+                chunk.walk::<false>()
+            };
+            // SAFETY: the pass writes every byte.
+            let bytes: Vec<u8> = keep.iter().map(|b| unsafe { b.assume_init() }).collect();
+            let count = |lanes: &[u32; CUT_LANES]| lanes.iter().sum::<u32>();
+            let sum_bits: Vec<u64> = sums.below_sum.iter().map(|v| v.to_bits()).collect();
+            (
+                count(&sums.n),
+                count(&sums.below),
+                sum_bits,
+                sums.bad(),
+                bytes,
+                inside,
+            )
+        };
+        let portable = run(false);
+        prop_assert_eq!(&run(true), &portable);
+        Ok(())
+    }
+
     proptest! {
-        /// The AVX-512 form of the top-entropy pass gives the portable body's counts, flags and
-        /// keys (in order), on every kind of value, with `f32`, `u8` and `f64` masks (the last
-        /// one bit at a time), across spans of padding and a last partial block.
+        /// The AVX-512 and AVX2 forms of the top-entropy pass give the portable body's counts,
+        /// flags and keys (in order), on every kind of value, with `f32`, `u8` and `f64` masks
+        /// (AVX-512 takes the last one bit at a time; AVX2 leaves it to the portable body),
+        /// across spans of padding and a last partial block.
         #[test]
-        fn entropy_pass_avx512_is_the_portable_pass(
+        fn entropy_pass_simd_forms_are_the_portable_pass(
             h in prop::collection::vec(entropy_values(), 0..700),
             on in prop::collection::vec(prop::sample::select(vec![0u8, 1, 2]), 700),
             padding in prop::collection::vec(any::<bool>(), 3),
         ) {
             #[cfg(target_arch = "x86_64")]
             {
-                if !crate::vectorize::has_avx512() {
-                    eprintln!("not run: this CPU has no AVX-512 (the portable pass runs instead)");
+                if !crate::vectorize::has_avx512() && !avx2::runs_here() {
+                    eprintln!("not run: this CPU has neither AVX-512 nor AVX2 (the portable pass runs instead)");
                     return Ok(());
                 }
                 // Spans of padding: whole thirds of the positions masked.
@@ -1766,6 +1910,45 @@ mod tests {
                 // A NaN in an `f32` mask counts as unmasked, as `MaskValue::on` says.
                 let nan_mask: Vec<f32> = floats.iter().map(|&m| if m == 2.0 { f32::NAN } else { m }).collect();
                 entropy_forms_agree(&h, &nan_mask)?;
+            }
+        }
+
+        /// The AVX2 form of M2PO's bracket pass gives the portable body's counts, `Σu` lanes,
+        /// bad flag, bytes and inside positions, with `f32` and `u8` masks (values 0, 1 and 2,
+        /// NaN in the `f32` one), non-finite log-probs, ties at the bracket's bounds, spans of
+        /// padding and a last partial block.
+        #[test]
+        fn bracket_pass_avx2_is_the_portable_pass(
+            pairs in prop::collection::vec((log_prob_values(), log_prob_values()), 0..700),
+            on in prop::collection::vec(prop::sample::select(vec![0u8, 1, 1, 1, 2]), 700),
+            padding in prop::collection::vec(any::<bool>(), 3),
+            bounds in (0usize..700, 0usize..700, 0u8..4),
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if !avx2::runs_here() {
+                    eprintln!("not run: this CPU has no AVX2 (the portable pass runs instead)");
+                    return Ok(());
+                }
+                let len = pairs.len();
+                let (r, o): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+                let masked = |j: usize| padding[(3 * j / len.max(1)).min(2)];
+                let bytes: Vec<u8> = (0..len).map(|j| if masked(j) { 0 } else { on[j] }).collect();
+                let floats: Vec<f32> = bytes.iter().map(|&b| f32::from(b)).collect();
+                let nan_mask: Vec<f32> = floats.iter().map(|&m| if m == 2.0 { f32::NAN } else { m }).collect();
+                // The bracket from two tokens' `u` (as the sample gives it), or open on a side.
+                let u = |j: usize| if len == 0 { 0.0 } else { second_moment(r[j % len], o[j % len]) };
+                let (a, b) = (u(bounds.0), u(bounds.1));
+                let (lo, hi) = match bounds.2 {
+                    0 => (a.min(b), a.max(b)),
+                    1 => (f64::NEG_INFINITY, a),
+                    2 => (a, f64::INFINITY),
+                    _ => (a, a),
+                };
+                let bracket = bracket_on_differences((lo, hi));
+                bracket_forms_agree(&r, &o, &bytes, bracket)?;
+                bracket_forms_agree(&r, &o, &floats, bracket)?;
+                bracket_forms_agree(&r, &o, &nan_mask, bracket)?;
             }
         }
 

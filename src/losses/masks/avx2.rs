@@ -1,0 +1,298 @@
+//! The masks' host passes written for AVX2, for CPUs without AVX-512: the portable bodies,
+//! compiled for AVX2 by [`crate::vectorize::dispatch`], keep their sixteen lanes of counts and
+//! sums in more vectors than AVX2's sixteen registers hold, and spill them to the stack on
+//! every block. These forms keep the same sums in four registers and the counts in general
+//! registers (from the compares' sign bits), and give every count, sum, byte and key the
+//! portable body gives, bit for bit (the f64 sums in the same lanes, added in the same order;
+//! proptests in the parent module hold them to it).
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::{
+    collect_inside_keys, lane_blocks, m2_cut_block, EntropyChunk, EntropyPart, M2CutSums,
+    MaskValue, BELOW, BLOCK, CUT_LANES, INSIDE,
+};
+
+/// Byte `j` of `SPREAD[b]` is bit `j` of `b`: eight sign bits of a compare as eight 0/1 bytes.
+const SPREAD: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut j = 0;
+        while j < 8 {
+            if b >> j & 1 == 1 {
+                table[b] |= 1 << (8 * j);
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Row `b` of `PACK` moves the lanes of the set bits of `b` to the front, in order: with
+/// `_mm256_permutevar8x32_epi32`, AVX2's form of AVX-512's compress.
+const PACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut j, mut k) = (0, 0);
+        while j < 8 {
+            if b >> j & 1 == 1 {
+                table[b][k] = j as u32;
+                k += 1;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+// The bracket pass's bytes are built from the bits as `BELOW · below + INSIDE · inside`.
+const _: () = assert!(BELOW == 1 && INSIDE == 2);
+
+/// Whether the AVX2 forms take masks of type `M`: the `f32` and `u8` masks every caller
+/// passes (other types run the portable body).
+pub(super) fn takes<M: MaskValue>() -> bool {
+    use std::any::TypeId;
+    let id = TypeId::of::<M>();
+    id == TypeId::of::<f32>() || id == TypeId::of::<u8>()
+}
+
+/// Eight mask values as AVX2 lanes: all ones where unmasked ([`MaskValue::on`]), and the bits
+/// of the lanes whose value is 0 or 1 ([`MaskValue::binary`]). `M` is `f32` or `u8` ([`takes`]).
+#[target_feature(enable = "avx2,fma,popcnt")]
+#[inline]
+fn mask_lanes<M: MaskValue>(m: &[M]) -> (__m256, u32) {
+    use std::any::TypeId;
+    debug_assert!(m.len() >= 8 && takes::<M>());
+    if TypeId::of::<M>() == TypeId::of::<f32>() {
+        // SAFETY: `M` is `f32` and `m` holds at least 8 of them, the load's width.
+        let v = unsafe { _mm256_loadu_ps(m.as_ptr().cast()) };
+        let zero = _mm256_setzero_ps();
+        // `m ≠ 0`, true for NaN, as `MaskValue::on`.
+        let on = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero);
+        let binary = _mm256_or_ps(
+            _mm256_cmp_ps::<_CMP_EQ_OQ>(v, zero),
+            _mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(1.0)),
+        );
+        (on, _mm256_movemask_ps(binary) as u32)
+    } else {
+        // SAFETY: `M` is `u8` ([`takes`]) and `m` holds at least 8 bytes, the load's width.
+        let v = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(m.as_ptr().cast()) });
+        let off = _mm256_cmpeq_epi32(v, _mm256_setzero_si256());
+        let on = _mm256_xor_si256(off, _mm256_set1_epi32(-1));
+        let binary = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), v);
+        (
+            _mm256_castsi256_ps(on),
+            _mm256_movemask_ps(_mm256_castsi256_ps(binary)) as u32,
+        )
+    }
+}
+
+/// M2PO's bracket pass over one span ([`super::m2_cut_span`]'s sums and bytes, bit for bit):
+/// per block of 16, two halves of eight lanes; `Σu` below the bracket in the four vectors of
+/// the sixteen f64 lanes ([`M2CutSums::below_sum`], read at the start of the span and written
+/// back at its end), the counts from the compares' sign bits, the block's sixteen bytes from
+/// those bits, and the span's positions inside the bracket appended to `inside` in order
+/// (packed by a row of [`PACK`], without a branch per position). The tail block runs the
+/// portable [`m2_cut_block`] on the same sums.
+#[target_feature(enable = "avx2,fma,popcnt")]
+pub(super) fn m2_cut_span<M: MaskValue>(
+    r: &[f32],
+    o: &[f32],
+    m: &[M],
+    (lo, hi): (f32, f32),
+    sums: &mut M2CutSums,
+    keep: &mut [MaybeUninit<u8>],
+    inside: &mut Vec<u32>,
+) {
+    const { assert!(CUT_LANES == 16) };
+    let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks::<M, CUT_LANES>(r, o, m);
+    let (keep_blocks, keep_tail) = keep.as_chunks_mut::<CUT_LANES>();
+    let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let infinity = _mm256_set1_ps(f32::INFINITY);
+    // SAFETY: `below_sum` holds 16 f64, four loads of four.
+    let mut lanes: [__m256d; 4] =
+        std::array::from_fn(|q| unsafe { _mm256_loadu_pd(sums.below_sum[4 * q..].as_ptr()) });
+    let (mut n, mut below, mut bad) = (0u32, 0u32, 0u32);
+    // Room for every position of the span: each store writes 8 from the cursor.
+    inside.reserve(r.len() + 8);
+    let (positions_out, mut found) = (inside.as_mut_ptr(), inside.len());
+    let eight = _mm256_set1_epi32(8);
+    let mut lane_positions = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
+        let mut bytes = [0u64; 2];
+        for (half, bytes) in bytes.iter_mut().enumerate() {
+            let at = 8 * half;
+            let (on, binary) = mask_lanes(&m[at..]);
+            // SAFETY: `r` and `o` hold 16 values; each load reads 8 from `at` ≤ 8.
+            let d = unsafe {
+                _mm256_sub_ps(
+                    _mm256_loadu_ps(r.as_ptr().add(at)),
+                    _mm256_loadu_ps(o.as_ptr().add(at)),
+                )
+            };
+            let size = _mm256_and_ps(d, magnitude);
+            let is_below = _mm256_and_ps(on, _mm256_cmp_ps::<_CMP_LT_OQ>(size, vlo));
+            let is_inside = _mm256_and_ps(
+                on,
+                _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(size, vlo),
+                    _mm256_cmp_ps::<_CMP_LE_OQ>(size, vhi),
+                ),
+            );
+            // Not finite: not `|d| < ∞` (NaN included).
+            let not_finite = _mm256_cmp_ps::<_CMP_NLT_UQ>(size, infinity);
+            let on_bits = _mm256_movemask_ps(on) as u32;
+            let below_bits = _mm256_movemask_ps(is_below) as u32;
+            let inside_bits = _mm256_movemask_ps(is_inside) as u32;
+            n += on_bits.count_ones();
+            below += below_bits.count_ones();
+            bad |= (!binary & 0xff) | (on_bits & _mm256_movemask_ps(not_finite) as u32);
+            // `u = d²` in f64 (exact, [`super::exact_square`]), selected below the bracket.
+            let mask = _mm256_castps_si256(is_below);
+            let halves = [
+                (_mm256_castps256_ps128(d), _mm256_castsi256_si128(mask)),
+                (
+                    _mm256_extractf128_ps::<1>(d),
+                    _mm256_extracti128_si256::<1>(mask),
+                ),
+            ];
+            for (k, (d, mask)) in halves.into_iter().enumerate() {
+                let d = _mm256_cvtps_pd(d);
+                let selected = _mm256_and_pd(
+                    _mm256_mul_pd(d, d),
+                    _mm256_castsi256_pd(_mm256_cvtepi32_epi64(mask)),
+                );
+                let lane = &mut lanes[2 * half + k];
+                *lane = _mm256_add_pd(*lane, selected);
+            }
+            *bytes = SPREAD[below_bits as usize] | SPREAD[inside_bits as usize] << 1;
+            // SAFETY: a row of `PACK` is 8 u32, the load's width; `found` ≤ the positions
+            // before the span + the span's positions passed, so the 8 stored fit the room.
+            unsafe {
+                let order = _mm256_loadu_si256(PACK[inside_bits as usize].as_ptr().cast());
+                _mm256_storeu_si256(
+                    positions_out.add(found).cast(),
+                    _mm256_permutevar8x32_epi32(lane_positions, order),
+                );
+            }
+            found += inside_bits.count_ones() as usize;
+            lane_positions = _mm256_add_epi32(lane_positions, eight);
+        }
+        // SAFETY: `keep` holds 16 bytes, two unaligned stores of eight.
+        unsafe {
+            let out = keep.as_mut_ptr().cast::<u64>();
+            out.write_unaligned(bytes[0].to_le());
+            out.add(1).write_unaligned(bytes[1].to_le());
+        }
+    }
+    for (q, lane) in lanes.iter().enumerate() {
+        // SAFETY: `below_sum` holds 16 f64, four stores of four.
+        unsafe { _mm256_storeu_pd(sums.below_sum[4 * q..].as_mut_ptr(), *lane) };
+    }
+    // Counts are integers: whichever lane holds them, their totals are the portable body's.
+    sums.n[0] += n;
+    sums.below[0] += below;
+    sums.bad[0] += u32::from(bad != 0);
+    // SAFETY: the positions up to `found` were there or written by the stores above (each
+    // store's first `inside_bits.count_ones()` lanes are its half's inside positions, in order).
+    unsafe { inside.set_len(found) };
+    if !keep_tail.is_empty() {
+        let mut tail = [MaybeUninit::new(0u8); CUT_LANES];
+        m2_cut_block(&r_tail, &o_tail, &m_tail, (lo, hi), sums, &mut tail);
+        let (start, len) = (r.len() - keep_tail.len(), keep_tail.len());
+        for (k, byte) in tail[..len].iter().enumerate() {
+            // SAFETY: `m2_cut_block` wrote every byte of the block.
+            if unsafe { byte.assume_init() } == INSIDE {
+                inside.push((start + k) as u32);
+            }
+        }
+        keep_tail.copy_from_slice(&tail[..len]);
+    }
+}
+
+/// Whether the AVX2 forms run here: a CPU with AVX2, FMA and `popcnt` but without AVX-512
+/// (where the portable bodies, compiled for AVX-512's 32 registers, keep their lanes in
+/// registers), and masks of a type they take ([`takes`]).
+pub(super) fn usable<M: MaskValue>() -> bool {
+    runs_here() && !crate::vectorize::has_avx512() && takes::<M>()
+}
+
+/// Whether this CPU has the features the AVX2 forms are compiled for.
+pub(super) fn runs_here() -> bool {
+    crate::vectorize::has_avx2() && std::arch::is_x86_feature_detected!("popcnt")
+}
+
+/// The top-entropy pass over one chunk ([`super::entropy_chunk`]'s result, bit for bit): per
+/// block of 16, two halves of eight lanes; the counts and flags in vector lanes (a compare's
+/// all-ones lane is −1, subtracted), the inside values' [`super::order_key`]s packed to the
+/// front of a vector by a row of [`PACK`] and stored after those already found.
+#[target_feature(enable = "avx2,fma,popcnt")]
+pub(super) fn entropy_chunk<M: MaskValue>(chunk: EntropyChunk<'_, M>) -> EntropyPart {
+    const { assert!(BLOCK == 16) };
+    let EntropyChunk { h, m, lo, hi } = chunk;
+    let (vlo, vhi) = (_mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let infinity = _mm256_set1_ps(f32::INFINITY);
+    let zero = _mm256_setzero_si256();
+    let (mut n, mut below, mut bad) = ([zero; 2], [zero; 2], [zero; 2]);
+    let block = |h: &[f32; BLOCK], m: &[M; BLOCK], out: *mut i32| {
+        let mut found = 0;
+        for half in 0..2 {
+            let at = 8 * half;
+            let (on, _) = mask_lanes(&m[at..]);
+            // SAFETY: `h` holds 16 values; the load reads 8 from `at` ≤ 8.
+            let v = unsafe { _mm256_loadu_ps(h.as_ptr().add(at)) };
+            let is_below = _mm256_and_ps(on, _mm256_cmp_ps::<_CMP_LT_OQ>(v, vlo));
+            let within = _mm256_and_ps(
+                on,
+                _mm256_and_ps(
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(v, vlo),
+                    _mm256_cmp_ps::<_CMP_LE_OQ>(v, vhi),
+                ),
+            );
+            // Not finite: not `|v| < ∞` (NaN included).
+            let not_finite = _mm256_and_ps(
+                on,
+                _mm256_cmp_ps::<_CMP_NLT_UQ>(_mm256_and_ps(v, magnitude), infinity),
+            );
+            n[half] = _mm256_sub_epi32(n[half], _mm256_castps_si256(on));
+            below[half] = _mm256_sub_epi32(below[half], _mm256_castps_si256(is_below));
+            bad[half] = _mm256_or_si256(bad[half], _mm256_castps_si256(not_finite));
+            // The inside values' keys ([`super::flip_negative`] in vector form), packed.
+            let bits = _mm256_castps_si256(v);
+            let flip = _mm256_srli_epi32::<1>(_mm256_srai_epi32::<31>(bits));
+            let keys = _mm256_xor_si256(bits, flip);
+            let mask = _mm256_movemask_ps(within) as usize;
+            // SAFETY: a row of `PACK` is 8 u32, the load's width.
+            let order = unsafe { _mm256_loadu_si256(PACK[mask].as_ptr().cast()) };
+            // SAFETY: `found` ≤ 8, so the 8 stored fit the block's room of 16.
+            unsafe {
+                _mm256_storeu_si256(
+                    out.add(found).cast(),
+                    _mm256_permutevar8x32_epi32(keys, order),
+                );
+            }
+            found += mask.count_ones() as usize;
+        }
+        found
+    };
+    // SAFETY: each half stores 8 keys from `out` + the keys of the halves before it (at most 8
+    // in all: 16 from `out`), and the block returns how many are inside keys, packed in order.
+    let inside = unsafe { collect_inside_keys(h, m, block) };
+    let lanes = |v: [__m256i; 2]| {
+        let mut out = [0u32; BLOCK];
+        for (half, v) in v.into_iter().enumerate() {
+            // SAFETY: `out` holds 16 u32; each store writes 8 from `8 · half` ≤ 8.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr().add(8 * half).cast(), v) };
+        }
+        out
+    };
+    let flags = lanes(bad).map(|flag| flag != 0);
+    (lanes(n), lanes(below), inside, flags)
+}
