@@ -801,13 +801,40 @@ fn m2_cut_span<'k, M: MaskValue>(
         m2_cut_block(r, o, m, bracket, sums, keep);
     }
     if !keep_tail.is_empty() {
-        let mut tail = [MaybeUninit::new(0u8); CUT_LANES];
-        m2_cut_block(&r_tail, &o_tail, &m_tail, bracket, sums, &mut tail);
-        let n = keep_tail.len();
-        keep_tail.copy_from_slice(&tail[..n]);
+        m2_cut_tail(&r_tail, &o_tail, &m_tail, bracket, sums, keep_tail);
     }
     // SAFETY: every byte of `keep` was written above (the whole blocks by `m2_cut_block`, the
-    // rest by the copy of the tail's block), and `MaybeUninit<u8>` has `u8`'s layout.
+    // rest by `m2_cut_tail`).
+    unsafe { written(keep) }
+}
+
+/// M2PO's bracket pass over a span's last, partial block ([`m2_cut_block`] on the block that
+/// [`lane_blocks`] pads with masked positions): writes every byte of `keep` (the block's real
+/// positions) and returns them.
+#[inline(always)]
+fn m2_cut_tail<'k, M: MaskValue>(
+    r: &[f32; CUT_LANES],
+    o: &[f32; CUT_LANES],
+    m: &[M; CUT_LANES],
+    bracket: (f32, f32),
+    sums: &mut M2CutSums,
+    keep: &'k mut [MaybeUninit<u8>],
+) -> &'k [u8] {
+    let mut block = [MaybeUninit::new(0u8); CUT_LANES];
+    m2_cut_block(r, o, m, bracket, sums, &mut block);
+    keep.copy_from_slice(&block[..keep.len()]);
+    // SAFETY: the copy wrote every byte of `keep`.
+    unsafe { written(keep) }
+}
+
+/// Bytes the bracket pass wrote, as bytes.
+///
+/// # Safety
+///
+/// Every byte of `keep` is written.
+#[inline(always)]
+unsafe fn written(keep: &[MaybeUninit<u8>]) -> &[u8] {
+    // SAFETY: the caller's contract; `MaybeUninit<u8>` has `u8`'s layout.
     unsafe { &*(std::ptr::from_ref::<[MaybeUninit<u8>]>(keep) as *const [u8]) }
 }
 

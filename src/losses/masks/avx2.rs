@@ -1,17 +1,19 @@
 //! The masks' host passes written for AVX2, for CPUs without AVX-512: the portable bodies,
 //! compiled for AVX2 by [`crate::vectorize::dispatch`], keep their sixteen lanes of counts and
 //! sums in more vectors than AVX2's sixteen registers hold, and spill them to the stack on
-//! every block. These forms keep the same sums in four registers and the counts in general
-//! registers (from the compares' sign bits), and give every count, sum, byte and key the
-//! portable body gives, bit for bit (the f64 sums in the same lanes, added in the same order;
-//! proptests in the parent module hold them to it).
+//! every block. These forms work on two halves of eight lanes: M2PO's keeps its sixteen f64
+//! sums in four registers and its counts in general registers (from the compares' sign bits),
+//! the top-entropy pass its counts and flags in six; both pack the values they collect with a
+//! permutation table. They give every count, sum, byte and key the portable body gives, bit for
+//! bit (the f64 sums in the same lanes, added in the same order; proptests in the parent module
+//! hold them to it).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::{
-    collect_inside_keys, lane_blocks, m2_cut_block, EntropyChunk, EntropyPart, M2CutSums,
-    MaskValue, BELOW, BLOCK, CUT_LANES, INSIDE,
+    collect_inside_keys, lane_blocks, m2_cut_tail, EntropyChunk, EntropyPart, M2CutSums, MaskValue,
+    BELOW, BLOCK, CUT_LANES, INSIDE,
 };
 
 /// Byte `j` of `SPREAD[b]` is bit `j` of `b`: eight sign bits of a compare as eight 0/1 bytes.
@@ -98,7 +100,7 @@ fn mask_lanes<M: MaskValue>(m: &[M]) -> (__m256, u32) {
 /// back at its end), the counts from the compares' sign bits, the block's sixteen bytes from
 /// those bits, and the span's positions inside the bracket appended to `inside` in order
 /// (packed by a row of [`PACK`], without a branch per position). The tail block runs the
-/// portable [`m2_cut_block`] on the same sums.
+/// portable [`m2_cut_tail`] on the same sums.
 #[target_feature(enable = "avx2,fma,popcnt")]
 pub(super) fn m2_cut_span<M: MaskValue>(
     r: &[f32],
@@ -203,16 +205,13 @@ pub(super) fn m2_cut_span<M: MaskValue>(
     // store's first `inside_bits.count_ones()` lanes are its half's inside positions, in order).
     unsafe { inside.set_len(found) };
     if !keep_tail.is_empty() {
-        let mut tail = [MaybeUninit::new(0u8); CUT_LANES];
-        m2_cut_block(&r_tail, &o_tail, &m_tail, (lo, hi), sums, &mut tail);
-        let (start, len) = (r.len() - keep_tail.len(), keep_tail.len());
-        for (k, byte) in tail[..len].iter().enumerate() {
-            // SAFETY: `m2_cut_block` wrote every byte of the block.
-            if unsafe { byte.assume_init() } == INSIDE {
+        let start = r.len() - keep_tail.len();
+        let bytes = m2_cut_tail(&r_tail, &o_tail, &m_tail, (lo, hi), sums, keep_tail);
+        for (k, &byte) in bytes.iter().enumerate() {
+            if byte == INSIDE {
                 inside.push((start + k) as u32);
             }
         }
-        keep_tail.copy_from_slice(&tail[..len]);
     }
 }
 
