@@ -709,7 +709,7 @@ struct M2CutChunk<'a, M> {
 }
 
 impl<M: MaskValue> Vectorized for M2CutChunk<'_, M> {
-    type Output = (M2CutSums, Vec<Drift>);
+    type Output = (M2CutSums, Vec<InsideDrift>);
 
     #[inline(always)]
     fn run(self) -> Self::Output {
@@ -721,7 +721,7 @@ impl<M: MaskValue> M2CutChunk<'_, M> {
     /// The pass over the chunk's spans, each by [`m2_cut_span`] or (`AVX2`, only from
     /// [`m2_cut_chunk_avx2`]) its AVX2 form.
     #[inline(always)]
-    fn walk<const AVX2: bool>(self) -> (M2CutSums, Vec<Drift>) {
+    fn walk<const AVX2: bool>(self) -> (M2CutSums, Vec<InsideDrift>) {
         let mut sums = M2CutSums::default();
         let mut inside = vec![];
         // The AVX2 form's inside positions of a span.
@@ -740,10 +740,7 @@ impl<M: MaskValue> M2CutChunk<'_, M> {
                 continue;
             }
             let mut add = |j: usize| {
-                inside.push((
-                    second_moment(r[j], o[j]).to_bits(),
-                    self.start + span.start + j,
-                ));
+                inside.push(InsideDrift::new(r[j] - o[j], self.start + span.start + j));
             };
             #[cfg(target_arch = "x86_64")]
             if AVX2 {
@@ -767,7 +764,7 @@ impl<M: MaskValue> M2CutChunk<'_, M> {
 /// M2PO's bracket pass over one chunk ([`M2CutChunk`]): in its AVX2 form on a CPU with AVX2
 /// and without AVX-512 ([`avx2`]: the same result), else the body [`dispatch`] compiles for
 /// the CPU's widest vectors.
-fn m2_cut_chunk<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
+fn m2_cut_chunk<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<InsideDrift>) {
     #[cfg(target_arch = "x86_64")]
     if avx2::usable::<M>() {
         // SAFETY: `usable` checked at run time that the CPU has the features the function is
@@ -780,7 +777,7 @@ fn m2_cut_chunk<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift
 /// [`M2CutChunk::walk`] with the AVX2 form of each span's pass.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,popcnt")]
-fn m2_cut_chunk_avx2<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<Drift>) {
+fn m2_cut_chunk_avx2<M: MaskValue>(chunk: M2CutChunk<'_, M>) -> (M2CutSums, Vec<InsideDrift>) {
     chunk.walk::<true>()
 }
 
@@ -1147,9 +1144,10 @@ fn drift(rollout: &[f32], old: &[f32], j: usize) -> Drift {
     (second_moment(rollout[j], old[j]).to_bits(), j)
 }
 
-/// A value of M2PO's cut, ordered by its `u` (then, for a [`Drift`], by its token): the bits of
-/// `u`'s f64 alone (the sample's, where only values matter; a `u64` orders and moves more
-/// cheaply than a tuple), or a [`Drift`].
+/// A value of M2PO's cut, ordered by its `u` (then, for a [`Drift`] or an [`InsideDrift`], by
+/// its token): the bits of `u`'s f64 alone (the sample's, where only values matter; a `u64`
+/// orders and moves more cheaply than a tuple), a [`Drift`] (the definition's) or an
+/// [`InsideDrift`] (the one-pass cut's).
 trait Moment: Copy + Ord {
     /// The `u` it holds.
     fn u(self) -> f64;
@@ -1166,6 +1164,37 @@ impl Moment for Drift {
     #[inline(always)]
     fn u(self) -> f64 {
         f64::from_bits(self.0)
+    }
+}
+
+/// A [`Drift`] of the one-pass cut ([`m2po_reduced`]) packed in one `u64`: the bits of `|d|`'s
+/// f32 above the token's position (below 2³², which `m2po_reduced` checks). Its order is
+/// [`Drift`]'s — `|d|` orders the tokens as `u = d²` does, ties included (`d²` is exact, see
+/// [`second_moment`]), and the bits of non-negative floats order as their values — and a
+/// `u64` selects and moves faster than a tuple of two (M2PO's exact cut selects among the
+/// thousands of tokens inside the bracket).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct InsideDrift(u64);
+
+impl InsideDrift {
+    /// Token `j`'s value, `d = ℓroll − ℓold` its difference.
+    #[inline(always)]
+    fn new(d: f32, j: usize) -> Self {
+        debug_assert!(u32::try_from(j).is_ok());
+        Self((u64::from(d.abs().to_bits()) << 32) | j as u64)
+    }
+
+    /// The token's position.
+    #[inline(always)]
+    fn position(self) -> usize {
+        (self.0 & u64::from(u32::MAX)) as usize
+    }
+}
+
+impl Moment for InsideDrift {
+    #[inline(always)]
+    fn u(self) -> f64 {
+        exact_square(f32::from_bits((self.0 >> 32) as u32))
     }
 }
 
@@ -1224,7 +1253,8 @@ fn m2po_reduced<M: MaskValue>(
         check_host_mask_values(mask)?;
         Ok(Some(m2po_by_definition(rollout, old, mask, tau)))
     };
-    if s == 0 {
+    // The pass packs positions in 32 bits ([`InsideDrift`]).
+    if s == 0 || u32::try_from(len - 1).is_err() {
         return by_definition();
     }
     // The sample's cut: the largest m with Σ_{i ≤ m} (u_(i) − τ) < 0, the m smallest first.
@@ -1252,7 +1282,7 @@ fn m2po_reduced<M: MaskValue>(
     // while the span is in cache; the padding's spans are only filled with zeros.
     let mut keep: Vec<u8> = Vec::with_capacity(len);
     let fresh = &mut keep.spare_capacity_mut()[..len];
-    let parts: Vec<(M2CutSums, Vec<Drift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
+    let parts: Vec<(M2CutSums, Vec<InsideDrift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
         let chunk = c * CHUNK..c * CHUNK + keep.len();
         m2_cut_chunk(M2CutChunk {
             r: &rollout[chunk.clone()],
@@ -1279,7 +1309,7 @@ fn m2po_reduced<M: MaskValue>(
         .iter()
         .map(|p| p.0.below_sum.iter().sum::<f64>())
         .sum();
-    let mut inside: Vec<Drift> = Vec::with_capacity(parts.iter().map(|p| p.1.len()).sum());
+    let mut inside: Vec<InsideDrift> = Vec::with_capacity(parts.iter().map(|p| p.1.len()).sum());
     for (_, part) in parts {
         inside.extend(part);
     }
@@ -1304,11 +1334,11 @@ fn m2po_reduced<M: MaskValue>(
         // The mean of every u is below τ: M2PO masks nothing.
         return Ok(None);
     }
-    for &(_, j) in &inside[..kept] {
-        keep[j] = 1;
+    for d in &inside[..kept] {
+        keep[d.position()] = 1;
     }
-    for &(_, j) in &inside[kept..] {
-        keep[j] = 0;
+    for d in &inside[kept..] {
+        keep[d.position()] = 0;
     }
     Ok(Some(keep))
 }
@@ -1977,6 +2007,40 @@ mod tests {
                 bracket_forms_agree(&r, &o, &floats, bracket)?;
                 bracket_forms_agree(&r, &o, &nan_mask, bracket)?;
             }
+        }
+
+        /// The packed values of the one-pass cut order as the definition's [`Drift`]s (by `u`,
+        /// then by token), ties of `|d|` and of `d` across signs, zeros of both signs and
+        /// infinite `d` included, and give back the token and the bits of `u`.
+        #[test]
+        fn inside_drifts_order_as_drifts(
+            values in prop::collection::vec(
+                // A NaN `d` never reaches a cut: the pass answers it with the typed error.
+                (log_prob_values(), log_prob_values())
+                    .prop_filter("d is not NaN", |(r, o)| !(r - o).is_nan()),
+                0..60,
+            ),
+            signed_zeros in any::<bool>(),
+        ) {
+            let (mut r, mut o): (Vec<f32>, Vec<f32>) = values.into_iter().unzip();
+            if signed_zeros && !r.is_empty() {
+                // `d = −0` and `d = +0`.
+                (r[0], o[0]) = (-0.0, 0.0);
+                r.push(0.0);
+                o.push(-0.0);
+            }
+            let tokens = 0..r.len();
+            let mut drifts: Vec<Drift> = tokens.clone().map(|j| drift(&r, &o, j)).collect();
+            let mut packed: Vec<InsideDrift> =
+                tokens.map(|j| InsideDrift::new(r[j] - o[j], j)).collect();
+            for (d, p) in drifts.iter().zip(&packed) {
+                prop_assert_eq!(p.position(), d.1);
+                prop_assert_eq!(p.u().to_bits(), d.u().to_bits());
+            }
+            drifts.sort_unstable();
+            packed.sort_unstable();
+            let order: Vec<usize> = packed.iter().map(|p| p.position()).collect();
+            prop_assert_eq!(order, drifts.iter().map(|d| d.1).collect::<Vec<_>>());
         }
 
         /// The integer keys order as `f32::total_cmp` and give the values back.
