@@ -227,30 +227,43 @@ fn opsm_is_its_keep_as_rollout_weights() {
     }
 }
 
+/// With and without the caller's weights (the CPU kernel writes `w` from the decision in the
+/// loop that loads the weights, or from the mask's keep when there are none).
 #[test]
 fn top_entropy_is_its_keep_as_rollout_weights_times_the_callers() {
     let x = batch();
     let caller: Vec<f32> = noise(B * T, 9).iter().map(|w| 1.0 + w).collect();
     for rho in [0.2, 0.5, 1.0] {
         let keep = keep_by_sort(&x.entropy, &x.mask, rho);
-        let both: Vec<f32> = keep.iter().zip(&caller).map(|(k, w)| k * w).collect();
-        let config = Grpo::default().config();
-        let masks = PolicyMasks::default().with_top_entropy_quantile(rho);
-        let got = run_all(
-            &with_masks(config, masks),
-            &x,
-            Some(caller.clone()),
-            None,
-            (false, true),
-        );
-        let want = run_all(
-            &config.build().unwrap(),
-            &x,
-            Some(both),
-            None,
-            (false, false),
-        );
-        assert_same(&format!("top-entropy ρ {rho}"), &got, &want);
+        for weights in [None, Some(caller.clone())] {
+            let both: Vec<f32> = match &weights {
+                Some(w) => keep.iter().zip(w).map(|(k, w)| k * w).collect(),
+                None => keep.clone(),
+            };
+            for config in [Grpo::default().config(), Sapo::default().config()] {
+                let masks = PolicyMasks::default().with_top_entropy_quantile(rho);
+                let got = run_all(
+                    &with_masks(config, masks),
+                    &x,
+                    weights.clone(),
+                    None,
+                    (false, true),
+                );
+                let want = run_all(
+                    &config.build().unwrap(),
+                    &x,
+                    Some(both.clone()),
+                    None,
+                    (false, false),
+                );
+                let callers = if weights.is_some() { "with" } else { "without" };
+                assert_same(
+                    &format!("top-entropy ρ {rho}, {callers} the caller's weights"),
+                    &got,
+                    &want,
+                );
+            }
+        }
     }
 }
 

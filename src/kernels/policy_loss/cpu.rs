@@ -261,9 +261,19 @@ fn load<F: Load<R>, M: Load<R>, R: Real>(
     } else {
         load_broadcast(x.advantages[row], len, keep, &mut tile.adv[..padded])
     };
-    let bad_w = match x.weights {
-        Some(w) => load_tile(&w[span.clone()], keep, &mut tile.w[..padded]),
-        None => {
+    let bad_w = match (x.weights, x.entropy) {
+        (Some(w), _) => load_tile(&w[span.clone()], keep, &mut tile.w[..padded]),
+        // The top-entropy rule without weights: `w` is the mask's keep where `H ≥ θ`, in the
+        // one loop that writes it.
+        (None, Some((entropy, theta))) => {
+            let w = &mut tile.w[..padded];
+            for ((w, k), h) in w.iter_mut().zip(keep).zip(&entropy[span.clone()]) {
+                *w = R::select(*h >= theta, *k, R::ZERO);
+            }
+            w[len..].fill(R::ZERO);
+            0
+        }
+        (None, None) => {
             tile.w[..padded].copy_from_slice(keep);
             0
         }
@@ -282,7 +292,8 @@ fn load<F: Load<R>, M: Load<R>, R: Real>(
             *w = R::select(*a < R::ZERO, R::ZERO, *w);
         }
     }
-    if let Some((entropy, theta)) = x.entropy {
+    // The top-entropy rule after the caller's weights (without them it wrote `w` above).
+    if let (Some(_), Some((entropy, theta))) = (x.weights, x.entropy) {
         for (w, h) in tile.w[..len].iter_mut().zip(&entropy[span]) {
             *w = R::select(*h >= theta, *w, R::ZERO);
         }
