@@ -12,8 +12,8 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::{
-    collect_inside_keys, lane_blocks, m2_cut_tail, EntropyChunk, EntropyPart, M2CutSums, MaskValue,
-    BELOW, BLOCK, CUT_LANES, INSIDE,
+    collect_inside_keys, for_inside_positions, lane_blocks, m2_cut_tail, EntropyChunk, EntropyPart,
+    M2CutSums, MaskValue, BELOW, BLOCK, CUT_LANES, INSIDE,
 };
 
 /// Byte `j` of `SPREAD[b]` is bit `j` of `b`: eight sign bits of a compare as eight 0/1 bytes.
@@ -207,11 +207,7 @@ pub(super) fn m2_cut_span<M: MaskValue>(
     if !keep_tail.is_empty() {
         let start = r.len() - keep_tail.len();
         let bytes = m2_cut_tail(&r_tail, &o_tail, &m_tail, (lo, hi), sums, keep_tail);
-        for (k, &byte) in bytes.iter().enumerate() {
-            if byte == INSIDE {
-                inside.push((start + k) as u32);
-            }
-        }
+        for_inside_positions(bytes, |k| inside.push((start + k) as u32));
     }
 }
 
