@@ -3,8 +3,8 @@
 //! puts around the wanted ranks, the same again among those keys while they are many, then a
 //! selection among the few left (Floyd and Rivest's select). The pass has an AVX-512 form
 //! (compares as mask registers, the keys between the pivots gathered by one compress per block)
-//! beside the portable one, which is branch-free too (a branch per key in no order is
-//! mispredicted half the time).
+//! and an AVX2 form (the same by a permutation table, `vectorize::PACK`) beside the portable one,
+//! which is branch-free too (a branch per key in no order is mispredicted half the time).
 //!
 //! ```text
 //! v_(0) ≤ v_(1) ≤ … ≤ v_(n−1):  the keys of every slice, sorted (ties counted);  v_(n) := v_(n−1)
@@ -114,13 +114,20 @@ fn evenly_spaced(parts: &[&[i32]], n: usize) -> Vec<i32> {
 }
 
 /// One slice's pass: the count of keys `< lo`, and the keys in `[lo, hi]` appended to `middle`
-/// in order; the AVX-512 form where the CPU has one.
+/// in order; the AVX-512 form where the CPU has one, else the AVX2 form where it has that.
 fn split(keys: &[i32], bounds: (i32, i32), middle: &mut Vec<i32>) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if crate::vectorize::has_avx512() {
-        // SAFETY: `has_avx512` checked at run time that the CPU has the features the function
-        // is compiled for.
-        return unsafe { split_avx512(keys, bounds, middle) };
+    {
+        if crate::vectorize::has_avx512() {
+            // SAFETY: `has_avx512` checked at run time that the CPU has the features the
+            // function is compiled for.
+            return unsafe { split_avx512(keys, bounds, middle) };
+        }
+        if crate::vectorize::has_avx2() {
+            // SAFETY: `has_avx2` checked at run time that the CPU has the features the function
+            // is compiled for.
+            return unsafe { split_avx2(keys, bounds, middle) };
+        }
     }
     split_portable(keys, bounds, middle)
 }
@@ -213,6 +220,48 @@ fn split_avx512(keys: &[i32], (lo, hi): (i32, i32), middle: &mut Vec<i32>) -> us
     counts.iter().map(|&c| c as usize).sum()
 }
 
+/// [`split`] with AVX2, for CPUs without AVX-512: per block of 8 keys, the two compares, the
+/// count below in vector lanes (a compare's all-ones lane is −1, subtracted), the keys between
+/// the pivots moved to the front of a vector by a row of [`PACK`] and stored after those already
+/// found (a full store into reserved room); the last partial block by the portable form. The
+/// portable form's result exactly.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn split_avx2(keys: &[i32], (lo, hi): (i32, i32), middle: &mut Vec<i32>) -> usize {
+    use crate::vectorize::PACK;
+    use std::arch::x86_64::*;
+    const LANES: usize = 8;
+    let (vlo, vhi) = (_mm256_set1_epi32(lo), _mm256_set1_epi32(hi));
+    let mut below = _mm256_setzero_si256();
+    // Room for every key and one store's overhang.
+    middle.reserve(keys.len() + LANES);
+    let (out, mut found) = (middle.as_mut_ptr(), middle.len());
+    let (blocks, tail) = keys.as_chunks::<LANES>();
+    for b in blocks {
+        // SAFETY: `b` holds 8 keys, the unaligned load's width.
+        let v = unsafe { _mm256_loadu_si256(b.as_ptr().cast()) };
+        // `k < lo` and `k > hi`; between the pivots is neither.
+        let lt = _mm256_cmpgt_epi32(vlo, v);
+        let outside = _mm256_or_si256(lt, _mm256_cmpgt_epi32(v, vhi));
+        below = _mm256_sub_epi32(below, lt);
+        let within = !_mm256_movemask_ps(_mm256_castsi256_ps(outside)) as usize & 0xff;
+        // SAFETY: a row of `PACK` is 8 u32, the load's width; `found` ≤ the keys before this
+        // pass + the keys passed, so the 8 lanes stored fit in the room reserved above.
+        unsafe {
+            let order = _mm256_loadu_si256(PACK[within].as_ptr().cast());
+            _mm256_storeu_si256(out.add(found).cast(), _mm256_permutevar8x32_epi32(v, order));
+        }
+        found += within.count_ones() as usize;
+    }
+    // SAFETY: the keys up to `found` were there or written by the stores above (each store's
+    // first `within.count_ones()` lanes are its block's keys between the pivots, in order).
+    unsafe { middle.set_len(found) };
+    let mut counts = [0u32; LANES];
+    // SAFETY: `counts` holds 8 u32, the unaligned store's width.
+    unsafe { _mm256_storeu_si256(counts.as_mut_ptr().cast(), below) };
+    counts.iter().map(|&c| c as usize).sum::<usize>() + split_portable(tail, (lo, hi), middle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,7 +322,7 @@ mod tests {
             prop_assert_eq!(order_statistics(&views, (i, j)), (sorted[i], sorted[j]));
         }
 
-        /// The portable pass and the AVX-512 pass (where the CPU has it) give the definition's
+        /// The portable pass, the AVX-512 pass and the AVX2 pass (where the CPU has them) give the definition's
         /// count and keys (in order, after the keys already there), the bounds at the keys' own
         /// values, empty brackets (`hi < lo`) and the extremes included.
         #[test]
@@ -290,13 +339,22 @@ mod tests {
             prop_assert_eq!(split_portable(&keys, bounds, &mut got), below);
             prop_assert_eq!(&got, &want);
             #[cfg(target_arch = "x86_64")]
-            if crate::vectorize::has_avx512() {
-                let mut got = vec![7];
-                // SAFETY: the CPU has AVX-512 (checked above).
-                prop_assert_eq!(unsafe { split_avx512(&keys, bounds, &mut got) }, below);
-                prop_assert_eq!(&got, &want);
-            } else {
-                eprintln!("AVX-512 form not run: this CPU has no AVX-512");
+            {
+                type Form = unsafe fn(&[i32], (i32, i32), &mut Vec<i32>) -> usize;
+                let forms: [(&str, bool, Form); 2] = [
+                    ("AVX-512", crate::vectorize::has_avx512(), split_avx512),
+                    ("AVX2", crate::vectorize::has_avx2(), split_avx2),
+                ];
+                for (name, runs_here, form) in forms {
+                    if !runs_here {
+                        eprintln!("{name} form not run: this CPU has no {name}");
+                        continue;
+                    }
+                    let mut got = vec![7];
+                    // SAFETY: the CPU has the form's features (checked above).
+                    prop_assert_eq!(unsafe { form(&keys, bounds, &mut got) }, below);
+                    prop_assert_eq!(&got, &want);
+                }
             }
         }
     }

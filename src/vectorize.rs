@@ -31,6 +31,27 @@ pub(crate) fn has_avx2() -> bool {
     })
 }
 
+/// Row `b` of `PACK` moves the lanes of the set bits of `b` to the front, in order: with
+/// `_mm256_permutevar8x32_epi32`, AVX2's form of AVX-512's compress (the masks' AVX2 passes and
+/// `order_statistics`' AVX2 split gather the values they collect with it).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const PACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut j, mut k) = (0, 0);
+        while j < 8 {
+            if b >> j & 1 == 1 {
+                table[b][k] = j as u32;
+                k += 1;
+            }
+            j += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
 /// A loop body that [`dispatch`] compiles for the widest instruction set the CPU has.
 /// `run` must be `#[inline(always)]`, so that it is compiled into each build.
 pub(crate) trait Vectorized {

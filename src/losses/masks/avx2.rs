@@ -11,6 +11,8 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
+use crate::vectorize::PACK;
+
 use super::{
     collect_inside_keys, for_inside_positions, lane_blocks, m2_cut_tail, EntropyChunk, EntropyPart,
     M2CutSums, MaskValue, BELOW, BLOCK, CUT_LANES, INSIDE,
@@ -25,25 +27,6 @@ const SPREAD: [u64; 256] = {
         while j < 8 {
             if b >> j & 1 == 1 {
                 table[b] |= 1 << (8 * j);
-            }
-            j += 1;
-        }
-        b += 1;
-    }
-    table
-};
-
-/// Row `b` of `PACK` moves the lanes of the set bits of `b` to the front, in order: with
-/// `_mm256_permutevar8x32_epi32`, AVX2's form of AVX-512's compress.
-const PACK: [[u32; 8]; 256] = {
-    let mut table = [[0u32; 8]; 256];
-    let mut b = 0;
-    while b < 256 {
-        let (mut j, mut k) = (0, 0);
-        while j < 8 {
-            if b >> j & 1 == 1 {
-                table[b][k] = j as u32;
-                k += 1;
             }
             j += 1;
         }
