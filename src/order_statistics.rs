@@ -322,9 +322,9 @@ mod tests {
             prop_assert_eq!(order_statistics(&views, (i, j)), (sorted[i], sorted[j]));
         }
 
-        /// The portable pass, the AVX-512 pass and the AVX2 pass (where the CPU has them) give the definition's
-        /// count and keys (in order, after the keys already there), the bounds at the keys' own
-        /// values, empty brackets (`hi < lo`) and the extremes included.
+        /// The portable pass, the AVX-512 pass and the AVX2 pass (where the CPU has them) give
+        /// the definition's count and keys (in order, after the keys already there), the bounds
+        /// at the keys' own values, empty brackets (`hi < lo`) and the extremes included.
         #[test]
         fn split_forms_are_the_definition(
             keys in prop::collection::vec(-40i32..40, 0..200),
