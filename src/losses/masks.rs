@@ -393,11 +393,14 @@ fn selected(v: f64, on: bool) -> f64 {
     f64::from_bits(v.to_bits() & u64::from(on).wrapping_neg())
 }
 
-/// The byte M2PO's bracket pass writes at an unmasked position below the bracket (kept).
-const BELOW: u8 = 1;
+/// The byte of M2PO's reduced mask at a kept position: the bracket pass writes it at the
+/// unmasked positions below the bracket and, provisionally, inside it (the exact cut then
+/// zeroes those it drops, usually fewer than it keeps); masked positions and those above the
+/// bracket get 0 (dropped).
+const KEPT: u8 = 1;
 
-/// The byte M2PO's bracket pass writes at an unmasked position inside the bracket (decided by
-/// the exact cut afterwards); masked positions and those above the bracket get 0 (dropped).
+/// The mark the portable bracket pass writes at an unmasked position inside the bracket, until
+/// [`for_inside_positions`] collects the position and writes [`KEPT`] there.
 const INSIDE: u8 = 2;
 
 /// Lanes of M2PO's bracket pass: its compares run on f32 (`|d|`, [`second_moment`]), sixteen to
@@ -420,8 +423,8 @@ fn bracket_on_differences((lo, hi): (f64, f64)) -> (f32, f32) {
 
 /// One block of M2PO's bracket pass: per lane, the count of unmasked positions, the count and
 /// `Σu` of those below the bracket, and the count of bad positions (a mask value neither 0 nor
-/// 1, or an unmasked `d` that is not finite); a byte per position in `keep` ([`BELOW`],
-/// [`INSIDE`] for `lo ≤ u ≤ hi`, else 0). The position's class comes from `|d|` against the
+/// 1, or an unmasked `d` that is not finite); a byte per position in `keep` ([`KEPT`] for
+/// `u < lo`, [`INSIDE`] for `lo ≤ u ≤ hi`, else 0). The position's class comes from `|d|` against the
 /// bracket's roots ([`bracket_on_differences`]), in f32; only the sum below needs `u` in f64.
 /// Bytes and counts rather than bits and flags: the compiler keeps them in vector lanes.
 #[inline(always)]
@@ -443,7 +446,7 @@ fn m2_cut_block<M: MaskValue>(
         sums.below[j] += u32::from(below);
         sums.below_sum[j] += selected(exact_square(d), below);
         sums.bad[j] += u32::from(!m[j].binary() | (on & !d.is_finite()));
-        keep[j] = MaybeUninit::new(u8::from(below) * BELOW + u8::from(inside) * INSIDE);
+        keep[j] = MaybeUninit::new(u8::from(below) * KEPT + u8::from(inside) * INSIDE);
     }
 }
 
@@ -465,30 +468,33 @@ impl M2CutSums {
 }
 
 /// `f(j)` for each position `j` of `bytes` that holds [`INSIDE`] (a few percent of them), in
-/// order, 64 at a time: the bytes hold 0, [`BELOW`] or [`INSIDE`], so bit 1 of a byte is set
-/// only by [`INSIDE`]; each word of eight bytes gives its eight marks as one byte of a 64-bit
-/// mask (the multiplication gathers bit 0 of each byte into the top byte, no carries for 0/1
-/// bytes), and only the set bits of the mask cost a branch. No buffer of positions: the pass
-/// calls it once per span.
+/// order, 64 at a time, and [`KEPT`] written there: the bytes hold 0, [`KEPT`] or [`INSIDE`],
+/// so bit 1 of a byte is set only by [`INSIDE`]; each word of eight bytes gives its eight marks
+/// as one byte of a 64-bit mask (the multiplication gathers bit 0 of each byte into the top
+/// byte, no carries for 0/1 bytes), and only the set bits of the mask cost a branch. No buffer
+/// of positions: the pass calls it once per span, while the span is in cache.
 #[inline(always)]
-fn for_inside_positions(bytes: &[u8], mut f: impl FnMut(usize)) {
+fn for_inside_positions(bytes: &mut [u8], mut f: impl FnMut(usize)) {
     const ONES: u64 = u64::from_le_bytes([1; 8]);
     const GATHER: u64 = 0x0102_0408_1020_4080;
-    let (groups, rest) = bytes.as_chunks::<64>();
-    for (g, group) in groups.iter().enumerate() {
+    let (groups, rest) = bytes.as_chunks_mut::<64>();
+    for (g, group) in groups.iter_mut().enumerate() {
         let mut bits = 0u64;
         for (w, word) in group.as_chunks::<8>().0.iter().enumerate() {
             let marks = (u64::from_le_bytes(*word) >> 1) & ONES;
             bits |= (marks.wrapping_mul(GATHER) >> 56) << (8 * w);
         }
         while bits != 0 {
-            f(g * 64 + bits.trailing_zeros() as usize);
+            let k = bits.trailing_zeros() as usize;
+            group[k] = KEPT;
+            f(g * 64 + k);
             bits &= bits - 1;
         }
     }
     let start = groups.len() * 64;
-    for (k, &byte) in rest.iter().enumerate() {
-        if byte == INSIDE {
+    for (k, byte) in rest.iter_mut().enumerate() {
+        if *byte == INSIDE {
+            *byte = KEPT;
             f(start + k);
         }
     }
@@ -791,7 +797,7 @@ fn m2_cut_span<'k, M: MaskValue>(
     bracket: (f32, f32),
     sums: &mut M2CutSums,
     keep: &'k mut [MaybeUninit<u8>],
-) -> &'k [u8] {
+) -> &'k mut [u8] {
     let (rs, os, ms, [r_tail, o_tail], m_tail) = lane_blocks::<M, CUT_LANES>(r, o, m);
     let (keep_blocks, keep_tail) = keep.as_chunks_mut::<CUT_LANES>();
     for (((r, o), m), keep) in rs.iter().zip(os).zip(ms).zip(keep_blocks) {
@@ -816,7 +822,7 @@ fn m2_cut_tail<'k, M: MaskValue>(
     bracket: (f32, f32),
     sums: &mut M2CutSums,
     keep: &'k mut [MaybeUninit<u8>],
-) -> &'k [u8] {
+) -> &'k mut [u8] {
     let mut block = [MaybeUninit::new(0u8); CUT_LANES];
     m2_cut_block(r, o, m, bracket, sums, &mut block);
     keep.copy_from_slice(&block[..keep.len()]);
@@ -830,9 +836,9 @@ fn m2_cut_tail<'k, M: MaskValue>(
 ///
 /// Every byte of `keep` is written.
 #[inline(always)]
-unsafe fn written(keep: &[MaybeUninit<u8>]) -> &[u8] {
+unsafe fn written(keep: &mut [MaybeUninit<u8>]) -> &mut [u8] {
     // SAFETY: the caller's contract; `MaybeUninit<u8>` has `u8`'s layout.
-    unsafe { &*(std::ptr::from_ref::<[MaybeUninit<u8>]>(keep) as *const [u8]) }
+    unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<u8>]>(keep) as *mut [u8]) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1276,10 +1282,10 @@ fn m2po_reduced<M: MaskValue>(
         (lo, hi)
     };
     // Per chunk: the unmasked count, the count and Σu below the bracket, and the bracket's
-    // values; a byte per token (kept below the bracket, dropped above it), written into memory
-    // that is not zeroed first (the pass writes every byte). Blocks of lanes without branches;
-    // the positions inside the bracket (a few percent) are then collected from their bytes
-    // while the span is in cache; the padding's spans are only filled with zeros.
+    // values; a byte per token (kept below and, until the cut, inside the bracket, dropped
+    // above it), written into memory that is not zeroed first (the pass writes every byte).
+    // Blocks of lanes without branches; the positions inside the bracket (a few percent) are
+    // collected while the span is in cache; the padding's spans are only filled with zeros.
     let mut keep: Vec<u8> = Vec::with_capacity(len);
     let fresh = &mut keep.spare_capacity_mut()[..len];
     let parts: Vec<(M2CutSums, Vec<InsideDrift>)> = pool::chunks_mut(fresh, CHUNK, |c, keep| {
@@ -1334,9 +1340,7 @@ fn m2po_reduced<M: MaskValue>(
         // The mean of every u is below τ: M2PO masks nothing.
         return Ok(None);
     }
-    for d in &inside[..kept] {
-        keep[d.position()] = 1;
-    }
+    // The pass wrote `KEPT` inside the bracket: only the values the cut drops change.
     for d in &inside[kept..] {
         keep[d.position()] = 0;
     }
@@ -2051,16 +2055,21 @@ mod tests {
         }
 
         /// The bracket pass's bytes scanned a word at a time give every [`INSIDE`] position
-        /// once (several in a word, and in the bytes after the last whole word, included).
+        /// once (several in a word, and in the bytes after the last whole word, included) and
+        /// are left [`KEPT`] there, unchanged elsewhere.
         #[test]
         fn inside_positions_are_the_inside_bytes(
-            bytes in prop::collection::vec(prop::sample::select(vec![0u8, BELOW, INSIDE]), 0..300),
+            bytes in prop::collection::vec(prop::sample::select(vec![0u8, KEPT, INSIDE]), 0..300),
         ) {
             // Several groups of 64 and a tail; the positions in order.
             let mut got = vec![];
-            for_inside_positions(&bytes, |j| got.push(j));
+            let mut marked = bytes.clone();
+            for_inside_positions(&mut marked, |j| got.push(j));
             let want: Vec<usize> = (0..bytes.len()).filter(|&j| bytes[j] == INSIDE).collect();
             prop_assert_eq!(got, want);
+            // Each mark is now `KEPT`; the other bytes are as they were.
+            let kept: Vec<u8> = bytes.iter().map(|&b| if b == INSIDE { KEPT } else { b }).collect();
+            prop_assert_eq!(marked, kept);
         }
 
         #[test]

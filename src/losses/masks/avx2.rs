@@ -2,7 +2,7 @@
 //! compiled for AVX2 by [`crate::vectorize::dispatch`], keep their sixteen lanes of counts and
 //! sums in more vectors than AVX2's sixteen registers hold, and spill them to the stack on
 //! every block. These forms work on two halves of eight lanes: M2PO's keeps its sixteen f64
-//! sums in four registers and its counts in general registers (from the compares' sign bits),
+//! sums in four registers (one FMA per four lanes) and its counts and flags in three,
 //! the top-entropy pass its counts and flags in six; both pack the values they collect with a
 //! permutation table. They give every count, sum, byte and key the portable body gives, bit for
 //! bit (the f64 sums in the same lanes, added in the same order; proptests in the parent module
@@ -15,7 +15,7 @@ use crate::vectorize::PACK;
 
 use super::{
     collect_inside_keys, for_inside_positions, lane_blocks, m2_cut_tail, EntropyChunk, EntropyPart,
-    M2CutSums, MaskValue, BELOW, BLOCK, CUT_LANES, INSIDE,
+    M2CutSums, MaskValue, BLOCK, CUT_LANES, KEPT,
 };
 
 /// Byte `j` of `SPREAD[b]` is bit `j` of `b`: eight sign bits of a compare as eight 0/1 bytes.
@@ -35,8 +35,8 @@ const SPREAD: [u64; 256] = {
     table
 };
 
-// The bracket pass's bytes are built from the bits as `BELOW · below + INSIDE · inside`.
-const _: () = assert!(BELOW == 1 && INSIDE == 2);
+// The bracket pass's bytes are the bits of `kept` spread: 1 for kept, 0 for dropped.
+const _: () = assert!(KEPT == 1);
 
 /// Whether the AVX2 forms take masks of type `M`: the `f32` and `u8` masks every caller
 /// passes (other types run the portable body).
@@ -46,44 +46,50 @@ pub(super) fn takes<M: MaskValue>() -> bool {
     id == TypeId::of::<f32>() || id == TypeId::of::<u8>()
 }
 
-/// Eight mask values as AVX2 lanes: all ones where unmasked ([`MaskValue::on`]), and the bits
-/// of the lanes whose value is 0 or 1 ([`MaskValue::binary`]). `M` is `f32` or `u8` ([`takes`]).
+/// Eight mask values as AVX2 lanes: all ones where unmasked ([`MaskValue::on`]), and all ones
+/// where the value is neither 0 nor 1 (not [`MaskValue::binary`]). `M` is `f32` or `u8`
+/// ([`takes`]).
 #[target_feature(enable = "avx2,fma,popcnt")]
 #[inline]
-fn mask_lanes<M: MaskValue>(m: &[M]) -> (__m256, u32) {
+fn mask_lanes<M: MaskValue>(m: &[M]) -> (__m256, __m256) {
     use std::any::TypeId;
     debug_assert!(m.len() >= 8 && takes::<M>());
     if TypeId::of::<M>() == TypeId::of::<f32>() {
         // SAFETY: `M` is `f32` and `m` holds at least 8 of them, the load's width.
         let v = unsafe { _mm256_loadu_ps(m.as_ptr().cast()) };
-        let zero = _mm256_setzero_ps();
-        // `m ≠ 0`, true for NaN, as `MaskValue::on`.
-        let on = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, zero);
-        let binary = _mm256_or_ps(
-            _mm256_cmp_ps::<_CMP_EQ_OQ>(v, zero),
-            _mm256_cmp_ps::<_CMP_EQ_OQ>(v, _mm256_set1_ps(1.0)),
-        );
-        (on, _mm256_movemask_ps(binary) as u32)
+        // `m ≠ 0`, true for NaN, as `MaskValue::on`; neither 0 nor 1: `m ≠ 0` and `m ≠ 1`.
+        let on = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, _mm256_setzero_ps());
+        let not_one = _mm256_cmp_ps::<_CMP_NEQ_UQ>(v, _mm256_set1_ps(1.0));
+        (on, _mm256_and_ps(on, not_one))
     } else {
         // SAFETY: `M` is `u8` ([`takes`]) and `m` holds at least 8 bytes, the load's width.
         let v = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(m.as_ptr().cast()) });
         let off = _mm256_cmpeq_epi32(v, _mm256_setzero_si256());
         let on = _mm256_xor_si256(off, _mm256_set1_epi32(-1));
-        let binary = _mm256_cmpgt_epi32(_mm256_set1_epi32(2), v);
-        (
-            _mm256_castsi256_ps(on),
-            _mm256_movemask_ps(_mm256_castsi256_ps(binary)) as u32,
-        )
+        let not_binary = _mm256_cmpgt_epi32(v, _mm256_set1_epi32(1));
+        (_mm256_castsi256_ps(on), _mm256_castsi256_ps(not_binary))
     }
+}
+
+/// The sum of the eight `i32` lanes of `v`.
+#[target_feature(enable = "avx2,fma,popcnt")]
+#[inline]
+fn lane_total(v: __m256i) -> u32 {
+    let half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let pair = _mm_add_epi32(half, _mm_unpackhi_epi64(half, half));
+    let one = _mm_add_epi32(pair, _mm_shuffle_epi32::<0b01>(pair));
+    _mm_cvtsi128_si32(one) as u32
 }
 
 /// M2PO's bracket pass over one span ([`super::m2_cut_span`]'s sums and bytes, bit for bit):
 /// per block of 16, two halves of eight lanes; `Σu` below the bracket in the four vectors of
 /// the sixteen f64 lanes ([`M2CutSums::below_sum`], read at the start of the span and written
-/// back at its end), the counts from the compares' sign bits, the block's sixteen bytes from
-/// those bits, and the span's positions inside the bracket appended to `inside` in order
-/// (packed by a row of [`PACK`], without a branch per position). The tail block runs the
-/// portable [`m2_cut_tail`] on the same sums.
+/// back at its end: `d` selected to 0 outside, converted and added as `d·d + Σ` by one FMA,
+/// exact since `d²` is), the counts and the bad flag in vector lanes (a compare's all-ones
+/// lane is −1, subtracted), the block's sixteen bytes ([`KEPT`] below and inside the bracket)
+/// from the compares' sign bits by a table, and the span's positions inside the bracket appended to `inside` in order (packed
+/// by a row of [`PACK`], without a branch per position). The tail block runs the portable
+/// [`m2_cut_tail`] on the same sums.
 #[target_feature(enable = "avx2,fma,popcnt")]
 pub(super) fn m2_cut_span<M: MaskValue>(
     r: &[f32],
@@ -103,7 +109,8 @@ pub(super) fn m2_cut_span<M: MaskValue>(
     // SAFETY: `below_sum` holds 16 f64, four loads of four.
     let mut lanes: [__m256d; 4] =
         std::array::from_fn(|q| unsafe { _mm256_loadu_pd(sums.below_sum[4 * q..].as_ptr()) });
-    let (mut n, mut below, mut bad) = (0u32, 0u32, 0u32);
+    let zero = _mm256_setzero_si256();
+    let (mut n, mut below, mut bad) = (zero, zero, _mm256_setzero_ps());
     // Room for every position of the span: each store writes 8 from the cursor.
     inside.reserve(r.len() + 8);
     let (positions_out, mut found) = (inside.as_mut_ptr(), inside.len());
@@ -113,7 +120,7 @@ pub(super) fn m2_cut_span<M: MaskValue>(
         let mut bytes = [0u64; 2];
         for (half, bytes) in bytes.iter_mut().enumerate() {
             let at = 8 * half;
-            let (on, binary) = mask_lanes(&m[at..]);
+            let (on, not_binary) = mask_lanes(&m[at..]);
             // SAFETY: `r` and `o` hold 16 values; each load reads 8 from `at` ≤ 8.
             let d = unsafe {
                 _mm256_sub_ps(
@@ -124,43 +131,35 @@ pub(super) fn m2_cut_span<M: MaskValue>(
             let size = _mm256_and_ps(d, magnitude);
             let is_below = _mm256_and_ps(on, _mm256_cmp_ps::<_CMP_LT_OQ>(size, vlo));
             let is_inside = _mm256_and_ps(
-                on,
-                _mm256_and_ps(
-                    _mm256_cmp_ps::<_CMP_GE_OQ>(size, vlo),
-                    _mm256_cmp_ps::<_CMP_LE_OQ>(size, vhi),
-                ),
+                _mm256_and_ps(on, _mm256_cmp_ps::<_CMP_LE_OQ>(size, vhi)),
+                _mm256_cmp_ps::<_CMP_GE_OQ>(size, vlo),
             );
+            // Kept unless the cut decides otherwise: below the bracket or inside it.
+            let kept = _mm256_or_ps(is_below, is_inside);
             // Not finite: not `|d| < ∞` (NaN included).
             let not_finite = _mm256_cmp_ps::<_CMP_NLT_UQ>(size, infinity);
-            let on_bits = _mm256_movemask_ps(on) as u32;
-            let below_bits = _mm256_movemask_ps(is_below) as u32;
-            let inside_bits = _mm256_movemask_ps(is_inside) as u32;
-            n += on_bits.count_ones();
-            below += below_bits.count_ones();
-            bad |= (!binary & 0xff) | (on_bits & _mm256_movemask_ps(not_finite) as u32);
+            bad = _mm256_or_ps(bad, _mm256_or_ps(not_binary, _mm256_and_ps(on, not_finite)));
+            n = _mm256_sub_epi32(n, _mm256_castps_si256(on));
+            below = _mm256_sub_epi32(below, _mm256_castps_si256(is_below));
             // `u = d²` in f64 (exact, [`super::exact_square`]), selected below the bracket.
-            let mask = _mm256_castps_si256(is_below);
-            let halves = [
-                (_mm256_castps256_ps128(d), _mm256_castsi256_si128(mask)),
-                (
-                    _mm256_extractf128_ps::<1>(d),
-                    _mm256_extracti128_si256::<1>(mask),
-                ),
-            ];
-            for (k, (d, mask)) in halves.into_iter().enumerate() {
+            let selected = _mm256_and_ps(d, is_below);
+            for (k, d) in [
+                _mm256_castps256_ps128(selected),
+                _mm256_extractf128_ps::<1>(selected),
+            ]
+            .into_iter()
+            .enumerate()
+            {
                 let d = _mm256_cvtps_pd(d);
-                let selected = _mm256_and_pd(
-                    _mm256_mul_pd(d, d),
-                    _mm256_castsi256_pd(_mm256_cvtepi32_epi64(mask)),
-                );
                 let lane = &mut lanes[2 * half + k];
-                *lane = _mm256_add_pd(*lane, selected);
+                *lane = _mm256_fmadd_pd(d, d, *lane);
             }
-            *bytes = SPREAD[below_bits as usize] | SPREAD[inside_bits as usize] << 1;
+            *bytes = SPREAD[_mm256_movemask_ps(kept) as usize];
+            let inside_bits = _mm256_movemask_ps(is_inside) as usize;
             // SAFETY: a row of `PACK` is 8 u32, the load's width; `found` ≤ the positions
             // before the span + the span's positions passed, so the 8 stored fit the room.
             unsafe {
-                let order = _mm256_loadu_si256(PACK[inside_bits as usize].as_ptr().cast());
+                let order = _mm256_loadu_si256(PACK[inside_bits].as_ptr().cast());
                 _mm256_storeu_si256(
                     positions_out.add(found).cast(),
                     _mm256_permutevar8x32_epi32(lane_positions, order),
@@ -181,9 +180,9 @@ pub(super) fn m2_cut_span<M: MaskValue>(
         unsafe { _mm256_storeu_pd(sums.below_sum[4 * q..].as_mut_ptr(), *lane) };
     }
     // Counts are integers: whichever lane holds them, their totals are the portable body's.
-    sums.n[0] += n;
-    sums.below[0] += below;
-    sums.bad[0] += u32::from(bad != 0);
+    sums.n[0] += lane_total(n);
+    sums.below[0] += lane_total(below);
+    sums.bad[0] += u32::from(_mm256_movemask_ps(bad) != 0);
     // SAFETY: the positions up to `found` were there or written by the stores above (each
     // store's first `inside_bits.count_ones()` lanes are its half's inside positions, in order).
     unsafe { inside.set_len(found) };
