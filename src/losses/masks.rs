@@ -424,9 +424,10 @@ fn bracket_on_differences((lo, hi): (f64, f64)) -> (f32, f32) {
 /// One block of M2PO's bracket pass: per lane, the count of unmasked positions, the count and
 /// `Σu` of those below the bracket, and the count of bad positions (a mask value neither 0 nor
 /// 1, or an unmasked `d` that is not finite); a byte per position in `keep` ([`KEPT`] for
-/// `u < lo`, [`INSIDE`] for `lo ≤ u ≤ hi`, else 0). The position's class comes from `|d|` against the
-/// bracket's roots ([`bracket_on_differences`]), in f32; only the sum below needs `u` in f64.
-/// Bytes and counts rather than bits and flags: the compiler keeps them in vector lanes.
+/// `u < lo`, [`INSIDE`] for `lo ≤ u ≤ hi`, else 0). The position's class comes from `|d|`
+/// against the bracket's roots ([`bracket_on_differences`]), in f32; only the sum below needs
+/// `u` in f64. Bytes and counts rather than bits and flags: the compiler keeps them in vector
+/// lanes.
 #[inline(always)]
 fn m2_cut_block<M: MaskValue>(
     r: &[f32; CUT_LANES],

@@ -87,9 +87,9 @@ fn lane_total(v: __m256i) -> u32 {
 /// back at its end: `d` selected to 0 outside, converted and added as `d·d + Σ` by one FMA,
 /// exact since `d²` is), the counts and the bad flag in vector lanes (a compare's all-ones
 /// lane is −1, subtracted), the block's sixteen bytes ([`KEPT`] below and inside the bracket)
-/// from the compares' sign bits by a table, and the span's positions inside the bracket appended to `inside` in order (packed
-/// by a row of [`PACK`], without a branch per position). The tail block runs the portable
-/// [`m2_cut_tail`] on the same sums.
+/// from the compares' sign bits by a table, and the span's positions inside the bracket
+/// appended to `inside` in order (packed by a row of [`PACK`], without a branch per position).
+/// The tail block runs the portable [`m2_cut_tail`] on the same sums.
 #[target_feature(enable = "avx2,fma,popcnt")]
 pub(super) fn m2_cut_span<M: MaskValue>(
     r: &[f32],
