@@ -272,12 +272,26 @@ pub(crate) fn gate_value_per_element(
             scaled.mul(&tau.recip()?)?
         }
         GateFunction::Arctan => (atan(&u()?)? + 1.0)?.mul(&two_over_tau()?)?,
-        GateFunction::Softsign => {
-            let u = u()?;
-            let s = (u.abs()? + 1.0)?;
-            (u.div(&s)? + 1.0)?.mul(&two_over_tau()?)?
-        }
+        GateFunction::Softsign => (softsign(&u()?)? + 1.0)?.mul(&two_over_tau()?)?,
     })
+}
+
+/// `u/(1 + |u|)` elementwise, whose autograd gradient is `1/(1 + |u|)²` at every `u`. Autograd
+/// of the quotient itself takes the derivative as `1/s − |u|/s²` (`s = 1 + |u|`): two terms that
+/// cancel, and beyond `|u| ≈ 1.8e19` (a log-ratio above about 44 in f32) `s²` overflows, the
+/// second term vanishes, and the gradient with respect to the log-ratio comes out as `ρ/s ≈ 2/τ`
+/// instead of ≈ 0. Here the value is the quotient's (accurate near 0) and the gradient flows
+/// through `sgn(u)·(1 − 1/s)`, the same value written so that its derivative is the single term
+/// `1/s²` (candle's `|u|'` is `sgn(u)` with `sgn(0) = 1`, so `1` at `u = 0`): `q + g − sg[g]`
+/// with `q = sg[u/s]`, where `g − sg[g]` is exactly 0.
+fn softsign(u: &Tensor) -> Result<Tensor> {
+    let s = (u.abs()? + 1.0)?;
+    let quotient = u.div(&s)?.detach();
+    let sign = u
+        .ge(0.0)?
+        .where_cond(&u.ones_like()?, &u.ones_like()?.neg()?)?;
+    let gradient_path = (s.recip()?.neg()? + 1.0)?.mul(&sign)?;
+    Ok(((quotient + &gradient_path)? - gradient_path.detach())?)
 }
 
 /// `f'(ρ)` of `gate` per element (tensor form, for the metric).
@@ -406,6 +420,38 @@ mod tests {
                     assert_relative_eq!(value[i], f, max_relative = 1e-14, epsilon = 1e-15);
                     assert_relative_eq!(weight[i], w, max_relative = 1e-13, epsilon = 1e-30);
                     assert_relative_eq!(grad[i], w, max_relative = 1e-12, epsilon = 1e-12);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor forms' autograd at ratios up to `e^88` in f32 (no log-ratio clamp): the
+    /// gradient with respect to the log-ratio, `f'(ρ)·ρ`, is the closed form's (≈ 0 there for
+    /// every gate). The composed softsign once gave `≈ 2/τ`: its quotient's derivative
+    /// cancelled two terms of which one vanished once `(1 + |u|)²` overflowed.
+    #[test]
+    fn tensor_forms_gradients_at_huge_ratios() -> Result<()> {
+        let log_ratios = [
+            -80.0f32, -20.0, 0.0, 1e-3, 20.0, 30.0, 44.0, 45.0, 60.0, 80.0, 88.0,
+        ];
+        let rhos: Vec<f32> = log_ratios.iter().map(|l| l.exp()).collect();
+        for gate in GateFunction::ALL {
+            for tau in [1.0f64, 1.05] {
+                let rho = candle_core::Var::new(rhos.as_slice(), &Device::Cpu)?;
+                let taus = rho.ones_like()?.affine(tau, 0.0)?;
+                let value = gate_value_per_element(gate, rho.as_tensor(), &taus)?;
+                let grad = value.sum_all()?.backward()?;
+                let grad = grad.get(rho.as_tensor()).unwrap().to_vec1::<f32>()?;
+                for (i, &r) in rhos.iter().enumerate() {
+                    let r64 = f64::from(r);
+                    let want = gate.value_and_weight(r64, tau).1 * r64;
+                    let got = f64::from(grad[i]) * r64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{gate:?} τ {tau} log-ratio {}: f'·ρ {got} vs {want}",
+                        log_ratios[i]
+                    );
                 }
             }
         }

@@ -1,0 +1,263 @@
+//! Every objective on every path (the fused CPU kernel, the composed ops and, under `gpu-sim`,
+//! the simulated CUDA and Metal kernels) on one f32 batch of extreme inputs: log-ratios up to
+//! ±80 without a clamp (and with verl's ±20), log-probs of exactly 0 (`p = 1`, a token the policy
+//! is sure of) beside old log-probs a hair below 0, padding full of garbage. Each path's loss and
+//! gradient are finite and equal the fused kernel's. A differential sweep of this kind found two
+//! defects of the composed path, each pinned by its own test below: the softsign gate's autograd
+//! at huge ratios, and DPPO's binary KL at `p = 1`.
+
+use candle_core::{DType, Device, Tensor, Var};
+use sapo::{
+    Cispo, ClipCov, Divergence, Dppo, Dro, GateFunction, Gmpo, Grpo, Gspo, KlCov, Luspo,
+    PolicyInputs, PolicyLossConfig, RatioLevel, Sapo, Topr, TrustRegion, Vespo,
+};
+
+#[path = "common/sim.rs"]
+mod sim;
+
+const B: usize = 5;
+const T: usize = 6;
+
+fn matrix(rows: [[f32; T]; B]) -> Tensor {
+    Tensor::from_vec(rows.concat(), (B, T), &Device::Cpu).unwrap()
+}
+
+/// The batch and its rows' reward scores (TOPR's). Row 4 is padded after two tokens (NaN and
+/// ±∞ there); row 3 holds the exact zeros.
+fn batch() -> (Inputs, Tensor) {
+    let nan = f32::NAN;
+    let log_probs = matrix([
+        [-80.0, 0.0, -0.5, -45.0, -1e-3, -3.0],
+        [-1.0, -30.0, -0.2, 0.0, -5e-4, -2.0],
+        [0.0, -60.0, -20.0, -0.7, -1e-4, -0.3],
+        [0.0, 0.0, -5e-4, -1e-4, 0.0, -1.0],
+        [-0.4, -0.9, nan, f32::INFINITY, nan, f32::NEG_INFINITY],
+    ]);
+    let old = matrix([
+        [-0.1, -80.0, -0.5, -0.05, 0.0, -3.5],
+        [-1.2, -0.3, -0.2, -1e-4, 0.0, -1.5],
+        [-50.0, -0.1, -0.2, -0.7, 0.0, -0.3],
+        [-1e-4, 0.0, 0.0, 0.0, -5e-4, -0.8],
+        [-0.5, -0.9, 7.0, nan, -1.0, 3.0],
+    ]);
+    let advantages = Tensor::new(&[1.0f32, -1.0, 0.5, -0.5, 2.0], &Device::Cpu).unwrap();
+    let mut mask = [[1u8; T]; B];
+    mask[4] = [1, 1, 0, 0, 0, 0];
+    let mask = Tensor::from_vec(mask.concat(), (B, T), &Device::Cpu).unwrap();
+    let scores = Tensor::new(&[1.0f32, 0.0, 1.0, -1.0, 0.5], &Device::Cpu).unwrap();
+    ((log_probs, old, advantages, mask), scores)
+}
+
+/// Every objective, at each ratio level it takes.
+fn objectives() -> Vec<(String, PolicyLossConfig)> {
+    let mut all = vec![];
+    for level in [
+        RatioLevel::Token,
+        RatioLevel::Sequence,
+        RatioLevel::SequenceToken,
+    ] {
+        let mut at_level: Vec<(String, PolicyLossConfig)> = vec![];
+        for gate in GateFunction::ALL {
+            let sapo = Sapo {
+                gate,
+                ..Sapo::default()
+            };
+            at_level.push((format!("sapo {gate:?}"), sapo.config()));
+        }
+        at_level.push(("grpo".into(), Grpo::default().config()));
+        at_level.push(("gspo".into(), Gspo::default().config()));
+        at_level.push(("cispo".into(), Cispo::default().config()));
+        at_level.push(("gmpo".into(), Gmpo::default().config()));
+        at_level.push(("luspo".into(), Luspo::default().config()));
+        at_level.push((
+            "unclipped".into(),
+            PolicyLossConfig::new(level, TrustRegion::Unclipped),
+        ));
+        let named = |(name, config): (String, PolicyLossConfig)| {
+            (format!("{name} {level:?}"), config.with_ratio_level(level))
+        };
+        all.extend(at_level.into_iter().map(named));
+    }
+    // The token-level-only objectives.
+    for (name, region) in [
+        ("pg", TrustRegion::PolicyGradient),
+        ("dro", TrustRegion::Dro(Dro { beta: 0.1 })),
+        ("kl-cov", TrustRegion::KlCov(KlCov::default())),
+        ("vespo", TrustRegion::Vespo(Vespo::default())),
+        (
+            "dppo-tv",
+            TrustRegion::Dppo(Dppo::new(Divergence::BinaryTv, 0.2, 0.2, 10.0)),
+        ),
+        (
+            "dppo-kl",
+            TrustRegion::Dppo(Dppo::new(Divergence::BinaryKl, 0.05, 0.05, 10.0)),
+        ),
+        ("topr", TrustRegion::Topr(Topr::default())),
+        (
+            "clip-cov",
+            // Every token a candidate: the seeded draw zeroes half of them.
+            TrustRegion::ClipCov(ClipCov {
+                ratio: 0.5,
+                cov_lower: -1e9,
+                cov_upper: 1e9,
+                ..ClipCov::default()
+            }),
+        ),
+    ] {
+        all.push((
+            name.into(),
+            PolicyLossConfig::new(RatioLevel::Token, region),
+        ));
+    }
+    all
+}
+
+/// One batch: `(log_probs, old_log_probs, advantages, mask)`.
+type Inputs = (Tensor, Tensor, Tensor, Tensor);
+
+/// Loss and `∂loss/∂ℓ` of `config` on one path, with TOPR's `scores` when given.
+fn loss_and_gradient(
+    config: &PolicyLossConfig,
+    backend: sapo::Backend,
+    (log_probs, old, advantages, mask): &Inputs,
+    scores: Option<&Tensor>,
+) -> (f64, Vec<f64>) {
+    let log_probs = Var::from_tensor(log_probs).unwrap();
+    let mut inputs = PolicyInputs::new(log_probs.as_tensor(), old, advantages, mask);
+    if let Some(scores) = scores {
+        inputs = inputs.with_scores(scores);
+    }
+    let out = config
+        .build()
+        .unwrap()
+        .with_backend(backend)
+        .forward(&inputs)
+        .unwrap();
+    out.metrics.check().unwrap();
+    let grads = out.loss.backward().unwrap();
+    let flat = |t: &Tensor| -> Vec<f64> {
+        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        t.to_vec1().unwrap()
+    };
+    let grad = flat(grads.get(log_probs.as_tensor()).unwrap());
+    (flat(&out.loss)[0], grad)
+}
+
+/// A `[rows, 1]` f32 tensor.
+fn column(values: &[f32]) -> Tensor {
+    Tensor::from_vec(values.to_vec(), (values.len(), 1), &Device::Cpu).unwrap()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-4 * a.abs().max(b.abs()).max(1.0)
+}
+
+#[test]
+fn every_objective_agrees_across_paths_at_extreme_inputs() {
+    let (inputs, scores) = batch();
+    for (name, config) in objectives() {
+        for clamp in [None, Some(20.0)] {
+            let config = config.with_log_ratio_clamp(clamp);
+            let scores = Some(&scores).filter(|_| name.starts_with("topr"));
+            let paths = sim::paths();
+            let reference = loss_and_gradient(&config, paths[0].1, &inputs, scores);
+            for (path, backend, sim) in paths {
+                let _gpu = sim.enter();
+                let (loss, grad) = loss_and_gradient(&config, backend, &inputs, scores);
+                let what = format!("{name}, clamp {clamp:?}, {path}");
+                assert!(
+                    loss.is_finite() && close(loss, reference.0),
+                    "{what}: loss {loss} vs the fused kernel's {}",
+                    reference.0
+                );
+                for (j, (g, want)) in grad.iter().zip(&reference.1).enumerate() {
+                    assert!(
+                        g.is_finite() && close(*g, *want),
+                        "{what}: gradient [{j}] {g} vs the fused kernel's {want}"
+                    );
+                }
+                // Padding gets no gradient.
+                for (j, g) in grad.iter().enumerate().skip(4 * T + 2) {
+                    assert_eq!(*g, 0.0, "{what}: gradient at padding [{j}]");
+                }
+            }
+        }
+    }
+}
+
+/// SAPO's softsign gate at a log-ratio of 60 (no clamp): `f'(ρ)·ρ = ρ/(1 + |u|)² ≈ 0` on every
+/// path. The composed path's autograd of `u/(1 + |u|)` once gave `≈ 1` (a gradient of `−A/n`):
+/// `(1 + |u|)²` overflowed f32 and one of the two terms its derivative cancels vanished.
+#[test]
+fn softsign_gate_gradient_vanishes_at_huge_ratios_on_every_path() {
+    let config = Sapo {
+        gate: GateFunction::Softsign,
+        ..Sapo::default()
+    }
+    .config()
+    .with_log_ratio_clamp(None);
+    // One row: a log-ratio of 60, then ρ = 1.
+    let dev = Device::Cpu;
+    let inputs = (
+        Tensor::new(&[[60.0f32, 0.0]], &dev).unwrap(),
+        Tensor::zeros((1, 2), DType::F32, &dev).unwrap(),
+        Tensor::new(&[1.0f32], &dev).unwrap(),
+        Tensor::ones((1, 2), DType::F32, &dev).unwrap(),
+    );
+    for (path, backend, sim) in sim::paths() {
+        let _gpu = sim.enter();
+        let (_, grad) = loss_and_gradient(&config, backend, &inputs, None);
+        // Token 0: ≈ 0. Token 1 (ρ = 1): −A·f'(1)·1/n = −1/2.
+        assert!(grad[0].abs() < 1e-6, "{path}: {}", grad[0]);
+        assert!((grad[1] + 0.5).abs() < 1e-6, "{path}: {}", grad[1]);
+    }
+}
+
+/// DPPO's binary KL at `p = 1` (a log-prob of exactly 0) and at `p_old = 1`, in f32, on every
+/// path: the divergence as verl writes it, `(1 − p_old)·ln((1 − p_old + 1e-8)/(1 − p + 1e-8))`,
+/// keeps its guard (the composed path once added `1 + 1e-8` first, which rounds to 1 in f32,
+/// and took `ln 0`: such tokens fell outside the trust region).
+#[test]
+fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
+    let (delta, cap) = (0.05, 10.0);
+    let config = Dppo::new(Divergence::BinaryKl, delta, delta, cap).config();
+    // (ℓ, ℓold, A): each inside the trust region by verl's formula in f64.
+    let tokens = [
+        (-5e-4f32, 0.0f32, -1.0f32),
+        (0.0, -1e-4, 1.0),
+        (0.0, 0.0, 1.0),
+        (-0.3, -0.2, 1.0),
+    ];
+    let valid = |lp: f32, old: f32, a: f32| -> bool {
+        let (lp, old) = (f64::from(lp), f64::from(old));
+        let (p, p_old) = (lp.exp(), old.exp());
+        let d = p_old * (old - lp) + (1.0 - p_old) * ((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8)).ln();
+        if a > 0.0 {
+            d <= delta || p <= p_old
+        } else {
+            d <= delta || p >= p_old
+        }
+    };
+    let n = tokens.len() as f64;
+    let inputs = (
+        column(&tokens.map(|t| t.0)),
+        column(&tokens.map(|t| t.1)),
+        Tensor::new(tokens.map(|t| t.2).as_slice(), &Device::Cpu).unwrap(),
+        column(&[1.0; 4]),
+    );
+    for (path, backend, sim) in sim::paths() {
+        let _gpu = sim.enter();
+        let (_, grad) = loss_and_gradient(&config, backend, &inputs, None);
+        for (j, &(lp, old, a)) in tokens.iter().enumerate() {
+            assert!(valid(lp, old, a), "token {j} is inside by the formula");
+            // ∂l/∂ℓ = −A·min(ρ, C)·valid, token-mean over n tokens.
+            let rho = (f64::from(lp) - f64::from(old)).exp().min(cap);
+            let want = -f64::from(a) * rho / n;
+            assert!(
+                (grad[j] - want).abs() < 1e-6,
+                "{path}: token {j}: gradient {} vs {want}",
+                grad[j]
+            );
+        }
+    }
+}
