@@ -82,6 +82,22 @@ pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -
     Ok(())
 }
 
+/// Errors when `x`, an input without a mask (`[B]` scores, a KL penalty's log-probs), has a
+/// non-finite value (one host read).
+pub(crate) fn check_finite(arg: &'static str, x: &Tensor) -> Result<()> {
+    let bad = unmasked_non_finite(x, &x.ones_like()?)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if bad > 0.0 {
+        return Err(Error::InvalidValue {
+            arg,
+            expected: "finite values".into(),
+            actual: format!("{bad} non-finite"),
+        });
+    }
+    Ok(())
+}
+
 /// The error of `bad` non-finite values of `arg` at unmasked positions.
 fn non_finite_error(arg: &'static str, bad: f64) -> Error {
     Error::InvalidValue {

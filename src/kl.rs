@@ -19,7 +19,7 @@
 use candle_core::Tensor;
 
 use crate::aggregation::Aggregation;
-use crate::checks::check_finite_where;
+use crate::checks::check_finite;
 use crate::error::{
     check_config, check_device, check_float, check_shape, Error, Result, ValueCheck,
 };
@@ -232,9 +232,8 @@ pub fn kl_penalty(
     check_device("ref_log_probs", ref_log_probs, log_probs)?;
     check_shape("ref_log_probs", ref_log_probs, log_probs.dims())?;
     let reference = ref_log_probs.detach().to_dtype(log_probs.dtype())?;
-    let every = log_probs.ones_like()?;
-    check_finite_where("log_probs", log_probs, &every)?;
-    check_finite_where("ref_log_probs", &reference, &every)?;
+    check_finite("log_probs", log_probs)?;
+    check_finite("ref_log_probs", &reference)?;
     if !clamp && matches!(estimator, KlEstimator::K3 | KlEstimator::K3Plus) {
         let d = (&reference - log_probs.detach())?;
         let above = d

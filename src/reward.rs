@@ -14,7 +14,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::aggregation::COUNT_GUARD;
-use crate::checks::{check_finite_where, scrubbed_matrices, Scrubbed};
+use crate::checks::{check_finite, scrubbed_matrices, Scrubbed};
 use crate::error::{check_config, check_device, check_float, check_shape, check_value, Result};
 use crate::kl::{kl_values, KlEstimator};
 
@@ -193,7 +193,7 @@ impl OverlongPenalty {
         check_float("scores", scores)?;
         check_device("lengths", lengths, scores)?;
         check_shape("scores", scores, lengths.dims())?;
-        check_finite_where("scores", scores, &scores.ones_like()?)?;
+        check_finite("scores", scores)?;
         let penalties = self.penalties(lengths)?.to_dtype(scores.dtype())?;
         Ok((scores + penalties)?)
     }
@@ -348,7 +348,8 @@ fn check_coef(coef: f64) -> Result<()> {
 pub struct KlInReward {
     /// `[B,T]` `s − β·k·m`, in `scores`' dtype.
     pub rewards: Tensor,
-    /// `(1/B) Σ_i Σ_t k·m / (n_i + 1e-8)`: the batch's mean KL (an empty row counts as 0).
+    /// `(1/B) Σ_i Σ_t k·m / (n_i + 1e-8)`: the batch's mean KL (an empty row counts as 0, and an
+    /// empty batch's is 0).
     pub current_kl: f64,
 }
 
@@ -400,7 +401,12 @@ pub fn kl_in_reward(
         .to_dtype(DType::F64)?
         .sum_keepdim(D::Minus1)?
         .div(&(n + COUNT_GUARD)?)?;
-    let current_kl = row_kl.mean_all()?.to_scalar::<f64>()?;
+    // An empty batch (B = 0) has drifted by nothing: 0, not the NaN of a mean over no rows.
+    let current_kl = if row_kl.elem_count() == 0 {
+        0.0
+    } else {
+        row_kl.mean_all()?.to_scalar::<f64>()?
+    };
     Ok(KlInReward {
         rewards,
         current_kl,

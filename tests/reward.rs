@@ -68,11 +68,29 @@ fn bad_settings_are_typed_errors() {
     let floats = Tensor::new(&[3.0f32], &dev).unwrap();
     named(p.penalties(&floats).unwrap_err(), "lengths");
     let scores = Tensor::new(&[f32::NAN], &dev).unwrap();
-    named(
-        p.apply(&scores, &Tensor::new(&[3u32], &dev).unwrap())
-            .unwrap_err(),
-        "scores",
+    let err = p
+        .apply(&scores, &Tensor::new(&[3u32], &dev).unwrap())
+        .unwrap_err();
+    // `[B]` scores have no mask: the error does not speak of unmasked positions.
+    assert!(
+        matches!(&err, Error::InvalidValue { expected, .. } if expected == "finite values"),
+        "{err:?}"
     );
+    named(err, "scores");
+}
+
+/// An empty batch (`B = 0`) has `current_kl = 0`, not the NaN of a mean over no rows, and the
+/// adaptive controller's update with it leaves `β` as it was.
+#[test]
+fn kl_in_reward_of_an_empty_batch() {
+    let dev = Device::Cpu;
+    let empty = Tensor::zeros((0, 4), candle_core::DType::F32, &dev).unwrap();
+    let mut c = KlController::adaptive(0.1, 0.1, 10).unwrap();
+    let out = kl_in_reward(&empty, &empty, &empty, &empty, KlEstimator::K1, false, &c).unwrap();
+    assert_eq!(out.rewards.dims(), [0, 4]);
+    assert_eq!(out.current_kl, 0.0);
+    c.update(out.current_kl, 0).unwrap();
+    assert_eq!(c.coef(), 0.1);
 }
 
 /// Padding never reaches a reward's KL term or `current_kl`; an unmasked non-finite log-prob is

@@ -280,6 +280,17 @@ fn bad_inputs_are_typed_errors_naming_the_argument() {
         )),
         "mask"
     );
+    // An empty batch: the count it reports is 0 (not the −0.0 of an empty float sum).
+    let empty = Tensor::zeros((0, 4), candle_core::DType::F64, &Device::Cpu).unwrap();
+    match err(
+        rpp(1.0),
+        TokenAdvantageInputs::new(&empty).with_token_level_rewards(&empty),
+    ) {
+        Error::InvalidValue { arg, actual, .. } => {
+            assert_eq!((arg, actual.as_str()), ("mask", "0"))
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 proptest! {

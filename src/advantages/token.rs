@@ -325,7 +325,8 @@ fn whiten(x: &[f64], mask: &[f64]) -> Result<Vec<f64>> {
         return Err(Error::InvalidValue {
             arg: "mask",
             expected: "at least 2 unmasked tokens in the batch (the whitening's variance)".into(),
-            actual: format!("{n}"),
+            // A count (`n` of an empty batch is −0.0).
+            actual: format!("{}", n as usize),
         });
     }
     let mean = x.iter().zip(mask).map(|(v, m)| v * m).sum::<f64>() / (n + 1e-8);

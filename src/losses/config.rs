@@ -218,7 +218,7 @@ impl PolicyLossConfig {
         check_config(
             !self.trust_region.objective().token_only() || self.ratio_level == RatioLevel::Token,
             "ratio_level",
-            "RatioLevel::Token for GPG, DRO, KL-Cov, DPPO and VESPO",
+            "RatioLevel::Token for GPG, DRO, KL-Cov, DPPO, VESPO, TOPR and Clip-Cov",
             self.ratio_level,
         )?;
         Ok(())

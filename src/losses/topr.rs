@@ -138,7 +138,7 @@ impl Objective for Topr {
         })?;
         let dtype = compute_dtype(inputs.log_probs.dtype());
         let scores = scores.detach().to_dtype(dtype)?;
-        crate::checks::check_finite_where("scores", &scores, &scores.ones_like()?)?;
+        crate::checks::check_finite("scores", &scores)?;
         let b = scores.dim(0)?;
         let flags = scores
             .gt(0.0)?
