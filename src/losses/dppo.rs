@@ -173,8 +173,8 @@ pub(crate) fn per_token(dppo: &Dppo, x: &TokenTensors<'_>) -> Result<PerToken> {
             positive.where_cond(&diff.le(dppo.delta_high)?, &diff.ge(-dppo.delta_low)?)?
         }
         Divergence::BinaryKl => {
-            // `(1 − q) + 1e-8` in that order, as verl writes it: `1 + 1e-8` first would round to 1 in
-            // f32 and lose the guard, and `p = 1` (a log-prob of exactly 0) would give `ln 0`.
+            // `(1 − q) + 1e-8` in that order, as verl writes it: `1 + 1e-8` first would round to
+            // 1 in f32 and lose the guard, and `p = 1` (a log-prob of exactly 0) would give `ln 0`.
             let one_minus = |q: &Tensor| q.affine(-1.0, 1.0)?.affine(1.0, GUARD);
             let log_term = (one_minus(&p_old)?.log()? - one_minus(&p)?.log()?)?;
             let d = (p_old.mul(&(old - &lp)?)? + p_old.affine(-1.0, 1.0)?.mul(&log_term)?)?;
