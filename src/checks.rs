@@ -71,11 +71,16 @@ pub(crate) fn unmasked_non_finite(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     Ok(mask.mul(&(1.0 - finite)?)?.sum_all()?)
 }
 
+/// [`unmasked_non_finite`] read back to the host.
+fn count_non_finite(x: &Tensor, mask: &Tensor) -> Result<f64> {
+    Ok(unmasked_non_finite(x, mask)?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?)
+}
+
 /// Errors when `x` has a non-finite value where `mask` (a float 0/1 tensor) is 1 (one host read).
 pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -> Result<()> {
-    let bad = unmasked_non_finite(x, mask)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let bad = count_non_finite(x, mask)?;
     if bad > 0.0 {
         return Err(non_finite_error(arg, bad));
     }
@@ -85,9 +90,7 @@ pub(crate) fn check_finite_where(arg: &'static str, x: &Tensor, mask: &Tensor) -
 /// Errors when `x`, an input without a mask (`[B]` scores, a KL penalty's log-probs), has a
 /// non-finite value (one host read).
 pub(crate) fn check_finite(arg: &'static str, x: &Tensor) -> Result<()> {
-    let bad = unmasked_non_finite(x, &x.ones_like()?)?
-        .to_dtype(DType::F64)?
-        .to_scalar::<f64>()?;
+    let bad = count_non_finite(x, &x.ones_like()?)?;
     if bad > 0.0 {
         return Err(Error::InvalidValue {
             arg,

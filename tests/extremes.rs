@@ -12,8 +12,11 @@ use sapo::{
     PolicyInputs, PolicyLossConfig, RatioLevel, Sapo, Topr, TrustRegion, Vespo,
 };
 
+mod common;
 #[path = "common/sim.rs"]
 mod sim;
+
+use common::f64s;
 
 const B: usize = 5;
 const T: usize = 6;
@@ -135,12 +138,8 @@ fn loss_and_gradient(
         .unwrap();
     out.metrics.check().unwrap();
     let grads = out.loss.backward().unwrap();
-    let flat = |t: &Tensor| -> Vec<f64> {
-        let t = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-        t.to_vec1().unwrap()
-    };
-    let grad = flat(grads.get(log_probs.as_tensor()).unwrap());
-    (flat(&out.loss)[0], grad)
+    let grad = f64s(grads.get(log_probs.as_tensor()).unwrap());
+    (f64s(&out.loss)[0], grad)
 }
 
 /// A `[rows, 1]` f32 tensor.
