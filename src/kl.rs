@@ -199,6 +199,31 @@ pub(crate) fn value_and_slope<R: Real>(estimator: KlEstimator, clamp: bool, d: R
     }
 }
 
+/// `∂(k·R)/∂ℓ = R·k′ + k·R′` of an estimate weighted by the ratio `R` (TRL's
+/// `use_bias_correction_kl`), from `(k, k′)` of [`value_and_slope`] at `d = ℓ − ℓref` and
+/// `(R, R′)`. For k3 without its clamps, `k′ = 1 − e^{−d}` and `k = e^{−d} + d − 1` share
+/// `e^{−d}`; with `R′ = c·R` (a token's own ratio: `c = 1`, or 0 where the ratio is clamped) the
+/// slope is `R·((1 − c)·k′ + c·d)`, where the two `e^{−d}` cancel in the formula rather than in
+/// floating point (summed as two terms of size `R·e^{−d}`, they left an error of about
+/// `R·e^{−d}·ε`: all of the slope at `d = −80` in f32). Every other case (`R = 0` included) sums
+/// the two terms, which cancel nothing large.
+#[inline(always)]
+pub(crate) fn weighted_slope<R: Real>(
+    estimator: KlEstimator,
+    clamp: bool,
+    d: R,
+    (k, dk): (R, R),
+    (weight, dweight): (R, R),
+) -> R {
+    let summed = weight * dk + k * dweight;
+    if estimator != KlEstimator::K3 || clamp {
+        return summed;
+    }
+    let c = dweight / weight;
+    let combined = weight * ((R::ONE - c) * dk + c * d);
+    R::select(weight > R::ZERO, combined, summed)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tensor form (the composed path's).
 
@@ -315,5 +340,26 @@ mod tests {
         assert_eq!(value_and_slope(KlEstimator::K1, true, 0.0f32), (0.0, 1.0));
         assert_eq!(value_and_slope(KlEstimator::K3, true, 0.0f32), (0.0, 0.0));
         Ok(())
+    }
+
+    /// The importance-weighted unclamped k3's slope in f32 equals the closed form
+    /// `R·((1 − c)(1 − e^{−d}) + c·d)`, with `R′ = R` (`c = 1`) and a constant `R` (`c = 0`), at
+    /// `d` down to −80 (summed as `R·k′ + k·R′` it was all rounding there).
+    #[test]
+    fn weighted_k3_slope_keeps_its_digits_at_large_d() {
+        let ds = [-80.0f64, -60.0, -30.0, -15.0, -2.5, 0.0, 0.7, 3.0];
+        let r = (-0.3f64).exp();
+        for c in [1.0, 0.0] {
+            for d in ds {
+                let want = r * ((1.0 - c) * (1.0 - (-d).exp()) + c * d);
+                let (k, dk) = value_and_slope(KlEstimator::K3, false, d as f32);
+                let weights = (r as f32, (c * r) as f32);
+                let got = weighted_slope(KlEstimator::K3, false, d as f32, (k, dk), weights);
+                assert!(
+                    (f64::from(got) - want).abs() <= 1e-5 * want.abs().max(1e-3),
+                    "c={c} d={d}: {got} vs {want}"
+                );
+            }
+        }
     }
 }

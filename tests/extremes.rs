@@ -8,8 +8,8 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
-    Cispo, ClipCov, Divergence, Dppo, Dro, GateFunction, Gmpo, Grpo, Gspo, KlCov, Luspo,
-    PolicyInputs, PolicyLossConfig, RatioLevel, Sapo, Topr, TrustRegion, Vespo,
+    Cispo, ClipCov, Divergence, Dppo, Dro, GateFunction, Gmpo, Grpo, Gspo, KlCov, KlEstimator,
+    KlPenalty, Luspo, PolicyInputs, PolicyLossConfig, RatioLevel, Sapo, Topr, TrustRegion, Vespo,
 };
 
 mod common;
@@ -257,6 +257,69 @@ fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
                 "{path}: token {j}: gradient {} vs {want}",
                 grad[j]
             );
+        }
+    }
+}
+
+/// The importance-weighted k3 without its clamp (TRL's `use_bias_correction_kl`) at
+/// `d = ℓ − ℓref` far below 0, on the kernels' paths (fused CPU, simulated CUDA and Metal): with zero advantages (no policy term), the
+/// gradient of `β·mean(k·R)` at a token is `β·R·d/N` (`R·k′ + k·R′` with `R′ = R`: the
+/// `e^{−d}` of `k′ = 1 − e^{−d}` and of `k = e^{−d} + d − 1` cancel). Summed as two terms of
+/// size `R·e^{−d}`, the kernels once lost it in f32 (the fused kernel gave 0 at `d = −80`).
+#[test]
+fn importance_weighted_k3_gradient_at_large_log_ratios_on_the_kernels() {
+    let dev = Device::Cpu;
+    let log_probs = [-60.5f32, -30.2, -15.1, -0.5];
+    let ref_values = [-0.5f32, -0.2, -0.1, -1.0];
+    let old = [-60.0f32, -30.0, -15.0, -0.6];
+    let row = |v: [f32; 4]| Tensor::new(&[v], &dev).unwrap();
+    let beta = 0.5;
+    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
+    kl.clamp = false;
+    kl.importance_weighted = true;
+    let n = log_probs.len() as f64;
+    let log_ratio: Vec<f64> = (0..4)
+        .map(|j| f64::from(log_probs[j]) - f64::from(old[j]))
+        .collect();
+    let mean = log_ratio.iter().sum::<f64>() / n;
+    for level in [RatioLevel::Token, RatioLevel::SequenceToken] {
+        let config = Sapo::default()
+            .config()
+            .with_ratio_level(level)
+            .with_kl(Some(kl));
+        // The kernels' paths: the composed path's autograd still sums the two terms (see
+        // the README's Correctness).
+        let kernels = sim::paths().into_iter().filter(|p| p.0 != "composed");
+        for (path, backend, sim) in kernels {
+            let _gpu = sim.enter();
+            let lp = Var::from_tensor(&row(log_probs)).unwrap();
+            let (old, reference) = (row(old), row(ref_values));
+            let (advantages, mask) = (
+                Tensor::zeros(1, DType::F32, &dev).unwrap(),
+                Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+            );
+            let inputs = PolicyInputs::new(lp.as_tensor(), &old, &advantages, &mask)
+                .with_ref_log_probs(&reference);
+            let out = config
+                .build()
+                .unwrap()
+                .with_backend(backend)
+                .forward(&inputs)
+                .unwrap();
+            let grad = f64s(out.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
+            for j in 0..4 {
+                let ratio = match level {
+                    RatioLevel::Token => log_ratio[j].exp(),
+                    _ => mean.exp(),
+                };
+                let d = f64::from(log_probs[j]) - f64::from(ref_values[j]);
+                let want = beta * ratio * d / n;
+                assert!(
+                    (grad[j] - want).abs() <= 1e-4 * want.abs(),
+                    "{level:?}, {path}: token {j} (d = {d}): gradient {} vs {want}",
+                    grad[j]
+                );
+            }
         }
     }
 }

@@ -160,15 +160,13 @@ pub(crate) fn kl_terms<R: Real>(
     reference: R,
     (r, dr): (R, R),
 ) -> (R, R, R) {
-    let (k, dk) = kl::value_and_slope(kl.estimator, kl.clamp, lp - reference);
+    let d = lp - reference;
+    let (k, dk) = kl::value_and_slope(kl.estimator, kl.clamp, d);
     let (weight, dweight) = if kl.importance_weighted {
         (r, dr)
     } else {
         (R::ONE, R::ZERO)
     };
-    (
-        keep * k * weight,
-        keep * k,
-        keep * coef_kl * (weight * dk + k * dweight),
-    )
+    let slope = kl::weighted_slope(kl.estimator, kl.clamp, d, (k, dk), (weight, dweight));
+    (keep * k * weight, keep * k, keep * coef_kl * slope)
 }

@@ -147,12 +147,19 @@ SAPO_INLINE Step token_step(SAPO_THREAD const PolicyParams& p, Loaded x, Sequenc
     hi = rt.r > hi ? rt.r : hi;
   }
   if (p.kl) {  // cpu.rs, kl_terms
-    Pair k = kl_value_and_slope(p, x.lp - x.rf);
+    float d = x.lp - x.rf;
+    Pair k = kl_value_and_slope(p, d);
     float weight_kl = p.kl_importance ? rt.r : 1.0f;
     float dweight = p.kl_importance ? rt.dr : 0.0f;
     acc[ACC_K] += x.keep * k.v * weight_kl;
     acc[ACC_KRAW] += x.keep * k.v;
-    g += x.keep * coef_kl * (weight_kl * k.d + k.v * dweight);
+    // kl.rs, weighted_slope: unclamped k3's e^{-d} cancelled in the formula.
+    float slope_kl = weight_kl * k.d + k.v * dweight;
+    if (p.kl_estimator == SAPO_KL_K3 && !sapo_isfinite(p.kl_bounds[0]) && weight_kl > 0.0f) {
+      float c = dweight / weight_kl;
+      slope_kl = weight_kl * ((1.0f - c) * k.d + c * d);
+    }
+    g += x.keep * coef_kl * slope_kl;
   }
   Step step;
   step.g = g;
