@@ -273,6 +273,24 @@ pub fn kl_penalty(
     kl_values(log_probs, &reference, estimator, clamp)
 }
 
+/// `k·R`, the unclamped k3 `k = e^{−d} + d − 1` weighted by the ratio `R = e^L` (TRL's
+/// `use_bias_correction_kl`), as `e^{L − d} + (d − 1)·R`: the tensor form of
+/// [`weighted_slope`]'s cancellation. `L` and `d` in the first term are computed at a copy of
+/// `ℓ` that nothing else reads (`exponent_at_copy`, `d_at_copy`), so that its two slopes,
+/// `L′·e^{L−d}` and `−e^{L−d}`, meet at the copy and cancel there (exactly where `L′ = 1`)
+/// before the smaller ones, `R + (d − 1)·R′` from `d` and `ratio` at `ℓ`, join them at `ℓ`:
+/// summed at `ℓ` in autograd's order, the small terms were absorbed into the large ones, all
+/// of the slope at `d = −80` in f32.
+pub(crate) fn weighted_k3(
+    exponent_at_copy: &Tensor,
+    d_at_copy: &Tensor,
+    d: &Tensor,
+    ratio: &Tensor,
+) -> Result<Tensor> {
+    let large = (exponent_at_copy - d_at_copy)?.exp()?;
+    Ok((large + (d - 1.0)?.mul(ratio)?)?)
+}
+
 /// [`kl_penalty`] on inputs already checked: `reference` detached, of `log_probs`' dtype.
 pub(crate) fn kl_values(
     log_probs: &Tensor,

@@ -4,7 +4,8 @@
 //! is sure of) beside old log-probs a hair below 0, padding full of garbage. Each path's loss and
 //! gradient are finite and equal the fused kernel's. A differential sweep of this kind found two
 //! defects of the composed path, each pinned by its own test below: the softsign gate's autograd
-//! at huge ratios, and DPPO's binary KL at `p = 1`.
+//! at huge ratios, and DPPO's binary KL at `p = 1`; a wider one found a third on every path, the
+//! importance-weighted unclamped k3's gradient at large `ℓref − ℓ`, pinned below too.
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
@@ -118,17 +119,21 @@ fn objectives() -> Vec<(String, PolicyLossConfig)> {
 /// One batch: `(log_probs, old_log_probs, advantages, mask)`.
 type Inputs = (Tensor, Tensor, Tensor, Tensor);
 
-/// Loss and `∂loss/∂ℓ` of `config` on one path, with TOPR's `scores` when given.
+/// Loss and `∂loss/∂ℓ` of `config` on one path, with TOPR's `scores` and the KL's
+/// `ref_log_probs` when given.
 fn loss_and_gradient(
     config: &PolicyLossConfig,
     backend: sapo::Backend,
     (log_probs, old, advantages, mask): &Inputs,
-    scores: Option<&Tensor>,
+    (scores, ref_log_probs): (Option<&Tensor>, Option<&Tensor>),
 ) -> (f64, Vec<f64>) {
     let log_probs = Var::from_tensor(log_probs).unwrap();
     let mut inputs = PolicyInputs::new(log_probs.as_tensor(), old, advantages, mask);
     if let Some(scores) = scores {
         inputs = inputs.with_scores(scores);
+    }
+    if let Some(reference) = ref_log_probs {
+        inputs = inputs.with_ref_log_probs(reference);
     }
     let out = config
         .build()
@@ -159,10 +164,10 @@ fn every_objective_agrees_across_paths_at_extreme_inputs() {
             let config = config.with_log_ratio_clamp(clamp);
             let scores = Some(&scores).filter(|_| name.starts_with("topr"));
             let paths = sim::paths();
-            let reference = loss_and_gradient(&config, paths[0].1, &inputs, scores);
+            let reference = loss_and_gradient(&config, paths[0].1, &inputs, (scores, None));
             for (path, backend, sim) in paths {
                 let _gpu = sim.enter();
-                let (loss, grad) = loss_and_gradient(&config, backend, &inputs, scores);
+                let (loss, grad) = loss_and_gradient(&config, backend, &inputs, (scores, None));
                 let what = format!("{name}, clamp {clamp:?}, {path}");
                 assert!(
                     loss.is_finite() && close(loss, reference.0),
@@ -205,7 +210,7 @@ fn softsign_gate_gradient_vanishes_at_huge_ratios_on_every_path() {
     );
     for (path, backend, sim) in sim::paths() {
         let _gpu = sim.enter();
-        let (_, grad) = loss_and_gradient(&config, backend, &inputs, None);
+        let (_, grad) = loss_and_gradient(&config, backend, &inputs, (None, None));
         // Token 0: ≈ 0. Token 1 (ρ = 1): −A·f'(1)·1/n = −1/2.
         assert!(grad[0].abs() < 1e-6, "{path}: {}", grad[0]);
         assert!((grad[1] + 0.5).abs() < 1e-6, "{path}: {}", grad[1]);
@@ -246,7 +251,7 @@ fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
     );
     for (path, backend, sim) in sim::paths() {
         let _gpu = sim.enter();
-        let (_, grad) = loss_and_gradient(&config, backend, &inputs, None);
+        let (_, grad) = loss_and_gradient(&config, backend, &inputs, (None, None));
         for (j, &(lp, old, a)) in tokens.iter().enumerate() {
             assert!(valid(lp, old, a), "token {j} is inside by the formula");
             // ∂l/∂ℓ = −A·min(ρ, C)·valid, token-mean over n tokens.
@@ -262,63 +267,85 @@ fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
 }
 
 /// The importance-weighted k3 without its clamp (TRL's `use_bias_correction_kl`) at
-/// `d = ℓ − ℓref` far below 0, on the kernels' paths (fused CPU, simulated CUDA and Metal): with zero advantages (no policy term), the
-/// gradient of `β·mean(k·R)` at a token is `β·R·d/N` (`R·k′ + k·R′` with `R′ = R`: the
-/// `e^{−d}` of `k′ = 1 − e^{−d}` and of `k = e^{−d} + d − 1` cancel). Summed as two terms of
-/// size `R·e^{−d}`, the kernels once lost it in f32 (the fused kernel gave 0 at `d = −80`).
+/// `d = ℓ − ℓref` far below 0, on every path: with zero advantages (no policy term), the loss is
+/// `β·mean(k·R)` and its gradient at a token is `β·(R·k′ + Σ_s k_s·∂R_s/∂ℓ)/N`. At the token and
+/// GSPO-token levels (`∂R/∂ℓ = c·R` on the token's own ℓ alone, `c = 0` where verl's ±20 clamp
+/// holds the log-ratio) that is `β·R·((1 − c)·k′ + c·d)/N`: where `c = 1` the `e^{−d}` of
+/// `k′ = 1 − e^{−d}` and of `k = e^{−d} + d − 1` cancel. Summed as two terms of size `R·e^{−d}`,
+/// every path once lost it in f32 (0 at `d = −80`). At the sequence level (`∂R/∂ℓ_t = c_t·R/n`)
+/// it is `β·R·(k′_t + c_t·Σ_s k_s/n)/N`, which cancels nothing large.
 #[test]
-fn importance_weighted_k3_gradient_at_large_log_ratios_on_the_kernels() {
+fn importance_weighted_k3_gradient_at_large_log_ratios() {
     let dev = Device::Cpu;
     let log_probs = [-60.5f32, -30.2, -15.1, -0.5];
     let ref_values = [-0.5f32, -0.2, -0.1, -1.0];
-    let old = [-60.0f32, -30.0, -15.0, -0.6];
+    // The second: token 0's log-ratio −30.5, held at −20 by the clamp (c = 0).
+    let olds = [[-60.0f32, -30.0, -15.0, -0.6], [-30.0, -30.0, -15.0, -0.6]];
     let row = |v: [f32; 4]| Tensor::new(&[v], &dev).unwrap();
+    let reference = row(ref_values);
     let beta = 0.5;
     let mut kl = KlPenalty::new(beta, KlEstimator::K3);
     kl.clamp = false;
     kl.importance_weighted = true;
     let n = log_probs.len() as f64;
-    let log_ratio: Vec<f64> = (0..4)
-        .map(|j| f64::from(log_probs[j]) - f64::from(old[j]))
+    let d: Vec<f64> = (0..4)
+        .map(|j| f64::from(log_probs[j]) - f64::from(ref_values[j]))
         .collect();
-    let mean = log_ratio.iter().sum::<f64>() / n;
-    for level in [RatioLevel::Token, RatioLevel::SequenceToken] {
-        let config = Sapo::default()
-            .config()
-            .with_ratio_level(level)
-            .with_kl(Some(kl));
-        // The kernels' paths: the composed path's autograd still sums the two terms (see
-        // the README's Correctness).
-        let kernels = sim::paths().into_iter().filter(|p| p.0 != "composed");
-        for (path, backend, sim) in kernels {
-            let _gpu = sim.enter();
-            let lp = Var::from_tensor(&row(log_probs)).unwrap();
-            let (old, reference) = (row(old), row(ref_values));
-            let (advantages, mask) = (
-                Tensor::zeros(1, DType::F32, &dev).unwrap(),
-                Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
-            );
-            let inputs = PolicyInputs::new(lp.as_tensor(), &old, &advantages, &mask)
-                .with_ref_log_probs(&reference);
-            let out = config
-                .build()
-                .unwrap()
-                .with_backend(backend)
-                .forward(&inputs)
-                .unwrap();
-            let grad = f64s(out.loss.backward().unwrap().get(lp.as_tensor()).unwrap());
-            for j in 0..4 {
-                let ratio = match level {
-                    RatioLevel::Token => log_ratio[j].exp(),
-                    _ => mean.exp(),
-                };
-                let d = f64::from(log_probs[j]) - f64::from(ref_values[j]);
-                let want = beta * ratio * d / n;
+    let k: Vec<f64> = d.iter().map(|d| (-d).exp() + d - 1.0).collect();
+    let slope: Vec<f64> = d.iter().map(|d| 1.0 - (-d).exp()).collect();
+    for old in olds {
+        let inputs = (
+            row(log_probs),
+            row(old),
+            Tensor::zeros(1, DType::F32, &dev).unwrap(),
+            Tensor::ones((1, 4), DType::F32, &dev).unwrap(),
+        );
+        let raw: Vec<f64> = (0..4)
+            .map(|j| f64::from(log_probs[j]) - f64::from(old[j]))
+            .collect();
+        let log_ratio: Vec<f64> = raw.iter().map(|x| x.clamp(-20.0, 20.0)).collect();
+        let c: Vec<f64> = raw.iter().map(|x| f64::from(x.abs() < 20.0)).collect();
+        let mean = log_ratio.iter().sum::<f64>() / n;
+        for level in [
+            RatioLevel::Token,
+            RatioLevel::SequenceToken,
+            RatioLevel::Sequence,
+        ] {
+            let config = Sapo::default()
+                .config()
+                .with_ratio_level(level)
+                .with_kl(Some(kl));
+            let ratio = |j: usize| match level {
+                RatioLevel::Token => log_ratio[j].exp(),
+                _ => mean.exp(),
+            };
+            let want_loss = beta * (0..4).map(|j| k[j] * ratio(j)).sum::<f64>() / n;
+            let want = |j: usize| {
+                beta / n
+                    * ratio(j)
+                    * match level {
+                        RatioLevel::Token => (1.0 - c[j]) * slope[j] + c[j] * d[j],
+                        RatioLevel::SequenceToken => d[j],
+                        RatioLevel::Sequence => slope[j] + c[j] * k.iter().sum::<f64>() / n,
+                    }
+            };
+            for (path, backend, sim) in sim::paths() {
+                let _gpu = sim.enter();
+                let (loss, grad) =
+                    loss_and_gradient(&config, backend, &inputs, (None, Some(&reference)));
+                let what = format!("{level:?}, old {old:?}, {path}");
                 assert!(
-                    (grad[j] - want).abs() <= 1e-4 * want.abs(),
-                    "{level:?}, {path}: token {j} (d = {d}): gradient {} vs {want}",
-                    grad[j]
+                    (loss - want_loss).abs() <= 1e-5 * want_loss,
+                    "{what}: loss {loss} vs {want_loss}"
                 );
+                for (j, &got) in grad.iter().enumerate() {
+                    let want = want(j);
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs(),
+                        "{what}: token {j} (d = {}): gradient {got} vs {want}",
+                        d[j]
+                    );
+                }
             }
         }
     }

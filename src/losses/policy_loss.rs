@@ -17,7 +17,7 @@ use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
 use crate::kernels::{empty_on_gpu, policy_loss::FusedPolicyLoss, Backend, Path};
-use crate::kl::kl_values;
+use crate::kl::{kl_values, weighted_k3, KlEstimator};
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::checks;
@@ -26,8 +26,8 @@ use crate::losses::inputs::{fused_input_dtype, PolicyInputs, Prepared};
 use crate::losses::masks;
 use crate::losses::metrics::{self, MetricKind, PolicyMetrics};
 use crate::losses::objective::{Batch, TokenTensors};
-use crate::losses::ratio::ratios;
 use crate::losses::ratio::RatioLevel;
+use crate::losses::ratio::{ratio_exponent_at, ratios};
 use crate::real::accumulation_dtype;
 use crate::rollout_correction::rollout_correction;
 
@@ -681,10 +681,30 @@ fn composed(
         sums[slot] = masked_sum(&values, &p.mask)?;
     }
     if let (Some(kl), Some(ref_log_probs)) = (&config.kl, &p.ref_log_probs) {
-        let mut k = kl_values(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?;
-        if kl.importance_weighted {
-            k = k.mul(&ratios.ratio)?;
-        }
+        let k = if kl.importance_weighted && kl.estimator == KlEstimator::K3 && !kl.clamp {
+            // The ratio's exponent again, at a copy of ℓ of its own (see `weighted_k3`).
+            let copy = p.log_probs.copy()?;
+            let exponent = ratio_exponent_at(
+                config.ratio_level,
+                (config.log_ratio_clamp, config.seq_log_ratio_max),
+                &config.trust_region,
+                &copy,
+                p,
+            )?;
+            weighted_k3(
+                &exponent,
+                &(&copy - ref_log_probs)?,
+                &(&p.log_probs - ref_log_probs)?,
+                &ratios.ratio,
+            )?
+        } else {
+            let k = kl_values(&p.log_probs, ref_log_probs, kl.estimator, kl.clamp)?;
+            if kl.importance_weighted {
+                k.mul(&ratios.ratio)?
+            } else {
+                k
+            }
+        };
         let k = k.mul(&p.mask)?;
         let penalty = aggregate_masked(&k, &p.counts, kl.aggregation, &p.normalizer)?;
         loss = (loss + penalty.affine(kl.coef, 0.0)?)?;

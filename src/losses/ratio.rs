@@ -96,65 +96,109 @@ pub(crate) struct Ratios {
     pub excess_sum: Tensor,
 }
 
-/// `(ratio, ∂)` as [`ratio`] on tensors: `e^{min(x, MAX_EXP_ARG)}`.
-fn saturating_exp(x: &Tensor) -> Result<Tensor> {
-    Ok(piecewise::clamp(x, None, Some(max_exp_arg(x.dtype())))?.exp()?)
+/// The exponent of the ratio, `min(x, MAX_EXP_ARG)` (the ratio is its `e^·`, as [`ratio`]'s).
+fn saturated(x: &Tensor) -> Result<Tensor> {
+    piecewise::clamp(x, None, Some(max_exp_arg(x.dtype())))
 }
 
-/// `δ` and the ratio of `level` for prepared (scrubbed, detached) inputs: the ratio of the
-/// trust region's log-ratio `y` (`δ` itself but for GMPO's clip).
-pub(crate) fn ratios(
+/// A batch's ratio as its exponent: the ratio is `e^exponent`.
+struct Exponent {
+    /// `δ`, `[B,T]`.
+    log_ratio: Tensor,
+    /// `L`, `[B,T]`: the ratio's saturated log (differentiable in the log-probs it was given).
+    exponent: Tensor,
+    /// The rows' sequence log-ratio `log s_i`, `[B]` in the accumulation dtype, at the
+    /// sequence levels.
+    log_s: Option<Tensor>,
+}
+
+/// `δ` and the exponent of the ratio of `level` at the log-probs `log_probs` (differentiable;
+/// `p.log_probs` or a copy of it) against `p`'s other (detached) inputs: of the trust region's
+/// log-ratio `y` (`δ` itself but for GMPO's clip).
+fn exponent(
     level: RatioLevel,
     (clamp, seq_max): (Option<f64>, Option<f64>),
     trust_region: &TrustRegion,
+    log_probs: &Tensor,
     p: &Prepared,
-) -> Result<Ratios> {
-    let dtype = p.log_probs.dtype();
-    let acc = accumulation_dtype(p.log_probs.device());
-    let log_ratio = piecewise::clamp(
-        &(&p.log_probs - &p.old_log_probs)?,
-        clamp.map(|c| -c),
-        clamp,
-    )?;
+) -> Result<Exponent> {
+    let dtype = log_probs.dtype();
+    let acc = accumulation_dtype(log_probs.device());
+    let log_ratio = piecewise::clamp(&(log_probs - &p.old_log_probs)?, clamp.map(|c| -c), clamp)?;
     let y = trust_region
         .objective()
         .log_ratio(&log_ratio, &p.advantages)?;
     if level == RatioLevel::Token {
-        let ratio = saturating_exp(&y)?;
-        let excess_sum = ((ratio.detach() - 1.0)?.mul(&p.mask)?)
-            .to_dtype(acc)?
-            .sum_all()?
-            .to_dtype(dtype)?;
-        return Ok(Ratios {
+        return Ok(Exponent {
+            exponent: saturated(&y)?,
             log_ratio,
-            ratio,
-            excess_sum,
+            log_s: None,
         });
     }
     // Σ_t m·δ in f64, then the row mean and its bound.
     let n = p.counts.row_tokens.to_dtype(acc)?.maximum(1.0)?;
     let mean = y.mul(&p.mask)?.to_dtype(acc)?.sum(D::Minus1)?.div(&n)?;
     let log_s = piecewise::clamp(&mean, None, seq_max)?;
-    // Saturating as the ratio does.
-    let excess_sum = (piecewise::clamp(&log_s.detach(), None, Some(max_exp_arg(acc)))?.exp()?
-        - 1.0)?
-        .mul(&p.counts.row_tokens.to_dtype(acc)?)?
-        .sum_all()?
-        .to_dtype(dtype)?;
-    let log_s = log_s.to_dtype(dtype)?.unsqueeze(1)?;
-    let shape = p.log_probs.shape();
-    let log_s = match level {
-        RatioLevel::Sequence => log_s.broadcast_as(shape)?,
+    let row = log_s.to_dtype(dtype)?.unsqueeze(1)?;
+    let shape = log_probs.shape();
+    let row = match level {
+        RatioLevel::Sequence => row.broadcast_as(shape)?,
         // Value log s_i, gradient 1 on each token's own ℓ.
         _ => {
-            let straight_through = (&p.log_probs - p.log_probs.detach())?;
-            let log_s_t = straight_through.broadcast_add(&log_s.detach())?;
+            let straight_through = (log_probs - log_probs.detach())?;
+            let log_s_t = straight_through.broadcast_add(&row.detach())?;
             piecewise::clamp(&log_s_t, None, seq_max)?
         }
     };
+    Ok(Exponent {
+        log_ratio,
+        exponent: saturated(&row)?,
+        log_s: Some(log_s),
+    })
+}
+
+/// `δ` and the ratio of `level` for prepared (scrubbed, detached) inputs: the ratio of the
+/// trust region's log-ratio `y` (`δ` itself but for GMPO's clip).
+pub(crate) fn ratios(
+    level: RatioLevel,
+    clamps: (Option<f64>, Option<f64>),
+    trust_region: &TrustRegion,
+    p: &Prepared,
+) -> Result<Ratios> {
+    let dtype = p.log_probs.dtype();
+    let acc = accumulation_dtype(p.log_probs.device());
+    let Exponent {
+        log_ratio,
+        exponent,
+        log_s,
+    } = exponent(level, clamps, trust_region, &p.log_probs, p)?;
+    let ratio = exponent.exp()?;
+    let excess_sum = match log_s {
+        None => ((ratio.detach() - 1.0)?.mul(&p.mask)?)
+            .to_dtype(acc)?
+            .sum_all()?
+            .to_dtype(dtype)?,
+        // From the f64 log-ratio, saturating as the ratio does.
+        Some(log_s) => (saturated(&log_s.detach())?.exp()? - 1.0)?
+            .mul(&p.counts.row_tokens.to_dtype(acc)?)?
+            .sum_all()?
+            .to_dtype(dtype)?,
+    };
     Ok(Ratios {
         log_ratio,
-        ratio: saturating_exp(&log_s)?,
+        ratio,
         excess_sum,
     })
+}
+
+/// The exponent `L` of [`ratios`]' ratio computed again at `log_probs` (a copy of
+/// `p.log_probs`): the same values, with a graph of its own back to `log_probs`.
+pub(crate) fn ratio_exponent_at(
+    level: RatioLevel,
+    clamps: (Option<f64>, Option<f64>),
+    trust_region: &TrustRegion,
+    log_probs: &Tensor,
+    p: &Prepared,
+) -> Result<Tensor> {
+    Ok(exponent(level, clamps, trust_region, log_probs, p)?.exponent)
 }
