@@ -49,6 +49,19 @@ pub enum KlEstimator {
 }
 
 impl KlEstimator {
+    /// Every estimator, in the order of the enum (for sweeps over all of them).
+    ///
+    /// ```
+    /// assert_eq!(sapo::KlEstimator::ALL.len(), 5);
+    /// ```
+    pub const ALL: [KlEstimator; 5] = [
+        KlEstimator::K1,
+        KlEstimator::Abs,
+        KlEstimator::K2,
+        KlEstimator::K3,
+        KlEstimator::K3Plus,
+    ];
+
     /// Parses the names verl uses (`kl`, `k1`, `abs`, `mse`, `k2`, `low_var_kl`, `k3`, `k3+`,
     /// `low_var_kl+`).
     ///
@@ -324,14 +337,6 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    const ESTIMATORS: [KlEstimator; 5] = [
-        KlEstimator::K1,
-        KlEstimator::Abs,
-        KlEstimator::K2,
-        KlEstimator::K3,
-        KlEstimator::K3Plus,
-    ];
-
     #[test]
     fn tensor_and_scalar_forms_agree_at_ties_and_bounds() -> Result<()> {
         // d = 0 (the tie ℓ = ℓref), beyond both k3 clamps, and ordinary values.
@@ -339,7 +344,7 @@ mod tests {
         let dev = Device::Cpu;
         let lp = Var::new(&ds, &dev)?;
         let reference = Tensor::zeros(ds.len(), DType::F64, &dev)?;
-        for estimator in ESTIMATORS {
+        for estimator in KlEstimator::ALL {
             for clamp in [true, false] {
                 let k = kl_penalty(lp.as_tensor(), &reference, estimator, clamp)?;
                 let grads = k.sum_all()?.backward()?;

@@ -9,15 +9,18 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use sapo::{
-    Cispo, ClipCov, Divergence, Dppo, Dro, GateFunction, Gmpo, Grpo, Gspo, KlCov, KlEstimator,
-    KlPenalty, Luspo, PolicyInputs, PolicyLossConfig, RatioLevel, Sapo, Topr, TrustRegion, Vespo,
+    Divergence, Dppo, GateFunction, KlEstimator, KlPenalty, PolicyInputs, PolicyLossConfig,
+    RatioLevel, Sapo,
 };
 
 mod common;
+#[path = "common/objectives.rs"]
+mod objectives;
 #[path = "common/sim.rs"]
 mod sim;
 
 use common::f64s;
+use objectives::objectives;
 
 const B: usize = 5;
 const T: usize = 6;
@@ -50,70 +53,6 @@ fn batch() -> (Inputs, Tensor) {
     let mask = Tensor::from_vec(mask.concat(), (B, T), &Device::Cpu).unwrap();
     let scores = Tensor::new(&[1.0f32, 0.0, 1.0, -1.0, 0.5], &Device::Cpu).unwrap();
     ((log_probs, old, advantages, mask), scores)
-}
-
-/// Every objective, at each ratio level it takes.
-fn objectives() -> Vec<(String, PolicyLossConfig)> {
-    let mut all = vec![];
-    for level in [
-        RatioLevel::Token,
-        RatioLevel::Sequence,
-        RatioLevel::SequenceToken,
-    ] {
-        let mut at_level: Vec<(String, PolicyLossConfig)> = vec![];
-        for gate in GateFunction::ALL {
-            let sapo = Sapo {
-                gate,
-                ..Sapo::default()
-            };
-            at_level.push((format!("sapo {gate:?}"), sapo.config()));
-        }
-        at_level.push(("grpo".into(), Grpo::default().config()));
-        at_level.push(("gspo".into(), Gspo::default().config()));
-        at_level.push(("cispo".into(), Cispo::default().config()));
-        at_level.push(("gmpo".into(), Gmpo::default().config()));
-        at_level.push(("luspo".into(), Luspo::default().config()));
-        at_level.push((
-            "unclipped".into(),
-            PolicyLossConfig::new(level, TrustRegion::Unclipped),
-        ));
-        let named = |(name, config): (String, PolicyLossConfig)| {
-            (format!("{name} {level:?}"), config.with_ratio_level(level))
-        };
-        all.extend(at_level.into_iter().map(named));
-    }
-    // The token-level-only objectives.
-    for (name, region) in [
-        ("pg", TrustRegion::PolicyGradient),
-        ("dro", TrustRegion::Dro(Dro { beta: 0.1 })),
-        ("kl-cov", TrustRegion::KlCov(KlCov::default())),
-        ("vespo", TrustRegion::Vespo(Vespo::default())),
-        (
-            "dppo-tv",
-            TrustRegion::Dppo(Dppo::new(Divergence::BinaryTv, 0.2, 0.2, 10.0)),
-        ),
-        (
-            "dppo-kl",
-            TrustRegion::Dppo(Dppo::new(Divergence::BinaryKl, 0.05, 0.05, 10.0)),
-        ),
-        ("topr", TrustRegion::Topr(Topr::default())),
-        (
-            "clip-cov",
-            // Every token a candidate: the seeded draw zeroes half of them.
-            TrustRegion::ClipCov(ClipCov {
-                ratio: 0.5,
-                cov_lower: -1e9,
-                cov_upper: 1e9,
-                ..ClipCov::default()
-            }),
-        ),
-    ] {
-        all.push((
-            name.into(),
-            PolicyLossConfig::new(RatioLevel::Token, region),
-        ));
-    }
-    all
 }
 
 /// One batch: `(log_probs, old_log_probs, advantages, mask)`.
@@ -347,6 +286,66 @@ fn importance_weighted_k3_gradient_at_large_log_ratios() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The same k3 through the lm_head ([`sapo::PolicyLoss::forward_from_hidden`]), on every path
+/// (at the token level the CPU runs its fused lm_head sweep, whose KL slope is the kernels'):
+/// one hidden unit, two vocabulary rows `W = [[0], [1]]` and target 0, so that
+/// `ℓ = −softplus(h)` and `∂ℓ/∂h = −σ(h)`; the gradient at `h` is `β·R·d/N·(−σ(h))`.
+#[test]
+fn importance_weighted_k3_gradient_at_large_log_ratios_through_the_lm_head() {
+    let dev = Device::Cpu;
+    let want_log_probs = [-60.5f64, -30.2, -15.1, -0.5];
+    let hidden: Vec<f32> = want_log_probs
+        .iter()
+        .map(|&l| ((-l).exp_m1()).ln() as f32)
+        .collect();
+    let log_probs: Vec<f64> = hidden
+        .iter()
+        .map(|&h| -(f64::from(h).exp().ln_1p()))
+        .collect();
+    let ref_values = [-0.5f32, -0.2, -0.1, -1.0];
+    let old = [-60.0f32, -30.0, -15.0, -0.6];
+    let beta = 0.5;
+    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
+    kl.clamp = false;
+    kl.importance_weighted = true;
+    let n = old.len() as f64;
+    let weight = Tensor::new(&[[0.0f32], [1.0]], &dev).unwrap();
+    let targets = Tensor::zeros((1, 4), DType::U32, &dev).unwrap();
+    let (old_t, reference) = (
+        Tensor::new(&[old], &dev).unwrap(),
+        Tensor::new(&[ref_values], &dev).unwrap(),
+    );
+    let advantages = Tensor::zeros(1, DType::F32, &dev).unwrap();
+    let mask = Tensor::ones((1, 4), DType::F32, &dev).unwrap();
+    let config = Sapo::default().config().with_kl(Some(kl));
+    for (path, backend, sim) in sim::paths() {
+        let _gpu = sim.enter();
+        let h =
+            Var::from_tensor(&Tensor::from_vec(hidden.clone(), (1, 4, 1), &dev).unwrap()).unwrap();
+        let head = sapo::LmHead::new(h.as_tensor(), &weight, &targets);
+        let inputs =
+            PolicyInputs::new(head, &old_t, &advantages, &mask).with_ref_log_probs(&reference);
+        let out = config
+            .build()
+            .unwrap()
+            .with_backend(backend)
+            .forward_from_hidden(&inputs)
+            .unwrap();
+        let grad = f64s(out.loss.backward().unwrap().get(h.as_tensor()).unwrap());
+        for j in 0..4 {
+            let ratio = (log_probs[j] - f64::from(old[j])).exp();
+            let d = log_probs[j] - f64::from(ref_values[j]);
+            let sigmoid = 1.0 / (1.0 + (-f64::from(hidden[j])).exp());
+            let want = beta * ratio * d / n * -sigmoid;
+            assert!(
+                (grad[j] - want).abs() <= 1e-3 * want.abs(),
+                "{path}: token {j} (d = {d}): gradient {} vs {want}",
+                grad[j]
+            );
         }
     }
 }
