@@ -205,6 +205,20 @@ fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
     }
 }
 
+/// The log-probs, reference log-probs and old log-probs of the two importance-weighted k3 tests
+/// below: `d = ℓ − ℓref` from −60 to 0.5, log-ratios within ±0.5.
+const K3_LOG_PROBS: [f32; 4] = [-60.5, -30.2, -15.1, -0.5];
+const K3_REFERENCE: [f32; 4] = [-0.5, -0.2, -0.1, -1.0];
+const K3_OLD: [f32; 4] = [-60.0, -30.0, -15.0, -0.6];
+
+/// TRL's `use_bias_correction_kl`: k3 without verl's clamp, weighted by the ratio.
+fn unclamped_weighted_k3(beta: f64) -> KlPenalty {
+    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
+    kl.clamp = false;
+    kl.importance_weighted = true;
+    kl
+}
+
 /// The importance-weighted k3 without its clamp (TRL's `use_bias_correction_kl`) at
 /// `d = ℓ − ℓref` far below 0, on every path: with zero advantages (no policy term), the loss is
 /// `β·mean(k·R)` and its gradient at a token is `β·(R·k′ + Σ_s k_s·∂R_s/∂ℓ)/N`. At the token and
@@ -216,16 +230,13 @@ fn dppo_binary_kl_at_log_probs_of_zero_on_every_path() {
 #[test]
 fn importance_weighted_k3_gradient_at_large_log_ratios() {
     let dev = Device::Cpu;
-    let log_probs = [-60.5f32, -30.2, -15.1, -0.5];
-    let ref_values = [-0.5f32, -0.2, -0.1, -1.0];
+    let (log_probs, ref_values) = (K3_LOG_PROBS, K3_REFERENCE);
     // The second: token 0's log-ratio −30.5, held at −20 by the clamp (c = 0).
-    let olds = [[-60.0f32, -30.0, -15.0, -0.6], [-30.0, -30.0, -15.0, -0.6]];
+    let olds = [K3_OLD, [-30.0, -30.0, -15.0, -0.6]];
     let row = |v: [f32; 4]| Tensor::new(&[v], &dev).unwrap();
     let reference = row(ref_values);
     let beta = 0.5;
-    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
-    kl.clamp = false;
-    kl.importance_weighted = true;
+    let kl = unclamped_weighted_k3(beta);
     let n = log_probs.len() as f64;
     let d: Vec<f64> = (0..4)
         .map(|j| f64::from(log_probs[j]) - f64::from(ref_values[j]))
@@ -297,21 +308,17 @@ fn importance_weighted_k3_gradient_at_large_log_ratios() {
 #[test]
 fn importance_weighted_k3_gradient_at_large_log_ratios_through_the_lm_head() {
     let dev = Device::Cpu;
-    let want_log_probs = [-60.5f64, -30.2, -15.1, -0.5];
-    let hidden: Vec<f32> = want_log_probs
+    let hidden: Vec<f32> = K3_LOG_PROBS
         .iter()
-        .map(|&l| ((-l).exp_m1()).ln() as f32)
+        .map(|&l| ((-f64::from(l)).exp_m1()).ln() as f32)
         .collect();
     let log_probs: Vec<f64> = hidden
         .iter()
         .map(|&h| -(f64::from(h).exp().ln_1p()))
         .collect();
-    let ref_values = [-0.5f32, -0.2, -0.1, -1.0];
-    let old = [-60.0f32, -30.0, -15.0, -0.6];
+    let (ref_values, old) = (K3_REFERENCE, K3_OLD);
     let beta = 0.5;
-    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
-    kl.clamp = false;
-    kl.importance_weighted = true;
+    let kl = unclamped_weighted_k3(beta);
     let n = old.len() as f64;
     let weight = Tensor::new(&[[0.0f32], [1.0]], &dev).unwrap();
     let targets = Tensor::zeros((1, 4), DType::U32, &dev).unwrap();
