@@ -212,6 +212,13 @@ pub(crate) fn value_and_slope<R: Real>(estimator: KlEstimator, clamp: bool, d: R
     }
 }
 
+/// Whether weighting the estimate by the ratio (`k·R`) puts two terms of size `R·e^{−d}` into
+/// its slope that cancel: k3 without its clamps. [`weighted_slope`] and the composed path's
+/// [`weighted_k3`] take this case apart; every other estimate is multiplied as it is.
+pub(crate) fn weighting_cancels(estimator: KlEstimator, clamp: bool) -> bool {
+    estimator == KlEstimator::K3 && !clamp
+}
+
 /// `∂(k·R)/∂ℓ = R·k′ + k·R′` of an estimate weighted by the ratio `R` (TRL's
 /// `use_bias_correction_kl`), from `(k, k′)` of [`value_and_slope`] at `d = ℓ − ℓref` and
 /// `(R, R′)`. For k3 without its clamps, `k′ = 1 − e^{−d}` and `k = e^{−d} + d − 1` share
@@ -229,7 +236,7 @@ pub(crate) fn weighted_slope<R: Real>(
     (weight, dweight): (R, R),
 ) -> R {
     let summed = weight * dk + k * dweight;
-    if estimator != KlEstimator::K3 || clamp {
+    if !weighting_cancels(estimator, clamp) {
         return summed;
     }
     let c = dweight / weight;

@@ -17,7 +17,7 @@ use crate::entropy::EntropyBonus;
 use crate::error::{Error, Result};
 use crate::kernels::linear_policy_loss::FusedLinearPolicyLoss;
 use crate::kernels::{empty_on_gpu, policy_loss::FusedPolicyLoss, Backend, Path};
-use crate::kl::{kl_values, weighted_k3, KlEstimator};
+use crate::kl::{kl_values, weighted_k3, weighting_cancels};
 use crate::linear_logprobs::{linear_log_probs_and_entropy_with, LmHead};
 use crate::losses::bypass::{Bypass, BypassLoss};
 use crate::losses::checks;
@@ -681,7 +681,7 @@ fn composed(
         sums[slot] = masked_sum(&values, &p.mask)?;
     }
     if let (Some(kl), Some(ref_log_probs)) = (&config.kl, &p.ref_log_probs) {
-        let k = if kl.importance_weighted && kl.estimator == KlEstimator::K3 && !kl.clamp {
+        let k = if kl.importance_weighted && weighting_cancels(kl.estimator, kl.clamp) {
             // The ratio's exponent again, at a copy of ℓ of its own (see `weighted_k3`).
             let copy = p.log_probs.copy()?;
             let exponent = ratio_exponent_at(
