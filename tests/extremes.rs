@@ -213,10 +213,9 @@ const K3_OLD: [f32; 4] = [-60.0, -30.0, -15.0, -0.6];
 
 /// TRL's `use_bias_correction_kl`: k3 without verl's clamp, weighted by the ratio.
 fn unclamped_weighted_k3(beta: f64) -> KlPenalty {
-    let mut kl = KlPenalty::new(beta, KlEstimator::K3);
-    kl.clamp = false;
-    kl.importance_weighted = true;
-    kl
+    KlPenalty::new(beta, KlEstimator::K3)
+        .with_clamp(false)
+        .with_importance_weighting(true)
 }
 
 /// The importance-weighted k3 without its clamp (TRL's `use_bias_correction_kl`) at

@@ -131,10 +131,12 @@ fn setting(rng: &mut Lcg, base: &PolicyLossConfig) -> Setting {
         config = config.with_log_ratio_clamp(None);
     }
     if rng.chance(0.7) {
-        let mut kl = KlPenalty::new(rng.range(0.01, 0.5), KlEstimator::ALL[rng.below(5)]);
-        kl.clamp = rng.chance(0.5);
-        kl.importance_weighted = rng.chance(0.5);
-        kl.aggregation = AGGREGATIONS[rng.below(6)];
+        // Drawn in argument order (coefficient, estimator, clamp, weighting, aggregation): the
+        // settings that follow depend on it.
+        let kl = KlPenalty::new(rng.range(0.01, 0.5), KlEstimator::ALL[rng.below(5)])
+            .with_clamp(rng.chance(0.5))
+            .with_importance_weighting(rng.chance(0.5))
+            .with_aggregation(AGGREGATIONS[rng.below(6)]);
         config = config.with_kl(Some(kl));
     }
     if rng.chance(0.5) {
