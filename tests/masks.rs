@@ -33,6 +33,12 @@ fn noise(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// A tensor's values, flattened, as f32.
+fn values_f32(t: &Tensor) -> Vec<f32> {
+    let t = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    t.to_vec1().unwrap()
+}
+
 fn mat(v: Vec<f32>) -> Tensor {
     Tensor::from_vec(v, (B, T), &dev()).unwrap()
 }
@@ -427,6 +433,136 @@ fn m2po_cut_is_its_definition_with_ties_and_rows() {
         }
     }
     assert!(split_ties > 0, "no τ cut through the ties");
+}
+
+/// M2PO's reduced mask taken once (`m2po_reduced_mask`) and passed as the mask with M2PO off is
+/// the loss with M2PO on, to the bit, on every path (token- and sequence-level ratios, OPSM
+/// beside it, f32 and f64 inputs); the mask it returns is the definition's, and the mask itself
+/// when M2PO drops nothing; garbage at masked positions reaches nothing; bad inputs are typed
+/// errors naming their argument.
+#[test]
+fn m2po_mask_taken_once_is_the_loss_with_m2po_on() {
+    let x = batch();
+    let bits = |(loss, grad): (f64, Vec<f64>)| -> (u64, Vec<u64>) {
+        (loss.to_bits(), grad.iter().map(|g| g.to_bits()).collect())
+    };
+    let mut dirty = x.rollout.clone();
+    for (j, r) in dirty.iter_mut().enumerate() {
+        if x.mask[j] == 0.0 {
+            *r = f32::NAN;
+        }
+    }
+    let mut dropped_somewhere = false;
+    for tau in [0.004, 0.012, 1e9] {
+        let (definition, k) = m2po_definition(&x, tau);
+        dropped_somewhere |= k > 0;
+        for dtype in [DType::F32, DType::F64] {
+            let cast = |v: &[f32]| mat(v.to_vec()).to_dtype(dtype).unwrap();
+            let (old, rollout, mask) = (cast(&x.old), cast(&dirty), mat(x.mask.clone()));
+            let reduced = sapo::m2po_reduced_mask(&mask, &rollout, &old, tau).unwrap();
+            assert_eq!(values_f32(&reduced), definition, "τ {tau} {dtype:?}");
+            if k == 0 {
+                assert_eq!(
+                    reduced.dtype(),
+                    mask.dtype(),
+                    "τ {tau}: not the mask itself"
+                );
+            }
+            let lp = Var::from_tensor(&cast(&x.log_probs)).unwrap();
+            let adv = Tensor::new(x.advantages.as_slice(), &dev())
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let m2po = PolicyMasks::default().with_m2_threshold(tau);
+            let configs = [
+                (Sapo::default().config(), m2po, PolicyMasks::default()),
+                (
+                    Grpo::default()
+                        .config()
+                        .with_ratio_level(sapo::RatioLevel::SequenceToken),
+                    m2po,
+                    PolicyMasks::default(),
+                ),
+                (
+                    Grpo::default().config(),
+                    m2po.with_off_policy_threshold(0.01),
+                    PolicyMasks::default().with_off_policy_threshold(0.01),
+                ),
+            ];
+            for (config, on, off) in configs {
+                for (path, backend, sim) in sim::paths() {
+                    let _guard = sim.enter();
+                    let on_loss = with_masks(config, on).with_backend(backend);
+                    let off_loss = with_masks(config, off).with_backend(backend);
+                    let inputs = PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask)
+                        .with_rollout_log_probs(&rollout);
+                    let taken_once = PolicyInputs {
+                        mask: &reduced,
+                        ..inputs
+                    };
+                    let taken_once = if off.off_policy_threshold.is_some() {
+                        taken_once
+                    } else {
+                        PolicyInputs {
+                            rollout_log_probs: None,
+                            ..taken_once
+                        }
+                    };
+                    let want = bits(loss_and_grad(&on_loss, &inputs, &lp));
+                    let got = bits(loss_and_grad(&off_loss, &taken_once, &lp));
+                    assert_eq!(got, want, "τ {tau} {dtype:?} [{path}] {on:?}");
+                }
+            }
+        }
+    }
+    assert!(dropped_somewhere, "no τ dropped a token");
+
+    // Bad inputs: typed errors naming the argument.
+    let arg_of = |e: Error| match e {
+        Error::InvalidConfig { name, .. } => name,
+        Error::InvalidValue { arg, .. } | Error::Shape { arg, .. } | Error::DType { arg, .. } => {
+            arg
+        }
+        other => panic!("untyped error {other}"),
+    };
+    let (old, rollout, mask) = (
+        mat(x.old.clone()),
+        mat(x.rollout.clone()),
+        mat(x.mask.clone()),
+    );
+    let reduce = |mask: &Tensor, rollout: &Tensor, old: &Tensor, tau: f64| {
+        sapo::m2po_reduced_mask(mask, rollout, old, tau)
+            .map(|_| ())
+            .map_err(arg_of)
+    };
+    for tau in [0.0, -0.1, f64::NAN, f64::INFINITY] {
+        assert_eq!(reduce(&mask, &rollout, &old, tau), Err("m2_threshold"));
+    }
+    let short = Tensor::zeros((B, T - 1), DType::F32, &dev()).unwrap();
+    let vector = Tensor::zeros(B * T, DType::F32, &dev()).unwrap();
+    let bytes = rollout.to_dtype(DType::U8).unwrap();
+    assert_eq!(reduce(&vector, &rollout, &old, 0.01), Err("mask"));
+    assert_eq!(reduce(&mask, &short, &old, 0.01), Err("rollout_log_probs"));
+    assert_eq!(reduce(&mask, &bytes, &old, 0.01), Err("rollout_log_probs"));
+    assert_eq!(reduce(&mask, &rollout, &short, 0.01), Err("old_log_probs"));
+    let unmasked = x.mask.iter().position(|&m| m != 0.0).unwrap();
+    let mut odd = x.mask.clone();
+    odd[unmasked] = 0.5;
+    for tau in [1e-4, 1e9] {
+        assert_eq!(reduce(&mat(odd.clone()), &rollout, &old, tau), Err("mask"));
+    }
+    let mut nan = x.rollout.clone();
+    nan[unmasked] = f32::NAN;
+    for tau in [1e-4, 1e9] {
+        assert_eq!(
+            reduce(&mask, &mat(nan.clone()), &old, tau),
+            Err("rollout_log_probs")
+        );
+        assert_eq!(
+            reduce(&mask, &rollout, &mat(nan.clone()), tau),
+            Err("old_log_probs")
+        );
+    }
 }
 
 /// Garbage (NaN, ±inf) at masked positions of `rollout_log_probs` and `entropy` reaches nothing.
@@ -884,16 +1020,12 @@ fn top_entropy_on_batches_larger_than_the_sample_is_its_keep() {
         let x = large(ties);
         for dtype in [DType::F32, DType::BF16] {
             // The entropy as the loss reads it (rounded to `dtype`, in f32).
-            let entropy: Vec<f32> = Tensor::from_slice(&x.entropy, x.dims, &dev())
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let entropy = values_f32(
+                &Tensor::from_slice(&x.entropy, x.dims, &dev())
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
             for rho in [0.05, 0.3, 1.0] {
                 let keep = keep_by_sort(&entropy, &x.mask, rho);
                 let kept: Vec<f32> = keep.iter().zip(&x.weights).map(|(k, w)| k * w).collect();

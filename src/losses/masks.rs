@@ -39,7 +39,7 @@ use std::mem::MaybeUninit;
 
 use candle_core::{DType, Tensor};
 
-use crate::checks::{check_host_mask_values, with_host, MaskValue};
+use crate::checks::{check_host_mask_values, check_matrix, with_host, MaskValue};
 use crate::error::{check_config, Error, Result};
 use crate::losses::inputs::PolicyInputs;
 use crate::order_statistics::{bracket_margin, order_pair, order_statistics};
@@ -1372,15 +1372,21 @@ pub(crate) fn check_inputs<L>(masks: &PolicyMasks, inputs: &PolicyInputs<'_, L>)
 }
 
 /// M2PO's reduced mask (a `u8` 0/1 tensor on the mask's device), or `None` when M2PO is off or
-/// masks nothing. A mask value other than 0 and 1 is the mask's typed error here (the byte mask
-/// would hide it from the checks that follow).
+/// masks nothing ([`m2po_reduced`] on the host values).
 pub(crate) fn m2po_mask<L>(
     masks: &PolicyMasks,
     inputs: &PolicyInputs<'_, L>,
 ) -> Result<Option<Tensor>> {
-    let (Some(tau), Some(rollout)) = (masks.m2_threshold, inputs.rollout_log_probs) else {
-        return Ok(None);
-    };
+    match (masks.m2_threshold, inputs.rollout_log_probs) {
+        (Some(tau), Some(rollout)) => reduced_mask(inputs.mask, rollout, inputs.old_log_probs, tau),
+        _ => Ok(None),
+    }
+}
+
+/// M2PO's reduced mask of `mask` (a `u8` 0/1 tensor on its device), or `None` when it masks
+/// nothing. A mask value other than 0 and 1 is the mask's typed error here (the byte mask
+/// would hide it from the checks that follow).
+fn reduced_mask(mask: &Tensor, rollout: &Tensor, old: &Tensor, tau: f64) -> Result<Option<Tensor>> {
     fn reduced<M: MaskValue>(
         mask: &[M],
         rollout: &Tensor,
@@ -1395,10 +1401,69 @@ pub(crate) fn m2po_mask<L>(
             })
         })
     }
-    let (mask, old) = (inputs.mask, inputs.old_log_probs);
     match mask.dtype() {
         DType::U8 => with_host::<u8, _>(mask, |m| reduced(m, rollout, old, tau, mask)),
         _ => with_host::<f32, _>(mask, |m| reduced(m, rollout, old, tau, mask)),
+    }
+}
+
+/// [M2PO][m2po]'s reduced mask `m′` of a batch, taken once: the mask to pass as
+/// [`PolicyInputs::mask`] with [`PolicyMasks::m2_threshold`] off, for the same loss, to the
+/// bit, as with it on (AReaL `actor.m2_threshold`).
+///
+/// ```text
+/// u = (ℓroll − ℓold)² on the N unmasked tokens, sorted descending u_(1) ≥ … ≥ u_(N)
+/// k = the smallest k ≥ 0 with mean(u_(k+1), …, u_(N)) < τ;   k = N − 1 if there is none
+/// m′ = m with the k tokens of largest u set to 0
+/// ```
+///
+/// The cut reads only the behaviour policy's `ℓroll` and the proximal `ℓold`, both fixed
+/// before the update, so a loop that runs several updates on one batch (PPO epochs) can take
+/// it once instead of in every call: the loss with `m2_threshold` on runs this same pass on
+/// every call. The cut is batch-wide: take it on the tokens the loss call sees (the same `B`
+/// rows), or the loss differs from the one with `m2_threshold` on. `d = ℓroll − ℓold` is taken
+/// in f32 (f64 and half-precision inputs are converted first, as the loss does); the exact cut
+/// needs no full sort. Masked positions are never read for a value (padding may hold garbage).
+///
+/// Returns a `u8` 0/1 tensor on the mask's device when M2PO drops tokens, else `mask` itself.
+/// Errors: `m2_threshold` not finite and > 0 ([`Error::InvalidConfig`]); `mask` not `[B, T]`,
+/// `rollout_log_probs` or `old_log_probs` not a float `[B, T]` tensor on the mask's device; a
+/// mask value other than 0 and 1; a non-finite `ℓroll` or `ℓold` at an unmasked position — each
+/// naming its argument. Formulas: [the formulas page](crate::formulas), §2.
+///
+/// [m2po]: https://arxiv.org/abs/2510.01161
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// let dev = Device::Cpu;
+/// let mask = Tensor::ones((1, 4), DType::F32, &dev)?;
+/// let old = Tensor::new(&[[-1.0f32, -1.0, -1.0, -1.0]], &dev)?;
+/// let rollout = Tensor::new(&[[-1.0f32, -1.1, -1.0, -3.0]], &dev)?;
+/// // u = [0, 0.01, 0, 4]: the mean 1.0025 is above τ = 0.1; without the last token it is 0.0033.
+/// let reduced = sapo::m2po_reduced_mask(&mask, &rollout, &old, 0.1)?;
+/// assert_eq!(reduced.to_vec2::<u8>()?, [[1, 1, 1, 0]]);
+/// # Ok::<(), sapo::Error>(())
+/// ```
+pub fn m2po_reduced_mask(
+    mask: &Tensor,
+    rollout_log_probs: &Tensor,
+    old_log_probs: &Tensor,
+    m2_threshold: f64,
+) -> Result<Tensor> {
+    PolicyMasks::default()
+        .with_m2_threshold(m2_threshold)
+        .validate()?;
+    let (b, t) = crate::error::matrix_dims("mask", mask)?;
+    check_matrix("rollout_log_probs", rollout_log_probs, &[b, t], mask)?;
+    check_matrix("old_log_probs", old_log_probs, &[b, t], mask)?;
+    match reduced_mask(mask, rollout_log_probs, old_log_probs, m2_threshold)? {
+        Some(reduced) => Ok(reduced),
+        None => {
+            // The pass that finds nothing to drop does not read the mask's values: the loss
+            // checks them later, this function now.
+            crate::checks::check_mask_values(mask)?;
+            Ok(mask.clone())
+        }
     }
 }
 

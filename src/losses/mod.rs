@@ -69,7 +69,7 @@ pub use gradient_weights::{
 };
 pub use inputs::PolicyInputs;
 pub use kl_cov::KlCov;
-pub use masks::PolicyMasks;
+pub use masks::{m2po_reduced_mask, PolicyMasks};
 pub use metrics::{MetricSums, PolicyMetrics};
 pub use policy_loss::{LogProbsSource, PolicyLoss, PolicyLossOutput};
 pub use presets::{Cispo, Gmpo, Gpg, Grpo, Gspo, Luspo, Sapo};
