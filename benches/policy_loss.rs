@@ -64,6 +64,28 @@ fn bench_masks(c: &mut Criterion) {
             })
         });
     }
+    // M2PO's reduced mask taken once (`m2po_reduced_mask`, τ 0.008 as `m2po`): what taking it
+    // costs, and the call that reads it with M2PO off (each later update on the same batch).
+    let (rollout, tau) = (&extra.0, 0.008);
+    group.bench_function(
+        BenchmarkId::new("m2po_reduced_mask", format!("{b}x{t}")),
+        |bencher| bencher.iter(|| sapo::m2po_reduced_mask(&x.mask, rollout, &x.old, tau).unwrap()),
+    );
+    {
+        let reduced = sapo::m2po_reduced_mask(&x.mask, rollout, &x.old, tau).unwrap();
+        let loss = Sapo::default().build().unwrap();
+        group.bench_function(
+            BenchmarkId::new("m2po_taken_once", format!("{b}x{t}")),
+            |bencher| {
+                bencher.iter(|| {
+                    let inputs =
+                        PolicyInputs::new(x.log_probs.as_tensor(), &x.old, &x.advantages, &reduced);
+                    let out = loss.forward(&inputs).unwrap();
+                    out.loss.backward().unwrap()
+                })
+            },
+        );
+    }
     // Beside the masks, the caller's own `[B, T]` rollout weights (all ones): their check.
     let ones = x.old.ones_like().unwrap();
     {

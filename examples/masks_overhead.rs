@@ -41,7 +41,8 @@ struct Args {
     /// Tokens per row.
     #[arg(long, default_value_t = 4096)]
     tokens: usize,
-    /// Only the masks whose name contains this (`opsm`, `top_entropy`, `m2po`, `m2po_idle`).
+    /// Only the masks whose name contains this (`opsm`, `top_entropy`, `m2po`, `m2po_idle`,
+    /// `m2po_taken_once`).
     #[arg(long, default_value = "")]
     only: String,
 }
@@ -67,7 +68,7 @@ fn quantile(values: &mut [f64], q: f64) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    let args = &Args::parse();
     let (b, t) = (args.batch, args.tokens);
     like_a_training_process();
     let x = inputs(b, t, &Device::Cpu);
@@ -87,29 +88,90 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|(name, _)| *name != "none" && name.contains(&args.only));
     for (name, masks) in measured {
         let masked = Sapo::default().config().with_masks(masks).build()?;
-        let (mut ratios, mut without, mut with) = (vec![], vec![], vec![]);
-        for round in 0..args.warmup + args.rounds {
-            let (a, m) = if round % 2 == 0 {
-                let a = step(&plain, &none, &x, &extra)?;
-                (a, step(&masked, &masks, &x, &extra)?)
-            } else {
-                let m = step(&masked, &masks, &x, &extra)?;
-                (step(&plain, &none, &x, &extra)?, m)
-            };
-            if round >= args.warmup {
-                ratios.push(m / a);
-                without.push(a);
-                with.push(m);
-            }
-        }
-        println!(
-            "| {name} | {:.3}× | {:.3}–{:.3}× | {:.3} ms | {:.3} ms |",
-            quantile(&mut ratios, 0.5),
-            quantile(&mut ratios, 0.25),
-            quantile(&mut ratios, 0.75),
-            quantile(&mut without, 0.5) * 1e3,
-            quantile(&mut with, 0.5) * 1e3,
-        );
+        alternate(
+            args,
+            name,
+            || step(&plain, &none, &x, &extra),
+            || step(&masked, &masks, &x, &extra),
+        )?;
     }
+    if "m2po_taken_once".contains(&args.only) {
+        taken_once(args, &plain, &x, &extra)?;
+    }
+    Ok(())
+}
+
+/// `plain` and `masked` in alternation (the order swapped every round), then the row of `name`:
+/// the median ratio of the rounds, its quartiles and the median times.
+fn alternate(
+    args: &Args,
+    name: &str,
+    mut plain: impl FnMut() -> Result<f64, sapo::Error>,
+    mut masked: impl FnMut() -> Result<f64, sapo::Error>,
+) -> Result<(), sapo::Error> {
+    let (mut ratios, mut without, mut with) = (vec![], vec![], vec![]);
+    for round in 0..args.warmup + args.rounds {
+        let (a, m) = if round % 2 == 0 {
+            let a = plain()?;
+            (a, masked()?)
+        } else {
+            let m = masked()?;
+            (plain()?, m)
+        };
+        if round >= args.warmup {
+            ratios.push(m / a);
+            without.push(a);
+            with.push(m);
+        }
+    }
+    println!(
+        "| {name} | {:.3}× | {:.3}–{:.3}× | {:.3} ms | {:.3} ms |",
+        quantile(&mut ratios, 0.5),
+        quantile(&mut ratios, 0.25),
+        quantile(&mut ratios, 0.75),
+        quantile(&mut without, 0.5) * 1e3,
+        quantile(&mut with, 0.5) * 1e3,
+    );
+    Ok(())
+}
+
+/// M2PO's reduced mask taken once per batch (`m2po_reduced_mask`, τ 0.008 as `m2po`) and
+/// passed as the mask with M2PO off, in alternation with the call without a mask; then what
+/// taking the mask costs, per batch (median of `rounds` calls).
+fn taken_once(
+    args: &Args,
+    plain: &PolicyLoss,
+    x: &Inputs,
+    extra: &(candle_core::Tensor, candle_core::Tensor),
+) -> Result<(), Box<dyn std::error::Error>> {
+    let tau = 0.008;
+    let none = PolicyMasks::default();
+    let reduced = sapo::m2po_reduced_mask(&x.mask, &extra.0, &x.old, tau)?;
+    let with_reduced = Inputs {
+        log_probs: x.log_probs.clone(),
+        old: x.old.clone(),
+        advantages: x.advantages.clone(),
+        mask: reduced,
+    };
+    alternate(
+        args,
+        "m2po_taken_once (each later call)",
+        || step(plain, &none, x, extra),
+        || step(plain, &none, &with_reduced, extra),
+    )?;
+    let mut taking = vec![];
+    for round in 0..args.warmup + args.rounds {
+        let start = Instant::now();
+        std::hint::black_box(sapo::m2po_reduced_mask(&x.mask, &extra.0, &x.old, tau)?);
+        if round >= args.warmup {
+            taking.push(start.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "m2po_reduced_mask, once per batch: {:.1} µs (median; quartiles {:.1}–{:.1} µs)",
+        quantile(&mut taking, 0.5) * 1e6,
+        quantile(&mut taking, 0.25) * 1e6,
+        quantile(&mut taking, 0.75) * 1e6,
+    );
     Ok(())
 }
