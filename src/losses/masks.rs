@@ -1420,10 +1420,10 @@ fn reduced_mask(mask: &Tensor, rollout: &Tensor, old: &Tensor, tau: f64) -> Resu
 /// The cut reads only the behaviour policy's `ℓroll` and the proximal `ℓold`, both fixed
 /// before the update, so a loop that runs several updates on one batch (PPO epochs) can take
 /// it once instead of in every call: the loss with `m2_threshold` on runs this same pass on
-/// every call. The cut is batch-wide: take it on the tokens the loss call sees (the same `B`
+/// every call. The cut is batch-wide: take it on the tokens the loss call sees (the same
 /// rows), or the loss differs from the one with `m2_threshold` on. `d = ℓroll − ℓold` is taken
 /// in f32 (f64 and half-precision inputs are converted first, as the loss does); the exact cut
-/// needs no full sort. Masked positions are never read for a value (padding may hold garbage).
+/// needs no full sort. A value at a masked position reaches nothing (padding may hold garbage).
 ///
 /// Returns a `u8` 0/1 tensor on the mask's device when M2PO drops tokens, else `mask` itself.
 /// Errors: `m2_threshold` not finite and > 0 ([`Error::InvalidConfig`]); `mask` not `[B, T]`,
