@@ -64,9 +64,9 @@ fn bench_masks(c: &mut Criterion) {
             })
         });
     }
-    // M2PO's reduced mask taken once (`m2po_reduced_mask`, τ 0.008 as `m2po`): what taking it
+    // M2PO's reduced mask taken once (`m2po_reduced_mask`, τ of `m2po`): what taking it
     // costs, and the call that reads it with M2PO off (each later update on the same batch).
-    let (rollout, tau) = (&extra.0, 0.008);
+    let (rollout, tau) = (&extra.0, policy_inputs::M2PO_CUTTING);
     group.bench_function(
         BenchmarkId::new("m2po_reduced_mask", format!("{b}x{t}")),
         |bencher| bencher.iter(|| sapo::m2po_reduced_mask(&x.mask, rollout, &x.old, tau).unwrap()),

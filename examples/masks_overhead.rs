@@ -135,7 +135,7 @@ fn alternate(
     Ok(())
 }
 
-/// M2PO's reduced mask taken once per batch (`m2po_reduced_mask`, τ 0.008 as `m2po`) and
+/// M2PO's reduced mask taken once per batch (`m2po_reduced_mask`, τ of `m2po`) and
 /// passed as the mask with M2PO off, in alternation with the call without a mask; then what
 /// taking the mask costs, per batch (median of `rounds` calls).
 fn taken_once(
@@ -144,7 +144,7 @@ fn taken_once(
     x: &Inputs,
     extra: &(candle_core::Tensor, candle_core::Tensor),
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let tau = 0.008;
+    let tau = policy_inputs::M2PO_CUTTING;
     let none = PolicyMasks::default();
     let reduced = sapo::m2po_reduced_mask(&x.mask, &extra.0, &x.old, tau)?;
     let with_reduced = Inputs {

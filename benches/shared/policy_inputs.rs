@@ -81,6 +81,10 @@ pub fn mask_inputs(x: &Inputs, b: usize, t: usize) -> (Tensor, Tensor) {
     (m(rollout), m(entropy))
 }
 
+/// M2PO's `τ` of the setting `m2po` of [`mask_settings`], which masks the tokens of largest
+/// drift (also the `τ` of the reduced mask taken once, `masks/m2po_taken_once`).
+pub const M2PO_CUTTING: f64 = 0.008;
+
 /// The masks of the criterion group `masks/` (and of `examples/masks_overhead.rs`), the call
 /// without a mask first: OPSM (δ 0.002) drops part of the negative rows, the entropy quantile
 /// keeps 20%, M2PO (τ 0.008) masks the tokens of largest drift; `m2po_idle` (τ 0.04, above the
@@ -96,7 +100,10 @@ pub fn mask_settings() -> Vec<(&'static str, PolicyMasks)> {
             "top_entropy",
             PolicyMasks::default().with_top_entropy_quantile(0.2),
         ),
-        ("m2po", PolicyMasks::default().with_m2_threshold(0.008)),
+        (
+            "m2po",
+            PolicyMasks::default().with_m2_threshold(M2PO_CUTTING),
+        ),
         ("m2po_idle", PolicyMasks::default().with_m2_threshold(0.04)),
     ]
 }
