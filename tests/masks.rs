@@ -496,17 +496,11 @@ fn m2po_mask_taken_once_is_the_loss_with_m2po_on() {
                     let off_loss = with_masks(config, off).with_backend(backend);
                     let inputs = PolicyInputs::new(lp.as_tensor(), &old, &adv, &mask)
                         .with_rollout_log_probs(&rollout);
+                    // OPSM still reads `ℓroll`; nothing else does.
                     let taken_once = PolicyInputs {
                         mask: &reduced,
+                        rollout_log_probs: off.off_policy_threshold.and(Some(&rollout)),
                         ..inputs
-                    };
-                    let taken_once = if off.off_policy_threshold.is_some() {
-                        taken_once
-                    } else {
-                        PolicyInputs {
-                            rollout_log_probs: None,
-                            ..taken_once
-                        }
                     };
                     let want = bits(loss_and_grad(&on_loss, &inputs, &lp));
                     let got = bits(loss_and_grad(&off_loss, &taken_once, &lp));
